@@ -1,0 +1,264 @@
+"""The typed plan: what a plan file may say, checked before anything runs.
+
+Every model rejects unknown keys. Settings that only some optimizers or schedules understand are
+declared in the tables below; a setting given to one that does not use it is an error, and one
+that is not given takes that optimizer's or schedule's default (`settings()`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
+
+# A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
+Duration = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _only_settings_of(model: BaseModel, kind: str, table: dict[str, dict[str, Any]]) -> None:
+    """Reject a setting given to an optimizer/schedule that does not use it."""
+    allowed = table[model.name]  # type: ignore[attr-defined]
+    for key in sorted(model.model_fields_set - {"name", "carry"}):
+        if key not in allowed:
+            raise PydanticCustomError(
+                "setting_error",
+                "not a setting of {kind} '{name}' (it takes: {allowed})",
+                {"key": key, "kind": kind, "name": model.name,  # type: ignore[attr-defined]
+                 "allowed": ", ".join(sorted(allowed)) or "nothing"},
+            )
+
+
+# Per-optimizer settings and their defaults (None: inherited/required, see plan.resolve).
+OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
+    "gd": {"lr": None, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+    "sgd": {"lr": None, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
+    "sgd_l1": {"lr": None, "momentum": 0.0},
+    "adam": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+    # betas/eps are for the AdamW that Muon uses on non-matrix parameters.
+    "muon": {"lr": None, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
+             "betas": (0.9, 0.95), "eps": 1e-8},
+}
+
+
+class OptimizerConfig(Strict):
+    """An optimizer. `name` omitted means the parent stage's optimizer; unset settings then come
+    from the parent, and a different `name` starts from that optimizer's defaults."""
+
+    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"] | None = None
+    lr: PositiveFloat | None = None
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    eps: PositiveFloat | None = None
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    nesterov: bool | None = None
+    weight_decay: NonNegativeFloat | None = None
+    carry: bool = False  # keep the parent's optimizer state (same optimizer only)
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> OptimizerConfig:
+        if self.name is not None:
+            _only_settings_of(self, "optimizer", OPTIMIZER_SETTINGS)
+        if self.nesterov and self.momentum == 0.0:
+            raise PydanticCustomError("setting_error", "nesterov needs momentum > 0", {"key": "nesterov"})
+        return self
+
+
+# Per-schedule settings and their defaults (None: required).
+_WARMUP = {"warmup": 0}
+SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
+    "constant": {**_WARMUP},
+    "step": {**_WARMUP, "step_size": None, "gamma": 0.1},
+    "multistep": {**_WARMUP, "milestones": None, "gamma": 0.1},
+    "exponential": {**_WARMUP, "gamma": None},
+    "cosine": {**_WARMUP, "min_lr": 0.0},
+    "decay": {**_WARMUP, "shape": "linear", "min_lr": 0.0},
+    "wsd": {**_WARMUP, "decay": 0.2, "shape": "1-sqrt", "min_lr": 0.0},
+    "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
+    "stlr": {"cut_frac": 0.1, "ratio": 32.0},
+}
+ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",
+                       "onecycle", "stlr"]
+
+
+class ScheduleConfig(Strict):
+    """A learning-rate schedule over one stage, as a multiple of the stage's peak LR.
+
+    `warmup_<name>` is accepted as `<name>` with a required `warmup`.
+    """
+
+    name: ScheduleName = "constant"
+    warmup: Duration | None = None
+    step_size: Duration | None = None
+    milestones: list[Duration] | None = None
+    gamma: PositiveFloat | None = None
+    min_lr: NonNegativeFloat | None = None
+    decay: Duration | None = None
+    shape: Literal["linear", "cosine", "1-sqrt"] | None = None
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    div_factor: PositiveFloat | None = None
+    final_div_factor: PositiveFloat | None = None
+    anneal: Literal["cos", "linear"] | None = None
+    cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    ratio: Annotated[float, Field(ge=1.0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warmup_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and str(data.get("name", "")).startswith("warmup_"):
+            data = {**data, "name": data["name"].removeprefix("warmup_")}
+            if "warmup" not in data:
+                raise PydanticCustomError(
+                    "setting_error", "required by a warmup_* schedule", {"key": "warmup"})
+        return data
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> ScheduleConfig:
+        _only_settings_of(self, "schedule", SCHEDULE_SETTINGS)
+        for key, default in SCHEDULE_SETTINGS[self.name].items():
+            if default is None and getattr(self, key) is None:
+                raise PydanticCustomError(
+                    "setting_error", "required by schedule '{name}'", {"key": key, "name": self.name})
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """This schedule's settings, defaults filled in."""
+        return {k: (d if getattr(self, k) is None else getattr(self, k))
+                for k, d in SCHEDULE_SETTINGS[self.name].items()}
+
+
+class RegularizationConfig(Strict):
+    """Per stage; not inherited (use `defaults:` to share). `l1`/`l2` are added to the loss over
+    weight matrices; with `sgd_l1` the L1 term is applied by its proximal step instead."""
+
+    l1: NonNegativeFloat = 0.0
+    l2: NonNegativeFloat = 0.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # None: the model's own
+    grad_clip: PositiveFloat | None = None
+
+
+class BatchConfig(Strict):
+    size: Annotated[int, Field(ge=1)]  # sequences per micro-batch
+    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches per update
+    full: bool = False  # one update per pass over the whole training set
+    block_size: Annotated[int, Field(ge=2)] | None = None  # None: the model's context length
+
+    @model_validator(mode="after")
+    def _full_excludes_accumulate(self) -> BatchConfig:
+        if self.full and "accumulate" in self.model_fields_set:
+            raise PydanticCustomError(
+                "setting_error", "not used with full: true (the whole set is accumulated)",
+                {"key": "accumulate"})
+        return self
+
+
+class EvalConfig(Strict):
+    """Validation runs at the end of every stage, and also every N steps / each epoch."""
+
+    every: Annotated[int, Field(ge=1)] | None = None
+    each_epoch: bool = False
+    batches: Annotated[int, Field(ge=1)] | Literal["all"] = 50
+
+
+class StageConfig(Strict):
+    name: StageName
+    task: Literal["causal_lm"] = "causal_lm"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    batch: BatchConfig
+    steps: Annotated[int, Field(ge=1)] | None = None
+    epochs: Annotated[int, Field(ge=1)] | None = None
+    tokens: Annotated[int, Field(ge=1)] | None = None
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _one_duration(self) -> StageConfig:
+        given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "setting_error", "give exactly one of steps, epochs, tokens (got {got})",
+                {"key": "steps", "got": ", ".join(given) or "none"})
+        return self
+
+
+class ModelConfig(BaseModel):
+    """`arch` (a transformers model type, built from config with the other keys as its config
+    fields) or `pretrained` (a local directory or hub name). Size keys are checked against the
+    architecture's config class in models.build."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    arch: str | None = None
+    pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.arch is None) == (self.pretrained is None):
+            raise PydanticCustomError("setting_error", "give exactly one of arch, pretrained", {"key": "arch"})
+        if self.pretrained is not None and self.model_extra:
+            key = sorted(self.model_extra)[0]
+            raise PydanticCustomError(
+                "setting_error", "size keys go with arch, not pretrained", {"key": key})
+        return self
+
+    def size_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TokenizerConfig(Strict):
+    kind: Literal["char", "byte", "bpe", "pretrained"]
+    vocab_size: Annotated[int, Field(ge=8)] | None = None  # bpe only
+    path: str | None = None  # pretrained only: a directory or hub name
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> TokenizerConfig:
+        if (self.kind == "bpe") != (self.vocab_size is not None):
+            raise PydanticCustomError("setting_error", "required by kind 'bpe' and only by it", {"key": "vocab_size"})
+        if (self.kind == "pretrained") != (self.path is not None):
+            raise PydanticCustomError("setting_error", "required by kind 'pretrained' and only by it", {"key": "path"})
+        return self
+
+
+class DataConfig(Strict):
+    """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
+    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
+
+    train: str | list[str]
+    val: str | list[str] | None = None
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1  # used when `val` is not given
+    field: str = "text"  # the text column of jsonl/csv/tsv/parquet files
+    format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
+
+
+class SampleConfig(Strict):
+    """A short generation printed after training."""
+
+    prompt: str = ""
+    max_tokens: Annotated[int, Field(ge=1)] = 200
+    temperature: Annotated[float, Field(ge=0.0)] = 0.8
+    top_k: Annotated[int, Field(ge=1)] | None = None
+
+
+class LogConfig(Strict):
+    every: Annotated[int, Field(ge=1)] = 10  # steps between metrics lines
+
+
+class Plan(Strict):
+    name: StageName
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    sample: SampleConfig | None = None
+    log: LogConfig = LogConfig()
