@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
 
+
+
+def _duration(value: Any) -> int | float:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return value
+    raise PydanticCustomError(
+        "duration", "must be a step count (int >= 0) or a fraction of the stage in [0, 1]")
+
+
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
-Duration = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+Duration = Annotated[int | float, PlainValidator(_duration)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -214,7 +225,7 @@ class ModelConfig(BaseModel):
 
 class TokenizerConfig(Strict):
     kind: Literal["char", "byte", "bpe", "pretrained"]
-    vocab_size: Annotated[int, Field(ge=8)] | None = None  # bpe only
+    vocab_size: Annotated[int, Field(ge=257)] | None = None  # bpe only: 256 bytes + end-of-text at least
     path: str | None = None  # pretrained only: a directory or hub name
 
     @model_validator(mode="after")
@@ -252,7 +263,7 @@ class LogConfig(Strict):
 
 class Plan(Strict):
     name: StageName
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
@@ -262,3 +273,14 @@ class Plan(Strict):
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     sample: SampleConfig | None = None
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Plan:
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise PydanticCustomError(
+                    "setting_error", "'{name}' is already the name of stages[{first}]",
+                    {"key": ["stages", i, "name"], "name": stage.name, "first": seen[stage.name]})
+            seen[stage.name] = i
+        return self

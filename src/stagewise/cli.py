@@ -1,0 +1,105 @@
+"""`stagewise` command line: parses arguments and calls the packages; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from stagewise.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagewise", description="Train language models with multi-stage plans.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run the whole plan")
+    train.add_argument("plan", type=Path)
+    train.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.cooldown.steps=800")
+    train.add_argument("--out", type=Path, help="run directory (default: runs/<plan name>)")
+    train.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    _cache_arg(train)
+
+    check = sub.add_parser("check", help="validate a plan; print its stages and LR curve")
+    check.add_argument("plan", type=Path)
+    check.add_argument("overrides", nargs="*")
+    check.add_argument("--plot", type=Path, metavar="PNG", help="also write the planned LR curve as a PNG")
+    _cache_arg(check)
+
+    report = sub.add_parser("report", help="plots and an HTML page of a run; of several runs, compared")
+    report.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    report.add_argument("--out", type=Path, help="output directory (default: the first run's directory)")
+
+    runs = sub.add_parser("runs", help="list the runs in a directory")
+    runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
+    return parser
+
+
+def _cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, default=None,
+                   help="token/tokenizer cache (default: .cache beside the runs directory)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "train":
+            return _train(args, console)
+        if args.command == "report":
+            return _report(args, console)
+        if args.command == "runs":
+            return _runs(args, console)
+        return _check(args, console)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.engine.run import prepare, train
+    from stagewise.plan.load import load_plan
+
+    plan = load_plan(args.plan, args.overrides)
+    out = args.out or Path("runs") / plan.name
+    prepared = prepare(plan, args.plan, args.cache or out.parent / ".cache")
+    train(prepared, out, fresh=args.fresh, console=console)
+    console.print(f"run written to {out}")
+    return 0
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.engine.run import prepare
+    from stagewise.plan.load import load_plan
+    from stagewise.track.plan_view import print_plan
+
+    prepared = prepare(load_plan(args.plan, args.overrides), args.plan, args.cache or Path("runs/.cache"))
+    print_plan(console, prepared.plan.name, prepared.stages)
+    if args.plot is not None:
+        from stagewise.track.plots import plan_lr_figure, save_png
+
+        save_png(plan_lr_figure(prepared.stages), args.plot)
+        console.print(f"LR curve written to {args.plot}")
+    console.print(f"plan OK: {len(prepared.stages)} stages, {prepared.total_steps} steps, "
+                  f"model {sum(p.numel() for p in prepared.model.parameters()):,} parameters, "
+                  f"{len(prepared.data.train):,} training tokens")
+    return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.track.report import write_report
+
+    console.print(f"report written to {write_report(args.runs, args.out)}")
+    return 0
+
+
+def _runs(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.track.runs import find_runs, print_runs
+
+    print_runs(console, args.dir, find_runs(args.dir))
+    return 0

@@ -1,0 +1,229 @@
+"""The training text: `data.train`/`data.val` files (or a hub dataset) read into documents.
+
+Files go through the `datasets` library's local builders. Problems a user can fix (no file
+matches, empty file, bad UTF-8, missing column, non-string row, unparseable file) are raised as
+one-line `UserError`s naming the file, before any training starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+
+from stagewise.errors import UserError
+from stagewise.plan.schema import DataConfig
+
+HUB_PREFIX = "hub:"
+
+# Formats by file extension under `format: auto`; any other extension (.py, .md, ...) is text.
+_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+               ".parquet": "parquet"}
+# Plan format -> (datasets builder, builder options). A text file is one document.
+_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "text": ("text", {"sample_by": "document"}),
+    "json": ("json", {}),
+    "csv": ("csv", {}),
+    "tsv": ("csv", {"delimiter": "\t"}),
+    "parquet": ("parquet", {}),
+}
+_TEXT_LIKE = {"text", "json", "csv", "tsv"}  # checked for strict UTF-8 before datasets reads them
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: list[str]  # documents
+    val: list[str]
+    files: list[Path]  # every file read, train then val
+    fingerprint: str  # sha256 of the files' contents and the settings that shape the split
+
+
+def load_corpus(cfg: DataConfig, plan_dir: Path, cache_dir: Path | None = None) -> Corpus:
+    """Read `cfg.train` (and `cfg.val`, or hold out the last `val_fraction` of the characters).
+
+    `cache_dir` is where `datasets` keeps hub downloads (None: its default, under HF_HOME).
+    Local files are parsed in a scratch directory and not cached: `datasets` would key that
+    cache on file mtimes, and a stale copy under a new content fingerprint would poison the
+    token cache; callers cache the tokens instead.
+    """
+    datasets.disable_progress_bars()
+    train_sources = _resolve(cfg.train, plan_dir, "data.train")
+    train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
+    if cfg.val is None:
+        train, val = _split_by_characters(train, cfg.val_fraction)
+        val_sources: list[Path | str] = []
+        val_digests: list[bytes] = []
+    else:
+        val_sources = _resolve(cfg.val, plan_dir, "data.val")
+        val, val_digests = _documents(val_sources, cfg, cache_dir, split="validation")
+    for where, docs in (("data.train", train), ("data.val", val)):
+        if not any(docs):
+            raise UserError(where, "no text (every document is empty)")
+
+    settings = {"format": cfg.format, "field": cfg.field,
+                "val_fraction": None if cfg.val is not None else cfg.val_fraction}
+    fingerprint = _digest(json.dumps(settings).encode(), _digest(*train_digests), _digest(*val_digests))
+    files = [s for s in (*train_sources, *val_sources) if isinstance(s, Path)]
+    return Corpus(train=train, val=val, files=files, fingerprint=fingerprint.hex())
+
+
+def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The last `val_fraction` of the concatenated text is validation (nanoGPT's split); the
+    document that straddles the cut is split at it."""
+    total = sum(map(len, docs))
+    cut = int(total * (1 - val_fraction))
+    if cut == 0 or cut == total:
+        raise UserError("data.val_fraction",
+                        f"too little training text ({total} characters) to hold out {val_fraction} of it")
+    train: list[str] = []
+    for i, doc in enumerate(docs):
+        if cut <= len(doc):
+            head, tail = doc[:cut], doc[cut:]
+            return [*train, *([head] if head else [])], [*([tail] if tail else []), *docs[i + 1:]]
+        train.append(doc)
+        cut -= len(doc)
+    raise AssertionError("unreachable: cut < total")
+
+
+def _resolve(patterns: str | list[str], plan_dir: Path, where: str) -> list[Path | str]:
+    """Paths and globs (relative to the plan) to existing files, in order, without repeats;
+    hub names pass through."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    sources: dict[Path | str, None] = {}  # an ordered set: overlapping globs read a file once
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if pattern.startswith(HUB_PREFIX):
+            sources[pattern] = None
+            continue
+        full = plan_dir / Path(pattern.replace("{stdlib}", stdlib)).expanduser()
+        matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(where, f"no file matches '{pattern}'")
+        sources.update(dict.fromkeys(matches))
+    return list(sources)
+
+
+def _format_of(source: Path | str, forced: str) -> str:
+    if isinstance(source, str):
+        return "hub"
+    return _EXTENSIONS.get(source.suffix.lower(), "text") if forced == "auto" else forced
+
+
+def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | None,
+               split: str) -> tuple[list[str], list[bytes]]:
+    """Every source's documents in order, and a digest of each source's content."""
+    docs: list[str] = []
+    digests: list[bytes] = []
+    # Runs of text files are read by one `load_dataset` call (a glob may match hundreds of
+    # them, and each call costs ~0.1 s); a table is read alone so a problem names its file.
+    for fmt, run in itertools.groupby(sources, key=lambda s: _format_of(s, cfg.format)):
+        if fmt == "hub":
+            for spec in run:
+                assert isinstance(spec, str)
+                hub_docs = _hub_documents(spec, cfg.field, cache_dir, split)
+                digests.append(_digest(spec.encode(), *(d.encode() for d in hub_docs)))
+                docs += hub_docs
+            continue
+        paths = [p for p in run if isinstance(p, Path)]
+        digests += [_digest(_checked_bytes(path, fmt)) for path in paths]
+        if fmt == "text":
+            docs += _load(paths, "text", "text", where=str(paths[0]))
+        else:
+            for path in paths:
+                docs += _load([path], fmt, cfg.field, where=str(path))
+    return docs, digests
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))  # so that part boundaries count
+        h.update(part)
+    return h.digest()
+
+
+def _checked_bytes(path: Path, fmt: str) -> bytes:
+    """The file's bytes, after the checks `datasets` would report badly or not at all."""
+    data = path.read_bytes()
+    if not data:
+        raise UserError(str(path), "empty file")
+    if fmt in _TEXT_LIKE:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
+                                       f"({e.reason})") from None
+        if fmt != "text" and not text.strip():
+            raise UserError(str(path), "empty file (only whitespace)")
+    return data
+
+
+def _load(paths: list[Path], fmt: str, field: str, where: str) -> list[str]:
+    builder, options = _BUILDERS[fmt]
+    # keep_in_memory: the dataset must not point into the scratch directory once it is gone.
+    with tempfile.TemporaryDirectory(prefix="stagewise-datasets-") as scratch:
+        try:
+            with _datasets_silenced():
+                ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                           cache_dir=scratch, keep_in_memory=True, **options)
+        except (DatasetGenerationError, pa.ArrowException, ValueError) as e:
+            raise UserError(where, f"cannot read as {fmt}: {_reason(e)}") from None
+    return _column(ds, field, where)
+
+
+@contextmanager
+def _datasets_silenced() -> Iterator[None]:
+    """`datasets` logs a parse failure before raising it; the UserError says it once."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _hub_documents(spec: str, field: str, cache_dir: Path | None, split: str) -> list[str]:
+    """`hub:NAME` or `hub:NAME:CONFIG`: its "train" split for data.train, "validation" for
+    data.val. This needs the hub (or its copy in `cache_dir`); network errors are left as they
+    are."""
+    name, _, config = spec.removeprefix(HUB_PREFIX).partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split,
+                                   cache_dir=None if cache_dir is None else str(cache_dir))
+    except (DatasetNotFoundError, ValueError) as e:  # no such dataset, config or split
+        raise UserError(spec, f"cannot load from the hub: {_reason(e)}") from None
+    return _column(ds, field, spec)
+
+
+def _column(ds: datasets.Dataset, field: str, where: str) -> list[str]:
+    if field not in ds.column_names:
+        raise UserError(where, f"no column '{field}' (columns: {', '.join(ds.column_names)}); "
+                               "set data.field")
+    values = ds[field][:]  # decoded values: a column of mixed JSON types comes back as such
+    for row, value in enumerate(values, start=1):
+        if not isinstance(value, str):
+            what = ("missing or null" if value is None
+                    else f"not a string but {type(value).__name__} {value!r:.40}")
+            raise UserError(where, f"row {row}: '{field}' is {what}")
+    return values
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: what the parser said, without `datasets`' wrapping."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    if text and "corresponds to no data" in text[0]:  # datasets' words for a table with no rows
+        return "no rows"
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,108 @@
+"""Tokenizers, all as `tokenizers.Tokenizer`s: char, byte, byte-level BPE, or pretrained.
+
+Every tokenizer built here has `<|endoftext|>`, which separates documents in the token stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from stagewise.errors import UserError
+from stagewise.plan.schema import TokenizerConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+UNK = "<|unk|>"
+# How pretrained tokenizers name their end-of-text token, in order of preference (a
+# tokenizer.json carries no "this is eos" mark, so it is found by name).
+EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")
+BYTE_LEVEL_MIN_VOCAB = 257  # 256 bytes + <|endoftext|>
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_texts: list[str], plan_dir: Path) -> Tokenizer:
+    if cfg.kind == "char":
+        return _char(train_texts)
+    if cfg.kind == "byte":
+        return _byte_level(BYTE_LEVEL_MIN_VOCAB, [])
+    if cfg.kind == "bpe":
+        assert cfg.vocab_size is not None and cfg.vocab_size >= BYTE_LEVEL_MIN_VOCAB  # the schema's bounds
+        return _byte_level(cfg.vocab_size, train_texts)
+    assert cfg.path is not None  # the schema requires it for pretrained
+    return _pretrained(cfg.path, plan_dir)
+
+
+def _char(texts: list[str]) -> Tokenizer:
+    """One token per character of the training text, in sorted order (id = rank, as nanoGPT's
+    char model), then <|endoftext|> and <|unk|> for characters not seen in training."""
+    chars = sorted(set().union(*map(set, texts)))
+    vocab = {c: i for i, c in enumerate([*chars, EOS, UNK])}
+    # BPE without merges and without a pre-tokenizer: each character of the text is a token,
+    # and nothing is lost to whitespace splitting. (A WordLevel model behind a per-character
+    # Split pre-tokenizer does the same, 3-4x slower.)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.decoder = decoders.Fuse()  # join tokens without the default space between them
+    tok.add_special_tokens([EOS, UNK])
+    return tok
+
+
+def _byte_level(vocab_size: int, texts: list[str]) -> Tokenizer:
+    """GPT-2 style byte-level BPE: lossless on any UTF-8. With vocab_size 257 it has no merges,
+    i.e. it is the byte tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _pretrained(path: str, plan_dir: Path) -> Tokenizer:
+    """A directory with tokenizer.json, another Hugging Face tokenizer directory, or a hub name."""
+    local = plan_dir / Path(path).expanduser()
+    if (local / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(local / "tokenizer.json"))
+    elif local.is_dir() or not path.startswith((".", "/", "~")):
+        from transformers import AutoTokenizer  # slow to import; only this kind needs it
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else path).backend_tokenizer
+        except (OSError, ValueError) as e:
+            raise UserError("tokenizer.path", f"cannot load tokenizer '{path}': {e}".splitlines()[0]) from None
+    else:
+        raise UserError("tokenizer.path", f"no directory '{local}'")
+    if not any(tok.token_to_id(name) is not None for name in EOS_NAMES):
+        raise UserError("tokenizer.path", f"'{path}' has no end-of-text token (looked for "
+                                          f"{', '.join(EOS_NAMES)})")
+    return tok
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """The id of the token that separates documents."""
+    for name in EOS_NAMES:
+        if (i := tok.token_to_id(name)) is not None:
+            return i
+    raise ValueError(f"tokenizer has no end-of-text token (looked for {', '.join(EOS_NAMES)})")
+
+
+def save_tokenizer(tok: Tokenizer, directory: Path) -> Path:
+    """Write `directory/tokenizer.json` (what `kind: pretrained` reads back)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def to_transformers(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The same tokenizer as transformers sees it, with eos (and unk, if any) set, so that
+    `save_pretrained` writes a directory `AutoTokenizer.from_pretrained` loads."""
+    from transformers import PreTrainedTokenizerFast
+
+    eos = tok.id_to_token(eos_id(tok))
+    unk = UNK if tok.token_to_id(UNK) is not None else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, unk_token=unk)

@@ -1,0 +1,103 @@
+"""Causal-LM models from `transformers`: built from a config (`arch` + its size keys, checked
+against the architecture's config class) or loaded from a local directory / hub name."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from stagewise.errors import UserError
+from stagewise.plan.schema import ModelConfig
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> PreTrainedModel:
+    if cfg.pretrained is not None:
+        return _load_pretrained(cfg.pretrained, vocab_size, plan_dir)
+    config = model_config(cfg, vocab_size, eos_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
+    """The architecture's config with the plan's size keys; unknown keys are refused by name."""
+    arch = cfg.arch
+    assert arch is not None
+    if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        match = difflib.get_close_matches(arch, list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise UserError("model.arch", f"'{arch}' is not a causal-LM architecture of transformers{hint}")
+    config_class = CONFIG_MAPPING[arch]
+    known = _config_keys(config_class)
+    keys = cfg.size_keys()
+    for key in sorted(keys):
+        if key not in known:
+            match = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise UserError(f"model.{key}", f"not a config key of {arch}{hint}")
+    if "vocab_size" in keys and keys["vocab_size"] < vocab_size:
+        raise UserError("model.vocab_size", f"must be >= the tokenizer's {vocab_size} (got {keys['vocab_size']})")
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    try:
+        return AutoConfig.for_model(arch, **{"vocab_size": vocab_size, **ids, **keys})
+    except (ValueError, TypeError) as e:
+        raise UserError("model", f"{arch} config refused: {e}") from None
+
+
+def _config_keys(config_class: type[PretrainedConfig]) -> set[str]:
+    params = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    return params | set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+
+
+def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedModel:
+    local = (plan_dir / name).expanduser()
+    source = str(local) if local.exists() else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError("model.pretrained", f"cannot load '{name}': {str(e).splitlines()[0]}") from None
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise UserError("model.pretrained", f"'{name}' has {model.get_input_embeddings().num_embeddings} "
+                                            f"token embeddings, fewer than the tokenizer's {vocab_size}")
+    return model
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """The longest sequence the model takes (n_positions / max_position_embeddings)."""
+    length = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(length, int):
+        raise UserError("model", f"{model.config.model_type} config has no max_position_embeddings")
+    return length
+
+
+class DropoutControl:
+    """Sets dropout for one stage and restores the model's own rate for stages that set none.
+
+    Covers `nn.Dropout` modules and the float `attention_dropout` that attention implementations
+    pass to SDPA (e.g. Llama), so a stage's rate reaches every dropout the model has.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._modules: list[tuple[torch.nn.Module, str, float]] = []
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                self._modules.append((module, "p", module.p))
+            elif isinstance(getattr(module, "attention_dropout", None), float):
+                self._modules.append((module, "attention_dropout", module.attention_dropout))
+
+    def set(self, rate: float | None) -> None:
+        for module, attr, own in self._modules:
+            setattr(module, attr, own if rate is None else rate)
+
+    def rates(self) -> set[float]:
+        return {getattr(m, attr) for m, attr, _ in self._modules}
+
+
+def model_summary(model: torch.nn.Module) -> dict[str, Any]:
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "type": type(model).__name__}

@@ -1,0 +1,144 @@
+"""Validated plan + data sizes -> the concrete stages the engine runs.
+
+Everything that depends on the data (steps of an `epochs`/`tokens` stage, block size against the
+model's context) or on the parent stage (inherited optimizer settings, the LR a stage continues
+from) is settled here, before anything trains, and reported as one line naming the key path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from stagewise.errors import UserError
+from stagewise.optim.schedules import lr_at, schedule_problems
+from stagewise.plan.schema import OPTIMIZER_SETTINGS, Plan, StageConfig
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    index: int
+    config: StageConfig
+    parent: str | None
+    optimizer: str  # optimizer name, inherited when the stage does not set one
+    optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
+    carry: bool  # keep the parent's optimizer state (asked for, and the optimizer is the same)
+    steps: int  # optimizer updates in this stage
+    start_step: int  # global step of this stage's first update
+    start_tokens: int  # training tokens seen before this stage
+    block_size: int  # tokens per sequence
+    batch_size: int  # sequences per micro-batch
+    micro_batches: int  # micro-batches per update (1 + accumulation, or a whole pass when full)
+    full_batch: bool
+    windows_per_epoch: int  # training sequences in one pass over the data
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def peak_lr(self) -> float:
+        return float(self.optimizer_settings["lr"])
+
+    @property
+    def tokens_per_step(self) -> int:
+        if self.full_batch:
+            return self.windows_per_epoch * self.block_size
+        return self.batch_size * self.micro_batches * self.block_size
+
+    def lr(self, step: int) -> float:
+        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on)."""
+        return lr_at(self.config.schedule, step, self.steps, self.peak_lr)
+
+
+def resolve_stages(plan: Plan, n_train_tokens: int, context_length: int, where: str) -> list[ResolvedStage]:
+    stages: list[ResolvedStage] = []
+    for i, cfg in enumerate(plan.stages):
+        parent = stages[-1] if stages else None
+        stages.append(_resolve_one(i, cfg, parent, n_train_tokens, context_length, where))
+    return stages
+
+
+def _resolve_one(i: int, cfg: StageConfig, parent: ResolvedStage | None,
+                 n_train_tokens: int, context_length: int, where: str) -> ResolvedStage:
+    path = f"stages[{i}]"
+
+    def fail(key: str, message: str) -> UserError:
+        return UserError(where, f"{path}.{key}: {message}")
+
+    block = cfg.batch.block_size or context_length
+    if block > context_length:
+        raise fail("batch.block_size", f"must be <= the model's context length {context_length} (got {block})")
+    windows = (n_train_tokens - 1) // block
+    if windows < 1:
+        raise fail("batch.block_size", f"the training data has {n_train_tokens} tokens: too few for one "
+                                       f"sequence of {block}")
+
+    name, settings, carry = _optimizer(cfg, parent, fail)
+    full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
+    if full:
+        micro = math.ceil(windows / cfg.batch.size)
+        tokens_per_step = windows * block
+        steps_per_epoch = 1
+    else:
+        micro = cfg.batch.accumulate
+        tokens_per_step = cfg.batch.size * micro * block
+        steps_per_epoch = math.ceil(windows / (cfg.batch.size * micro))
+    if cfg.steps is not None:
+        steps = cfg.steps
+    elif cfg.epochs is not None:
+        steps = cfg.epochs * steps_per_epoch
+    else:
+        assert cfg.tokens is not None
+        steps = math.ceil(cfg.tokens / tokens_per_step)
+
+    for key, message in schedule_problems(cfg.schedule, steps):
+        raise fail(f"schedule.{key}", message)
+    if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
+        raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
+
+    if "lr" not in settings:
+        settings["lr"] = _continued_lr(cfg, name, parent, fail)
+    min_lr = cfg.schedule.settings().get("min_lr", 0.0)
+    if min_lr > settings["lr"]:
+        raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
+    return ResolvedStage(
+        index=i, config=cfg, parent=parent.name if parent else None, optimizer=name,
+        optimizer_settings=settings, carry=carry, steps=steps,
+        start_step=parent.start_step + parent.steps if parent else 0,
+        start_tokens=parent.start_tokens + parent.steps * parent.tokens_per_step if parent else 0,
+        block_size=block,
+        batch_size=cfg.batch.size, micro_batches=micro, full_batch=full, windows_per_epoch=windows)
+
+
+def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], bool]:
+    """The stage's optimizer name and settings: the parent's when the name is unchanged, that
+    optimizer's defaults when it changes; settings the stage gives override either."""
+    opt = cfg.optimizer
+    given = {k: getattr(opt, k) for k in opt.model_fields_set - {"name", "carry"}}
+    if parent is None and opt.name is None:
+        raise fail("optimizer.name", "required in the first stage")
+    name = opt.name or parent.optimizer  # type: ignore[union-attr]
+    same = parent is not None and parent.optimizer == name
+    for key in given:
+        if key not in OPTIMIZER_SETTINGS[name]:
+            raise fail(f"optimizer.{key}", f"not a setting of optimizer '{name}' (inherited from stage "
+                                           f"'{parent.name}')")  # type: ignore[union-attr]
+    if same:
+        base = {k: v for k, v in parent.optimizer_settings.items() if k != "lr"}  # type: ignore[union-attr]
+    else:
+        base = {k: v for k, v in OPTIMIZER_SETTINGS[name].items() if v is not None}
+    return name, {**base, **given}, opt.carry and same
+
+
+def _continued_lr(cfg: StageConfig, name: str, parent: ResolvedStage | None, fail: Any) -> float:
+    """A stage that sets no LR continues from where its parent's schedule ends."""
+    if parent is None:
+        raise fail("optimizer.lr", "required in the first stage")
+    if parent.optimizer != name:
+        raise fail("optimizer.lr", f"required when switching from {parent.optimizer} to {name}")
+    end = parent.lr(parent.steps)
+    if end <= 0.0:
+        raise fail("optimizer.lr", f"required: stage '{parent.name}' ends at lr 0, so there is none to continue from")
+    return end

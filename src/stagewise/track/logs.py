@@ -1,0 +1,62 @@
+"""Append-only JSON-lines logs: metrics.jsonl (train/eval numbers) and events.jsonl (decisions)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class JsonlLog:
+    """One JSON object per line, flushed on every write so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class RunLogs:
+    """The run's two logs, each record mirrored to TensorBoard (RUN/tensorboard/). Events carry a
+    wall-clock timestamp; metrics carry the global step."""
+
+    def __init__(self, run_dir: Path) -> None:
+        # imported here: reading logs back (report, runs) should not pay for torch's import
+        from stagewise.track.tensorboard import TensorBoardLog
+
+        self.metrics = JsonlLog(run_dir / "metrics.jsonl")
+        self.events = JsonlLog(run_dir / "events.jsonl")
+        self.tensorboard = TensorBoardLog(run_dir / "tensorboard")
+
+    def event(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self.events.write(record)
+        self.tensorboard.event(record)
+
+    def metric(self, kind: str, **fields: Any) -> None:
+        record = {"kind": kind, **fields}
+        self.metrics.write(record)
+        self.tensorboard.metric(record)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.events.close()
+        self.tensorboard.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line; a torn last line (a killed write) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,88 @@
+"""`stagewise check`: the resolved stage tree and the LR curve of the whole plan, as text."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from stagewise.plan.resolve import ResolvedStage
+
+
+def plan_lr_curve(stages: list[ResolvedStage]) -> list[float]:
+    """The LR of every global step of the plan (the base LR, before per-group scales)."""
+    return [s.lr(step) for s in stages for step in range(s.steps)]
+
+
+def print_plan(console: Console, name: str, stages: list[ResolvedStage], width: int = 72, height: int = 8) -> None:
+    table = Table(title=f"plan {name}")
+    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization"):
+        table.add_column(col)
+    for s in stages:
+        cfg = s.config
+        table.add_row(s.name, s.parent or "-", cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
+                      _regularization(s))
+    console.print(table)
+    console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(plan_lr_curve(stages)):.2e}):")
+    for line in lr_chart(stages, width, height):
+        console.print(line, highlight=False)
+
+
+def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
+    """A block chart: each column the mean LR of its slice of steps; `|` marks stage starts."""
+    curve = plan_lr_curve(stages)
+    top = max(curve) or 1.0
+    n = len(curve)
+    cols = min(width, n)
+    means = []
+    for c in range(cols):
+        chunk = curve[c * n // cols:(c + 1) * n // cols]
+        means.append(sum(chunk) / len(chunk))
+    starts = {s.start_step * cols // n for s in stages[1:]}
+    rows = []
+    for r in range(height, 0, -1):
+        line = "".join("█" if m / top * height >= r - 0.5 else ("|" if c in starts else " ")
+                       for c, m in enumerate(means))
+        rows.append(f"{top * r / height:9.2e} {line}")
+    labels = [" "] * cols
+    for s in stages:
+        c = s.start_step * cols // n
+        for i, ch in enumerate(s.name[: max(1, (s.steps * cols // n) - 1)]):
+            if c + i < cols:
+                labels[c + i] = ch
+    rows.append(" " * 10 + "".join(labels))
+    return rows
+
+
+def _optimizer(s: ResolvedStage) -> str:
+    keep = {k: v for k, v in s.optimizer_settings.items() if k != "lr"}
+    extra = " ".join(f"{k}={v}" for k, v in keep.items())
+    return f"{s.optimizer} lr={s.peak_lr:.2e}{' carry' if s.carry else ''}" + (f"\n{extra}" if extra else "")
+
+
+def _schedule(s: ResolvedStage) -> str:
+    sched = s.config.schedule
+    settings = " ".join(f"{k}={v}" for k, v in sched.settings().items() if v not in (0, None) or k == "min_lr")
+    return f"{sched.name} {settings}".strip()
+
+
+def _duration(s: ResolvedStage) -> str:
+    cfg = s.config
+    if cfg.epochs is not None:
+        return f"{cfg.epochs} epochs = {s.steps} steps"
+    if cfg.tokens is not None:
+        return f"{cfg.tokens:,} tokens = {s.steps} steps"
+    return f"{s.steps} steps"
+
+
+def _batch(s: ResolvedStage) -> str:
+    if s.full_batch:
+        return f"full ({s.windows_per_epoch} x {s.block_size})"
+    accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
+    return f"{s.batch_size}{accum} x {s.block_size} = {s.tokens_per_step:,} tok"
+
+
+def _regularization(s: ResolvedStage) -> str:
+    reg = s.config.regularization
+    parts = [f"{k}={getattr(reg, k)}" for k in ("l1", "l2", "dropout", "grad_clip")
+             if getattr(reg, k) not in (None, 0.0)]
+    return " ".join(parts) or "-"

@@ -1,0 +1,96 @@
+"""Progress for people: two rich bars (plan, stage) on a terminal, plain log lines otherwise,
+and the summary table at the end."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    optimizer: str
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float | None
+    val_loss: float | None
+
+    @property
+    def perplexity(self) -> float | None:
+        return math.exp(self.val_loss) if self.val_loss is not None and self.val_loss < 50 else None
+
+
+class ProgressView:
+    def __init__(self, total_steps: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.live = self.console.is_terminal
+        self._progress: Progress | None = None
+        self._plan_task = self._stage_task = None
+        self.total_steps = total_steps
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description:<18}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console)
+            self._progress.start()
+            self._plan_task = self._progress.add_task("plan", total=total_steps, info="")
+
+    def print(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def stage_start(self, name: str, steps: int) -> None:
+        if self._progress is not None:
+            if self._stage_task is not None:
+                self._progress.remove_task(self._stage_task)
+            self._stage_task = self._progress.add_task(name, total=steps, info="")
+        else:
+            self.print(f"[{name}] start: {steps} steps")
+
+    def step(self, stage: str, stage_step: int, steps: int, global_step: int, info: dict[str, Any]) -> None:
+        """Called once per logged step (not every step: the console is not free)."""
+        text = _format_info(info)
+        if self._progress is not None:
+            self._progress.update(self._stage_task, completed=stage_step, info=text)
+            self._progress.update(self._plan_task, completed=global_step)
+        else:
+            self.print(f"[{stage}] step {stage_step}/{steps} (plan {global_step}/{self.total_steps}) {text}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def summary(self, rows: list[StageSummary]) -> None:
+        table = Table(title="stages")
+        for col in ("stage", "optimizer", "steps", "tokens", "time", "train loss", "val loss", "val ppl"):
+            table.add_column(col, justify="left" if col in ("stage", "optimizer") else "right")
+        for r in rows:
+            table.add_row(r.stage, r.optimizer, str(r.steps), f"{r.tokens:,}", f"{r.seconds:.1f}s",
+                          _num(r.train_loss), _num(r.val_loss), _num(r.perplexity, 2))
+        self.console.print(table)
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    parts = []
+    for key, value in info.items():
+        if value is None:
+            continue
+        if key == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif key == "tok_per_s":
+            parts.append(f"{value / 1000:.1f}k tok/s")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return " ".join(parts)

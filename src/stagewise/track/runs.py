@@ -1,0 +1,270 @@
+"""A run directory read back: its logs turned into what a person asks of a run (state, stages,
+where it stopped), and `stagewise runs`, the list of the runs in a directory."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from stagewise.errors import UserError
+from stagewise.track.logs import read_jsonl
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    """A stage's place on the plan's global step axis: updates start+1 .. end."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass
+class StageRow:
+    """One line of a run's stage table; None where the logs do not tell (yet)."""
+
+    name: str
+    task: str | None
+    optimizer: str | None
+    schedule: str | None
+    steps: int | None
+    tokens: int | None
+    seconds: float | None
+    best_val_loss: float | None
+    status: str  # trained | reused | stopped at step N | not run
+
+
+@dataclass
+class Run:
+    path: Path
+    events: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    plan_text: str | None  # plan.yaml as written, shown verbatim in the report
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def plan(self) -> dict[str, Any]:
+        try:
+            loaded = yaml.safe_load(self.plan_text or "")
+        except yaml.YAMLError:
+            raise UserError(str(self.path / "plan.yaml"), "not valid YAML") from None
+        return loaded if isinstance(loaded, dict) else {}
+
+    def _named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    @property
+    def state(self) -> str:
+        """complete, failed, or interrupted (also a run killed too hard to log it, or still running)."""
+        names = {e.get("event") for e in self.events}
+        if "plan_end" in names:
+            return "complete"
+        return "failed" if "plan_failed" in names else "interrupted"
+
+    @property
+    def error(self) -> str | None:
+        failed = self._named("plan_failed")
+        return str(failed[-1].get("error", "")) if failed else None
+
+    @property
+    def planned_stages(self) -> list[str]:
+        """Stage names in plan order: from plan_start, else from plan.yaml."""
+        start = self._named("plan_start")
+        if start and isinstance(start[-1].get("stages"), list):
+            return [str(s["name"]) if isinstance(s, dict) else str(s) for s in start[-1]["stages"]]
+        return [str(s.get("name")) for s in self._plan_stages()]
+
+    def _plan_stages(self) -> list[dict[str, Any]]:
+        stages = self.plan.get("stages")
+        return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+
+    @property
+    def done_stages(self) -> list[str]:
+        """Stages finished in this run or reused from a cache, in log order."""
+        return list(dict.fromkeys(e["stage"] for e in self.events
+                                  if e.get("event") in ("stage_end", "stage_reused") and "stage" in e))
+
+    @property
+    def reused_stages(self) -> set[str]:
+        return {e["stage"] for e in self._named("stage_reused") if "stage" in e}
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """From the metrics when loaded, else from the eval events (the listing reads only events)."""
+        source = self.metrics if self.metrics else self._named("eval")
+        losses = [float(r["val_loss"]) for r in source if _finite(r.get("val_loss"))]
+        return min(losses) if losses else None
+
+    @property
+    def last_time(self) -> float | None:
+        times = [e["time"] for e in self.events if isinstance(e.get("time"), (int, float))]
+        return max(times) if times else None
+
+    @property
+    def last_step(self) -> int:
+        steps = [r["step"] for r in self.metrics + self.events if isinstance(r.get("step"), int)]
+        return max(steps, default=0)
+
+    @property
+    def last_stage(self) -> str | None:
+        started = [e.get("stage") for e in self.events if e.get("event") in ("stage_start", "stage_reused")]
+        return started[-1] if started else None
+
+    @property
+    def stop_note(self) -> str | None:
+        """Where an unfinished run stopped, and why when the log says; None for a complete run."""
+        state = self.state
+        if state == "complete":
+            return None
+        where = f"stopped at step {self.last_step}"
+        if self.last_stage is not None:
+            where += f" in stage '{self.last_stage}'"
+        return f"{state}: {where}" + (f": {self.error}" if self.error else "")
+
+    @cached_property
+    def spans(self) -> list[StageSpan]:
+        """Stages that started (or were reused with their place logged), latest entry per name."""
+        found: dict[str, StageSpan] = {}
+        for e in self.events:
+            if e.get("event") in ("stage_start", "stage_reused") and isinstance(e.get("step"), int) \
+                    and isinstance(e.get("steps"), int):
+                found[e["stage"]] = StageSpan(e["stage"], e["step"], e["step"] + e["steps"])
+        return list(found.values())
+
+    def event_step(self, event: dict[str, Any]) -> int:
+        """The global step an event belongs to: its own, else its stage's start (a hand-off is logged
+        just before stage_start), else the last step logged before it."""
+        if isinstance(event.get("step"), int):
+            return event["step"]
+        span = next((s for s in self.spans if s.name == event.get("stage")), None)
+        if span is not None:
+            return span.start
+        step = 0
+        for e in self.events:
+            if e is event:
+                break
+            if isinstance(e.get("step"), int):
+                step = e["step"]
+        return step
+
+    def stage_rows(self) -> list[StageRow]:
+        plan_stages = {str(s.get("name")): s for s in self._plan_stages()}
+        # a reused stage has no stage_start; its stage_reused event says what it can
+        starts = {e["stage"]: e for e in self.events
+                  if e.get("event") in ("stage_start", "stage_reused") and "stage" in e}
+        ends = {e["stage"]: e for e in self._named("stage_end") if "stage" in e}
+        carried = {e.get("stage") for e in self._named("optimizer_carried")}
+        reused = self.reused_stages
+        rows = []
+        for name in self.planned_stages:
+            planned, start, end = plan_stages.get(name, {}), starts.get(name, {}), ends.get(name)
+            steps = start.get("steps", planned.get("steps"))
+            mine = [m for m in self.metrics if m.get("stage") == name]
+            finished = end is not None or name in reused
+            done = steps if finished else max((m.get("stage_step", 0) for m in mine), default=0)
+            per_step = start.get("tokens_per_step")
+            evals = [float(m["val_loss"]) for m in mine if _finite(m.get("val_loss"))]
+            if name in reused:
+                status = "reused"
+            elif end is not None:
+                status = "trained"
+            elif start:
+                status = f"stopped at step {start.get('step', 0) + done}"
+            else:
+                status = "not run"
+            rows.append(StageRow(
+                name=name, task=planned.get("task"), optimizer=_optimizer(planned, start, name in carried),
+                schedule=_schedule(planned, start), steps=steps,
+                tokens=per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
+                seconds=end.get("seconds") if end else None,
+                best_val_loss=min(evals) if evals else None, status=status))
+        return rows
+
+
+def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) -> str | None:
+    """The resolved name and LR (stage_start) over the plan's, which may inherit both."""
+    given = planned.get("optimizer") or {}
+    name = start.get("optimizer") or given.get("name")
+    lr = (start.get("settings") or {}).get("lr", given.get("lr"))
+    if name is None:
+        return None
+    return name + (f" lr={lr:.2e}" if isinstance(lr, (int, float)) else "") + (" (carried)" if carried else "")
+
+
+def _schedule(planned: dict[str, Any], start: dict[str, Any]) -> str | None:
+    given = planned.get("schedule") or {}
+    name = start.get("schedule") or given.get("name")
+    settings = " ".join(f"{k}={v}" for k, v in given.items() if k != "name" and v is not None)
+    return f"{name} {settings}".strip() if name else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def load_run(path: Path, with_metrics: bool = True) -> Run:
+    """A run directory; bad input (not a run, no metrics to show) is one line."""
+    if not (path / "events.jsonl").is_file():
+        raise UserError(str(path), "not a run directory (no events.jsonl)")
+    metrics: list[dict[str, Any]] = []
+    if with_metrics:
+        if not (path / "metrics.jsonl").is_file():
+            raise UserError(str(path), "no metrics.jsonl: nothing to report")
+        metrics = read_jsonl(path / "metrics.jsonl")
+    plan = path / "plan.yaml"
+    return Run(path, read_jsonl(path / "events.jsonl"), metrics,
+               plan.read_text(encoding="utf-8") if plan.is_file() else None)
+
+
+def find_runs(directory: Path) -> list[Run]:
+    """Every run below `directory` (nested too: a search keeps its trials in one folder), by path."""
+    if not directory.is_dir():
+        raise UserError(str(directory), "no such directory")
+    return [load_run(p.parent, with_metrics=False) for p in sorted(directory.rglob("events.jsonl"))]
+
+
+_STATE_STYLE = {"complete": "green", "failed": "red", "interrupted": "yellow"}
+
+
+def print_runs(console: Console, directory: Path, runs: list[Run]) -> None:
+    if not runs:
+        console.print(f"no runs in {directory}")
+        return
+    table = Table(title=f"runs in {directory}")
+    for col in ("run", "state", "stages", "best val loss", "last update"):
+        table.add_column(col, justify="right" if col in ("stages", "best val loss") else "left")
+    now = time.time()
+    for run in runs:
+        best = run.best_val_loss
+        where = run.path.relative_to(directory)
+        table.add_row(str(where) if where.parts else run.name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
+                      f"{len(run.done_stages)}/{len(run.planned_stages)}",
+                      "-" if best is None else f"{best:.4f}",
+                      "-" if run.last_time is None else when(run.last_time, now))
+    console.print(table)
+
+
+def when(t: float, now: float) -> str:
+    """A timestamp for people: the local date and time, and how long ago."""
+    ago = max(0.0, now - t)
+    if ago < 60:
+        rel = "just now"
+    elif ago < 3600:
+        rel = f"{int(ago // 60)} min ago"
+    elif ago < 86400:
+        rel = f"{int(ago // 3600)} h ago"
+    else:
+        rel = f"{int(ago // 86400)} d ago"
+    return f"{datetime.fromtimestamp(t):%Y-%m-%d %H:%M} ({rel})"

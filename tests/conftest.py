@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60k characters of Shakespeare (or, where shared/ is absent, generated English-like text)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    source = SHARED / "tinyshakespeare.txt"
+    if source.exists():
+        text = source.read_text(encoding="utf-8")[:60_000]
+    else:
+        import random
+
+        rng = random.Random(0)
+        words = "the king and queen shall speak of love and war to all the lords of the land".split()
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(5000))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_plan(corpus: Path, stages: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
+    plan: dict[str, Any] = {
+        "name": "tiny", "seed": 7, "precision": "fp32",
+        "model": {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 32},
+        "tokenizer": {"kind": "char"},
+        "data": {"train": str(corpus), "val_fraction": 0.1},
+        "defaults": {"batch": {"size": 8}, "eval": {"batches": 10}},
+        "log": {"every": 5},
+        "stages": stages,
+    }
+    plan.update(top)
+    return plan
+
+
+def write_plan(directory: Path, plan: dict[str, Any], name: str = "plan.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
+    return path
