@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ from stagewise.track.logs import read_jsonl
 
 
 def _run(tmp_path: Path, plan: dict[str, Any], name: str = "run") -> tuple[Path, list]:
+    """Train `plan` with a cache of its own, so nothing is reused from another test's run."""
     path = write_plan(tmp_path, plan, f"{name}.yaml")
-    prepared = prepare(load_plan(path), path, tmp_path / "cache")
+    prepared = prepare(load_plan(path), path, tmp_path / f"cache-{name}")
     summaries = train(prepared, tmp_path / name)
     return tmp_path / name, summaries
 
@@ -131,16 +131,19 @@ def test_gd_makes_exactly_one_update_per_pass(tmp_path: Path, corpus: Path) -> N
     assert len(losses) == 1
 
 
-def test_cli_train_writes_run_and_refuses_to_overwrite(tmp_path: Path, corpus: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_again_reuses_every_stage_and_fresh_retrains(tmp_path: Path, corpus: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     plan = tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adam", "lr": 1e-3}, "steps": 5}],
                      sample={"prompt": "ROMEO", "max_tokens": 20})
     path = write_plan(tmp_path, plan)
-    out = tmp_path / "out"
-    assert main(["train", str(path), "--out", str(out), "--cache", str(tmp_path / "c")]) == 0
+    args = ["train", str(path), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "sample:" in printed and "ROMEO" in printed and "val loss" in printed
-    assert main(["train", str(path), "--out", str(out), "--cache", str(tmp_path / "c")]) == 2
-    assert "run directory is not empty" in capsys.readouterr().err
-    assert main(["train", str(path), "--out", str(out), "--fresh", "--cache", str(tmp_path / "c")]) == 0
-    assert json.loads((out / "events.jsonl").read_text().splitlines()[0])["event"] == "plan_start"
+    assert main(args) == 0
+    assert "[a] reused from the stage cache" in capsys.readouterr().out
+    events = [e["event"] for e in read_jsonl(tmp_path / "out" / "events.jsonl")]
+    assert events.count("stage_end") == 1 and events.count("stage_reused") == 1
+    assert main([*args, "--fresh"]) == 0
+    events = [e["event"] for e in read_jsonl(tmp_path / "out" / "events.jsonl")]
+    assert events[0] == "plan_start" and "stage_reused" not in events and "stage_end" in events

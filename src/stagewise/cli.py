@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stagewise.errors import UserError
+from stagewise.errors import RunStopped, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("plan", type=Path)
     train.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.cooldown.steps=800")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<plan name>)")
-    train.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over: delete the run directory and this plan's stages from the stage cache")
     _cache_arg(train)
 
     check = sub.add_parser("check", help="validate a plan; print its stages and LR curve")
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(str(e), file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -74,12 +78,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.run import prepare
+    from stagewise.engine.run import prepare, stage_status
     from stagewise.plan.load import load_plan
     from stagewise.track.plan_view import print_plan
 
     prepared = prepare(load_plan(args.plan, args.overrides), args.plan, args.cache or Path("runs/.cache"))
-    print_plan(console, prepared.plan.name, prepared.stages)
+    print_plan(console, prepared.plan.name, prepared.stages, stage_status(prepared))
     if args.plot is not None:
         from stagewise.track.plots import plan_lr_figure, save_png
 

@@ -12,3 +12,12 @@ class UserError(ValueError):
         self.where = where
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose or could not go on (a signal, a full disk); the message says what
+    was saved and how to continue. The CLI prints it as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        self.code = code
+        super().__init__(message)

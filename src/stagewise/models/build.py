@@ -42,7 +42,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedCo
             raise UserError(f"model.{key}", f"not a config key of {arch}{hint}")
     if "vocab_size" in keys and keys["vocab_size"] < vocab_size:
         raise UserError("model.vocab_size", f"must be >= the tokenizer's {vocab_size} (got {keys['vocab_size']})")
-    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id}  # no pad: training windows are never padded
     try:
         return AutoConfig.for_model(arch, **{"vocab_size": vocab_size, **ids, **keys})
     except (ValueError, TypeError) as e:

@@ -13,6 +13,7 @@ from typing import Any
 
 from stagewise.errors import UserError
 from stagewise.optim.schedules import lr_at, schedule_problems
+from stagewise.plan.keys import stage_key
 from stagewise.plan.schema import OPTIMIZER_SETTINGS, Plan, StageConfig
 
 
@@ -20,7 +21,9 @@ from stagewise.plan.schema import OPTIMIZER_SETTINGS, Plan, StageConfig
 class ResolvedStage:
     index: int
     config: StageConfig
+    key: str  # the stage cache's identity of this stage (plan.keys)
     parent: str | None
+    parent_step: int | None  # the parent's step this stage branches from; None: its end
     optimizer: str  # optimizer name, inherited when the stage does not set one
     optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
     carry: bool  # keep the parent's optimizer state (asked for, and the optimizer is the same)
@@ -52,20 +55,46 @@ class ResolvedStage:
         return lr_at(self.config.schedule, step, self.steps, self.peak_lr)
 
 
-def resolve_stages(plan: Plan, n_train_tokens: int, context_length: int, where: str) -> list[ResolvedStage]:
+def resolve_stages(plan: Plan, n_train_tokens: int, context_length: int, identity: dict[str, Any],
+                   where: str) -> list[ResolvedStage]:
+    """`identity`: what besides the stages decides the weights (model, tokenizer, data, seed, ...)."""
     stages: list[ResolvedStage] = []
     for i, cfg in enumerate(plan.stages):
-        parent = stages[-1] if stages else None
-        stages.append(_resolve_one(i, cfg, parent, n_train_tokens, context_length, where))
+        stages.append(_resolve_one(i, cfg, stages, n_train_tokens, context_length, identity, where))
     return stages
 
 
-def _resolve_one(i: int, cfg: StageConfig, parent: ResolvedStage | None,
-                 n_train_tokens: int, context_length: int, where: str) -> ResolvedStage:
+def pinned_steps(stages: list[ResolvedStage]) -> dict[str, set[int]]:
+    """Steps of each stage that a branch starts from (`from: NAME@STEP`): saved and never pruned."""
+    pins: dict[str, set[int]] = {s.name: set() for s in stages}
+    for s in stages:
+        if s.parent is not None and s.parent_step is not None:
+            pins[s.parent].add(s.parent_step)
+    return pins
+
+
+def _parent(cfg: StageConfig, earlier: list[ResolvedStage], fail: Any) -> tuple[ResolvedStage | None, int | None]:
+    if cfg.from_ is None:
+        return (earlier[-1] if earlier else None), None
+    name, _, step = cfg.from_.partition("@")
+    by_name = {s.name: s for s in earlier}
+    if name not in by_name:
+        raise fail("from", f"no earlier stage '{name}' (a parent comes before its branches)")
+    parent = by_name[name]
+    if step and not 1 <= int(step) <= parent.steps:
+        raise fail("from", f"stage '{name}' has steps 1..{parent.steps} (got @{step})")
+    return parent, (int(step) if step and int(step) != parent.steps else None)
+
+
+def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train_tokens: int,
+                 context_length: int, identity: dict[str, Any], where: str) -> ResolvedStage:
     path = f"stages[{i}]"
 
     def fail(key: str, message: str) -> UserError:
         return UserError(where, f"{path}.{key}: {message}")
+
+    parent, parent_step = _parent(cfg, earlier, fail)
+    branch_at = parent.steps if parent and parent_step is None else parent_step
 
     block = cfg.batch.block_size or context_length
     if block > context_length:
@@ -99,17 +128,21 @@ def _resolve_one(i: int, cfg: StageConfig, parent: ResolvedStage | None,
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
 
     if "lr" not in settings:
-        settings["lr"] = _continued_lr(cfg, name, parent, fail)
+        settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)
     min_lr = cfg.schedule.settings().get("min_lr", 0.0)
     if min_lr > settings["lr"]:
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
+    numbers = {"optimizer": name, "settings": settings, "carry": carry, "steps": steps, "block_size": block,
+               "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
+    key = stage_key(parent.key if parent else None, parent_step,
+                    {**cfg.model_dump(mode="json", by_alias=True, exclude={"eval", "from_"}), **numbers}, identity)
     return ResolvedStage(
-        index=i, config=cfg, parent=parent.name if parent else None, optimizer=name,
-        optimizer_settings=settings, carry=carry, steps=steps,
-        start_step=parent.start_step + parent.steps if parent else 0,
-        start_tokens=parent.start_tokens + parent.steps * parent.tokens_per_step if parent else 0,
-        block_size=block,
-        batch_size=cfg.batch.size, micro_batches=micro, full_batch=full, windows_per_epoch=windows)
+        index=i, config=cfg, key=key, parent=parent.name if parent else None, parent_step=parent_step,
+        optimizer=name, optimizer_settings=settings, carry=carry, steps=steps,
+        start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
+        start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
+        block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
+        windows_per_epoch=windows)
 
 
 def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], bool]:
@@ -132,13 +165,14 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     return name, {**base, **given}, opt.carry and same
 
 
-def _continued_lr(cfg: StageConfig, name: str, parent: ResolvedStage | None, fail: Any) -> float:
-    """A stage that sets no LR continues from where its parent's schedule ends."""
-    if parent is None:
+def _continued_lr(cfg: StageConfig, name: str, parent: ResolvedStage | None, at: int | None, fail: Any) -> float:
+    """A stage that sets no LR continues from its parent's LR where it branches off (its end by default)."""
+    if parent is None or at is None:
         raise fail("optimizer.lr", "required in the first stage")
     if parent.optimizer != name:
         raise fail("optimizer.lr", f"required when switching from {parent.optimizer} to {name}")
-    end = parent.lr(parent.steps)
+    end = parent.lr(at)
     if end <= 0.0:
-        raise fail("optimizer.lr", f"required: stage '{parent.name}' ends at lr 0, so there is none to continue from")
+        raise fail("optimizer.lr", f"required: stage '{parent.name}' is at lr 0 at step {at}, "
+                                   "so there is none to continue from")
     return end

@@ -179,7 +179,11 @@ class EvalConfig(Strict):
 
 
 class StageConfig(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: StageName
+    # The parent: `NAME` (its end) or `NAME@STEP` (its checkpoint at that step); default: the
+    # previous stage. A plan with branches is a tree.
+    from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$")] | None = Field(None, alias="from")
     task: Literal["causal_lm"] = "causal_lm"
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -257,6 +261,15 @@ class SampleConfig(Strict):
     top_k: Annotated[int, Field(ge=1)] | None = None
 
 
+class CheckpointConfig(Strict):
+    """Mid-stage checkpoints (each stage's end is always saved): every N steps and/or every M
+    minutes; the newest `keep` are kept, plus every stage's final one and those branches start from."""
+
+    every: Annotated[int, Field(ge=1)] | None = None
+    minutes: PositiveFloat | None = None
+    keep: Annotated[int, Field(ge=1)] = 3
+
+
 class LogConfig(Strict):
     every: Annotated[int, Field(ge=1)] = 10  # steps between metrics lines
 
@@ -273,6 +286,7 @@ class Plan(Strict):
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     sample: SampleConfig | None = None
     log: LogConfig = LogConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Plan:

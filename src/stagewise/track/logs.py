@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,22 @@ class JsonlLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _drop_torn_line(path)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
+
+    def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite the log without the records `keep` rejects (a resumed stage drops the lines it
+        is about to log again), atomically."""
+        self._file.close()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n"
+                               for r in read_jsonl(self.path) if keep(r)), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()
@@ -49,6 +62,16 @@ class RunLogs:
         self.metrics.close()
         self.events.close()
         self.tensorboard.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """A write killed mid-line leaves a partial last line; appending after it would corrupt the next."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -13,14 +13,17 @@ def plan_lr_curve(stages: list[ResolvedStage]) -> list[float]:
     return [s.lr(step) for s in stages for step in range(s.steps)]
 
 
-def print_plan(console: Console, name: str, stages: list[ResolvedStage], width: int = 72, height: int = 8) -> None:
+def print_plan(console: Console, name: str, stages: list[ResolvedStage], status: dict[str, str],
+               width: int = 72, height: int = 8) -> None:
+    """`status`: per stage, what training will do with it (reuse / resume at step N / train)."""
     table = Table(title=f"plan {name}")
-    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization"):
+    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization", "status"):
         table.add_column(col)
     for s in stages:
         cfg = s.config
-        table.add_row(s.name, s.parent or "-", cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
-                      _regularization(s))
+        parent = "-" if s.parent is None else s.parent + (f"@{s.parent_step}" if s.parent_step is not None else "")
+        table.add_row(s.name, parent, cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
+                      _regularization(s), status[s.name])
     console.print(table)
     console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(plan_lr_curve(stages)):.2e}):")
     for line in lr_chart(stages, width, height):

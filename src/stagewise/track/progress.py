@@ -21,6 +21,7 @@ class StageSummary:
     seconds: float
     train_loss: float | None
     val_loss: float | None
+    reused: bool = False  # taken from the stage cache, not trained in this run
 
     @property
     def perplexity(self) -> float | None:
@@ -43,7 +44,7 @@ class ProgressView:
             self._plan_task = self._progress.add_task("plan", total=total_steps, info="")
 
     def print(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def stage_start(self, name: str, steps: int) -> None:
         if self._progress is not None:
@@ -71,7 +72,8 @@ class ProgressView:
         for col in ("stage", "optimizer", "steps", "tokens", "time", "train loss", "val loss", "val ppl"):
             table.add_column(col, justify="left" if col in ("stage", "optimizer") else "right")
         for r in rows:
-            table.add_row(r.stage, r.optimizer, str(r.steps), f"{r.tokens:,}", f"{r.seconds:.1f}s",
+            table.add_row(r.stage, r.optimizer, str(r.steps), f"{r.tokens:,}",
+                          "reused" if r.reused else f"{r.seconds:.1f}s",
                           _num(r.train_loss), _num(r.val_loss), _num(r.perplexity, 2))
         self.console.print(table)
 
