@@ -28,8 +28,10 @@ AfterStep = Callable[[int, Callable[[], dict[str, Any]]], None]
 
 def lm_loss(run: RunContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch; x, y: (B, T)."""
+    # No KV cache: nothing reads it here, and a compiled forward would return it as extra outputs.
+    no_cache = {"use_cache": False} if getattr(run.model.config, "use_cache", False) else {}
     with run.autocast():
-        logits = run.forward(input_ids=x).logits  # (B, T, V)
+        logits = run.forward(input_ids=x, **no_cache).logits  # (B, T, V)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
@@ -105,6 +107,7 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
                    dropout=sorted(run.dropout.rates()), key=stage.key)
     run.view.stage_start(stage.name, stage.steps)
     started = window_started = time.perf_counter()
+    timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
 
     def capture() -> dict[str, Any]:
         return {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
@@ -131,18 +134,19 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.step, progress.window_steps = step + 1, progress.window_steps + 1
+        progress.step, progress.window_steps, timed_steps = step + 1, progress.window_steps + 1, timed_steps + 1
 
         global_step = stage.start_step + step + 1
         if logging:
             progress.train_loss = (progress.window_loss / progress.window_steps).item()
             now = time.perf_counter()
-            tok_s = progress.window_steps * stage.tokens_per_step / max(now - window_started, 1e-9)
+            tok_s = timed_steps * stage.tokens_per_step / max(now - window_started, 1e-9)
             info = {"lr": lr, "loss": progress.train_loss, "grad_norm": float(grad_norm), "tok_per_s": tok_s}
             run.logs.metric("train", step=global_step, stage=stage.name, stage_step=step + 1,
                             tokens=stage.start_tokens + (step + 1) * stage.tokens_per_step, **info)
             run.view.step(stage.name, step + 1, stage.steps, global_step, info)
-            progress.window_loss, progress.window_steps, window_started = torch.zeros_like(progress.window_loss), 0, now
+            progress.window_loss, progress.window_steps = torch.zeros_like(progress.window_loss), 0
+            window_started, timed_steps = now, 0
         every = cfg.eval.every is not None and (step + 1) % cfg.eval.every == 0
         if (every or (sampler.epoch != epoch and cfg.eval.each_epoch)) and step + 1 < stage.steps:
             progress.val_loss = _log_eval(run, stage, global_step, step + 1)

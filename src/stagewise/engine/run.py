@@ -186,7 +186,7 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state:
         resumed_at = resume["progress"]["step"] if resume is not None else 0
         if resume is not None:
             run.logs.event("stage_resumed", stage=stage.name, step=stage.start_step + resumed_at, stage_step=resumed_at)
-        run.logs.metrics.keep_only(lambda r: r.get("stage") != stage.name or r.get("stage_step", 0) <= resumed_at)
+        run.logs.metrics.keep_only(lambda r: _logged_before(r, stage, resumed_at))
         summary = train_stage(run, stage, optimizer, checkpointer, resume)
         checkpointer.save_final(optimizer, summary)
         state.marker, state.optimizer, state.optimizer_state = (stage.key, None), optimizer, None
@@ -194,6 +194,15 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state:
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
         _export(run, stage, store, state)
         return summary
+
+
+def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int) -> bool:
+    """Whether a metrics line was logged before the checkpoint a stage resumes from; the others
+    are logged again. The stage's final eval comes after its last checkpoint, so it always goes."""
+    if record.get("stage") != stage.name:
+        return True
+    final_eval = record.get("kind") == "eval" and record.get("stage_step") == stage.steps
+    return record.get("stage_step", 0) <= resumed_at and not final_eval
 
 
 def _resume_point(run: RunContext, store: StageStore, limit: int) -> dict[str, Any] | None:
