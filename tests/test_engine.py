@@ -33,7 +33,7 @@ THREE_STAGES = [
      "schedule": {"name": "warmup_constant", "warmup": 10}, "steps": 60, "eval": {"every": 20}},
     {"name": "sgd", "optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True},
      "regularization": {"grad_clip": 1.0, "dropout": 0.3}, "steps": 30},
-    {"name": "cool", "optimizer": {"carry": True}, "schedule": {"name": "decay", "shape": "1-sqrt"}, "steps": 30},
+    {"name": "cool", "optimizer": {"handoff": "carry"}, "schedule": {"name": "decay", "shape": "1-sqrt"}, "steps": 30},
 ]
 
 

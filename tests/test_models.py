@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagewise.errors import UserError
-from stagewise.models.build import DropoutControl, build_model, context_length
+from stagewise.models.build import DropoutControl, build_model, context_length, set_attention
 from stagewise.models.generate import sample
 from stagewise.plan.schema import ModelConfig
 
@@ -63,3 +63,18 @@ def test_sample_crops_to_context_and_greedy_is_deterministic(tmp_path: Path) -> 
     g = torch.Generator().manual_seed(0)
     topk = sample(model, start, max_tokens=10, context=8, temperature=1.0, top_k=1, generator=g)
     assert torch.equal(topk, out[:, :13])  # top-1 sampling is greedy
+
+
+def test_auto_attention_is_eager_when_compiling_on_cpu(tmp_path: Path) -> None:
+    def built() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(ModelConfig(arch="gpt2", n_layer=1, n_head=2, n_embd=16, n_positions=16), 30, 29, tmp_path)
+
+    cpu = torch.device("cpu")
+    plain, compiled = built(), built()
+    assert set_attention(plain, "auto", compiled=False, device=cpu) == "sdpa"
+    assert set_attention(compiled, "auto", compiled=True, device=cpu) == "eager"
+    assert compiled.config._attn_implementation == "eager"
+    x = torch.randint(0, 30, (2, 9))  # the same function either way: only the kernel differs
+    torch.testing.assert_close(plain.eval()(input_ids=x).logits, compiled.eval()(input_ids=x).logits)
+    assert set_attention(plain, "eager", compiled=False, device=cpu) == "eager"

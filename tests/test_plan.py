@@ -114,7 +114,7 @@ def test_check_prints_stage_tree_and_lr_curve(tmp_path: Path, corpus: Path, caps
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells to the console width
     plan = _base(corpus)
     plan["stages"][0]["schedule"] = {"name": "warmup_constant", "warmup": 10}
-    plan["stages"][1].update(optimizer={"carry": True}, schedule={"name": "decay", "shape": "1-sqrt"}, steps=None,
+    plan["stages"][1].update(optimizer={"handoff": "carry"}, schedule={"name": "decay", "shape": "1-sqrt"}, steps=None,
                              epochs=2)
     del plan["stages"][1]["steps"]
     path = write_plan(tmp_path, plan)

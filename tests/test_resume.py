@@ -28,7 +28,7 @@ from stagewise.track.logs import read_jsonl
 STAGES = [
     {"name": "warm", "optimizer": {"name": "adamw", "lr": 3e-3}, "schedule": {"name": "warmup_constant", "warmup": 5},
      "steps": 24, "regularization": {"dropout": 0.1}, "eval": {"every": 7}},
-    {"name": "accum", "optimizer": {"carry": True}, "batch": {"size": 4, "accumulate": 3},
+    {"name": "accum", "optimizer": {"handoff": "carry"}, "batch": {"size": 4, "accumulate": 3},
      "schedule": {"name": "cosine", "min_lr": 1e-4}, "steps": 16},
     {"name": "sgd", "from": "warm@12", "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9}, "steps": 14},
 ]
@@ -243,7 +243,7 @@ def test_branch_from_a_step_starts_from_that_steps_weights(tmp_path: Path, corpu
     def plan(stable_steps: int, parent: str) -> dict[str, Any]:
         return _plan(corpus, [
             {"name": "stable", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": stable_steps},
-            {"name": "cool", "from": parent, "optimizer": {"carry": True}, "schedule": {"name": "decay"}, "steps": 6},
+            {"name": "cool", "from": parent, "optimizer": {"handoff": "carry"}, "schedule": {"name": "decay"}, "steps": 6},
         ])
     branched = write_plan(tmp_path, plan(20, "stable@10"), "branched.yaml")
     straight = write_plan(tmp_path, plan(10, "stable"), "straight.yaml")

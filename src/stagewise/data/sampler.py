@@ -40,6 +40,11 @@ class WindowSampler:
         while self.epoch == epoch:
             yield self._gather(self._take(self.batch_size, stop_at_epoch_end=True))
 
+    def skip(self, batches: int) -> None:
+        """Pass over the next `batches` batches without reading them."""
+        if batches > 0:
+            self._take(batches * self.batch_size, stop_at_epoch_end=False)
+
     def iter_eval(self, max_batches: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first windows in order, the same batches every call; the training position is
         left alone. None: every window."""

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -23,7 +22,7 @@ class RunContext:
     plan: Plan
     run_dir: Path
     model: PreTrainedModel
-    forward: Callable[..., Any]  # the model, or its torch.compile'd wrapper
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> mean loss; compiled or not
     device: torch.device
     autocast: Callable[[], AbstractContextManager[None]]
     data: PreparedData

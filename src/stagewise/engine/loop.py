@@ -8,46 +8,65 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn import functional as F
 
 from stagewise.data.sampler import WindowSampler
 from stagewise.engine.context import RunContext
+from stagewise.engine.control import Fired, StageControl, corrupt
 from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.errors import RunStopped
 from stagewise.engine.rng import rng_state, set_rng_state
+from stagewise.optim.handoff import convert_adam_to_sgd, swats_lr
+from stagewise.optim.optimizers import build_optimizer
 from stagewise.optim.regularizers import weight_penalty
+from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.track.progress import StageSummary
 
-# Called after every update with the step count and a function that captures the full state; it
-# saves a checkpoint when one is due and may stop the run (engine.run.Checkpointer).
-AfterStep = Callable[[int, Callable[[], dict[str, Any]]], None]
+Capture = Callable[[], dict[str, Any]]
+
+
+class Checkpoints(Protocol):
+    """The stage's checkpoints (engine.run.Checkpointer)."""
+
+    def __call__(self, step: int, capture: Capture) -> None:
+        """After every update: save when one is due; may stop the run."""
+
+    def save(self, step: int, capture: Capture, keep: str | None = None) -> None:
+        """Save now; `keep` ("start", "best"): a role in which it is never pruned, until another
+        checkpoint takes the role."""
+
+    def keep(self, role: str, step: int) -> None:
+        """Give a saved checkpoint a role again (after a resume)."""
+
+    def steps(self) -> list[int]:
+        """The steps with a saved checkpoint, oldest first."""
+
+    def load(self, step: int) -> dict[str, Any]:
+        """Put that checkpoint's weights into the model and return its state."""
+
+
+class LanguageModelLoss(torch.nn.Module):
+    """Model and loss as one module, so `torch.compile` sees (and fuses) the cross-entropy too."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # No KV cache: nothing reads it here, and a compiled forward would return it as extra outputs.
+        self.no_cache = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch; x, y: (B, T)."""
+        logits = self.model(input_ids=x, **self.no_cache).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
 def lm_loss(run: RunContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch; x, y: (B, T)."""
-    # No KV cache: nothing reads it here, and a compiled forward would return it as extra outputs.
-    no_cache = {"use_cache": False} if getattr(run.model.config, "use_cache", False) else {}
     with run.autocast():
-        logits = run.forward(input_ids=x, **no_cache).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
-
-
-@torch.no_grad()
-def evaluate(run: RunContext, stage: ResolvedStage) -> float:
-    """Token-weighted mean loss over the same validation batches every time."""
-    limit = stage.config.eval.batches
-    val = WindowSampler(run.data.val, stage.block_size, stage.batch_size, seed=0, shuffle=False)
-    run.model.eval()
-    total, count = torch.zeros((), device=run.device), 0
-    for x, y in val.iter_eval(None if limit == "all" else limit):
-        x, y = x.to(run.device), y.to(run.device)
-        total += lm_loss(run, x, y) * y.numel()
-        count += y.numel()
-    run.model.train()
-    return (total / count).item()
+        return run.loss(x, y)
 
 
 def _micro_batches(sampler: WindowSampler, stage: ResolvedStage) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -71,19 +90,40 @@ class StageProgress:
     window_steps: int = 0
     train_loss: float | None = None
     val_loss: float | None = None
+    eval_step: int | None = None  # the step of the latest evaluation
+    ended: str | None = None  # why the stage ended before its last step, once it has
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "window_loss": self.window_loss.detach().cpu(), "window_steps": self.window_steps,
-                "train_loss": self.train_loss, "val_loss": self.val_loss}
+                "train_loss": self.train_loss, "val_loss": self.val_loss, "eval_step": self.eval_step,
+                "ended": self.ended}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.step, self.window_steps = state["step"], state["window_steps"]
         self.window_loss = state["window_loss"].to(device)
         self.train_loss, self.val_loss = state["train_loss"], state["val_loss"]
+        self.eval_step, self.ended = state["eval_step"], state["ended"]
 
 
-def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Optimizer,
-                after_step: AfterStep, resume: dict[str, Any] | None = None) -> StageSummary:
+@dataclass
+class StageOutcome:
+    """A finished stage: its summary, and the optimizer state its children may take over."""
+
+    summary: StageSummary
+    optimizer: torch.optim.Optimizer  # the one in use at the end (a rule may have switched it)
+    final_state: dict[str, Any]  # what a child takes over (handoff_state)
+
+
+def handoff_state(optimizer: torch.optim.Optimizer, stage: ResolvedStage, control: StageControl) -> dict[str, Any]:
+    """The part of a checkpoint a child stage may take over: the optimizer's state, which optimizer
+    it is (a rule may have switched it: {"name", "settings"} or None for the stage's own), and the
+    SWATS estimate when kept."""
+    return {"optimizer": optimizer.state_dict(), "optimizer_spec": control.optimizer_spec,
+            "swats": control.swats.state_dict() if control.swats else None}
+
+
+def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Optimizer, checkpoints: Checkpoints,
+                resume: dict[str, Any] | None = None, track_swats: bool = False) -> StageOutcome:
     cfg = stage.config
     reg = cfg.regularization
     run.dropout.set(reg.dropout)
@@ -91,13 +131,37 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
     sampler = WindowSampler(run.data.train, stage.block_size, stage.batch_size,
                             seed=derive_seed(run.plan.seed, stage.name, "data"))
     progress = StageProgress(window_loss=torch.zeros((), device=run.device))
-    if resume is not None:  # everything the steps so far changed, restored exactly
-        optimizer.load_state_dict(resume["optimizer"])
-        sampler.load_state_dict(resume["sampler"])
-        progress.load_state_dict(resume["progress"], run.device)
-        set_rng_state(resume["rng"])
+    control = StageControl(stage, track_swats)
     l1 = 0.0 if stage.optimizer == "sgd_l1" else reg.l1  # sgd_l1 applies L1 by its proximal step
     params = [p for p in run.model.parameters() if p.requires_grad]
+
+    def restore(state: dict[str, Any], rollback: bool) -> None:
+        """Continue from a checkpoint's state: everything the steps so far changed, exactly."""
+        nonlocal optimizer
+        control.load_state_dict(state["control"], state, keep_memory=rollback)
+        spec = control.optimizer_spec
+        if spec is not None:  # a rule switched the optimizer before this checkpoint
+            optimizer = build_optimizer(spec["name"], spec["settings"], run.model, l1=reg.l1)
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        progress.load_state_dict(state["progress"], run.device)
+        set_rng_state(state["rng"])
+
+    started = window_started = time.perf_counter()
+    timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
+
+    def capture() -> dict[str, Any]:
+        return {**handoff_state(optimizer, stage, control), "sampler": sampler.state_dict(),
+                "progress": progress.state_dict(), "rng": rng_state(),
+                "control": control.state_dict(time.perf_counter() - started)}
+
+    rollbacks = control.rollback_rules or (control.guard is not None and control.guard.action == "rollback")
+    if resume is not None:
+        restore(resume, rollback=False)
+        if rollbacks:
+            checkpoints.keep("start", 0)
+        if control.best is not None:
+            checkpoints.keep("best", control.best["step"])
     log_every = run.plan.log.every
     run.model.train()
     run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + progress.step,
@@ -106,23 +170,27 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
                    block_size=stage.block_size, tokens_per_step=stage.tokens_per_step,
                    dropout=sorted(run.dropout.rates()), key=stage.key)
     run.view.stage_start(stage.name, stage.steps)
-    started = window_started = time.perf_counter()
-    timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
-
-    def capture() -> dict[str, Any]:
-        return {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                "progress": progress.state_dict(), "rng": rng_state()}
-
-    for step in range(progress.step, stage.steps):
-        lr = stage.lr(step)
+    if rollbacks and progress.step == 0:
+        checkpoints.save(0, capture, keep="start")  # where a rollback goes when nothing later is good
+    while progress.step < stage.steps and progress.ended is None:
+        step = progress.step
+        lr = control.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         epoch = sampler.epoch
+        poisoned = control.corrupts(step, sampler.state_dict())
+        update_loss = torch.zeros((), device=run.device)
         for x, y, share in _micro_batches(sampler, stage):
+            if poisoned:
+                x, y = corrupt(x, run.data.vocab_size, step)
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             loss = lm_loss(run, x, y)
+            if (factor := control.fault(step, "loss_spike")) is not None:
+                loss = loss * factor
+            if control.fault(step, "nan") is not None:
+                loss = loss * float("nan")
             (loss * share).backward()  # shares sum to 1: the gradient of the update's mean loss
-            progress.window_loss += loss.detach() * share
+            update_loss += loss.detach() * share
         penalty = weight_penalty(run.model, l1, reg.l2)
         if penalty is not None:
             penalty.backward()
@@ -130,37 +198,178 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
         grad_norm = None
         if reg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, reg.grad_clip)
-        elif logging:
+        elif logging or control.checks_updates:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+        # The guard looks before the optimizer steps: a bad update never reaches the weights.
+        verdict = control.check_update(step, update_loss.item(), float(grad_norm)) if control.checks_updates else None
+        if verdict is not None:
+            optimizer.zero_grad(set_to_none=True)
+            _guard_acts(run, stage, control, checkpoints, restore, sampler, progress, verdict, capture)
+            continue
+        if control.swats is not None:
+            control.swats.before(params)
         optimizer.step()
+        if control.swats is not None:
+            control.swats.after(params)
         optimizer.zero_grad(set_to_none=True)
+        progress.window_loss += update_loss
         progress.step, progress.window_steps, timed_steps = step + 1, progress.window_steps + 1, timed_steps + 1
 
         global_step = stage.start_step + step + 1
+        attempt = {"attempt": control.attempt} if control.attempt else {}
         if logging:
             progress.train_loss = (progress.window_loss / progress.window_steps).item()
             now = time.perf_counter()
             tok_s = timed_steps * stage.tokens_per_step / max(now - window_started, 1e-9)
             info = {"lr": lr, "loss": progress.train_loss, "grad_norm": float(grad_norm), "tok_per_s": tok_s}
             run.logs.metric("train", step=global_step, stage=stage.name, stage_step=step + 1,
-                            tokens=stage.start_tokens + (step + 1) * stage.tokens_per_step, **info)
+                            tokens=stage.start_tokens + (step + 1) * stage.tokens_per_step, **attempt, **info)
             run.view.step(stage.name, step + 1, stage.steps, global_step, info)
             progress.window_loss, progress.window_steps = torch.zeros_like(progress.window_loss), 0
             window_started, timed_steps = now, 0
+        fired = control.after_update(step + 1, time.perf_counter() - started)
+        ended = None
+        if control.time_is_up(time.perf_counter() - started):
+            ended = f"time budget of {control.until.time.minutes:g} min spent"  # type: ignore[union-attr]
         every = cfg.eval.every is not None and (step + 1) % cfg.eval.every == 0
         if (every or (sampler.epoch != epoch and cfg.eval.each_epoch)) and step + 1 < stage.steps:
-            progress.val_loss = _log_eval(run, stage, global_step, step + 1)
-        after_step(step + 1, capture)
-    progress.val_loss = _log_eval(run, stage, stage.start_step + stage.steps, stage.steps)
-    return StageSummary(stage=stage.name, optimizer=stage.optimizer, steps=stage.steps,
-                        tokens=stage.steps * stage.tokens_per_step, seconds=time.perf_counter() - started,
-                        train_loss=progress.train_loss, val_loss=progress.val_loss)
+            progress.val_loss, progress.eval_step = _log_eval(run, stage, global_step, step + 1, attempt), step + 1
+            metrics = {"val_loss": progress.val_loss, "val_ppl": math.exp(min(progress.val_loss, 50.0)),
+                       "train_loss": progress.train_loss if progress.train_loss is not None else math.nan}
+            on_eval, end, best = control.after_eval(step + 1, metrics)
+            fired += on_eval
+            ended = ended or end
+            if best:
+                checkpoints.save(step + 1, capture, keep="best")
+        for rule in fired:
+            optimizer, stop = _act(run, stage, control, optimizer, rule, restore, checkpoints, sampler, progress)
+            ended = ended or stop
+        if ended is not None:
+            progress.ended = ended
+            run.logs.event("stage_stopped_early", stage=stage.name, step=stage.start_step + progress.step,
+                           stage_step=progress.step, reason=ended)
+            run.view.print(f"[{stage.name}] ends early at step {progress.step}: {ended}")
+        checkpoints(progress.step, capture)
+    if progress.eval_step != progress.step:  # an evaluation that ended the stage early is not repeated
+        progress.val_loss = _log_eval(run, stage, stage.start_step + progress.step, progress.step,
+                                      {"attempt": control.attempt} if control.attempt else {})
+    summary = StageSummary(stage=stage.name, optimizer=_optimizer_name(stage, control), steps=progress.step,
+                           tokens=progress.step * stage.tokens_per_step, seconds=time.perf_counter() - started,
+                           train_loss=progress.train_loss, val_loss=progress.val_loss)
+    return StageOutcome(summary, optimizer, handoff_state(optimizer, stage, control))
 
 
-def _log_eval(run: RunContext, stage: ResolvedStage, global_step: int, stage_step: int) -> float:
+def _optimizer_name(stage: ResolvedStage, control: StageControl) -> str:
+    return control.optimizer_spec["name"] if control.optimizer_spec else stage.optimizer
+
+
+def _guard_acts(run: RunContext, stage: ResolvedStage, control: StageControl, checkpoints: Checkpoints,
+                restore: Callable[[dict[str, Any], bool], None], sampler: WindowSampler, progress: StageProgress,
+                why: str, capture: Capture) -> None:
+    """Skip the update, or go back to a good checkpoint; stop when the retry budget is spent."""
+    guard = control.guard
+    assert guard is not None
+    step = progress.step
+    where = {"stage": stage.name, "step": stage.start_step + step + 1, "stage_step": step + 1}
+    if control.retries >= guard.max_retries:
+        control.retries = 0  # a resumed run gets a new budget: resuming is the user's decision
+        checkpoints.save(step, capture)
+        run.logs.event("guard_gave_up", reason=why, retries=guard.max_retries, **where)
+        raise RunStopped(f"stage '{stage.name}' stopped at update {step + 1}: {why}; the guard's "
+                         f"{guard.max_retries} retries are spent. Checkpoint saved at step {step}; resume to "
+                         f"try again, or change the guard or the data", code=3)
+    control.retries += 1
+    if guard.action == "skip":
+        progress.step += 1  # the update is spent: the batch is dropped, the schedule goes on
+        run.logs.event("guard_skip", reason=why, retry=control.retries, **where)
+        run.view.print(f"[{stage.name}] update {step + 1} skipped: {why}")
+        return
+    back = guard.rollback_settings()
+    target = max(s for s in checkpoints.steps() if s <= max(0, step - back.steps_back))
+    _go_back(run, stage, control, checkpoints, restore, sampler, target, back.skip_batches, back.lr_scale)
+    run.logs.event("guard_rollback", reason=why, retry=control.retries, to_step=stage.start_step + target,
+                   to_stage_step=target, skip_batches=back.skip_batches, lr_scale=back.lr_scale, **where)
+    run.view.print(f"[{stage.name}] update {step + 1} refused ({why}): back to step {target}, "
+                   f"skipping {back.skip_batches} batches, LR x{back.lr_scale:g}")
+
+
+def _go_back(run: RunContext, stage: ResolvedStage, control: StageControl, checkpoints: Checkpoints,
+             restore: Callable[[dict[str, Any], bool], None], sampler: WindowSampler, step: int,
+             skip_batches: int, lr_scale: float) -> None:
+    restore(checkpoints.load(step), True)
+    control.attempt += 1
+    control.lr_factor *= lr_scale
+    sampler.skip(skip_batches * stage.micro_batches)
+
+
+def _act(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer: torch.optim.Optimizer,
+         fired: Fired, restore: Callable[[dict[str, Any], bool], None], checkpoints: Checkpoints,
+         sampler: WindowSampler, progress: StageProgress) -> tuple[torch.optim.Optimizer, str | None]:
+    """Carry out a rule's action; log it with the values that made it fire. Returns the optimizer
+    (a new one after a switch) and why the stage ends, if it does."""
+    do, step = fired.rule.do, progress.step
+    event = {"stage": stage.name, "step": stage.start_step + step, "stage_step": step, "rule": fired.index,
+             "when": fired.rule.when.kind, "action": do.kind, "values": fired.values}
+    ended = None
+    if do.lr_scale is not None:
+        change = control.scale_lr(step, do.lr_scale.factor, do.lr_scale.min_lr)
+        event.update(lr_from=change[0], lr_to=change[1]) if change else event.update(unchanged="at min_lr")
+    elif do.switch is not None:
+        optimizer = _switch(run, stage, control, optimizer, do.switch, step, event)
+    elif do.next_stage is not None:
+        ended = f"rule {fired.index} ({fired.rule.when.kind} -> next_stage)"
+    else:
+        assert do.rollback is not None and control.best is not None
+        target = control.best["step"]
+        _go_back(run, stage, control, checkpoints, restore, sampler, target, do.rollback.skip_batches,
+                 do.rollback.lr_scale)
+        event.update(to_step=stage.start_step + target, to_stage_step=target, best=control.best["value"])
+    run.logs.event("rule_fired", **event)
+    run.view.print(f"[{stage.name}] rule {fired.index} fired at step {step}: {fired.rule.when.kind} -> {do.kind} "
+                   f"({', '.join(f'{k} {v:.4g}' for k, v in fired.values.items())})")
+    return optimizer, ended
+
+
+def _switch(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer: torch.optim.Optimizer,
+            switch: Any, step: int, event: dict[str, Any]) -> torch.optim.Optimizer:
+    """A new optimizer for the rest of the stage; Adam's moment becomes SGD's momentum on `convert`."""
+    settings = {k: v for k, v in OPTIMIZER_SETTINGS[switch.to].items() if v is not None}
+    settings.update(switch.settings())
+    if switch.lr == "auto":
+        lr = swats_lr(control.swats, settings.get("momentum", 0.0), f"stages.{stage.name}.rules")
+    else:
+        lr = switch.lr if switch.lr is not None else control.lr(step)
+    settings["lr"] = lr
+    before = _optimizer_name(stage, control)
+    new = build_optimizer(switch.to, settings, run.model, l1=stage.config.regularization.l1)
+    converted = convert_adam_to_sgd(optimizer, new) if switch.handoff == "convert" else 0
+    control.optimizer_spec = {"name": switch.to, "settings": settings}
+    control.set_lr(step, lr)
+    event.update(optimizer_from=before, optimizer_to=switch.to, lr=lr, handoff=switch.handoff, converted_parameters=converted)
+    return new
+
+
+@torch.no_grad()
+def evaluate(run: RunContext, stage: ResolvedStage) -> float:
+    """Token-weighted mean loss over the same validation batches every time."""
+    limit = stage.config.eval.batches
+    val = WindowSampler(run.data.val, stage.block_size, stage.batch_size, seed=0, shuffle=False)
+    run.model.eval()
+    total, count = torch.zeros((), device=run.device), 0
+    for x, y in val.iter_eval(None if limit == "all" else limit):
+        x, y = x.to(run.device), y.to(run.device)
+        total += lm_loss(run, x, y) * y.numel()
+        count += y.numel()
+    run.model.train()
+    return (total / count).item()
+
+
+def _log_eval(run: RunContext, stage: ResolvedStage, global_step: int, stage_step: int,
+              attempt: dict[str, int]) -> float:
     val_loss = evaluate(run, stage)
     ppl = math.exp(val_loss) if val_loss < 50 else None  # JSON has no infinity
-    run.logs.metric("eval", step=global_step, stage=stage.name, stage_step=stage_step,
+    run.logs.metric("eval", step=global_step, stage=stage.name, stage_step=stage_step, **attempt,
                     val_loss=val_loss, val_ppl=ppl)
     run.logs.event("eval", stage=stage.name, step=global_step, val_loss=val_loss)
     run.view.print(f"[{stage.name}] eval at step {stage_step}: val loss {val_loss:.4f}"

@@ -26,11 +26,12 @@ from stagewise.engine.checkpoint import (CheckpointWriteError, InvalidCheckpoint
                                          save_checkpoint)
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_precision, seed_everything
-from stagewise.engine.loop import train_stage
+from stagewise.engine.loop import LanguageModelLoss, train_stage
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped, UserError
-from stagewise.models.build import DropoutControl, build_model, context_length
+from stagewise.models.build import DropoutControl, build_model, context_length, set_attention
 from stagewise.models.generate import sample
+from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
 from stagewise.optim.optimizers import apply_settings, build_optimizer
 from stagewise.plan.resolve import ResolvedStage, pinned_steps, resolve_stages
 from stagewise.plan.schema import Plan
@@ -67,6 +68,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         model = build_model(plan.model, data.vocab_size, eos_id(data.tokenizer), plan_path.parent)
         device = resolve_device(plan.device)
+        set_attention(model, plan.model.attention, plan.compile, device)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
                     "data": data.fingerprint, "seed": plan.seed,
                     "precision": str(resolve_precision(plan.precision, device))}
@@ -117,7 +119,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     model.to(device)
     run = RunContext(
         plan=plan, run_dir=run_dir, model=model,
-        forward=torch.compile(model) if plan.compile else model,
+        loss=torch.compile(LanguageModelLoss(model)) if plan.compile else LanguageModelLoss(model),
         device=device, autocast=autocast_factory(device, dtype),
         data=prepared.data, dropout=DropoutControl(model), logs=RunLogs(run_dir),
         view=ProgressView(prepared.total_steps, console))
@@ -127,6 +129,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         run.logs.event("plan_start", plan=plan.name, device=str(device), resumed=resumed,
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in model.parameters()),
+                       attention=model.config._attn_implementation, compiled=plan.compile,
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
                                 "tokens_per_step": s.tokens_per_step, "key": s.key} for s in prepared.stages])
         with StopRequest() as stop:
@@ -159,10 +162,23 @@ class _InMemory:
     marker: tuple[str, int | None] | None = None
     optimizer: torch.optim.Optimizer | None = None  # the live optimizer of that state, if any
     optimizer_state: dict[str, Any] | None = None  # else its saved state, when loaded from the store
+    optimizer_spec: dict[str, Any] | None = None  # {"name", "settings"} of that optimizer
+    swats: dict[str, Any] | None = None  # its SWATS estimate, when the stage kept one
+
+    def hold(self, marker: tuple[str, int | None], stage: ResolvedStage, state: dict[str, Any],
+             optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Note the state of `stage` (its checkpoint's hand-off part, loop.handoff_state) as held."""
+        self.marker, self.optimizer = marker, optimizer
+        self.optimizer_state = None if optimizer is not None else state["optimizer"]
+        self.optimizer_spec = state["optimizer_spec"] or {"name": stage.optimizer, "settings": stage.optimizer_settings}
+        self.swats = state["swats"]
 
 
 def _complete(store: StageStore, pins: set[int]) -> bool:
-    return store.final_manifest() is not None and pins <= set(store.steps())
+    """The stage's end is saved, and every step a branch starts from (up to that end: a stage a
+    rule ended early has no later steps)."""
+    manifest = store.final_manifest()
+    return manifest is not None and {p for p in pins if p <= manifest["step"]} <= set(store.steps())
 
 
 def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state: _InMemory,
@@ -186,21 +202,26 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state:
         resumed_at = resume["progress"]["step"] if resume is not None else 0
         if resume is not None:
             run.logs.event("stage_resumed", stage=stage.name, step=stage.start_step + resumed_at, stage_step=resumed_at)
-        run.logs.metrics.keep_only(lambda r: _logged_before(r, stage, resumed_at))
-        summary = train_stage(run, stage, optimizer, checkpointer, resume)
-        checkpointer.save_final(optimizer, summary)
-        state.marker, state.optimizer, state.optimizer_state = (stage.key, None), optimizer, None
+        attempt = resume["control"]["memory"]["attempt"] if resume is not None else 0
+        run.logs.metrics.keep_only(lambda r: _logged_before(r, stage, resumed_at, attempt))
+        outcome = train_stage(run, stage, optimizer, checkpointer, resume, track_swats=stage.track_swats)
+        summary = outcome.summary
+        checkpointer.save_final(outcome.final_state, summary)
+        state.hold((stage.key, None), stage, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=stage.start_step + stage.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
         _export(run, stage, store, state)
         return summary
 
 
-def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int) -> bool:
-    """Whether a metrics line was logged before the checkpoint a stage resumes from; the others
-    are logged again. The stage's final eval comes after its last checkpoint, so it always goes."""
+def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int, attempt: int) -> bool:
+    """Whether a metrics line was logged before the checkpoint a stage resumes from (at
+    `resumed_at` in rollback attempt `attempt`); the others are logged again. The stage's final
+    eval comes after its last checkpoint, so it always goes."""
     if record.get("stage") != stage.name:
         return True
+    if record.get("attempt", 0) != attempt:
+        return record.get("attempt", 0) < attempt
     final_eval = record.get("kind") == "eval" and record.get("stage_step") == stage.steps
     return record.get("stage_step", 0) <= resumed_at and not final_eval
 
@@ -235,29 +256,47 @@ def _load_parent(run: RunContext, prepared: Prepared, stage: ResolvedStage, stat
     except InvalidCheckpoint as e:
         raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
                          "rerun with --fresh to retrain", code=2) from None
-    state.marker, state.optimizer, state.optimizer_state = marker, None, loaded["optimizer"]
+    state.hold(marker, parent, loaded)
 
 
 def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> torch.optim.Optimizer:
-    """Keep the parent's optimizer state when the stage carries it; otherwise start fresh and say why."""
+    """The stage's optimizer and what it takes from the parent's: its state (carry), Adam's
+    moment as SGD's momentum (convert), or nothing (reset); always logged, with the reason."""
     l1 = stage.config.regularization.l1
-    if stage.carry and (state.optimizer is not None or state.optimizer_state is not None):
-        optimizer = state.optimizer
-        if optimizer is None:
-            optimizer = build_optimizer(stage.optimizer, stage.optimizer_settings, run.model, l1=l1)
-            optimizer.load_state_dict(state.optimizer_state)  # type: ignore[arg-type]
-        apply_settings(optimizer, stage.optimizer, stage.optimizer_settings, l1=l1)
-        run.logs.event("optimizer_carried", stage=stage.name, step=stage.start_step, optimizer=stage.optimizer)
+    settings = dict(stage.optimizer_settings)
+    where = {"stage": stage.name, "step": stage.start_step, "optimizer": stage.optimizer}
+    if stage.auto_lr:
+        momentum = settings.get("momentum", 0.0)
+        swats = SwatsEstimate(0.0)
+        if state.swats is None:
+            raise RunStopped(f"stage '{stage.name}' has lr auto, but its parent's checkpoint holds no SWATS "
+                             "estimate; rerun with --fresh", code=2)
+        swats.load_state_dict(state.swats)
+        settings["lr"] = swats_lr(swats, momentum, f"stages.{stage.name}.optimizer.lr")
+        run.logs.event("lr_auto", **where, lr=settings["lr"], swats_estimate=swats.corrected, swats_steps=swats.k)
+    parent = state.optimizer
+    spec = state.optimizer_spec
+    if parent is None and state.optimizer_state is not None and spec is not None and stage.handoff != "reset":
+        parent = build_optimizer(spec["name"], spec["settings"], run.model, l1=l1)
+        parent.load_state_dict(state.optimizer_state)
+    expected = {"carry": (stage.optimizer,), "convert": ("adam", "adamw"), "reset": None}[stage.handoff]
+    if expected is not None and spec is not None and spec["name"] not in expected:
+        run.logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
+                                                          f"switched the parent to {spec['name']}")
+        return build_optimizer(stage.optimizer, settings, run.model, l1=l1)
+    if stage.handoff == "carry" and parent is not None:
+        apply_settings(parent, stage.optimizer, settings, l1=l1)
+        run.logs.event("optimizer_carried", **where)
+        return parent
+    optimizer = build_optimizer(stage.optimizer, settings, run.model, l1=l1)
+    if stage.handoff == "convert" and parent is not None:
+        converted = convert_adam_to_sgd(parent, optimizer)
+        run.logs.event("optimizer_converted", **where, converted_parameters=converted,
+                       how="sgd momentum buffer = adam m_hat / (1 - momentum)")
         return optimizer
-    if stage.parent is None:
-        reason = "first stage"
-    elif stage.config.optimizer.carry:
-        reason = "carry asked for, but the optimizer changed: state cannot carry across optimizers"
-    else:
-        reason = "carry not asked for"
-    run.logs.event("optimizer_reset", stage=stage.name, step=stage.start_step, optimizer=stage.optimizer,
-                   reason=reason)
-    return build_optimizer(stage.optimizer, stage.optimizer_settings, run.model, l1=l1)
+    reason = "first stage" if stage.parent is None else "handoff: reset"
+    run.logs.event("optimizer_reset", **where, reason=reason)
+    return optimizer
 
 
 def _export(run: RunContext, stage: ResolvedStage, store: StageStore, state: _InMemory) -> None:
@@ -268,7 +307,7 @@ def _export(run: RunContext, stage: ResolvedStage, store: StageStore, state: _In
         return
     if state.marker != (stage.key, None):  # a reused stage: its weights come from the store
         loaded, _ = load_checkpoint(store.final_dir, stage.key, run.model)
-        state.marker, state.optimizer, state.optimizer_state = (stage.key, None), None, loaded["optimizer"]
+        state.hold((stage.key, None), stage, loaded)
     run.model.save_pretrained(out)
     to_transformers(run.data.tokenizer).save_pretrained(out)
     marker.write_text(json.dumps({"key": stage.key, "stage": stage.name}))
@@ -286,6 +325,7 @@ class Checkpointer:
         self.stop, self.stop_after, self.hint = stop, stop_after, hint
         self.config = run.plan.checkpoint
         self.last_save = time.monotonic()
+        self.kept: dict[str, int] = {}  # role ("start", "best") -> step: states rollbacks go back to
 
     def __call__(self, step: int, capture: Callable[[], dict[str, Any]]) -> None:
         global_step = self.stage.start_step + step
@@ -294,17 +334,38 @@ class Checkpointer:
         timely = self.config.minutes is not None and time.monotonic() - self.last_save >= self.config.minutes * 60
         if every or timely or step in self.pins or stopping:
             self._save(self.store.step_dir(step), capture(), step)
-            self.store.prune(self.config.keep, self.pins)
+            self._prune()
         if stopping:
             how = f"signal {self.stop.signal}" if self.stop.signal is not None else "request"
             raise RunStopped(f"stopped by {how} at step {step} of stage '{self.stage.name}' (plan step "
                              f"{global_step}); checkpoint saved. Resume with: {self.hint}",
                              code=128 + (self.stop.signal or 2))
 
-    def save_final(self, optimizer: torch.optim.Optimizer, summary: StageSummary) -> None:
-        self._save(self.store.final_dir, {"optimizer": optimizer.state_dict()}, self.stage.steps,
-                   summary=dataclasses.asdict(summary))
-        self.store.prune(self.config.keep, self.pins)
+    def save(self, step: int, capture: Callable[[], dict[str, Any]], keep: str | None = None) -> None:
+        self._save(self.store.step_dir(step), capture(), step)
+        if keep is not None:
+            self.keep(keep, step)
+        self._prune()
+
+    def keep(self, role: str, step: int) -> None:
+        self.kept[role] = step
+
+    def steps(self) -> list[int]:
+        return self.store.steps()
+
+    def load(self, step: int) -> dict[str, Any]:
+        try:
+            loaded, _ = load_checkpoint(self.store.step_dir(step), self.store.key, self.run.model)
+        except InvalidCheckpoint as e:
+            raise RunStopped(f"cannot go back to step {step} of stage '{self.stage.name}': {e}", code=1) from None
+        return loaded
+
+    def save_final(self, state: dict[str, Any], summary: StageSummary) -> None:
+        self._save(self.store.final_dir, state, summary.steps, summary=dataclasses.asdict(summary))
+        self._prune()
+
+    def _prune(self) -> None:
+        self.store.prune(self.config.keep, self.pins | set(self.kept.values()))
 
     def _save(self, directory: Path, state: dict[str, Any], step: int, **meta: Any) -> None:
         try:

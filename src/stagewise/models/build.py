@@ -67,6 +67,15 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
     return model
 
 
+def set_attention(model: PreTrainedModel, choice: str, compiled: bool, device: torch.device) -> str:
+    """Pick the attention implementation (see ModelConfig.attention); returns the one in use."""
+    if choice == "auto":
+        choice = "eager" if compiled and device.type == "cpu" else model.config._attn_implementation
+    if choice != model.config._attn_implementation:
+        model.set_attn_implementation(choice)
+    return choice
+
+
 def context_length(model: PreTrainedModel) -> int:
     """The longest sequence the model takes (n_positions / max_position_embeddings)."""
     length = getattr(model.config, "max_position_embeddings", None)

@@ -26,7 +26,9 @@ class ResolvedStage:
     parent_step: int | None  # the parent's step this stage branches from; None: its end
     optimizer: str  # optimizer name, inherited when the stage does not set one
     optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
-    carry: bool  # keep the parent's optimizer state (asked for, and the optimizer is the same)
+    handoff: str  # what becomes of the parent's optimizer state: carry | convert | reset
+    auto_lr: bool  # lr auto: the SWATS estimate replaces the planned (continued) LR at the start
+    track_swats: bool  # keep the SWATS estimate: a rule or a child stage needs it
     steps: int  # optimizer updates in this stage
     start_step: int  # global step of this stage's first update
     start_tokens: int  # training tokens seen before this stage
@@ -59,9 +61,22 @@ def resolve_stages(plan: Plan, n_train_tokens: int, context_length: int, identit
                    where: str) -> list[ResolvedStage]:
     """`identity`: what besides the stages decides the weights (model, tokenizer, data, seed, ...)."""
     stages: list[ResolvedStage] = []
+    swats = _swats_needed(plan)
     for i, cfg in enumerate(plan.stages):
-        stages.append(_resolve_one(i, cfg, stages, n_train_tokens, context_length, identity, where))
+        stages.append(_resolve_one(i, cfg, stages, n_train_tokens, context_length, identity, where, swats))
     return stages
+
+
+def _swats_needed(plan: Plan) -> set[str]:
+    """Stages that must keep the SWATS estimate: for their own rules, or a child's `lr: auto`."""
+    needed = set()
+    for i, cfg in enumerate(plan.stages):
+        if any(r.when.swats is not None or (r.do.switch is not None and r.do.switch.lr == "auto")
+               for r in cfg.all_rules()):
+            needed.add(cfg.name)
+        if cfg.optimizer.lr == "auto" and i > 0:
+            needed.add(cfg.from_.partition("@")[0] if cfg.from_ else plan.stages[i - 1].name)
+    return needed
 
 
 def pinned_steps(stages: list[ResolvedStage]) -> dict[str, set[int]]:
@@ -87,7 +102,7 @@ def _parent(cfg: StageConfig, earlier: list[ResolvedStage], fail: Any) -> tuple[
 
 
 def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train_tokens: int,
-                 context_length: int, identity: dict[str, Any], where: str) -> ResolvedStage:
+                 context_length: int, identity: dict[str, Any], where: str, swats: set[str]) -> ResolvedStage:
     path = f"stages[{i}]"
 
     def fail(key: str, message: str) -> UserError:
@@ -104,7 +119,7 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
         raise fail("batch.block_size", f"the training data has {n_train_tokens} tokens: too few for one "
                                        f"sequence of {block}")
 
-    name, settings, carry = _optimizer(cfg, parent, fail)
+    name, settings, handoff = _optimizer(cfg, parent, fail)
     full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
     if full:
         micro = math.ceil(windows / cfg.batch.size)
@@ -127,29 +142,41 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
 
+    auto_lr = settings.get("lr") == "auto"
+    if auto_lr:
+        if parent is None or parent.optimizer not in ("adam", "adamw") or name not in ("sgd", "gd"):
+            raise fail("optimizer.lr", "auto (the SWATS estimate) is for a switch from adam/adamw to sgd/gd"
+                                       + (f" (got {parent.optimizer} -> {name})" if parent else ""))
+        settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
     if "lr" not in settings:
         settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)
     min_lr = cfg.schedule.settings().get("min_lr", 0.0)
     if min_lr > settings["lr"]:
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
-    numbers = {"optimizer": name, "settings": settings, "carry": carry, "steps": steps, "block_size": block,
+    numbers = {"optimizer": name, "settings": settings, "handoff": handoff, "steps": steps, "block_size": block,
                "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
+    if cfg.name in swats:  # its checkpoints then hold the estimate
+        numbers["track_swats"] = True
+    # Evaluation only decides the weights when rules or `until` act on it.
+    decides = cfg.until is not None or cfg.all_rules()
+    excluded = {"from_"} if decides else {"eval", "from_"}
     key = stage_key(parent.key if parent else None, parent_step,
-                    {**cfg.model_dump(mode="json", by_alias=True, exclude={"eval", "from_"}), **numbers}, identity)
+                    {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
     return ResolvedStage(
         index=i, config=cfg, key=key, parent=parent.name if parent else None, parent_step=parent_step,
-        optimizer=name, optimizer_settings=settings, carry=carry, steps=steps,
+        optimizer=name, optimizer_settings=settings, handoff=handoff, auto_lr=auto_lr,
+        track_swats=cfg.name in swats, steps=steps,
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
         start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
         windows_per_epoch=windows)
 
 
-def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], bool]:
-    """The stage's optimizer name and settings: the parent's when the name is unchanged, that
-    optimizer's defaults when it changes; settings the stage gives override either."""
+def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], str]:
+    """The stage's optimizer name, settings and hand-off: the parent's settings when the name is
+    unchanged, that optimizer's defaults when it changes; settings the stage gives override either."""
     opt = cfg.optimizer
-    given = {k: getattr(opt, k) for k in opt.model_fields_set - {"name", "carry"}}
+    given = {k: getattr(opt, k) for k in opt.model_fields_set - {"name", "handoff"}}
     if parent is None and opt.name is None:
         raise fail("optimizer.name", "required in the first stage")
     name = opt.name or parent.optimizer  # type: ignore[union-attr]
@@ -162,7 +189,19 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
         base = {k: v for k, v in parent.optimizer_settings.items() if k != "lr"}  # type: ignore[union-attr]
     else:
         base = {k: v for k, v in OPTIMIZER_SETTINGS[name].items() if v is not None}
-    return name, {**base, **given}, opt.carry and same
+    settings = {**base, **given}
+    if opt.handoff != "reset" and parent is None:
+        raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this is the first)")
+    if opt.handoff == "carry" and not same:
+        raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
+                                        f"{name} can reset, or convert (adam/adamw -> sgd)")
+    if opt.handoff == "convert":
+        if parent.optimizer not in ("adam", "adamw") or name != "sgd":  # type: ignore[union-attr]
+            raise fail("optimizer.handoff", f"convert turns Adam's moment into SGD's momentum: it needs "
+                                            f"adam/adamw -> sgd (got {parent.optimizer} -> {name})")  # type: ignore[union-attr]
+        if settings["momentum"] == 0.0:
+            raise fail("optimizer.handoff", "convert needs sgd momentum > 0 (the buffer it fills)")
+    return name, settings, opt.handoff
 
 
 def _continued_lr(cfg: StageConfig, name: str, parent: ResolvedStage | None, at: int | None, fail: Any) -> float:

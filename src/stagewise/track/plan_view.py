@@ -17,13 +17,14 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
                width: int = 72, height: int = 8) -> None:
     """`status`: per stage, what training will do with it (reuse / resume at step N / train)."""
     table = Table(title=f"plan {name}")
-    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization", "status"):
+    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization", "rules",
+                "status"):
         table.add_column(col)
     for s in stages:
         cfg = s.config
         parent = "-" if s.parent is None else s.parent + (f"@{s.parent_step}" if s.parent_step is not None else "")
         table.add_row(s.name, parent, cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
-                      _regularization(s), status[s.name])
+                      _regularization(s), _rules(s), status[s.name])
     console.print(table)
     console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(plan_lr_curve(stages)):.2e}):")
     for line in lr_chart(stages, width, height):
@@ -59,7 +60,22 @@ def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
 def _optimizer(s: ResolvedStage) -> str:
     keep = {k: v for k, v in s.optimizer_settings.items() if k != "lr"}
     extra = " ".join(f"{k}={v}" for k, v in keep.items())
-    return f"{s.optimizer} lr={s.peak_lr:.2e}{' carry' if s.carry else ''}" + (f"\n{extra}" if extra else "")
+    lr = "auto (SWATS)" if s.auto_lr else f"{s.peak_lr:.2e}"
+    handoff = f" {s.handoff}" if s.handoff != "reset" else ""
+    return f"{s.optimizer} lr={lr}{handoff}" + (f"\n{extra}" if extra else "")
+
+
+def _rules(s: ResolvedStage) -> str:
+    """until, rules (condition -> action) and guard, one per line."""
+    cfg = s.config
+    lines = []
+    if cfg.until is not None:
+        lines.append("until " + " | ".join(k for k in ("plateau", "target", "time") if getattr(cfg.until, k)))
+    lines += [f"{r.when.kind} -> {r.do.kind}" for r in cfg.all_rules()]
+    if cfg.guard is not None:
+        lines.append(f"guard {'spike+' if cfg.guard.spike else ''}nan -> {cfg.guard.action}")
+    lines += [f"inject {f.kind}@{f.at}" for f in cfg.inject]
+    return "\n".join(lines) or "-"
 
 
 def _schedule(s: ResolvedStage) -> str:

@@ -1,0 +1,239 @@
+"""What a stage may say about reacting to what training shows: `until` (end the stage early),
+`rules` / `on_plateau` (condition -> action on each evaluation, or every step for SWATS), `guard`
+(checks before every update against non-finite values and spikes) and `inject` (faults on purpose,
+so guards and rules are tested for real)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
+
+# Metrics known when rules are evaluated (after each evaluation): the validation loss and
+# perplexity, and the mean training loss since the previous log line.
+Metric = Literal["val_loss", "val_ppl", "train_loss"]
+Count = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class PlateauConfig(Strict):
+    """ReduceLROnPlateau's test (threshold_mode 'abs'): an evaluation improves when it beats the
+    best so far by more than `min_delta`; the condition holds on the evaluation that makes
+    `patience` + 1 in a row without improvement. After it fires it is quiet for `cooldown`
+    evaluations, and counts anew."""
+
+    metric: Metric = "val_loss"
+    patience: Count = 2
+    min_delta: NonNegativeFloat = 0.0
+    mode: Literal["min", "max"] = "min"
+    cooldown: Count = 0
+
+
+class TargetConfig(Strict):
+    """Holds once the metric reaches `value` (<= for mode min, >= for max)."""
+
+    metric: Metric = "val_loss"
+    value: float
+    mode: Literal["min", "max"] = "min"
+
+
+class TimeConfig(Strict):
+    """Holds once the stage has trained this long (wall clock, this process and earlier ones).
+    Not repeatable from run to run, unlike everything else."""
+
+    minutes: PositiveFloat
+
+
+class SwatsConfig(Strict):
+    """Keskar & Socher (2017): holds when the bias-corrected average of the SGD step size that
+    matches Adam's step has converged to the current estimate, within `tolerance`."""
+
+    tolerance: PositiveFloat = 1e-9
+    min_steps: Annotated[int, Field(ge=2)] = 2
+
+
+class UntilConfig(Strict):
+    """Ends the stage early when any condition holds; steps/epochs/tokens stay the upper bound."""
+
+    plateau: PlateauConfig | None = None
+    target: TargetConfig | None = None
+    time: TimeConfig | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> UntilConfig:
+        if self.plateau is None and self.target is None and self.time is None:
+            raise PydanticCustomError("setting_error", "give plateau, target or time", {"key": "plateau"})
+        return self
+
+
+class WhenConfig(Strict):
+    """Exactly one condition."""
+
+    plateau: PlateauConfig | None = None
+    target: TargetConfig | None = None
+    swats: SwatsConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {data: {}} if data in ("plateau", "swats") else data  # `when: swats`
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> WhenConfig:
+        given = [k for k in ("plateau", "target", "swats") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("setting_error", "give exactly one of plateau, target, swats (got {got})",
+                                      {"key": "plateau", "got": ", ".join(given) or "none"})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("plateau", "target", "swats") if getattr(self, k) is not None)
+
+
+class LrScaleAction(Strict):
+    """ReduceLROnPlateau's reduction: the LR becomes max(lr * factor, min_lr), applied as a factor
+    on the stage's schedule from then on."""
+
+    factor: Fraction = 0.1
+    min_lr: NonNegativeFloat = 0.0
+
+
+class SwitchAction(Strict):
+    """Change the optimizer for the rest of the stage. `lr: auto` (from adam/adamw to sgd): the
+    SWATS estimate. `handoff: convert` (adam/adamw -> sgd with momentum): the momentum buffer
+    starts from Adam's first moment; `reset`: fresh state. The schedule's shape continues,
+    scaled to start from the new LR."""
+
+    to: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"]
+    lr: PositiveFloat | Literal["auto"] | None = None
+    handoff: Literal["reset", "convert"] = "reset"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    nesterov: bool | None = None
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    eps: PositiveFloat | None = None
+    weight_decay: NonNegativeFloat | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The optimizer settings this switch sets (lr apart)."""
+        return {k: v for k in ("momentum", "nesterov", "betas", "eps", "weight_decay")
+                if (v := getattr(self, k)) is not None}
+
+
+class RollbackAction(Strict):
+    """Restore the stage's checkpoint of its best evaluation so far and continue from there with
+    the LR scaled by `lr_scale`, after skipping `skip_batches` batches of data."""
+
+    lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    skip_batches: Count = 0
+
+
+class ActionConfig(Strict):
+    """Exactly one action; `next_stage` may be written bare (`do: next_stage`)."""
+
+    lr_scale: LrScaleAction | None = None
+    switch: SwitchAction | None = None
+    next_stage: Literal[True] | None = None
+    rollback: RollbackAction | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        if data == "next_stage":
+            return {"next_stage": True}
+        if data in ("lr_scale", "rollback"):
+            return {data: {}}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ActionConfig:
+        given = [k for k in ("lr_scale", "switch", "next_stage", "rollback") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "setting_error", "give exactly one of lr_scale, switch, next_stage, rollback (got {got})",
+                {"key": "lr_scale", "got": ", ".join(given) or "none"})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("lr_scale", "switch", "next_stage", "rollback") if getattr(self, k) is not None)
+
+
+class RuleConfig(Strict):
+    when: WhenConfig
+    do: ActionConfig
+    max_fires: Annotated[int, Field(ge=1)] | None = None  # None: no limit (rollback/switch: see rules)
+
+
+class OnPlateauConfig(PlateauConfig):
+    """`on_plateau: {patience: 2, do: ...}`: a rule on a plateau; by default ReduceLROnPlateau's x0.1."""
+
+    do: ActionConfig = ActionConfig(lr_scale=LrScaleAction())
+    max_fires: Annotated[int, Field(ge=1)] | None = None
+
+    def rule(self) -> RuleConfig:
+        plateau = PlateauConfig(**self.model_dump(exclude={"do", "max_fires"}))
+        return RuleConfig(when=WhenConfig(plateau=plateau), do=self.do, max_fires=self.max_fires)
+
+
+class SpikeConfig(Strict):
+    """A spike: the step's loss (or gradient norm) above the mean of the previous `window` steps
+    by more than `z` standard deviations, or above `factor` times that mean; not checked in the
+    stage's first `warmup` steps."""
+
+    metric: Literal["loss", "grad_norm"] = "loss"
+    z: PositiveFloat | None = None
+    factor: Annotated[float, Field(gt=1.0)] | None = None
+    window: Annotated[int, Field(ge=2)] = 50
+    warmup: Count = 20
+
+    @model_validator(mode="after")
+    def _one_test(self) -> SpikeConfig:
+        if (self.z is None) == (self.factor is None):
+            raise PydanticCustomError("setting_error", "give exactly one of z, factor", {"key": "z"})
+        return self
+
+
+class GuardRollbackConfig(Strict):
+    """Go back to the newest checkpoint at least `steps_back` updates before the bad one, skip
+    the next `skip_batches` batches of data, and scale the LR by `lr_scale` from then on."""
+
+    steps_back: Count = 0
+    skip_batches: Count = 0
+    lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+class GuardConfig(Strict):
+    """Checked on every update before the optimizer steps: a non-finite loss or gradient norm, and
+    a spike when `spike` is set. `skip` drops the update; `rollback` goes back (see above). After
+    `max_retries` actions the run stops, resumable, with a message."""
+
+    spike: SpikeConfig | None = None
+    action: Literal["skip", "rollback"] = "skip"
+    rollback: GuardRollbackConfig | None = None
+    max_retries: Count = 3
+
+    @model_validator(mode="after")
+    def _rollback_settings(self) -> GuardConfig:
+        if self.rollback is not None and self.action != "rollback":
+            raise PydanticCustomError("setting_error", "only with action: rollback", {"key": "rollback"})
+        return self
+
+    def rollback_settings(self) -> GuardRollbackConfig:
+        return self.rollback or GuardRollbackConfig()
+
+
+class InjectConfig(Strict):
+    """A fault on purpose, for tests and benchmarks. `nan`: the loss of update `at` becomes NaN;
+    `loss_spike`: it is multiplied by `factor`; `lr_burst`: the LR is multiplied by `factor` for
+    `steps` updates; these happen once (a rollback does not bring them back). `corrupt_batch`: the
+    batch drawn at update `at` is replaced by random tokens, every time that batch is drawn (so
+    only skipping data gets past it)."""
+
+    at: Annotated[int, Field(ge=0)]
+    kind: Literal["nan", "loss_spike", "lr_burst", "corrupt_batch"]
+    factor: PositiveFloat = 10.0
+    steps: Annotated[int, Field(ge=1)] = 1

@@ -1,0 +1,1 @@
+"""stagewise.tasks: fine-tuning tasks' records, label maps, encoders and metrics."""
