@@ -279,4 +279,4 @@ def corrupt(x: torch.Tensor, vocab_size: int, step: int) -> tuple[torch.Tensor, 
     """A batch of random tokens (the same for the same step), as a data pipeline bug would give."""
     g = torch.Generator().manual_seed(step)
     bad = torch.randint(0, vocab_size, (x.size(0), x.size(1) + 1), generator=g).to(x.device)
-    return bad[:, :-1], bad[:, 1:]
+    return bad[:, :-1].contiguous(), bad[:, 1:].contiguous()

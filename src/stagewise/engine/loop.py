@@ -123,7 +123,11 @@ def handoff_state(optimizer: torch.optim.Optimizer, stage: ResolvedStage, contro
 
 
 def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Optimizer, checkpoints: Checkpoints,
-                resume: dict[str, Any] | None = None, track_swats: bool = False) -> StageOutcome:
+                resume: dict[str, Any] | None = None, track_swats: bool = False,
+                start_lr: float | None = None) -> StageOutcome:
+    """Train one stage from its first update (or from `resume`, a checkpoint's state). `start_lr`:
+    the LR of the first update when only the hand-off knows it (lr auto); the schedule's shape
+    goes on from it."""
     cfg = stage.config
     reg = cfg.regularization
     run.dropout.set(reg.dropout)
@@ -158,6 +162,8 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
     rollbacks = control.rollback_rules or (control.guard is not None and control.guard.action == "rollback")
     if resume is not None:
         restore(resume, rollback=False)
+    elif start_lr is not None:
+        control.set_lr(0, start_lr)
         if rollbacks:
             checkpoints.keep("start", 0)
         if control.best is not None:

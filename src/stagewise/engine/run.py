@@ -198,13 +198,14 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state:
         resume = _resume_point(run, store, limit=min(missing, default=stage.steps))
         if resume is None:
             _load_parent(run, prepared, stage, state)
-        optimizer = _hand_off(run, stage, state)
+        optimizer, start_lr = _hand_off(run, stage, state)
         resumed_at = resume["progress"]["step"] if resume is not None else 0
         if resume is not None:
             run.logs.event("stage_resumed", stage=stage.name, step=stage.start_step + resumed_at, stage_step=resumed_at)
         attempt = resume["control"]["memory"]["attempt"] if resume is not None else 0
         run.logs.metrics.keep_only(lambda r: _logged_before(r, stage, resumed_at, attempt))
-        outcome = train_stage(run, stage, optimizer, checkpointer, resume, track_swats=stage.track_swats)
+        outcome = train_stage(run, stage, optimizer, checkpointer, resume, track_swats=stage.track_swats,
+                              start_lr=start_lr)
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         state.hold((stage.key, None), stage, outcome.final_state, outcome.optimizer)
@@ -259,12 +260,14 @@ def _load_parent(run: RunContext, prepared: Prepared, stage: ResolvedStage, stat
     state.hold(marker, parent, loaded)
 
 
-def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> torch.optim.Optimizer:
+def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> tuple[torch.optim.Optimizer, float | None]:
     """The stage's optimizer and what it takes from the parent's: its state (carry), Adam's
-    moment as SGD's momentum (convert), or nothing (reset); always logged, with the reason."""
+    moment as SGD's momentum (convert), or nothing (reset); always logged, with the reason. And
+    the LR to start from when it is only known now (lr auto), else None."""
     l1 = stage.config.regularization.l1
     settings = dict(stage.optimizer_settings)
     where = {"stage": stage.name, "step": stage.start_step, "optimizer": stage.optimizer}
+    start_lr = None
     if stage.auto_lr:
         momentum = settings.get("momentum", 0.0)
         swats = SwatsEstimate(0.0)
@@ -272,7 +275,7 @@ def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> torch.
             raise RunStopped(f"stage '{stage.name}' has lr auto, but its parent's checkpoint holds no SWATS "
                              "estimate; rerun with --fresh", code=2)
         swats.load_state_dict(state.swats)
-        settings["lr"] = swats_lr(swats, momentum, f"stages.{stage.name}.optimizer.lr")
+        settings["lr"] = start_lr = swats_lr(swats, momentum, f"stages.{stage.name}.optimizer.lr")
         run.logs.event("lr_auto", **where, lr=settings["lr"], swats_estimate=swats.corrected, swats_steps=swats.k)
     parent = state.optimizer
     spec = state.optimizer_spec
@@ -283,20 +286,20 @@ def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> torch.
     if expected is not None and spec is not None and spec["name"] not in expected:
         run.logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
                                                           f"switched the parent to {spec['name']}")
-        return build_optimizer(stage.optimizer, settings, run.model, l1=l1)
+        return build_optimizer(stage.optimizer, settings, run.model, l1=l1), start_lr
     if stage.handoff == "carry" and parent is not None:
         apply_settings(parent, stage.optimizer, settings, l1=l1)
         run.logs.event("optimizer_carried", **where)
-        return parent
+        return parent, start_lr
     optimizer = build_optimizer(stage.optimizer, settings, run.model, l1=l1)
     if stage.handoff == "convert" and parent is not None:
         converted = convert_adam_to_sgd(parent, optimizer)
         run.logs.event("optimizer_converted", **where, converted_parameters=converted,
                        how="sgd momentum buffer = adam m_hat / (1 - momentum)")
-        return optimizer
+        return optimizer, start_lr
     reason = "first stage" if stage.parent is None else "handoff: reset"
     run.logs.event("optimizer_reset", **where, reason=reason)
-    return optimizer
+    return optimizer, start_lr
 
 
 def _export(run: RunContext, stage: ResolvedStage, store: StageStore, state: _InMemory) -> None:

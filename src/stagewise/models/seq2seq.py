@@ -49,6 +49,12 @@ class TransformerSeq2Seq(nn.Module):
         self.transformer = nn.Transformer(d_model, nhead, custom_encoder=encoder, custom_decoder=decoder,
                                           batch_first=True)
         self.out = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        # fairseq's embedding init: std d^-0.5, so that embeddings scaled by sqrt(d) have unit
+        # size, and tied output logits start small (torch's N(0, 1) would make them ~sqrt(d)).
+        for embedding in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(embedding.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                embedding.weight[pad_id].zero_()
         if tie_output:
             self.out.weight = self.tgt_embed.weight
 
@@ -72,7 +78,7 @@ class TransformerSeq2Seq(nn.Module):
         # Boolean masks throughout: torch deprecates mixing a float causal mask with boolean padding masks.
         hidden = self.transformer.decoder(self._embed(self.tgt_embed, tgt_in), memory, tgt_mask=causal,
                                           tgt_key_padding_mask=tgt_in == self.pad_id,
-                                          memory_key_padding_mask=src_pad, tgt_is_causal=True)
+                                          memory_key_padding_mask=src_pad)
         return self.out(hidden)
 
     def _embed(self, embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -112,12 +118,12 @@ class TransformerSeq2Seq(nn.Module):
         done once `beam` hypotheses have finished; at max_len the unfinished ones are scored as
         they stand. With beam=1 this is greedy decoding, token for token."""
         self._check_decoding(max_len, bos, eos)
+        vocab = self.out.out_features
+        if not 1 <= beam <= vocab // 2:  # 2*beam candidates are drawn from the vocabulary
+            raise ValueError(f"beam must be in [1, {vocab // 2}] (got {beam})")
         batch, k = src.size(0), beam
         device = src.device
         memory, src_pad = self.encode(src)
-        vocab = self.out.out_features
-        if not 1 <= k and 2 * k <= vocab:
-            raise ValueError(f"beam must be in [1, {vocab // 2}] (got {beam})")
         memory, src_pad = memory.repeat_interleave(k, dim=0), src_pad.repeat_interleave(k, dim=0)
         rows = torch.arange(batch, device=device)
         tokens = torch.full((batch, k, 1), bos, dtype=torch.long, device=device)

@@ -192,12 +192,12 @@ def _table_fields(path: Path, text: str, fmt: str,
         indices = [int(field) for field in wanted]
         for index in indices:
             if index >= len(first):
-                raise UserError(f"{path}:{first_line}", f"no column {index}: the row has {len(first)} "
-                                                        "columns (numbered from 0)")
+                raise UserError(f"{path}:{first_line}", f"no column {index}: the row has "
+                                                        f"{_count(len(first), 'column')} (numbered from 0)")
         width, data = len(first), _chain_first((first_line, first), rows)
     for line, row in data:
         if len(row) != width:
-            raise UserError(f"{path}:{line}", f"{len(row)} columns, expected {width} (as on line {first_line})")
+            raise UserError(f"{path}:{line}", f"{_count(len(row), 'column')}, expected {width} (as on line {first_line})")
         yield line, [row[i] for i in indices]
 
 
@@ -233,8 +233,12 @@ def _jsonl_fields(path: Path, text: str, wanted: tuple[Field, ...]) -> Iterator[
             for field in wanted:
                 assert isinstance(field, int)
                 if field >= len(value):
-                    raise UserError(where, f"no item {field}: the array has {len(value)} items (numbered from 0)")
+                    raise UserError(where, f"no item {field}: the array has {_count(len(value), 'item')} (numbered from 0)")
             yield line, [value[int(field)] for field in wanted]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _json_type(value: Any) -> str:
