@@ -509,22 +509,42 @@ def test_seq2seq_logits_ignore_padding(copier):
     assert torch.allclose(logits[real], more[:, :7][real], atol=1e-5)
 
 
-def test_beam_search_finds_what_greedy_misses():
-    """A bigram 'model' where the likeliest first token leads nowhere: greedy takes A (0.5) and
-    then A forever; a beam of 2 finds B EOS (0.4 * 0.9 = 0.36 > anything through A)."""
-    A, B = 3, 4
+def bigram_model(probabilities: dict[int, dict[int, float]]) -> TransformerSeq2Seq:
+    """A model whose next-token distribution depends only on the last token (and not on the
+    source): decoding logic on hand-computable numbers."""
     table = torch.full((5, 5), 1e-9)
-    table[BOS, [STOP, A, B]] = torch.tensor([0.1, 0.5, 0.4])
-    table[A, [STOP, A, B]] = torch.tensor([0.3, 0.4, 0.3])
-    table[B, [STOP, A, B]] = torch.tensor([0.9, 0.05, 0.05])
+    for last, nexts in probabilities.items():
+        for token, p in nexts.items():
+            table[last, token] = p
     model = TransformerSeq2Seq(5, 5, d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
                                dim_feedforward=8, pad_id=PAD)
     model.encode = lambda src: (torch.zeros(src.size(0), 1, 8), torch.zeros(src.size(0), 1, dtype=torch.bool))
     model.decode = lambda tgt_in, memory, src_pad: table[tgt_in].log()
+    return model
+
+
+def test_beam_search_finds_what_greedy_misses():
+    """The likeliest first token leads nowhere: greedy takes A (0.5), then A forever; a beam of 2
+    finds B EOS (0.4 * 0.9 = 0.36, more than anything through A)."""
+    A, B = 3, 4
+    model = bigram_model({BOS: {STOP: 0.1, A: 0.5, B: 0.4}, A: {STOP: 0.3, A: 0.4, B: 0.3},
+                          B: {STOP: 0.9, A: 0.05, B: 0.05}})
     src = torch.ones(2, 1, dtype=torch.int64)
     assert model.greedy(src, max_len=4, bos=BOS, eos=STOP).tolist() == [[A, A, A, A]] * 2
     assert model.beam_search(src, beam=1, max_len=4, bos=BOS, eos=STOP).tolist() == [[A, A, A, A]] * 2
-    assert model.beam_search(src, beam=2, max_len=4, bos=BOS, eos=STOP, length_penalty=0.0).tolist() == [[B, STOP]] * 2
+    for penalty in (0.0, 1.0):
+        assert model.beam_search(src, beam=2, max_len=4, bos=BOS, eos=STOP,
+                                 length_penalty=penalty).tolist() == [[B, STOP]] * 2
+
+
+def test_length_penalty_decides_between_short_and_long():
+    """EOS at once: log 0.5 = -0.69. A then EOS: log(0.4 * 0.8) = -1.14 in total, -0.57 per token.
+    Raw totals pick the short one; per-token means (length_penalty=1) the long one."""
+    A = 3
+    model = bigram_model({BOS: {STOP: 0.5, A: 0.4, 4: 0.1}, A: {STOP: 0.8, A: 0.1, 4: 0.1}})
+    src = torch.ones(1, 1, dtype=torch.int64)
+    assert model.beam_search(src, beam=2, max_len=5, bos=BOS, eos=STOP, length_penalty=0.0).tolist() == [[STOP]]
+    assert model.beam_search(src, beam=2, max_len=5, bos=BOS, eos=STOP, length_penalty=1.0).tolist() == [[A, STOP]]
 
 
 def test_sinusoids_and_bad_decoding_arguments():
@@ -534,6 +554,6 @@ def test_sinusoids_and_bad_decoding_arguments():
     model = TransformerSeq2Seq(5, 5, d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, pad_id=PAD)
     src = torch.ones(1, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="beam must be in"):
-        model.beam_search(src, beam=3, max_len=4, bos=BOS, eos=STOP)
+        model.beam_search(src, beam=6, max_len=4, bos=BOS, eos=STOP)
     with pytest.raises(ValueError, match="must be different tokens"):
         model.greedy(src, max_len=4, bos=BOS, eos=PAD)

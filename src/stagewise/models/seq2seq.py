@@ -111,69 +111,57 @@ class TransformerSeq2Seq(nn.Module):
                     length_penalty: float = 1.0) -> torch.Tensor:
         """The best of `beam` hypotheses per source, as (B, L) tokens shaped like greedy's.
 
-        fairseq's procedure, batched over sources and beams: each step takes the top 2*beam
-        extensions by total log-probability; an EOS among the first `beam` of them finishes a
-        hypothesis, scored total / length**length_penalty (length counts the EOS; 0 = raw
-        totals, > 0 favors longer outputs); the best `beam` non-EOS extensions go on. A source is
-        done once `beam` hypotheses have finished; at max_len the unfinished ones are scored as
-        they stand. With beam=1 this is greedy decoding, token for token."""
+        Batched over sources and beams. A hypothesis's score is its total log-probability /
+        length**length_penalty (length counts the EOS; 0 = raw totals, 1 = mean log-probability,
+        the default, which keeps short outputs from winning just by being short). Each step,
+        the `beam` best of (every one-token extension of the unfinished hypotheses, and the
+        finished ones as they are) make the next beam; an extension ending in EOS is finished.
+        A source is done when its whole beam is finished, or at max_len (unfinished hypotheses
+        then compete as they stand).
+
+        A finished hypothesis keeps its slot, rather than handing it to the next-best
+        extension as fairseq and HF do: so the search cannot stop (after `beam` early, poor
+        finishes) while a better hypothesis is still unfinished, and beam=1 is greedy decoding,
+        token for token. It is a heuristic all the same: with length_penalty > 0 a hypothesis
+        that fell out of the beam could have overtaken a finished one later.
+        """
         self._check_decoding(max_len, bos, eos)
         vocab = self.out.out_features
-        if not 1 <= beam <= vocab // 2:  # 2*beam candidates are drawn from the vocabulary
-            raise ValueError(f"beam must be in [1, {vocab // 2}] (got {beam})")
+        if not 1 <= beam <= vocab:
+            raise ValueError(f"beam must be in [1, {vocab}] (got {beam})")
         batch, k = src.size(0), beam
         device = src.device
         memory, src_pad = self.encode(src)
         memory, src_pad = memory.repeat_interleave(k, dim=0), src_pad.repeat_interleave(k, dim=0)
-        rows = torch.arange(batch, device=device)
+        rows = torch.arange(batch, device=device)[:, None]
         tokens = torch.full((batch, k, 1), bos, dtype=torch.long, device=device)
-        scores = torch.zeros(batch, k, device=device)
-        scores[:, 1:] = -math.inf  # the beams start identical: extend only the first
-        best = torch.full((batch, max_len), self.pad_id, dtype=torch.long, device=device)
-        best_score = torch.full((batch,), -math.inf, device=device)
-        best_len = torch.zeros(batch, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.long, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        first_k = torch.arange(2 * k, device=device) < k
-        for step in range(max_len):
+        totals = torch.zeros(batch, k, device=device)
+        totals[:, 1:] = -math.inf  # the beams start identical: extend only the first
+        finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        lengths = torch.zeros(batch, k, device=device)  # generated tokens, EOS included
+        for step in range(1, max_len + 1):
             logits = self.decode(tokens.view(batch * k, -1), memory, src_pad)[:, -1]
-            totals = scores[:, :, None] + logits.log_softmax(dim=-1).view(batch, k, vocab)
-            top, flat = totals.view(batch, k * vocab).topk(2 * k, dim=1)  # (B, 2k), best first
-            origin, token = flat // vocab, flat % vocab
-            length = step + 1
-
-            # Finish EOS extensions ranked in the first k; keep each source's best finished one.
-            ends = (token == eos) & first_k & ~done[:, None]
-            normalized = torch.where(ends, top / length**length_penalty, -math.inf)
-            cand_score, cand = normalized.max(dim=1)
-            better = cand_score > best_score
-            if bool(better.any()):
-                who = rows[better]
-                prefix = tokens[who, origin[who, cand[who]], 1:]  # (n, step): without BOS
-                best[who] = self.pad_id
-                best[who, :step] = prefix
-                best[who, step] = eos
-                best_len[who] = length
-                best_score[who] = cand_score[who]
-            finished += ends.sum(dim=1)
-            done |= finished >= k
-
-            # Go on with the best k extensions that are not EOS (at most k of the 2k are EOS:
-            # one per beam), in rank order.
-            order = ((token == eos).long() * 2 * k + torch.arange(2 * k, device=device)).argsort(dim=1)[:, :k]
-            origin, token, scores = origin.gather(1, order), token.gather(1, order), top.gather(1, order)
-            token = token.masked_fill(done[:, None], self.pad_id)  # done sources: as greedy pads them
-            tokens = torch.cat([tokens[rows[:, None], origin], token[:, :, None]], dim=2)
-            if bool(done.all()):
+            extended = totals[:, :, None] + logits.log_softmax(dim=-1).view(batch, k, vocab)
+            extended = extended.masked_fill(finished[:, :, None], -math.inf)  # finished: no extensions
+            kept = torch.where(finished, totals, -math.inf)  # ... but themselves, as they are
+            candidates = torch.cat([extended / step**length_penalty,
+                                    (kept / lengths.clamp(min=1) ** length_penalty)[:, :, None]], dim=2)
+            _, flat = candidates.view(batch, -1).topk(k, dim=1)  # (B, k), best first
+            origin, choice = flat // (vocab + 1), flat % (vocab + 1)
+            carried = choice == vocab
+            token = torch.where(carried, self.pad_id, choice)  # a finished row goes on with padding, as in greedy
+            totals = torch.where(carried, totals[rows, origin],
+                                 extended.view(batch, -1).gather(1, origin * vocab + choice.clamp(max=vocab - 1)))
+            lengths = torch.where(carried, lengths[rows, origin], float(step))
+            finished = carried | (token == eos)
+            tokens = torch.cat([tokens[rows, origin], token[:, :, None]], dim=2)
+            if bool(finished.all()):
                 break
-        else:  # max_len reached: the unfinished hypotheses compete as they are, without EOS
-            normalized = scores / max_len**length_penalty
-            cand_score, cand = normalized.max(dim=1)
-            better = ~done & (cand_score > best_score)
-            who = rows[better]
-            best[who] = tokens[who, cand[who], 1:]
-            best_len[who] = max_len
-        return best[:, : int(best_len.max())]
+        # The best by score; a row never finished (max_len) is scored at its full length.
+        scores = totals / lengths ** length_penalty
+        best = scores.argmax(dim=1)
+        out = tokens[rows[:, 0], best, 1:]
+        return out[:, : int(lengths[rows[:, 0], best].max())]
 
     def _check_decoding(self, max_len: int, bos: int, eos: int) -> None:
         if max_len < 1:

@@ -45,7 +45,7 @@ def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: i
     them marks the boundary).
     """
     _check_len(max_len, 2)
-    assert pairs, "no records to encode"
+    _check_records(pairs)
     tok = _plain(tokenizer)
     prompts = tok.encode_batch([p for p, _ in pairs], add_special_tokens=False)
     completions = tok.encode_batch([c for _, c in pairs], add_special_tokens=False)
@@ -98,7 +98,7 @@ def encode_classification(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer
     with pad_id; labels are label_map ids, shape (N,). An unseen label or a text with no tokens
     is a UserError naming the record's file and row."""
     _check_len(max_len, 1)
-    assert pairs, "no records to encode"
+    _check_records(pairs)
     where = where_of(pairs)
     encodings = _plain(tokenizer).encode_batch([text for text, _ in pairs])
     ids = _truncated(encodings, max_len, where, "text")
@@ -116,7 +116,7 @@ def encode_seq2seq(pairs: Sequence[tuple[str, str]], src_tok: Tokenizer, tgt_tok
     and tgt_out all but its first, both cut to max_len (a cut target loses its EOS, and is not
     taught to stop there); tgt_in is padded with pad_id, tgt_out with -100."""
     _check_len(max_len, 1)
-    assert pairs, "no records to encode"
+    _check_records(pairs)
     assert len({pad_id, bos_id, eos_id}) == 3, "pad, bos and eos must be different tokens"
     where = where_of(pairs)
     src = _truncated(_plain(src_tok).encode_batch([s for s, _ in pairs], add_special_tokens=False),
@@ -136,7 +136,7 @@ def encode_tagging(sentences: Sequence[tuple[Sequence[str], Sequence[str]]], voc
     words of each sentence; tags are tag_map ids, -100 on padding. A tag unseen in training is
     a UserError naming the file line of the word."""
     _check_len(max_len, 1)
-    assert sentences, "no records to encode"
+    _check_records(sentences)
     words = [list(w[:max_len]) for w, _ in sentences]
     tags = [list(t[:max_len]) for _, t in sentences]
     encodings = _plain(vocab).encode_batch(words, is_pretokenized=True, add_special_tokens=False)
@@ -208,6 +208,11 @@ def _tensors(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[torch.Tensor,
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x.astype(np.int64, copy=False))
     return t(a), t(b), t(c)
+
+
+def _check_records(records: Sequence[object]) -> None:
+    if len(records) == 0:
+        raise ValueError("no records to encode")
 
 
 def _check_len(max_len: int, least: int) -> None:
