@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,7 +42,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +52,7 @@ from rich.table import Table
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from common import write_results
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
@@ -499,18 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                            "median ratio of same-index turns (run back to back when interleaved)"),
             },
             "rounds": rounds,
-            "environment": {
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "accelerate": accelerate.__version__, "python": platform.python_version(),
-                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                "machine": platform.machine(), "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            },
             "wall_s": round(wall, 1),
-            "command": " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_results(args.out, report, "throughput.py", argv, transformers=transformers.__version__,
+                      accelerate=accelerate.__version__)
         console.print(f"wrote {args.out}")
     return 0
 

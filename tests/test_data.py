@@ -133,7 +133,7 @@ def test_hub_names_go_to_load_dataset(tmp_path, monkeypatch):
         calls.append((path, name, split))
         return datasets.Dataset.from_dict({"text": [f"{path} {split}"]})
 
-    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     c = corpus(tmp_path, train="hub:karpathy/tiny:plays", val="hub:wikitext")
     assert calls == [("karpathy/tiny", "plays", "train"), ("wikitext", None, "validation")]
     assert c.train == ["karpathy/tiny train"] and c.val == ["wikitext validation"]
@@ -142,7 +142,7 @@ def test_hub_names_go_to_load_dataset(tmp_path, monkeypatch):
     def not_found(path, *args, **kwargs):
         raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
 
-    monkeypatch.setattr(sources.datasets, "load_dataset", not_found)
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
     assert bad(tmp_path, train="hub:nobody/nothing") == (
         "hub:nobody/nothing: cannot load from the hub: Dataset 'nobody/nothing' doesn't exist on the Hub")
 
@@ -452,3 +452,23 @@ def test_prepare_twice_neither_retrains_nor_retokenizes(tmp_path, monkeypatch):
     write(tmp_path / "b.txt", "something else entirely\n" * 50)
     monkeypatch.undo()
     assert prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache").fingerprint != first.fingerprint
+
+
+def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypatch):
+    from stagewise.plan.schema import DataConfig, TokenizerConfig
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 50, encoding="utf-8")
+    cfg, tok = DataConfig(train="a.txt"), TokenizerConfig(kind="char")
+    cold = prepare_data(cfg, tok, tmp_path, tmp_path / "cache")
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the files were parsed again")
+
+    monkeypatch.setattr(sources, "load_corpus", no_parsing)
+    monkeypatch.setattr("stagewise.data.prepare.load_corpus", no_parsing)
+    warm = prepare_data(cfg, tok, tmp_path, tmp_path / "cache")
+    assert warm.fingerprint == cold.fingerprint and warm.tokenizer.to_str() == cold.tokenizer.to_str()
+    assert (warm.train == cold.train).all() and (warm.val == cold.val).all()
+    (tmp_path / "a.txt").write_text("hello there\n" * 50, encoding="utf-8")  # new bytes: parsed again
+    with pytest.raises(AssertionError, match="parsed again"):
+        prepare_data(cfg, tok, tmp_path, tmp_path / "cache")

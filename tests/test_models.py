@@ -78,3 +78,14 @@ def test_auto_attention_is_eager_when_compiling_on_cpu(tmp_path: Path) -> None:
     x = torch.randint(0, 30, (2, 9))  # the same function either way: only the kernel differs
     torch.testing.assert_close(plain.eval()(input_ids=x).logits, compiled.eval()(input_ids=x).logits)
     assert set_attention(plain, "eager", compiled=False, device=cpu) == "eager"
+
+
+def test_cached_sampling_equals_recomputing_every_window(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="gpt2", n_layer=2, n_head=2, n_embd=16, n_positions=12), 20, 19, tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():  # nanoGPT's loop: the last `context` tokens, recomputed for every token
+        for _ in range(25):
+            nxt = model.eval()(input_ids=ids[:, -12:], use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(sample(model, torch.tensor([[1, 2, 3]]), max_tokens=25, context=12, temperature=0.0), ids)

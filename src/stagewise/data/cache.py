@@ -26,13 +26,22 @@ BATCH_CHARS = 4 << 20
 def token_array(texts: list[str], tok: Tokenizer, cache_dir: Path, key: str) -> np.ndarray:
     """The ids of `texts` joined by eos, as a read-only memmap. `key` must change whenever the
     texts or the tokenizer do (the caller passes a fingerprint of both)."""
+    cached = open_token_array(cache_dir, key)
+    if cached is not None:
+        return cached
+    _write(texts, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
+    written = open_token_array(cache_dir, key)
+    assert written is not None
+    return written
+
+
+def open_token_array(cache_dir: Path, key: str) -> np.ndarray | None:
+    """The complete cache entry `key` as a read-only memmap, or None when there is none."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
         raise ValueError(f"cache key {key!r} is not a plain file name")
     data, sidecar = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
     meta = _cached(data, sidecar)
-    if meta is None:
-        meta = _write(texts, tok, data, sidecar)
-    return np.memmap(data, dtype=meta["dtype"], mode="r", shape=(meta["length"],))
+    return None if meta is None else np.memmap(data, dtype=meta["dtype"], mode="r", shape=(meta["length"],))
 
 
 def _cached(data: Path, sidecar: Path) -> dict | None:

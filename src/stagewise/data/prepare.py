@@ -5,11 +5,14 @@ files and tokenizer neither retrains the tokenizer nor retokenizes:
   datasets/    the `datasets` library's downloads of `hub:` datasets
   tokenizers/  trained BPE tokenizers, by corpus fingerprint and vocab size
   tokens/      token streams, by corpus and tokenizer fingerprint
+  prepared/    for local files: their raw bytes + the tokenizer settings -> the prepared entry, so
+               a warm start opens the token streams without parsing (or importing `datasets`)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from stagewise.data.cache import token_array
-from stagewise.data.sources import Corpus, load_corpus
+from stagewise.data.cache import open_token_array, token_array
+from stagewise.data.sources import Corpus, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 
@@ -35,19 +38,58 @@ class PreparedData:
 
 def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
                  cache_root: Path) -> PreparedData:
+    entry = _entry_path(data, tok_cfg, plan_dir, cache_root)
+    if entry is not None and (warm := _open_entry(entry, cache_root / "tokens")) is not None:
+        return warm
     corpus = load_corpus(data, plan_dir, cache_dir=cache_root / "datasets")
     tok = _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
     fingerprint = hashlib.sha256(
         f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
     ).hexdigest()
     tokens = cache_root / "tokens"
-    return PreparedData(
+    prepared = PreparedData(
         tokenizer=tok,
         train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
         val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
         fingerprint=fingerprint,
         vocab_size=tok.get_vocab_size(),
     )
+    if entry is not None:
+        _write_atomically(entry, json.dumps({"fingerprint": fingerprint, "tokenizer": tok.to_str()}))
+    return prepared
+
+
+def _entry_path(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path, cache_root: Path) -> Path | None:
+    """Where the prepared entry of these files and tokenizer settings lives; None when the
+    inputs cannot be hashed as bytes (hub data, a tokenizer directory that may change)."""
+    if tok_cfg.kind == "pretrained":
+        return None
+    source = source_digest(data, plan_dir)
+    if source is None:
+        return None
+    key = hashlib.sha256(f"{source}\0{tok_cfg.model_dump_json()}".encode()).hexdigest()
+    return cache_root / "prepared" / f"{key}.json"
+
+
+def _open_entry(entry: Path, tokens: Path) -> PreparedData | None:
+    try:
+        meta = json.loads(entry.read_text(encoding="utf-8"))
+        tok = Tokenizer.from_str(meta["tokenizer"])
+    except Exception:  # noqa: BLE001 - a damaged entry (tokenizers raises bare Exception): use the files
+        return None
+    train = open_token_array(tokens, f"{meta['fingerprint']}-train")
+    val = open_token_array(tokens, f"{meta['fingerprint']}-val")
+    if train is None or val is None:
+        return None
+    return PreparedData(tokenizer=tok, train=train, val=val, fingerprint=meta["fingerprint"],
+                        vocab_size=tok.get_vocab_size())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def _tokenizer(cfg: TokenizerConfig, corpus: Corpus, plan_dir: Path, cache_dir: Path) -> Tokenizer:
@@ -58,8 +100,5 @@ def _tokenizer(cfg: TokenizerConfig, corpus: Corpus, plan_dir: Path, cache_dir: 
     if path.is_file():
         return Tokenizer.from_file(str(path))
     tok = build_tokenizer(cfg, corpus.train, plan_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=f".{path.name}.", delete=False) as f:
-        f.write(tok.to_str())
-    os.replace(f.name, path)  # a killed run leaves no half-written tokenizer under the real name
+    _write_atomically(path, tok.to_str())  # a killed run leaves no half-written tokenizer under the real name
     return tok

@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import datasets
-import pyarrow as pa
-from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from typing import TYPE_CHECKING, Any
 
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig
+
+if TYPE_CHECKING:  # `datasets` takes a second to import: only runs that parse files pay for it
+    import datasets
 
 HUB_PREFIX = "hub:"
 
@@ -58,7 +57,6 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, cache_dir: Path | None = None) 
     cache on file mtimes, and a stale copy under a new content fingerprint would poison the
     token cache; callers cache the tokens instead.
     """
-    datasets.disable_progress_bars()
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
     if cfg.val is None:
@@ -95,6 +93,18 @@ def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str
         train.append(doc)
         cut -= len(doc)
     raise AssertionError("unreachable: cut < total")
+
+
+def source_digest(cfg: DataConfig, plan_dir: Path) -> str | None:
+    """A digest of the data settings and the raw bytes of every local file: when it matches a
+    prepared corpus, the files need not be parsed again. None for hub sources (no bytes to hash)."""
+    train = _resolve(cfg.train, plan_dir, "data.train")
+    val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
+    if any(isinstance(s, str) for s in (*train, *val)):
+        return None
+    parts = [cfg.model_dump_json().encode(), b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
+             b"val", *(_digest(p.read_bytes()) for p in val)]  # type: ignore[union-attr]
+    return _digest(*parts).hex()
 
 
 def _resolve(patterns: str | list[str], plan_dir: Path, where: str) -> list[Path | str]:
@@ -170,6 +180,10 @@ def _checked_bytes(path: Path, fmt: str) -> bytes:
 
 
 def _load(paths: list[Path], fmt: str, field: str, where: str) -> list[str]:
+    import datasets
+    import pyarrow as pa
+    from datasets.exceptions import DatasetGenerationError
+
     builder, options = _BUILDERS[fmt]
     # keep_in_memory: the dataset must not point into the scratch directory once it is gone.
     with tempfile.TemporaryDirectory(prefix="stagewise-datasets-") as scratch:
@@ -185,6 +199,9 @@ def _load(paths: list[Path], fmt: str, field: str, where: str) -> list[str]:
 @contextmanager
 def _datasets_silenced() -> Iterator[None]:
     """`datasets` logs a parse failure before raising it; the UserError says it once."""
+    import datasets
+
+    datasets.disable_progress_bars()
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
@@ -197,6 +214,10 @@ def _hub_documents(spec: str, field: str, cache_dir: Path | None, split: str) ->
     """`hub:NAME` or `hub:NAME:CONFIG`: its "train" split for data.train, "validation" for
     data.val. This needs the hub (or its copy in `cache_dir`); network errors are left as they
     are."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    datasets.disable_progress_bars()
     name, _, config = spec.removeprefix(HUB_PREFIX).partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=split,

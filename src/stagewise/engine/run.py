@@ -5,6 +5,7 @@ off -> cleanup (summary, sample)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -388,7 +389,7 @@ def generate_sample(run: RunContext) -> str:
     tok = run.data.tokenizer
     ids = tok.encode(cfg.prompt).ids if cfg.prompt else [eos_id(tok)]
     gen = torch.Generator(device=run.device).manual_seed(run.plan.seed)
-    with run.autocast():
+    with run.autocast() if run.device.type == "cuda" else contextlib.nullcontext():  # batch 1: fp32 is faster on CPU
         out = sample(run.model, torch.tensor([ids], device=run.device), cfg.max_tokens,
                      context_length(run.model), cfg.temperature, cfg.top_k, generator=gen)
     return tok.decode(out[0].tolist(), skip_special_tokens=True)

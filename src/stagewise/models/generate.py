@@ -13,9 +13,15 @@ def sample(model: torch.nn.Module, ids: torch.Tensor, max_tokens: int, context: 
     """Extend `ids` (B, T) by `max_tokens` tokens; temperature 0 is greedy."""
     was_training = model.training
     model.eval()
+    past = None  # the KV cache, while the sequence fits the context: then each step feeds one token
     for _ in range(max_tokens):
-        window = ids[:, -context:]  # (B, <=context)
-        logits = model(input_ids=window).logits[:, -1, :].float()  # (B, V)
+        if ids.size(1) <= context:
+            fed = ids if past is None else ids[:, -1:]
+            out = model(input_ids=fed, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        else:  # beyond the context: the window slides, so every step recomputes it (nanoGPT's crop)
+            out = model(input_ids=ids[:, -context:], use_cache=False)
+        logits = out.logits[:, -1, :].float()  # (B, V)
         if temperature == 0.0:
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:

@@ -37,10 +37,7 @@ class ProximalSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, momentum, l1 = group["lr"], group["momentum"], group["l1"]
             for p in group["params"]:
@@ -103,13 +100,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for part in self._parts:
             part.step()
         return loss
+
+
+def _closure_loss(closure: Callable[[], float] | None) -> float | None:
+    """torch's optimizer protocol: re-evaluate the loss (with gradients) when given a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _check_settings(name: str, settings: dict[str, Any]) -> None:
