@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_plan, write_plan
-from stagewise.engine.checkpoint import StageStore
+from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
 from stagewise.engine.run import Prepared, prepare, train
 from stagewise.engine.verify import metrics_difference
@@ -182,10 +182,22 @@ def test_switch_rule_with_swats_and_exact_resume_across_it(tmp_path: Path, corpu
     assert len(switch) == 1 and switch[0]["optimizer_to"] == "sgd" and switch[0]["converted_parameters"] > 0
     scaled = [f for f in fired if f["action"] == "lr_scale"]
     assert scaled, "the plateau rule must fire for this test to mean anything"
-    stop = scaled[0]["stage_step"] + 3  # inside the next patience window
+    # Stop one update after an evaluation that left the plateau rule half-way through its patience.
+    replay = Plateau(PlateauConfig(patience=1, min_delta=0.05))
+    for m in _metrics(whole, "eval"):
+        replay.update(m["val_loss"])
+        if m["stage_step"] > scaled[0]["stage_step"] and replay.bad == 1:
+            break
+    stop = m["stage_step"] + 1
     for stop_after in (stop, switch[0]["stage_step"] + 2):
         with pytest.raises(RunStopped):
             _run(tmp_path, corpus, stages, "cut", stop_after=stop_after, **top)
+        if stop_after == stop:  # the checkpoint holds the rule mid-window
+            path = tmp_path / "cut.yaml"
+            cut = prepare(load_plan(path), path, tmp_path / "cut-cache")
+            store = StageStore(cut.cache_root, cut.stages[0].key)
+            state, _ = load_checkpoint(store.step_dir(stop), store.key, cut.model)
+            assert state["control"]["memory"]["plateaus"][0] == replay.state_dict()
     _run(tmp_path, corpus, stages, "cut", **top)
     assert metrics_difference(whole, tmp_path / "cut") is None
     assert [(f["stage_step"], f["values"]) for f in _events(tmp_path / "cut", "rule_fired")] == \
