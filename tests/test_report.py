@@ -93,12 +93,12 @@ def test_later_decisions_and_unknown_events_are_marked(run_dir: Path, tmp_path: 
     run = _copy(run_dir, tmp_path / "decided")
     with (run / "events.jsonl").open("a", encoding="utf-8") as f:
         for e in ({"event": "rule_fired", "stage": "sgd", "step": 25, "rule": "spike"},
-                  {"event": "rollback", "stage": "sgd", "step": 25, "to_step": 20},
+                  {"event": "guard_rollback", "stage": "sgd", "step": 25, "to_step": 20},
                   {"event": "lr_probe", "stage": "sgd", "step": 30}):
             f.write(json.dumps({**e, "time": 0.0}) + "\n")
     ax = loss_figure(load_run(run)).axes[0]
     markers = [line.get_gid() for line in ax.get_lines() if (line.get_gid() or "").startswith("event:")]
-    assert markers == ["event:optimizer_reset"] * 2 + ["event:rule_fired", "event:rollback", "event:lr_probe"]
+    assert markers == ["event:optimizer_reset"] * 2 + ["event:rule_fired", "event:guard_rollback", "event:lr_probe"]
     assert len({line.get_marker() for line in ax.get_lines() if line.get_gid() in markers}) == 4
     assert " lr_probe" in {t.get_text() for t in ax.texts}  # an unknown event is named on the plot
     assert main(["report", str(run)]) == 0
