@@ -40,6 +40,27 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in a directory")
     runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
+
+    generate = sub.add_parser("generate", help="sample text from a trained stage")
+    generate.add_argument("run", type=Path)
+    generate.add_argument("--stage", help="default: the plan's last finished stage")
+    generate.add_argument("--prompt", default="")
+    generate.add_argument("--max-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int, default=0)
+
+    evaluate = sub.add_parser("evaluate", help="loss and perplexity of a trained stage on a text file")
+    evaluate.add_argument("run", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--stage", help="default: the plan's last finished stage")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    export = sub.add_parser("export", help="a stage as a directory transformers' Auto classes load")
+    export.add_argument("run", type=Path)
+    export.add_argument("--stage", required=True)
+    export.add_argument("--to", type=Path, required=True)
     return parser
 
 
@@ -52,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs}
+    commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs,
+                "generate": _generate, "evaluate": _evaluate, "export": _export}
     try:
         return commands[args.command](args, console)
     except UserError as e:
@@ -122,4 +144,39 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
     from stagewise.track.runs import find_runs, print_runs
 
     print_runs(console, args.dir, find_runs(args.dir))
+    return 0
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.use import generate, stage_dir
+
+    if args.max_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
+            or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1")
+    text = generate(stage_dir(args.run, args.stage), args.prompt, args.max_tokens, args.temperature,
+                    args.top_k, args.top_p, args.seed)
+    console.print(text, markup=False, highlight=False)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from stagewise.use import evaluate, stage_dir
+
+    directory = stage_dir(args.run, args.stage)
+    metrics = evaluate(directory, args.data)
+    if args.json:
+        print(json.dumps({"stage": directory.name, **metrics}))
+    else:
+        ppl = "-" if metrics["perplexity"] is None else f"{metrics['perplexity']:.3f}"
+        console.print(f"{directory.name} on {args.data}: loss {metrics['loss']:.4f}, perplexity {ppl} "
+                      f"({metrics['tokens']:,} tokens)")
+    return 0
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.use import export
+
+    console.print(f"stage '{args.stage}' exported to {export(args.run, args.stage, args.to)}")
     return 0
