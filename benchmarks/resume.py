@@ -4,8 +4,9 @@ Measured through the command line, as a user runs it, with one token cache warme
 
   full run        `stagewise train` of the whole plan into a new run directory
   edited rerun    the same run after editing only the last stage (its decay shape): the earlier
-                  stages come from the stage cache, the last one trains again.
-                  edit_last_stage_cost_ratio = edited rerun wall time / full run wall time;
+                  stages come from the stage cache, the last one trains again. Three different
+                  edits, one after another (this machine's speed drifts by ~10% over minutes);
+                  edit_last_stage_cost_ratio = median edited rerun wall time / full run wall time;
                   last_stage_share = the last stage's training time / full run wall time (from the
                   full run's own stage_end event). Target: ratio <= share + 0.05.
   restart         a run of another variant of the last stage, SIGKILLed right after its first
@@ -14,7 +15,7 @@ Measured through the command line, as a user runs it, with one token cache warme
   checkpoint      size on disk of a mid-stage checkpoint of the demo model with Muon's state, and
                   in-process save / load times (median of --repeats)
 
-    .venv/bin/python benchmarks/resume.py            # the demo as is: ~6 minutes on 2 cores
+    .venv/bin/python benchmarks/resume.py            # the demo as is: ~8 minutes on 2 cores
     .venv/bin/python benchmarks/resume.py --scale 0.2  # every stage at a fifth of its steps
 """
 
@@ -46,6 +47,7 @@ PLAN = ROOT / "examples" / "demo.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "resume.json"
 STAGEWISE = [sys.executable, "-m", "stagewise"]
 TOLERANCE = 0.05
+EDITS = ("schedule.shape=linear", "schedule.shape=cosine", "schedule.min_lr=1.0e-5")  # each a new stage key
 
 
 def train(run_dir: Path, cache: Path, overrides: list[str]) -> float:
@@ -133,12 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         full = train(tmp / "run", cache, scale)
         ends = {e["stage"]: e["seconds"] for e in events(tmp / "run", "stage_end")}
         share = ends[last] / full
-        console.print(f"edited rerun (stages.{last}.schedule.shape=linear) ...")
-        edit_started = time.time()
-        edited = train(tmp / "run", cache, [*scale, f"stages.{last}.schedule.shape=linear"])
-        reused = [e["stage"] for e in events(tmp / "run", "stage_reused") if e["time"] >= edit_started]
+        reruns = []
+        for edit in EDITS:
+            console.print(f"edited rerun (stages.{last}.{edit}) ...")
+            edit_started = time.time()
+            seconds = train(tmp / "run", cache, [*scale, f"stages.{last}.{edit}"])
+            reused = [e["stage"] for e in events(tmp / "run", "stage_reused") if e["time"] >= edit_started]
+            trained = [e["seconds"] for e in events(tmp / "run", "stage_end") if e["time"] >= edit_started]
+            reruns.append({"edit": edit, "wall_s": round(seconds, 2), "stage_s": trained[0], "reused": reused})
+        edited = statistics.median(r["wall_s"] for r in reruns)
         console.print("kill and restart ...")
-        variant = [*scale, f"stages.{last}.schedule.shape=cosine", "log.every=1",
+        variant = [*scale, f"stages.{last}.schedule.min_lr=2.0e-5", "log.every=1",
                    f"checkpoint.every={max(1, round(plan.stages[-1].steps * args.scale) // 3)}"]
         restart, resumed_at = restart_seconds(tmp / "restart", cache, variant, last)
         console.print("checkpoint save/load ...")
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("value", justify="right")
     table.add_row("full run", f"{full:.1f} s")
     table.add_row(f"last stage ('{last}') share of it", f"{share:.3f}")
-    table.add_row("rerun after editing the last stage", f"{edited:.1f} s")
+    table.add_row("rerun after editing the last stage (median of 3)",
+                  f"{edited:.1f} s ({', '.join(str(r['wall_s']) for r in reruns)})")
     table.add_row("edit_last_stage_cost_ratio", f"{ratio:.3f} (target <= {share + TOLERANCE:.3f})")
     table.add_row(f"restart to first resumed update (stage step {resumed_at + 1})", f"{restart:.2f} s")
     table.add_row(f"checkpoint size ({ckpt['parameters']:,} parameters + Muon state)", f"{ckpt['bytes'] / 1e6:.2f} MB")
@@ -163,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "edit_last_stage_cost_ratio": round(ratio, 4), "last_stage_share": round(share, 4),
         "target": f"edit_last_stage_cost_ratio <= last_stage_share + {TOLERANCE}", "meets_target": meets,
-        "full_run_s": round(full, 2), "edited_rerun_s": round(edited, 2), "stages_reused_in_rerun": reused,
+        "full_run_s": round(full, 2), "edited_rerun_s": round(edited, 2), "reruns": reruns,
         "stage_seconds_full_run": ends, "restart_to_first_step_s": round(restart, 3),
         "restart_resumed_at_stage_step": resumed_at, "checkpoint": ckpt,
         "settings": {"plan": str(PLAN.relative_to(ROOT)), "scale": args.scale, "overrides": scale,
-                     "edit": f"stages.{last}.schedule.shape=linear"},
+                     "edits": [f"stages.{last}.{e}" for e in EDITS]},
         "wall_s": round(wall, 1),
     }
     write_results(args.out, report, "resume.py", argv)

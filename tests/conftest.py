@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,3 +45,14 @@ def write_plan(directory: Path, plan: dict[str, Any], name: str = "plan.yaml") -
     path = directory / name
     path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
     return path
+
+
+def fit(model: torch.nn.Module, sampler: Any, loss_fn: Any, epochs: int, lr: float) -> None:
+    """A plain Adam loop over `epochs` passes of `sampler`: the task building blocks are tested on
+    their own, before the engine runs them."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs * sampler.batches_per_epoch()):
+        loss = loss_fn(model, sampler.next_batch())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

@@ -60,6 +60,12 @@ BAD_PLANS = [
     (_set("model.n_layr", 2), "model.n_layr: not a config key of gpt2 (did you mean 'n_layer'?)"),
     (_set("model.arch", "gtp2"), "model.arch: 'gtp2' is not a causal-LM architecture of transformers (did you mean 'gpt2'?)"),
     (_set("data.train", "nope/*.txt"), "data.train: no file matches"),
+    (_set("stages.1.until", {"plateau": {"metric": "val_accuracy", "mode": "max"}}),
+     "stages[1].until.plateau.metric: task causal_lm does not report val_accuracy (it reports: val_loss, "
+     "val_ppl, train_loss)"),
+    (_set("stages.1.rules", [{"when": {"target": {"metric": "val_macro_f1", "value": 0.9, "mode": "max"}},
+                              "do": "next_stage"}]),
+     "stages[1].rules[0].when.target.metric: task causal_lm does not report val_macro_f1"),
 ]
 
 

@@ -207,10 +207,11 @@ class StageControl:
         new_best = False
         if self.rollback_rules:
             rule = next(r for r in self.rules if r.do.rollback is not None)
-            metric = rule.when.plateau.metric if rule.when.plateau else (
-                rule.when.target.metric if rule.when.target else "val_loss")
+            condition = rule.when.plateau or rule.when.target
+            metric, mode = (condition.metric, condition.mode) if condition else ("val_loss", "min")
             value = metrics[metric]
-            if self.best is None or value < self.best["value"]:
+            better = self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"])
+            if better:
                 self.best, new_best = {"value": value, "metric": metric, "step": step}, True
         return fired, end, new_best
 

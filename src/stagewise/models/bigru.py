@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class BiGRUClassifier(nn.Module):
@@ -43,3 +43,23 @@ class BiGRUClassifier(nn.Module):
         _, final = self.gru(packed)  # (2, B, hidden): forward's state after the last real token, backward's after the first
         features = torch.cat([final[0], final[1]], dim=-1)
         return self.out(self.dropout(torch.relu(self.dense(features))))
+
+
+class BiGRUTagger(nn.Module):
+    """Token classification: Embedding -> BiGRU -> a linear layer per word to tag logits.
+    Packed like the classifier, so a word's logits do not depend on the batch's padding."""
+
+    def __init__(self, *, num_tags: int, vocab_size: int, embed_dim: int = 128, hidden: int = 64,
+                 dropout: float = 0.0, pad_id: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.gru = nn.GRU(embed_dim, hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * hidden, num_tags)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, num_tags) for right-padded input_ids (B, T); padding positions get 0s."""
+        lengths = attention_mask.sum(dim=1).to(device="cpu", dtype=torch.int64)
+        packed = pack_padded_sequence(self.embed(input_ids), lengths, batch_first=True, enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=input_ids.size(1))
+        return self.out(self.dropout(hidden))

@@ -14,6 +14,7 @@ from typing import Any
 from stagewise.errors import UserError
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
+from stagewise.plan.rules import TASK_METRICS
 from stagewise.plan.schema import OPTIMIZER_SETTINGS, Plan, StageConfig
 
 
@@ -137,6 +138,10 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
         assert cfg.tokens is not None
         steps = math.ceil(cfg.tokens / tokens_per_step)
 
+    for key, metric in _metrics_used(cfg):
+        if metric not in TASK_METRICS[cfg.task]:
+            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: "
+                            f"{', '.join(TASK_METRICS[cfg.task])})")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
@@ -170,6 +175,20 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
         start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
         windows_per_epoch=windows)
+
+
+def _metrics_used(cfg: StageConfig) -> list[tuple[str, str]]:
+    """(key path, metric) of every metric the stage's rules and `until` read."""
+    used = []
+    if cfg.until is not None:
+        used += [(f"until.{k}.metric", c.metric) for k in ("plateau", "target")
+                 if (c := getattr(cfg.until, k)) is not None]
+    if cfg.on_plateau is not None:
+        used.append(("on_plateau.metric", cfg.on_plateau.metric))
+    for j, rule in enumerate(cfg.rules):
+        used += [(f"rules[{j}].when.{k}.metric", c.metric) for k in ("plateau", "target")
+                 if (c := getattr(rule.when, k)) is not None]
+    return used
 
 
 def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], str]:

@@ -1,0 +1,67 @@
+"""Example-level batches for the fine-tuning tasks: a seeded train/validation split of records,
+and a resumable sampler of shuffled mini-batches (the causal-LM path has its own window sampler,
+data.sampler)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from stagewise.errors import UserError
+from stagewise.tasks.records import Records
+
+T = TypeVar("T")
+
+
+class Rows(Protocol):
+    """Encoded examples: how many, and a batch of some of them (cut to their longest)."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+def split_records(records: Records[T], fraction: float, seed: int) -> tuple[Records[T], Records[T]]:
+    """A seeded split that keeps each record's file line (for the messages about it)."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(records) * fraction))
+    if n_val >= len(records):
+        raise UserError(str(records.path), f"val_fraction {fraction:g} of {len(records)} records leaves "
+                                           "none for training")
+
+    def part(index: list[int]) -> Records[T]:
+        return Records([records[i] for i in index], records.path, [records.lines[i] for i in index])
+    return part(order[n_val:]), part(order[:n_val])
+
+
+class ExampleSampler:
+    """Shuffled mini-batches of examples, epoch after epoch. Each epoch's order is a function of
+    (seed, epoch) alone, so the state is two integers and a resumed run draws the same batches."""
+
+    def __init__(self, data: Rows, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The next batch; the last one of an epoch may be smaller (no example is dropped)."""
+        if self.position >= len(self.data):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        index = self._order[self.position:self.position + self.batch_size]
+        self.position += index.numel()
+        return self.data.rows(index)
+
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()

@@ -1,0 +1,120 @@
+"""The `classify` task: (text, label) files -> encoded tensors -> a resumable batch source, the
+loss of a batch and the validation metrics (val_loss, val_accuracy, val_macro_f1). Batches come
+from tasks.batches.ExampleSampler over `Encoded`.
+
+This is the task side of the interface the engine is to call per stage (prepare -> batches with
+state_dict/load_state_dict; loss(model, batch); evaluate -> metrics dict). The engine does not
+call it yet: a stage's `task` is still causal_lm only (see the issue note).
+
+The model is any module mapping (input_ids=, attention_mask=) to logits (B, classes): the
+built-in models.bigru.BiGRUClassifier, or a transformers sequence-classification head on an LM
+backbone (models.heads.classifier_from_lm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from torch.nn import functional as F
+
+from stagewise.tasks.batches import split_records
+from stagewise.tasks.encode import encode_classification
+from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.metrics import accuracy, macro_f1
+from stagewise.tasks.records import Field, read_labeled
+from stagewise.tasks.vocab import PAD_ID, word_tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: torch.Tensor  # (N, T) right-padded
+    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
+    labels: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return self.labels.size(0)
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The rows `index`, cut to their longest text: a batch of short SMS pays for no padding
+        of the longest one in the file."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(dim=1).max())
+        return self.input_ids[index, :width], mask[:, :width], self.labels[index]
+
+
+@dataclass(frozen=True)
+class ClassifyData:
+    tokenizer: Tokenizer
+    label_map: LabelMap  # from the training labels only: a validation label outside it is refused
+    train: Encoded
+    val: Encoded
+    fingerprint: str  # of the records, the split and the tokenizer: part of the stage key
+
+
+def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
+                     val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = 128,
+                     seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID) -> ClassifyData:
+    """Read and encode the records. Without `val_path`, a seeded shuffle holds out `val_fraction`
+    of the training file (SMS spam is ordered by nothing, but other files are often sorted by
+    label, so a tail split would be one class). `tokenizer` None: a word vocabulary built from
+    the training texts (the BiGRU recipe); a backbone's own tokenizer otherwise, with `pad_id`
+    its EOS (the GPT-2 head finds each row's last token by it: see models.heads)."""
+    records = read_labeled(train_path, text_field, label_field)
+    if val_path is not None:
+        train, val = records, read_labeled(val_path, text_field, label_field)
+    else:
+        train, val = split_records(records, val_fraction, seed)
+    tok = tokenizer if tokenizer is not None else word_tokenizer((t for t, _ in train), vocab_size)
+    label_map = LabelMap.from_labels(label for _, label in train)
+    encoded = [Encoded(*encode_classification(part, tok, label_map, max_len, pad_id)) for part in (train, val)]
+    digest = hashlib.sha256()
+    for part in (train, val):
+        for text, label in part:
+            digest.update(f"{label}\0{text}\n".encode())
+    digest.update(tok.to_str().encode())
+    digest.update(f"{max_len}\0{pad_id}".encode())
+    return ClassifyData(tok, label_map, encoded[0], encoded[1], digest.hexdigest())
+
+
+def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of the batch's labels."""
+    input_ids, mask, labels = batch
+    return F.cross_entropy(logits_of(model, input_ids, mask), labels)
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, classes) fp32 logits from a built-in model (a tensor) or a transformers head (an
+    output object); by keyword, since a transformers model's second positional is its cache."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return getattr(out, "logits", out).float()
+
+
+@torch.no_grad()
+def evaluate_classify(model: nn.Module, data: Encoded, batch_size: int, device: torch.device) -> dict[str, float]:
+    """val_loss (example-weighted), val_accuracy and val_macro_f1 over the whole set, in order."""
+    was_training = model.training
+    model.eval()
+    total, predictions = 0.0, []
+    for start in range(0, len(data), batch_size):
+        input_ids, mask, labels = (t.to(device) for t in data.rows(torch.arange(start, min(start + batch_size, len(data)))))
+        logits = logits_of(model, input_ids, mask)
+        total += F.cross_entropy(logits, labels, reduction="sum").item()
+        predictions.append(logits.argmax(dim=-1).cpu())
+    model.train(was_training)
+    predicted = torch.cat(predictions).numpy()
+    references = data.labels.numpy()
+    return {"val_loss": total / len(data), "val_accuracy": accuracy(predicted, references),
+            "val_macro_f1": macro_f1(predicted, references)}
+
+
+def majority_accuracy(data: ClassifyData) -> float:
+    """The trivial baseline: always predict the most frequent training label."""
+    majority = int(torch.bincount(data.train.labels).argmax())
+    return float((data.val.labels == majority).float().mean())

@@ -1,0 +1,120 @@
+"""The `seq2seq` task for the built-in encoder-decoder (models.seq2seq.TransformerSeq2Seq):
+(source, target) files -> word vocabularies per side -> teacher-forced batches, their loss,
+and validation BLEU / chrF (sacrebleu) with greedy or beam decoding.
+
+Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
+not call it yet. The target vocabulary keeps case (BLEU is case-sensitive); both sides split
+off punctuation; a decoded target is joined with spaces and then `detokenize`d (sacrebleu
+expects detokenized text, and its 13a tokenizer splits punctuation off again for scoring).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch.nn import functional as F
+
+from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
+from stagewise.tasks.batches import split_records
+from stagewise.tasks.encode import IGNORE, encode_seq2seq
+from stagewise.tasks.metrics import bleu, chrf
+from stagewise.tasks.records import Field, read_pairs
+from stagewise.tasks.vocab import PAD_ID, word_tokenizer
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+_BEFORE = re.compile(r" ([.,)])")
+_APOSTROPHE = re.compile(r" ?' ?")
+
+
+@dataclass(frozen=True)
+class PairRows:
+    src: torch.Tensor  # (N, S) PAD-padded
+    tgt_in: torch.Tensor  # (N, T) BOS + target, PAD-padded
+    tgt_out: torch.Tensor  # (N, T) target + EOS, -100-padded
+    references: tuple[str, ...]  # the raw targets, for BLEU / chrF
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src, tgt_in, tgt_out = self.src[index], self.tgt_in[index], self.tgt_out[index]
+        s = int((src != PAD_ID).sum(dim=1).max())
+        t = int((tgt_out != IGNORE).sum(dim=1).max())
+        return src[:, :s], tgt_in[:, :t], tgt_out[:, :t]
+
+
+@dataclass(frozen=True)
+class PairData:
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    bos_id: int
+    eos_id: int
+    train: PairRows
+    val: PairRows
+
+
+def prepare_seq2seq(train_path: Path, source_field: Field, target_field: Field, *, val_path: Path | None = None,
+                    val_fraction: float = 0.1, seed: int = 0, vocab_size: int = 10_000,
+                    max_len: int = 64) -> PairData:
+    records = read_pairs(train_path, source_field, target_field)
+    if val_path is not None:
+        train, val = records, read_pairs(val_path, source_field, target_field)
+    else:
+        train, val = split_records(records, val_fraction, seed)
+    src_tok = word_tokenizer((s for s, _ in train), vocab_size, lowercase=False)
+    tgt_tok = word_tokenizer((t for _, t in train), vocab_size, lowercase=False)
+    tgt_tok.add_special_tokens([BOS, EOS])
+    bos, eos = tgt_tok.token_to_id(BOS), tgt_tok.token_to_id(EOS)
+
+    def rows(part: list[tuple[str, str]]) -> PairRows:
+        tensors = encode_seq2seq(part, src_tok, tgt_tok, max_len, PAD_ID, bos, eos)
+        return PairRows(*tensors, tuple(t for _, t in part))
+    return PairData(src_tok, tgt_tok, bos, eos, rows(train), rows(val))
+
+
+def seq2seq_loss(model: TransformerSeq2Seq, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (and EOS) under teacher forcing."""
+    src, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in).float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def translate(model: TransformerSeq2Seq, data: PairData, src: torch.Tensor, max_len: int, beam: int = 1) -> list[str]:
+    """Decoded targets as text (greedy when beam is 1)."""
+    if beam == 1:
+        tokens = model.greedy(src, max_len, data.bos_id, data.eos_id)
+    else:
+        tokens = model.beam_search(src, beam, max_len, data.bos_id, data.eos_id)
+    texts = data.tgt_tokenizer.decode_batch(until_eos(tokens, data.eos_id), skip_special_tokens=True)
+    return [detokenize(text) for text in texts]
+
+
+def detokenize(text: str) -> str:
+    """Undo the word tokenizer's spaces where written text has none: before . , ) and around
+    apostrophes ("l ' homme ." -> "l'homme."). French spaces before ! ? : ; stay, as they are
+    written so."""
+    return _APOSTROPHE.sub("'", _BEFORE.sub(r"\1", text))
+
+
+@torch.no_grad()
+def evaluate_seq2seq(model: TransformerSeq2Seq, data: PairData, batch_size: int, device: torch.device,
+                     max_len: int = 64, beam: int = 1) -> dict[str, float]:
+    """val_loss (token-weighted), val_bleu and val_chrf of decoded validation sources."""
+    was_training = model.training
+    model.eval()
+    total, count, hypotheses = 0.0, 0, []
+    for start in range(0, len(data.val), batch_size):
+        src, tgt_in, tgt_out = (t.to(device) for t in data.val.rows(torch.arange(start, min(start + batch_size, len(data.val)))))
+        n = int((tgt_out != IGNORE).sum())
+        total += seq2seq_loss(model, (src, tgt_in, tgt_out)).item() * n
+        count += n
+        hypotheses += translate(model, data, src, max_len, beam)
+    model.train(was_training)
+    references = list(data.val.references)
+    return {"val_loss": total / count, "val_bleu": bleu(hypotheses, references),
+            "val_chrf": chrf(hypotheses, references)}

@@ -1,0 +1,78 @@
+"""The `sft` task: prompt/completion JSONL (or `messages` rendered with a chat template) ->
+(input_ids, labels) rows -> the loss over completion tokens only, and val_loss / val_ppl.
+
+Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
+not call it yet. The model is a transformers causal LM trained in an earlier stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from torch.nn import functional as F
+
+from stagewise.tasks.batches import split_records
+from stagewise.tasks.encode import IGNORE, encode_sft
+from stagewise.tasks.records import ChatTemplate, read_prompt_completion
+
+
+@dataclass(frozen=True)
+class SftRows:
+    input_ids: torch.Tensor  # (N, T), EOS-padded on the right
+    labels: torch.Tensor  # (N, T), -100 on prompt tokens and padding; aligned with input_ids
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows `index`, cut after their last labelled token (the padding teaches nothing)."""
+        labels = self.labels[index]
+        width = int((labels != IGNORE).nonzero()[:, 1].max()) + 1
+        return self.input_ids[index, :width], labels[:, :width]
+
+
+@dataclass(frozen=True)
+class SftData:
+    train: SftRows
+    val: SftRows
+
+
+def prepare_sft(train_path: Path, tokenizer: Tokenizer, eos_id: int, max_len: int, *, val_path: Path | None = None,
+                val_fraction: float = 0.1, seed: int = 0, pack: bool = False,
+                template: ChatTemplate = ChatTemplate()) -> SftData:
+    """Validation rows are never packed: each example's loss is then measured on its own."""
+    records = read_prompt_completion(train_path, template)
+    if val_path is not None:
+        train, val = records, read_prompt_completion(val_path, template)
+    else:
+        train, val = split_records(records, val_fraction, seed)
+    return SftData(SftRows(*encode_sft(train, tokenizer, eos_id, max_len, pack)),
+                   SftRows(*encode_sft(val, tokenizer, eos_id, max_len, pack=False)))
+
+
+def sft_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens (and their EOS) only."""
+    input_ids, labels = batch
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def evaluate_sft(model: nn.Module, data: SftRows, batch_size: int, device: torch.device) -> dict[str, float]:
+    """val_loss weighted by completion tokens over the whole set, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        input_ids, labels = (t.to(device) for t in data.rows(torch.arange(start, min(start + batch_size, len(data)))))
+        n = int((labels[:, 1:] != IGNORE).sum())
+        total += sft_loss(model, (input_ids, labels)).item() * n
+        count += n
+    model.train(was_training)
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

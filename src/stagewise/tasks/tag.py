@@ -1,0 +1,88 @@
+"""The `tag` task: CoNLL-style files -> word ids and tag ids -> per-word cross-entropy, and
+val_loss / val_span_f1 (exact typed spans, conlleval's rules: metrics.span_scores).
+
+Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
+not call it yet. The model maps (input_ids, attention_mask) to (B, T, tags) logits, such as
+models.bigru.BiGRUTagger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+from torch.nn import functional as F
+
+from stagewise.tasks.batches import split_records
+from stagewise.tasks.encode import IGNORE, encode_tagging
+from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.metrics import span_f1
+from stagewise.tasks.records import read_conll
+from stagewise.tasks.vocab import PAD_ID, word_vocab
+
+
+@dataclass(frozen=True)
+class TagRows:
+    input_ids: torch.Tensor  # (N, T) PAD-padded word ids
+    attention_mask: torch.Tensor  # (N, T)
+    tags: torch.Tensor  # (N, T) tag ids, -100 on padding
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = self.attention_mask[index]
+        width = int(mask.sum(dim=1).max())
+        return self.input_ids[index, :width], mask[:, :width], self.tags[index, :width]
+
+
+@dataclass(frozen=True)
+class TagData:
+    vocab: Tokenizer
+    tag_map: LabelMap  # from the training tags: a validation tag outside it is refused
+    train: TagRows
+    val: TagRows
+
+
+def prepare_tag(train_path: Path, *, val_path: Path | None = None, val_fraction: float = 0.1, seed: int = 0,
+                vocab_size: int | None = None, max_len: int = 128) -> TagData:
+    records = read_conll(train_path)
+    if val_path is not None:
+        train, val = records, read_conll(val_path)
+    else:
+        train, val = split_records(records, val_fraction, seed)
+    vocab = word_vocab((words for words, _ in train), vocab_size)
+    tag_map = LabelMap.from_labels((tag for _, tags in train for tag in tags), kind="tag")
+    encoded = [TagRows(*encode_tagging(part, vocab, tag_map, max_len, PAD_ID)) for part in (train, val)]
+    return TagData(vocab, tag_map, encoded[0], encoded[1])
+
+
+def tag_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the words of the batch."""
+    input_ids, mask, tags = batch
+    logits = model(input_ids, mask).float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tags.reshape(-1), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def evaluate_tag(model: nn.Module, data: TagData, batch_size: int, device: torch.device) -> dict[str, float]:
+    """val_loss (word-weighted) and val_span_f1 over the whole validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    predicted: list[list[str]] = []
+    gold: list[list[str]] = []
+    for start in range(0, len(data.val), batch_size):
+        input_ids, mask, tags = (t.to(device) for t in data.val.rows(torch.arange(start, min(start + batch_size, len(data.val)))))
+        n = int(mask.sum())
+        total += tag_loss(model, (input_ids, mask, tags)).item() * n
+        count += n
+        best = model(input_ids, mask).argmax(dim=-1)
+        for row_pred, row_gold, row_mask in zip(best.tolist(), tags.tolist(), mask.bool().tolist(), strict=True):
+            predicted.append([data.tag_map.decode(p) for p, m in zip(row_pred, row_mask, strict=True) if m])
+            gold.append([data.tag_map.decode(g) for g, m in zip(row_gold, row_mask, strict=True) if m])
+    model.train(was_training)
+    return {"val_loss": total / count, "val_span_f1": span_f1(predicted, gold)}
