@@ -95,7 +95,7 @@ def checkpoint_costs(cache: Path, scale_overrides: list[str], repeats: int, tmp:
     plan = load_plan(PLAN, scale_overrides)
     prepared = prepare(plan, PLAN, cache)
     stage = next(s for s in prepared.stages if s.optimizer == "muon")
-    model = prepared.model
+    model = prepared.root
     optimizer = build_optimizer(stage.optimizer, stage.optimizer_settings, model)
     for p in model.parameters():  # one update, so every moment buffer exists
         p.grad = torch.randn_like(p) * 1e-3

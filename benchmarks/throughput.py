@@ -244,7 +244,7 @@ def run_stagewise(clock: StepClock, plan_path: Path, run_dir: Path, cache: Path)
                if p["stage_step"] >= clock.warmup]
     logged = sum(n for n, _ in windows) / sum(n / v for n, v in windows) if windows else None
     return {"metrics_jsonl_tokens_per_s": logged and round(logged, 1), "final_train_loss": summaries[-1].train_loss,
-            "attention": prepared.model.config._attn_implementation}
+            "attention": prepared.root.config._attn_implementation}
 
 
 def fresh_model(plan: Plan, data: PreparedData, plan_dir: Path, attn: str) -> torch.nn.Module:
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_path = write_plan(work, data_spec, args.warmup, args.steps)
         plan = load_plan(plan_path)
         prepared = prepare(plan, plan_path, work / "cache")  # the token stream all three train on
-        data, params = prepared.data, sum(p.numel() for p in prepared.model.parameters())
+        data, params = prepared.data, sum(p.numel() for p in prepared.root.parameters())
         del prepared
         console.print(f"GPT-2 {params / 1e6:.2f}M params, vocab {data.vocab_size}, "
                       f"batch {BATCH}x{BLOCK}; {len(data.train):,} train tokens of {data_spec}; "

@@ -50,7 +50,7 @@ def test_sampler_resumes_on_the_same_batches(tmp_path):
     for _ in range(10):
         for a, b in zip(one.next_batch(), other.next_batch(), strict=True):
             assert torch.equal(a, b)
-    assert one.epoch == other.epoch == 2
+    assert one.epoch == other.epoch == 3  # 18 batches of 6 per epoch: the third epoch ended with its last batch
 
 
 def test_each_epoch_sees_every_example_once(tmp_path):

@@ -115,8 +115,8 @@ def test_gd_makes_exactly_one_update_per_pass(tmp_path: Path, corpus: Path) -> N
     sampler = WindowSampler(prepared.data.train, stage.block_size, stage.batch_size, seed=1)
     for update in range(1, 3):
         batches = list(_micro_batches(sampler, stage))
-        assert sum(x.size(0) for x, _, _ in batches) == stage.windows_per_epoch  # every window, once
-        assert sum(share for _, _, share in batches) == pytest.approx(1.0)
+        assert sum(batch[0].size(0) for batch, _ in batches) == stage.windows_per_epoch  # every window, once
+        assert sum(share for _, share in batches) == pytest.approx(1.0)
         assert sampler.epoch == update and sampler.position == 0
     # and the run itself makes one optimizer step per pass
     steps: list[int] = []

@@ -46,7 +46,7 @@ BAD_PLANS = [
      "stages[1].schedule.warmup: must be a step count (int >= 0) or a fraction of the stage in [0, 1] (got 1.5)"),
     (_set("stages.1.epochs", 2), "stages[1].steps: give exactly one of steps, epochs, tokens (got steps, epochs)"),
     (_set("defaults.batch", {"sise": 3}), "defaults.batch.sise: unknown key (did you mean 'size'?)"),
-    (_set("tokenizer", {"kind": "bpe"}), "tokenizer.vocab_size: required by kind 'bpe' and only by it"),
+    (_set("tokenizer", {"kind": "bpe"}), "tokenizer.vocab_size: required by kind 'bpe'"),
     (_set("modle", {}), "modle: unknown key (did you mean 'model'?)"),
     (_set("stages.1.name", "a"), "stages[1].name: 'a' is already the name of stages[0]"),
     # checked against the data and the model, still before training

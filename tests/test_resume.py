@@ -203,12 +203,12 @@ def test_incompatible_checkpoint_is_refused_with_the_reason(tmp_path: Path, refe
     foreign = StageStore(prepared.cache_root, warm.key).final_dir
     with pytest.raises(InvalidCheckpoint, match=f"belongs to stage key {warm.key}, not {accum.key} "
                                                 r"\(the plan, model or data changed\)"):
-        load_checkpoint(foreign, accum.key, prepared.model)
+        load_checkpoint(foreign, accum.key, prepared.root)
     other = prepare(load_plan(write_plan(tmp_path, tiny_plan(
         Path(prepared.plan.data.train), STAGES, model={"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32,
                                                      "n_positions": 32}))), tmp_path / "plan.yaml", tmp_path / "c")
     with pytest.raises(InvalidCheckpoint, match="weights do not fit the model"):
-        load_checkpoint(foreign, warm.key, other.model)
+        load_checkpoint(foreign, warm.key, other.root)
 
 
 def test_editing_a_stage_retrains_it_and_what_follows_nothing_before(

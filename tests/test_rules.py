@@ -196,7 +196,7 @@ def test_switch_rule_with_swats_and_exact_resume_across_it(tmp_path: Path, corpu
             path = tmp_path / "cut.yaml"
             cut = prepare(load_plan(path), path, tmp_path / "cut-cache")
             store = StageStore(cut.cache_root, cut.stages[0].key)
-            state, _ = load_checkpoint(store.step_dir(stop), store.key, cut.model)
+            state, _ = load_checkpoint(store.step_dir(stop), store.key, cut.root)
             assert state["control"]["memory"]["plateaus"][0] == replay.state_dict()
     _run(tmp_path, corpus, stages, "cut", **top)
     assert metrics_difference(whole, tmp_path / "cut") is None

@@ -37,7 +37,7 @@ def test_export_round_trips_through_from_pretrained(trained: tuple[Prepared, Pat
     assert ids == prepared.data.tokenizer.encode(text).ids
     x = torch.tensor([ids])
     with torch.no_grad():  # the model in memory ends on the last stage's weights
-        assert torch.equal(model(input_ids=x).logits, prepared.model.eval()(input_ids=x).logits)
+        assert torch.equal(model(input_ids=x).logits, prepared.root.eval()(input_ids=x).logits)
 
 
 def test_export_refuses_to_overwrite_and_names_unknown_stages(trained: tuple[Prepared, Path], tmp_path: Path,

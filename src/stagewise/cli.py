@@ -112,9 +112,11 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
         save_png(plan_lr_figure(prepared.stages), args.plot)
         console.print(f"LR curve written to {args.plot}")
+    models = {id(s.model): s.model for s in prepared.setups}.values()
+    data = {id(s.data): s for s in prepared.setups}.values()
     console.print(f"plan OK: {len(prepared.stages)} stages, {prepared.total_steps} steps, "
-                  f"model {sum(p.numel() for p in prepared.model.parameters()):,} parameters, "
-                  f"{len(prepared.data.train):,} training tokens")
+                  f"{' + '.join(f'{sum(p.numel() for p in m.parameters()):,}' for m in models)} parameters, "
+                  + ", ".join(f"{s.n_train:,} training {s.unit}" for s in data))
     return 0
 
 

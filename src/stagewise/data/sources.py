@@ -7,6 +7,8 @@ one-line `UserError`s naming the file, before any training starts.
 
 from __future__ import annotations
 
+import csv
+
 import glob
 import hashlib
 import itertools
@@ -179,12 +181,18 @@ def _checked_bytes(path: Path, fmt: str) -> bytes:
     return data
 
 
-def _load(paths: list[Path], fmt: str, field: str, where: str) -> list[str]:
+def _load(paths: list[Path], fmt: str, field: str | int, where: str) -> list[str]:
     import datasets
     import pyarrow as pa
     from datasets.exceptions import DatasetGenerationError
 
     builder, options = _BUILDERS[fmt]
+    if isinstance(field, int):  # a column index: a csv/tsv file without a header row
+        if fmt not in ("csv", "tsv"):
+            raise UserError(where, f"a column index (field: {field}) is for csv/tsv files without a header")
+        # Read as the task readers read such files (tasks.records): no quoting, a " is text.
+        options = {**options, "header": None, **({"quoting": csv.QUOTE_NONE} if fmt == "tsv" else {})}
+        field = str(field)
     # keep_in_memory: the dataset must not point into the scratch directory once it is gone.
     with tempfile.TemporaryDirectory(prefix="stagewise-datasets-") as scratch:
         try:
@@ -210,7 +218,7 @@ def _datasets_silenced() -> Iterator[None]:
         datasets.logging.set_verbosity(level)
 
 
-def _hub_documents(spec: str, field: str, cache_dir: Path | None, split: str) -> list[str]:
+def _hub_documents(spec: str, field: str | int, cache_dir: Path | None, split: str) -> list[str]:
     """`hub:NAME` or `hub:NAME:CONFIG`: its "train" split for data.train, "validation" for
     data.val. This needs the hub (or its copy in `cache_dir`); network errors are left as they
     are."""
@@ -227,7 +235,7 @@ def _hub_documents(spec: str, field: str, cache_dir: Path | None, split: str) ->
     return _column(ds, field, spec)
 
 
-def _column(ds: datasets.Dataset, field: str, where: str) -> list[str]:
+def _column(ds: datasets.Dataset, field: str | int, where: str) -> list[str]:
     if field not in ds.column_names:
         raise UserError(where, f"no column '{field}' (columns: {', '.join(ds.column_names)}); "
                                "set data.field")

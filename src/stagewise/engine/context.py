@@ -1,16 +1,15 @@
-"""What every stage of one run shares: the model, where it runs, the data, the logs."""
+"""What every stage of one run shares: where it runs, at what precision, the logs; and one
+dropout control per model (it remembers the model's own rates, so it must outlive the stages)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 
-from stagewise.data.prepare import PreparedData
 from stagewise.models.build import DropoutControl
 from stagewise.plan.schema import Plan
 from stagewise.track.logs import RunLogs
@@ -21,11 +20,13 @@ from stagewise.track.progress import ProgressView
 class RunContext:
     plan: Plan
     run_dir: Path
-    model: PreTrainedModel
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> mean loss; compiled or not
     device: torch.device
     autocast: Callable[[], AbstractContextManager[None]]
-    data: PreparedData
-    dropout: DropoutControl
     logs: RunLogs
     view: ProgressView
+    _dropouts: dict[int, DropoutControl] = field(default_factory=dict)
+
+    def dropout_of(self, model: torch.nn.Module) -> DropoutControl:
+        if id(model) not in self._dropouts:
+            self._dropouts[id(model)] = DropoutControl(model)
+        return self._dropouts[id(model)]

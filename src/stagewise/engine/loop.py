@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch.nn import functional as F
 
-from stagewise.data.sampler import WindowSampler
 from stagewise.engine.context import RunContext
-from stagewise.engine.control import Fired, StageControl, corrupt
+from stagewise.engine.control import Fired, StageControl
 from stagewise.engine.device import derive_seed, seed_everything
 from stagewise.errors import RunStopped
 from stagewise.engine.rng import rng_state, set_rng_state
 from stagewise.optim.handoff import convert_adam_to_sgd, swats_lr
+from stagewise.optim.layers import StageLayers
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.plan.resolve import ResolvedStage
+from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.track.progress import StageSummary
 
 Capture = Callable[[], dict[str, Any]]
@@ -49,35 +49,14 @@ class Checkpoints(Protocol):
         """Put that checkpoint's weights into the model and return its state."""
 
 
-class LanguageModelLoss(torch.nn.Module):
-    """Model and loss as one module, so `torch.compile` sees (and fuses) the cross-entropy too."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        # No KV cache: nothing reads it here, and a compiled forward would return it as extra outputs.
-        self.no_cache = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of a batch; x, y: (B, T)."""
-        logits = self.model(input_ids=x, **self.no_cache).logits  # (B, T, V)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
-
-
-def lm_loss(run: RunContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with run.autocast():
-        return run.loss(x, y)
-
-
-def _micro_batches(sampler: WindowSampler, stage: ResolvedStage) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+def _micro_batches(sampler: BatchSource, stage: ResolvedStage) -> Iterator[tuple[Batch, float]]:
     """The micro-batches of one update with each one's share of the update's gradient."""
     if stage.full_batch:  # one update per pass: the rest of the epoch, weighted by rows
-        for x, y in sampler.epoch_batches():
-            yield x, y, x.size(0) / stage.windows_per_epoch
+        for batch in sampler.epoch_batches():
+            yield batch, batch[0].size(0) / stage.windows_per_epoch
     else:
         for _ in range(stage.micro_batches):
-            x, y = sampler.next_batch()
-            yield x, y, 1.0 / stage.micro_batches
+            yield sampler.next_batch(), 1.0 / stage.micro_batches
 
 
 @dataclass
@@ -92,17 +71,19 @@ class StageProgress:
     val_loss: float | None = None
     eval_step: int | None = None  # the step of the latest evaluation
     ended: str | None = None  # why the stage ended before its last step, once it has
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "window_loss": self.window_loss.detach().cpu(), "window_steps": self.window_steps,
                 "train_loss": self.train_loss, "val_loss": self.val_loss, "eval_step": self.eval_step,
-                "ended": self.ended}
+                "ended": self.ended, "metrics": dict(self.metrics)}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.step, self.window_steps = state["step"], state["window_steps"]
         self.window_loss = state["window_loss"].to(device)
         self.train_loss, self.val_loss = state["train_loss"], state["val_loss"]
         self.eval_step, self.ended = state["eval_step"], state["ended"]
+        self.metrics = dict(state.get("metrics", {}))
 
 
 @dataclass
@@ -122,22 +103,22 @@ def handoff_state(optimizer: torch.optim.Optimizer, stage: ResolvedStage, contro
             "swats": control.swats.state_dict() if control.swats else None}
 
 
-def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Optimizer, checkpoints: Checkpoints,
-                resume: dict[str, Any] | None = None, track_swats: bool = False,
-                start_lr: float | None = None) -> StageOutcome:
+def train_stage(run: RunContext, stage: ResolvedStage, task: Task, layers: StageLayers,
+                optimizer: torch.optim.Optimizer, checkpoints: Checkpoints, resume: dict[str, Any] | None = None,
+                track_swats: bool = False, start_lr: float | None = None) -> StageOutcome:
     """Train one stage from its first update (or from `resume`, a checkpoint's state). `start_lr`:
     the LR of the first update when only the hand-off knows it (lr auto); the schedule's shape
-    goes on from it."""
+    goes on from it. `layers`: which parameters train (by epoch, when unfrozen gradually)."""
     cfg = stage.config
     reg = cfg.regularization
-    run.dropout.set(reg.dropout)
+    model = task.model
+    run.dropout_of(model).set(reg.dropout)
     seed_everything(derive_seed(run.plan.seed, stage.name))
-    sampler = WindowSampler(run.data.train, stage.block_size, stage.batch_size,
-                            seed=derive_seed(run.plan.seed, stage.name, "data"))
+    sampler = task.sampler(stage.block_size, stage.batch_size, derive_seed(run.plan.seed, stage.name, "data"))
     progress = StageProgress(window_loss=torch.zeros((), device=run.device))
     control = StageControl(stage, track_swats)
     l1 = 0.0 if stage.optimizer == "sgd_l1" else reg.l1  # sgd_l1 applies L1 by its proximal step
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # all the optimizer holds (layers.hold)
 
     def restore(state: dict[str, Any], rollback: bool) -> None:
         """Continue from a checkpoint's state: everything the steps so far changed, exactly."""
@@ -145,11 +126,13 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
         control.load_state_dict(state["control"], state, keep_memory=rollback)
         spec = control.optimizer_spec
         if spec is not None:  # a rule switched the optimizer before this checkpoint
-            optimizer = build_optimizer(spec["name"], spec["settings"], run.model, l1=reg.l1)
+            layers.hold()
+            optimizer = build_optimizer(spec["name"], spec["settings"], model, l1=reg.l1, lr_scales=layers.scales)
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         progress.load_state_dict(state["progress"], run.device)
         set_rng_state(state["rng"])
+        layers.apply(sampler.epoch)
 
     started = window_started = time.perf_counter()
     timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
@@ -169,12 +152,13 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
         if control.best is not None:
             checkpoints.keep("best", control.best["step"])
     log_every = run.plan.log.every
-    run.model.train()
+    layers.apply(sampler.epoch)
+    model.train()
     run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + progress.step,
                    stage_step=progress.step, steps=stage.steps, optimizer=stage.optimizer,
-                   settings=stage.optimizer_settings, schedule=stage.config.schedule.name,
-                   block_size=stage.block_size, tokens_per_step=stage.tokens_per_step,
-                   dropout=sorted(run.dropout.rates()), key=stage.key)
+                   settings=stage.optimizer_settings, schedule=stage.config.schedule.name, task=task.kind,
+                   block_size=stage.block_size, tokens_per_step=stage.tokens_per_step, unit=task.unit,
+                   dropout=sorted(run.dropout_of(model).rates()), key=stage.key)
     run.view.stage_start(stage.name, stage.steps)
     if rollbacks and progress.step == 0:
         checkpoints.save(0, capture, keep="start")  # where a rollback goes when nothing later is good
@@ -186,18 +170,18 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
         epoch = sampler.epoch
         poisoned = control.corrupts(step, sampler.state_dict())
         update_loss = torch.zeros((), device=run.device)
-        for x, y, share in _micro_batches(sampler, stage):
+        for batch, share in _micro_batches(sampler, stage):
             if poisoned:
-                x, y = corrupt(x, run.data.vocab_size, step)
-            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-            loss = lm_loss(run, x, y)
+                batch = task.corrupt(batch, step)
+            batch = tuple(t.to(run.device, non_blocking=True) for t in batch)
+            loss = task.loss(batch)
             if (factor := control.fault(step, "loss_spike")) is not None:
                 loss = loss * factor
             if control.fault(step, "nan") is not None:
                 loss = loss * float("nan")
             (loss * share).backward()  # shares sum to 1: the gradient of the update's mean loss
             update_loss += loss.detach() * share
-        penalty = weight_penalty(run.model, l1, reg.l2)
+        penalty = weight_penalty(model, l1, reg.l2)
         if penalty is not None:
             penalty.backward()
         logging = (step + 1) % log_every == 0 or step + 1 == stage.steps
@@ -221,16 +205,19 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
         optimizer.zero_grad(set_to_none=True)
         progress.window_loss += update_loss
         progress.step, progress.window_steps, timed_steps = step + 1, progress.window_steps + 1, timed_steps + 1
+        if sampler.epoch != epoch and layers.gradual:
+            layers.apply(sampler.epoch)  # one more layer group from the next update on
 
         global_step = stage.start_step + step + 1
         attempt = {"attempt": control.attempt} if control.attempt else {}
         if logging:
             progress.train_loss = (progress.window_loss / progress.window_steps).item()
             now = time.perf_counter()
-            tok_s = timed_steps * stage.tokens_per_step / max(now - window_started, 1e-9)
-            info = {"lr": lr, "loss": progress.train_loss, "grad_norm": float(grad_norm), "tok_per_s": tok_s}
+            rate = timed_steps * stage.tokens_per_step / max(now - window_started, 1e-9)
+            info = {"lr": lr, "loss": progress.train_loss, "grad_norm": float(grad_norm),
+                    ("tok_per_s" if task.unit == "tokens" else "ex_per_s"): rate}
             run.logs.metric("train", step=global_step, stage=stage.name, stage_step=step + 1,
-                            tokens=stage.start_tokens + (step + 1) * stage.tokens_per_step, **attempt, **info)
+                            **{task.unit: stage.start_tokens + (step + 1) * stage.tokens_per_step}, **attempt, **info)
             run.view.step(stage.name, step + 1, stage.steps, global_step, info)
             progress.window_loss, progress.window_steps = torch.zeros_like(progress.window_loss), 0
             window_started, timed_steps = now, 0
@@ -240,16 +227,17 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
             ended = f"time budget of {control.until.time.minutes:g} min spent"  # type: ignore[union-attr]
         every = cfg.eval.every is not None and (step + 1) % cfg.eval.every == 0
         if (every or (sampler.epoch != epoch and cfg.eval.each_epoch)) and step + 1 < stage.steps:
-            progress.val_loss, progress.eval_step = _log_eval(run, stage, global_step, step + 1, attempt), step + 1
-            metrics = {"val_loss": progress.val_loss, "val_ppl": math.exp(min(progress.val_loss, 50.0)),
-                       "train_loss": progress.train_loss if progress.train_loss is not None else math.nan}
+            metrics = _log_eval(run, stage, task, global_step, step + 1, attempt)
+            progress.val_loss, progress.eval_step, progress.metrics = metrics["val_loss"], step + 1, dict(metrics)
+            metrics["train_loss"] = progress.train_loss if progress.train_loss is not None else math.nan
             on_eval, end, best = control.after_eval(step + 1, metrics)
             fired += on_eval
             ended = ended or end
             if best:
                 checkpoints.save(step + 1, capture, keep="best")
         for rule in fired:
-            optimizer, stop = _act(run, stage, control, optimizer, rule, restore, checkpoints, sampler, progress)
+            optimizer, stop = _act(run, stage, model, layers, control, optimizer, rule, restore, checkpoints, sampler,
+                                   progress)
             ended = ended or stop
         if ended is not None:
             progress.ended = ended
@@ -258,11 +246,13 @@ def train_stage(run: RunContext, stage: ResolvedStage, optimizer: torch.optim.Op
             run.view.print(f"[{stage.name}] ends early at step {progress.step}: {ended}")
         checkpoints(progress.step, capture)
     if progress.eval_step != progress.step:  # an evaluation that ended the stage early is not repeated
-        progress.val_loss = _log_eval(run, stage, stage.start_step + progress.step, progress.step,
-                                      {"attempt": control.attempt} if control.attempt else {})
+        progress.metrics = _log_eval(run, stage, task, stage.start_step + progress.step, progress.step,
+                                     {"attempt": control.attempt} if control.attempt else {})
+        progress.val_loss = progress.metrics["val_loss"]
     summary = StageSummary(stage=stage.name, optimizer=_optimizer_name(stage, control), steps=progress.step,
                            tokens=progress.step * stage.tokens_per_step, seconds=time.perf_counter() - started,
-                           train_loss=progress.train_loss, val_loss=progress.val_loss)
+                           train_loss=progress.train_loss, val_loss=progress.val_loss, unit=task.unit,
+                           metrics=progress.metrics)
     return StageOutcome(summary, optimizer, handoff_state(optimizer, stage, control))
 
 
@@ -309,8 +299,8 @@ def _go_back(run: RunContext, stage: ResolvedStage, control: StageControl, check
     sampler.skip(skip_batches * stage.micro_batches)
 
 
-def _act(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer: torch.optim.Optimizer,
-         fired: Fired, restore: Callable[[dict[str, Any], bool], None], checkpoints: Checkpoints,
+def _act(run: RunContext, stage: ResolvedStage, model: torch.nn.Module, layers: StageLayers, control: StageControl,
+         optimizer: torch.optim.Optimizer, fired: Fired, restore: Callable[[dict[str, Any], bool], None], checkpoints: Checkpoints,
          sampler: WindowSampler, progress: StageProgress) -> tuple[torch.optim.Optimizer, str | None]:
     """Carry out a rule's action; log it with the values that made it fire. Returns the optimizer
     (a new one after a switch) and why the stage ends, if it does."""
@@ -322,7 +312,7 @@ def _act(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer
         change = control.scale_lr(step, do.lr_scale.factor, do.lr_scale.min_lr)
         event.update(lr_from=change[0], lr_to=change[1]) if change else event.update(unchanged="at min_lr")
     elif do.switch is not None:
-        optimizer = _switch(run, stage, control, optimizer, do.switch, step, event)
+        optimizer = _switch(stage, model, layers, control, optimizer, do.switch, step, event)
     elif do.next_stage is not None:
         ended = f"rule {fired.index} ({fired.rule.when.kind} -> next_stage)"
     else:
@@ -337,8 +327,8 @@ def _act(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer
     return optimizer, ended
 
 
-def _switch(run: RunContext, stage: ResolvedStage, control: StageControl, optimizer: torch.optim.Optimizer,
-            switch: Any, step: int, event: dict[str, Any]) -> torch.optim.Optimizer:
+def _switch(stage: ResolvedStage, model: torch.nn.Module, layers: StageLayers, control: StageControl,
+            optimizer: torch.optim.Optimizer, switch: Any, step: int, event: dict[str, Any]) -> torch.optim.Optimizer:
     """A new optimizer for the rest of the stage; Adam's moment becomes SGD's momentum on `convert`."""
     settings = {k: v for k, v in OPTIMIZER_SETTINGS[switch.to].items() if v is not None}
     settings.update(switch.settings())
@@ -348,7 +338,11 @@ def _switch(run: RunContext, stage: ResolvedStage, control: StageControl, optimi
         lr = switch.lr if switch.lr is not None else control.lr(step)
     settings["lr"] = lr
     before = _optimizer_name(stage, control)
-    new = build_optimizer(switch.to, settings, run.model, l1=stage.config.regularization.l1)
+    epoch_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers.hold()
+    new = build_optimizer(switch.to, settings, model, l1=stage.config.regularization.l1, lr_scales=layers.scales)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in epoch_trainable)
     converted = convert_adam_to_sgd(optimizer, new) if switch.handoff == "convert" else 0
     control.optimizer_spec = {"name": switch.to, "settings": settings}
     control.set_lr(step, lr)
@@ -356,28 +350,17 @@ def _switch(run: RunContext, stage: ResolvedStage, control: StageControl, optimi
     return new
 
 
-@torch.no_grad()
-def evaluate(run: RunContext, stage: ResolvedStage) -> float:
-    """Token-weighted mean loss over the same validation batches every time."""
+def _log_eval(run: RunContext, stage: ResolvedStage, task: Task, global_step: int, stage_step: int,
+              attempt: dict[str, int]) -> dict[str, float]:
     limit = stage.config.eval.batches
-    val = WindowSampler(run.data.val, stage.block_size, stage.batch_size, seed=0, shuffle=False)
-    run.model.eval()
-    total, count = torch.zeros((), device=run.device), 0
-    for x, y in val.iter_eval(None if limit == "all" else limit):
-        x, y = x.to(run.device), y.to(run.device)
-        total += lm_loss(run, x, y) * y.numel()
-        count += y.numel()
-    run.model.train()
-    return (total / count).item()
-
-
-def _log_eval(run: RunContext, stage: ResolvedStage, global_step: int, stage_step: int,
-              attempt: dict[str, int]) -> float:
-    val_loss = evaluate(run, stage)
-    ppl = math.exp(val_loss) if val_loss < 50 else None  # JSON has no infinity
-    run.logs.metric("eval", step=global_step, stage=stage.name, stage_step=stage_step, **attempt,
-                    val_loss=val_loss, val_ppl=ppl)
-    run.logs.event("eval", stage=stage.name, step=global_step, val_loss=val_loss)
-    run.view.print(f"[{stage.name}] eval at step {stage_step}: val loss {val_loss:.4f}"
-                   + (f", ppl {ppl:.2f}" if ppl is not None else ""))
-    return val_loss
+    metrics = task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
+    task.model.train()
+    logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)
+              for k, v in metrics.items()}  # JSON has no infinity
+    run.logs.metric("eval", step=global_step, stage=stage.name, stage_step=stage_step, **attempt, **logged)
+    run.logs.event("eval", stage=stage.name, step=global_step, **logged)
+    shown = ", ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in logged.items()
+                      if v is not None and k != "val_loss")
+    run.view.print(f"[{stage.name}] eval at step {stage_step}: val loss {metrics['val_loss']:.4f}"
+                   + (f", {shown}" if shown else ""))
+    return metrics

@@ -18,24 +18,28 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from transformers import PreTrainedModel
+from torch import nn
 from transformers.utils import logging as hf_logging
 
 from stagewise.data.prepare import PreparedData, prepare_data
-from stagewise.data.tokenizers import eos_id, save_tokenizer, to_transformers
+from stagewise.data.tokenizers import eos_id, save_tokenizer
 from stagewise.engine.checkpoint import (CheckpointWriteError, InvalidCheckpoint, StageStore, load_checkpoint,
                                          save_checkpoint)
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_precision, seed_everything
-from stagewise.engine.loop import LanguageModelLoss, train_stage
+from stagewise.engine.loop import train_stage
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped, UserError
-from stagewise.models.build import DropoutControl, build_model, context_length, set_attention
+from stagewise.models.build import build_model, context_length, set_attention
 from stagewise.models.generate import sample
 from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
+from stagewise.optim.layers import StageLayers
 from stagewise.optim.optimizers import apply_settings, build_optimizer
-from stagewise.plan.resolve import ResolvedStage, pinned_steps, resolve_stages
+from stagewise.plan.resolve import ResolvedStage, StageData, pinned_steps, resolve_stages
 from stagewise.plan.schema import Plan
+from stagewise.tasks.base import Task
+from stagewise.tasks.export import labels_of, save_stage
+from stagewise.tasks.setup import LM_TASKS, StageSetup, carry_head, make_task, setup_stages
 from stagewise.track.logs import RunLogs
 from stagewise.track.progress import ProgressView, StageSummary
 
@@ -50,10 +54,16 @@ class Prepared:
 
     plan: Plan
     plan_path: Path
-    data: PreparedData
-    model: PreTrainedModel
+    data: PreparedData | None  # the plan's token streams and tokenizer (None with a word tokenizer)
+    setups: list[StageSetup]  # each stage's data and model, by stage index
     stages: list[ResolvedStage]
     cache_root: Path  # token cache and stage store
+    layers: list[StageLayers]  # each stage's trainable parameters and LR multiples, by stage index
+    root: nn.Module  # the plan's model: what a first or `from: init` stage starts from
+    initial: dict[str, torch.Tensor] | None  # its weights as built, when a stage starts `from: init`
+
+    def model(self, stage: ResolvedStage) -> nn.Module:
+        return self.setups[stage.index].model
 
     @property
     def total_steps(self) -> int:
@@ -65,25 +75,53 @@ class Prepared:
 
 def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
-        data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root)
+        lm_data = lm = None
+        if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
+            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root)
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
-        model = build_model(plan.model, data.vocab_size, eos_id(data.tokenizer), plan_path.parent)
         device = resolve_device(plan.device)
-        set_attention(model, plan.model.attention, plan.compile, device)
+        if lm_data is not None:
+            lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            set_attention(lm, plan.model.attention, plan.compile, device)
+        setups = setup_stages(plan, lm_data, lm, plan_path.parent)
+        _check_handoffs(plan, setups)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
-                    "data": data.fingerprint, "seed": plan.seed,
+                    "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
                     "precision": str(resolve_precision(plan.precision, device))}
-        stages = resolve_stages(plan, len(data.train), context_length(model), identity, where=str(plan_path))
+        layers = [StageLayers(s.model, c.layers.freeze, c.layers.unfreeze, c.layers.lr_factor, f"stages[{i}]")
+                  for i, (c, s) in enumerate(zip(plan.stages, setups, strict=True))]
+        sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
+        stages = resolve_stages(plan, sizes, context_length(lm) if lm is not None else None, identity,
+                                where=str(plan_path))
     except UserError as e:
         if e.where.split(".")[0].split("[")[0] in _PLAN_KEYS:  # a key path: name the plan file too
             raise UserError(f"{plan_path}: {e.where}", e.message) from None
         raise
     for stage in stages:
-        if len(data.val) - 1 < stage.block_size:
-            raise UserError(f"{plan_path}: data.val", f"the validation split has {len(data.val)} tokens: "
+        if stage.unit == "tokens" and len(lm_data.val) - 1 < stage.block_size:  # type: ignore[union-attr]
+            raise UserError(f"{plan_path}: data.val", f"the validation split has {len(lm_data.val)} tokens: "  # type: ignore[union-attr]
                                                       f"too few for one sequence of {stage.block_size} "
                                                       f"(stage '{stage.name}')")
-    return Prepared(plan, plan_path, data, model, stages, cache_root)
+    root = lm if lm is not None else setups[0].model
+    initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
+               if any(c.from_ == "init" for c in plan.stages) else None)
+    return Prepared(plan, plan_path, lm_data, setups, stages, cache_root, layers, root, initial)
+
+
+def _check_handoffs(plan: Plan, setups: list[StageSetup]) -> None:
+    """Optimizer state goes on only over the same parameters: the same model, the same layers."""
+    by_name = {cfg.name: (cfg, setup) for cfg, setup in zip(plan.stages, setups, strict=True)}
+    for i, (cfg, setup) in enumerate(zip(plan.stages, setups, strict=True)):
+        handoff = cfg.optimizer.handoff
+        if handoff == "reset" or cfg.from_ == "init":
+            continue
+        parent_cfg, parent = by_name[(cfg.from_ or "").partition("@")[0] or plan.stages[i - 1].name]
+        if setup.model is not parent.model:
+            raise UserError(f"stages[{i}].optimizer.handoff", f"{handoff} needs the parent's model; this stage "
+                                                             "trains a new head (use reset)")
+        if handoff == "carry" and cfg.layers != parent_cfg.layers:
+            raise UserError(f"stages[{i}].optimizer.handoff", "carry needs the parent's layers settings (the "
+                                                             "optimizer's parameter groups); use reset or convert")
 
 
 def stage_status(prepared: Prepared) -> dict[str, str]:
@@ -105,7 +143,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
           stop_after: int | None = None) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`. `stop_after`: stop as a signal would once this
     global step is done (for verify-resume and tests)."""
-    plan, model = prepared.plan, prepared.model
+    plan = prepared.plan
     if fresh:  # start over: forget this run and every stage of this plan in the store
         shutil.rmtree(run_dir, ignore_errors=True)
         for stage in prepared.stages:
@@ -113,32 +151,39 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     resumed = (run_dir / "events.jsonl").exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan.model_dump(mode="json", by_alias=True), sort_keys=False))
-    save_tokenizer(prepared.data.tokenizer, run_dir)
+    if prepared.data is not None:
+        save_tokenizer(prepared.data.tokenizer, run_dir)
 
     device = resolve_device(plan.device)
     dtype = resolve_precision(plan.precision, device)
-    model.to(device)
-    run = RunContext(
-        plan=plan, run_dir=run_dir, model=model,
-        loss=torch.compile(LanguageModelLoss(model)) if plan.compile else LanguageModelLoss(model),
-        device=device, autocast=autocast_factory(device, dtype),
-        data=prepared.data, dropout=DropoutControl(model), logs=RunLogs(run_dir),
-        view=ProgressView(prepared.total_steps, console))
+    models = list({id(s.model): s.model for s in prepared.setups}.values())
+    for model in models:
+        model.to(device)
+    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
+                     logs=RunLogs(run_dir), view=ProgressView(prepared.total_steps, console))
+    tasks: dict[tuple[int, int, str, int], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     try:
         run.logs.event("plan_start", plan=plan.name, device=str(device), resumed=resumed,
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
-                       parameters=sum(p.numel() for p in model.parameters()),
-                       attention=model.config._attn_implementation, compiled=plan.compile,
+                       parameters=sum(p.numel() for p in prepared.root.parameters()),
+                       attention=getattr(getattr(prepared.root, "config", None), "_attn_implementation", None),
+                       compiled=plan.compile,
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
-                                "tokens_per_step": s.tokens_per_step, "key": s.key} for s in prepared.stages])
+                                "tokens_per_step": s.tokens_per_step, "unit": s.unit, "task": s.config.task,
+                                "key": s.key} for s in prepared.stages])
         with StopRequest() as stop:
             state = _InMemory()
             pins = pinned_steps(prepared.stages)
             for stage in prepared.stages:
-                checkpointer = Checkpointer(run, stage, prepared.store(stage), pins[stage.name], stop, stop_after, hint)
-                summaries.append(_run_stage(run, prepared, stage, state, checkpointer))
+                setup = prepared.setups[stage.index]
+                task_key = (id(setup.model), id(setup.data), setup.task, stage.config.eval.beam)
+                if task_key not in tasks:
+                    tasks[task_key] = make_task(setup, stage.config, device, run.autocast, plan.compile)
+                checkpointer = Checkpointer(run, stage, setup.model, prepared.store(stage), pins[stage.name], stop,
+                                            stop_after, hint)
+                summaries.append(_run_stage(run, prepared, stage, tasks[task_key], state, checkpointer))
         run.logs.event("plan_end", plan=plan.name)
     except (RunStopped, KeyboardInterrupt) as e:
         run.logs.event("plan_interrupted", plan=plan.name, reason=str(e) or "interrupted")
@@ -150,8 +195,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         run.view.close()
         run.logs.close()
     run.view.summary(summaries)
-    if plan.sample is not None:
-        run.view.print(f"sample:\n{generate_sample(run)}")
+    last = prepared.setups[-1]
+    if plan.sample is not None and last.task in LM_TASKS and prepared.data is not None:
+        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data)}")
     return summaries
 
 
@@ -182,7 +228,7 @@ def _complete(store: StageStore, pins: set[int]) -> bool:
     return manifest is not None and {p for p in pins if p <= manifest["step"]} <= set(store.steps())
 
 
-def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state: _InMemory,
+def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, task: Task, state: _InMemory,
                checkpointer: Checkpointer) -> StageSummary:
     store = checkpointer.store
     with store.lock():  # a second process training the same stage waits here, then reuses it
@@ -193,26 +239,27 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: ResolvedStage, state:
             run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=stage.start_step,
                            steps=stage.steps, tokens_per_step=stage.tokens_per_step, val_loss=summary.val_loss)
             run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
-            _export(run, stage, store, state)
+            _export(run, prepared, stage, store, state)
             return summary
         missing = checkpointer.pins - set(store.steps())
-        resume = _resume_point(run, store, limit=min(missing, default=stage.steps))
+        resume = _resume_point(run, store, task.model, limit=min(missing, default=stage.steps))
         if resume is None:
             _load_parent(run, prepared, stage, state)
-        optimizer, start_lr = _hand_off(run, stage, state)
+        layers = prepared.layers[stage.index]
+        optimizer, start_lr = _hand_off(run, stage, task.model, layers, state, resuming=resume is not None)
         resumed_at = resume["progress"]["step"] if resume is not None else 0
         if resume is not None:
             run.logs.event("stage_resumed", stage=stage.name, step=stage.start_step + resumed_at, stage_step=resumed_at)
         attempt = resume["control"]["memory"]["attempt"] if resume is not None else 0
         run.logs.metrics.keep_only(lambda r: _logged_before(r, stage, resumed_at, attempt))
-        outcome = train_stage(run, stage, optimizer, checkpointer, resume, track_swats=stage.track_swats,
-                              start_lr=start_lr)
+        outcome = train_stage(run, stage, task, layers, optimizer, checkpointer, resume,
+                              track_swats=stage.track_swats, start_lr=start_lr)
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         state.hold((stage.key, None), stage, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=stage.start_step + stage.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
-        _export(run, stage, store, state)
+        _export(run, prepared, stage, store, state)
         return summary
 
 
@@ -228,14 +275,14 @@ def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int
     return record.get("stage_step", 0) <= resumed_at and not final_eval
 
 
-def _resume_point(run: RunContext, store: StageStore, limit: int) -> dict[str, Any] | None:
+def _resume_point(run: RunContext, store: StageStore, model: nn.Module, limit: int) -> dict[str, Any] | None:
     """Load the newest intact checkpoint at or before `limit` (weights into the model); a broken
     one is reported in one line and the one before it is used."""
     for step in reversed(store.steps()):
         if step > limit:
             continue
         try:
-            loaded, _ = load_checkpoint(store.step_dir(step), store.key, run.model)
+            loaded, _ = load_checkpoint(store.step_dir(step), store.key, model)
             return loaded
         except InvalidCheckpoint as e:
             run.logs.event("checkpoint_invalid", key=store.key, step=step, reason=str(e))
@@ -244,30 +291,46 @@ def _resume_point(run: RunContext, store: StageStore, limit: int) -> dict[str, A
 
 
 def _load_parent(run: RunContext, prepared: Prepared, stage: ResolvedStage, state: _InMemory) -> None:
-    """Put the parent's state (its end, or the step a branch starts from) into the model."""
-    if stage.parent is None:
-        return  # the first stage starts from the model as built (or loaded) by `prepare`
-    parent = next(s for s in prepared.stages if s.name == stage.parent)
-    marker = (parent.key, stage.parent_step)
-    if state.marker == marker:
-        return
-    store = prepared.store(parent)
-    directory = store.final_dir if stage.parent_step is None else store.step_dir(stage.parent_step)
-    try:
-        loaded, _ = load_checkpoint(directory, parent.key, run.model)
-    except InvalidCheckpoint as e:
-        raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
-                         "rerun with --fresh to retrain", code=2) from None
-    state.hold(marker, parent, loaded)
+    """Put the parent's state (its end, or the step a branch starts from) into the model; for a
+    new head, then carry the parent LM's backbone into it."""
+    setup = prepared.setups[stage.index]
+    if stage.parent is None:  # the plan's model as built (or loaded) by `prepare`
+        parent_model = prepared.root
+        if state.marker is not None:  # a `from: init` stage after others have trained it
+            assert prepared.initial is not None
+            parent_model.load_state_dict(prepared.initial)
+            state.marker, state.optimizer, state.optimizer_state = None, None, None
+    else:
+        parent = next(s for s in prepared.stages if s.name == stage.parent)
+        parent_model = prepared.model(parent)
+        marker = (parent.key, stage.parent_step)
+        if state.marker != marker:
+            store = prepared.store(parent)
+            directory = store.final_dir if stage.parent_step is None else store.step_dir(stage.parent_step)
+            try:
+                loaded, _ = load_checkpoint(directory, parent.key, parent_model)
+            except InvalidCheckpoint as e:
+                raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
+                                 "rerun with --fresh to retrain", code=2) from None
+            state.hold(marker, parent, loaded)
+    if setup.head:
+        carried = carry_head(setup, parent_model, f"stages[{stage.index}].task")
+        run.logs.event("head_attached", stage=stage.name, step=stage.start_step, carried_tensors=carried,
+                       classes=len(setup.data.label_map))
 
 
-def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> tuple[torch.optim.Optimizer, float | None]:
+def _hand_off(run: RunContext, stage: ResolvedStage, model: nn.Module, layers: StageLayers,
+              state: _InMemory, resuming: bool) -> tuple[torch.optim.Optimizer, float | None]:
     """The stage's optimizer and what it takes from the parent's: its state (carry), Adam's
     moment as SGD's momentum (convert), or nothing (reset); always logged, with the reason. And
-    the LR to start from when it is only known now (lr auto), else None."""
+    the LR to start from when it is only known now (lr auto), else None. `resuming`: the stage
+    continues from its own checkpoint, which train_stage loads into the optimizer."""
     l1 = stage.config.regularization.l1
     settings = dict(stage.optimizer_settings)
     where = {"stage": stage.name, "step": stage.start_step, "optimizer": stage.optimizer}
+    if resuming:  # the checkpoint holds the optimizer's state and the LR (lr auto's too): only its shape is needed
+        layers.hold()
+        return build_optimizer(stage.optimizer, settings, model, l1=l1, lr_scales=layers.scales), None
     start_lr = None
     if stage.auto_lr:
         momentum = settings.get("momentum", 0.0)
@@ -280,19 +343,20 @@ def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> tuple[
         run.logs.event("lr_auto", **where, lr=settings["lr"], swats_estimate=swats.corrected, swats_steps=swats.k)
     parent = state.optimizer
     spec = state.optimizer_spec
+    layers.hold()  # the optimizer holds every parameter the stage may train
     if parent is None and state.optimizer_state is not None and spec is not None and stage.handoff != "reset":
-        parent = build_optimizer(spec["name"], spec["settings"], run.model, l1=l1)
+        parent = build_optimizer(spec["name"], spec["settings"], model, l1=l1, lr_scales=layers.scales)
         parent.load_state_dict(state.optimizer_state)
     expected = {"carry": (stage.optimizer,), "convert": ("adam", "adamw"), "reset": None}[stage.handoff]
     if expected is not None and spec is not None and spec["name"] not in expected:
         run.logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
                                                           f"switched the parent to {spec['name']}")
-        return build_optimizer(stage.optimizer, settings, run.model, l1=l1), start_lr
+        return build_optimizer(stage.optimizer, settings, model, l1=l1, lr_scales=layers.scales), start_lr
     if stage.handoff == "carry" and parent is not None:
         apply_settings(parent, stage.optimizer, settings, l1=l1)
         run.logs.event("optimizer_carried", **where)
         return parent, start_lr
-    optimizer = build_optimizer(stage.optimizer, settings, run.model, l1=l1)
+    optimizer = build_optimizer(stage.optimizer, settings, model, l1=l1, lr_scales=layers.scales)
     if stage.handoff == "convert" and parent is not None:
         converted = convert_adam_to_sgd(parent, optimizer)
         run.logs.event("optimizer_converted", **where, converted_parameters=converted,
@@ -303,18 +367,20 @@ def _hand_off(run: RunContext, stage: ResolvedStage, state: _InMemory) -> tuple[
     return optimizer, start_lr
 
 
-def _export(run: RunContext, stage: ResolvedStage, store: StageStore, state: _InMemory) -> None:
-    """The stage's final weights in safetensors, as a directory `from_pretrained` loads."""
+def _export(run: RunContext, prepared: Prepared, stage: ResolvedStage, store: StageStore, state: _InMemory) -> None:
+    """The stage's final weights in safetensors, as a directory that can be used on its own
+    (tasks.export); `stagewise.json`, written last, marks it complete."""
     out = run.run_dir / "stages" / stage.name
     marker = out / "stagewise.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key:
         return
+    setup = prepared.setups[stage.index]
     if state.marker != (stage.key, None):  # a reused stage: its weights come from the store
-        loaded, _ = load_checkpoint(store.final_dir, stage.key, run.model)
+        loaded, _ = load_checkpoint(store.final_dir, stage.key, setup.model)
         state.hold((stage.key, None), stage, loaded)
-    run.model.save_pretrained(out)
-    to_transformers(run.data.tokenizer).save_pretrained(out)
-    marker.write_text(json.dumps({"key": stage.key, "stage": stage.name}))
+    save_stage(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
+    marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task,
+                                  "labels": labels_of(setup)}))
     run.logs.event("stage_saved", stage=stage.name, step=stage.start_step + stage.steps,
                    path=str(out.relative_to(run.run_dir)))
 
@@ -323,9 +389,9 @@ class Checkpointer:
     """Saves a stage's checkpoints into the store: every N steps / M minutes, at the steps branches
     start from, on a stop request (then stops the run), and at the stage's end."""
 
-    def __init__(self, run: RunContext, stage: ResolvedStage, store: StageStore, pins: set[int],
+    def __init__(self, run: RunContext, stage: ResolvedStage, model: nn.Module, store: StageStore, pins: set[int],
                  stop: StopRequest, stop_after: int | None, hint: str) -> None:
-        self.run, self.stage, self.store, self.pins = run, stage, store, pins
+        self.run, self.stage, self.model, self.store, self.pins = run, stage, model, store, pins
         self.stop, self.stop_after, self.hint = stop, stop_after, hint
         self.config = run.plan.checkpoint
         self.last_save = time.monotonic()
@@ -359,7 +425,7 @@ class Checkpointer:
 
     def load(self, step: int) -> dict[str, Any]:
         try:
-            loaded, _ = load_checkpoint(self.store.step_dir(step), self.store.key, self.run.model)
+            loaded, _ = load_checkpoint(self.store.step_dir(step), self.store.key, self.model)
         except InvalidCheckpoint as e:
             raise RunStopped(f"cannot go back to step {step} of stage '{self.stage.name}': {e}", code=1) from None
         return loaded
@@ -373,7 +439,7 @@ class Checkpointer:
 
     def _save(self, directory: Path, state: dict[str, Any], step: int, **meta: Any) -> None:
         try:
-            save_checkpoint(directory, self.run.model, state,
+            save_checkpoint(directory, self.model, state,
                             {"key": self.store.key, "stage": self.stage.name, "step": step, **meta})
         except CheckpointWriteError as e:
             raise RunStopped(f"{e}; the previous checkpoint is intact. Free space, then resume with: {self.hint}",
@@ -383,13 +449,13 @@ class Checkpointer:
                             stage_step=step, final=directory.name == "final")
 
 
-def generate_sample(run: RunContext) -> str:
+def generate_sample(run: RunContext, model: nn.Module, data: PreparedData) -> str:
     cfg = run.plan.sample
     assert cfg is not None
-    tok = run.data.tokenizer
+    tok = data.tokenizer
     ids = tok.encode(cfg.prompt).ids if cfg.prompt else [eos_id(tok)]
     gen = torch.Generator(device=run.device).manual_seed(run.plan.seed)
     with run.autocast() if run.device.type == "cuda" else contextlib.nullcontext():  # batch 1: fp32 is faster on CPU
-        out = sample(run.model, torch.tensor([ids], device=run.device), cfg.max_tokens,
-                     context_length(run.model), cfg.temperature, cfg.top_k, generator=gen)
+        out = sample(model, torch.tensor([ids], device=run.device), cfg.max_tokens,
+                     context_length(model), cfg.temperature, cfg.top_k, generator=gen)
     return tok.decode(out[0].tolist(), skip_special_tokens=True)

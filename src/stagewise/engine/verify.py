@@ -122,4 +122,4 @@ def metrics_difference(run_a: Path, run_b: Path) -> str | None:
 
 def _numbers(record: dict[str, Any]) -> dict[str, Any]:
     """A metrics line without its wall-clock figures, which no two runs share."""
-    return {k: v for k, v in record.items() if k != "tok_per_s"}
+    return {k: v for k, v in record.items() if k not in ("tok_per_s", "ex_per_s")}

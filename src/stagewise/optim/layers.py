@@ -69,3 +69,32 @@ def matching(model: nn.Module, patterns: list[str], where: str) -> set[str]:
                                              f"(e.g. {', '.join(names[:3])})")
         found.update(hits)
     return found
+
+
+class StageLayers:
+    """A stage's `layers` settings bound to its model: which parameters the optimizer holds (all
+    but the frozen ones, so gradual unfreezing can hand more of them gradients later), which
+    receive gradients in a given epoch, and each one's LR multiple."""
+
+    def __init__(self, model: nn.Module, freeze: list[str], unfreeze: str, lr_factor: float, where: str) -> None:
+        self.model = model
+        self.groups = layer_groups(model)
+        frozen = matching(model, freeze, f"{where}.layers.freeze") if freeze else set()
+        self.held = {name for group in self.groups for name in group} - frozen
+        if not self.held:
+            raise UserError(f"{where}.layers.freeze", "freezes every parameter: nothing would train")
+        self.gradual = unfreeze == "gradual"
+        self.scales = discriminative_scales(self.groups, lr_factor) if lr_factor != 1.0 else None
+
+    def hold(self) -> None:
+        """Before the optimizer is built: every parameter it is to hold requires grad."""
+        set_trainable(self.model, self.held)
+
+    def trainable(self, epoch: int) -> set[str]:
+        if not self.gradual:
+            return self.held
+        top = self.groups[len(self.groups) - unfrozen_count(len(self.groups), epoch):]
+        return self.held & {name for group in top for name in group}
+
+    def apply(self, epoch: int) -> None:
+        set_trainable(self.model, self.trainable(epoch))

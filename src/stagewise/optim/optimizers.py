@@ -127,6 +127,17 @@ def _group(name: str, params: list[nn.Parameter], **options: Any) -> dict[str, A
     return {"params": params, "group": name, "lr_scale": 1.0, **options}
 
 
+def _by_scale(groups: list[dict[str, Any]], scales: dict[int, float]) -> list[dict[str, Any]]:
+    """Each group split by its parameters' LR multiples (discriminative LRs), empty ones dropped."""
+    out = []
+    for group in groups:
+        by: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            by.setdefault(scales.get(id(p), 1.0), []).append(p)
+        out += [{**group, "params": params, "lr_scale": scale} for scale, params in sorted(by.items(), reverse=True)]
+    return out
+
+
 def _split(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     params = list(params)
     return [p for p in params if is_decayed(p)], [p for p in params if not is_decayed(p)]
@@ -142,9 +153,13 @@ def _muon_params(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Par
     return [p for p in trainable if p.dim() == 2 and id(p) not in excluded]
 
 
-def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: float = 0.0) -> torch.optim.Optimizer:
+def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: float = 0.0,
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """The optimizer `name` over `model`'s trainable parameters; `settings` is that optimizer's
-    complete settings dict (OPTIMIZER_SETTINGS keys, all filled); `l1` is sgd_l1's strength."""
+    complete settings dict (OPTIMIZER_SETTINGS keys, all filled); `l1` is sgd_l1's strength;
+    `lr_scales`: LR multiples by parameter name (optim.layers.discriminative_scales)."""
+    named = dict(model.named_parameters())
+    scales = {id(named[n]): v for n, v in (lr_scales or {}).items()}
     _check_settings(name, settings)
     if settings["lr"] is None:
         raise ValueError(f"optimizer '{name}' has no lr")
@@ -158,21 +173,21 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
         in_muon = {id(p) for p in muon}
         decay, no_decay = _split(p for p in trainable if id(p) not in in_muon)
         wd = settings["weight_decay"]
-        adamw_groups = [g for g in (_group("decay", decay, weight_decay=wd),
-                                    _group("no_decay", no_decay, weight_decay=0.0)) if g["params"]]
-        muon_groups = [_group("muon", muon, weight_decay=wd)] if muon else []
+        adamw_groups = _by_scale([_group("decay", decay, weight_decay=wd),
+                                  _group("no_decay", no_decay, weight_decay=0.0)], scales)
+        muon_groups = _by_scale([_group("muon", muon, weight_decay=wd)], scales)
         return MuonWithAdamW(muon_groups, adamw_groups, lr=lr, momentum=settings["momentum"],
                              nesterov=settings["nesterov"], weight_decay=wd,
                              betas=tuple(settings["betas"]), eps=settings["eps"])
 
     decay, no_decay = _split(trainable)
     if name == "sgd_l1":
-        groups = [_group("decay", decay, l1=l1), _group("no_decay", no_decay, l1=0.0)]
-        return ProximalSGD([g for g in groups if g["params"]], lr=lr, momentum=settings["momentum"], l1=l1)
+        groups = _by_scale([_group("decay", decay, l1=l1), _group("no_decay", no_decay, l1=0.0)], scales)
+        return ProximalSGD(groups, lr=lr, momentum=settings["momentum"], l1=l1)
 
     wd = settings["weight_decay"]
-    groups = [g for g in (_group("decay", decay, weight_decay=wd),
-                          _group("no_decay", no_decay, weight_decay=0.0)) if g["params"]]
+    groups = _by_scale([_group("decay", decay, weight_decay=wd), _group("no_decay", no_decay, weight_decay=0.0)],
+                       scales)
     # The fused kernels (one pass over each tensor, CPU and CUDA) are the fastest torch has.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
     if name in ("gd", "sgd"):

@@ -33,11 +33,12 @@ class ResolvedStage:
     steps: int  # optimizer updates in this stage
     start_step: int  # global step of this stage's first update
     start_tokens: int  # training tokens seen before this stage
-    block_size: int  # tokens per sequence
-    batch_size: int  # sequences per micro-batch
+    block_size: int  # tokens per sequence (causal_lm); 1 for the example-level tasks
+    batch_size: int  # sequences (examples) per micro-batch
     micro_batches: int  # micro-batches per update (1 + accumulation, or a whole pass when full)
     full_batch: bool
-    windows_per_epoch: int  # training sequences in one pass over the data
+    windows_per_epoch: int  # training sequences (examples) in one pass over the data
+    unit: str = "tokens"  # what the stage counts: tokens (causal_lm) or examples
 
     @property
     def name(self) -> str:
@@ -49,6 +50,7 @@ class ResolvedStage:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens (examples, for the example-level tasks) per update."""
         if self.full_batch:
             return self.windows_per_epoch * self.block_size
         return self.batch_size * self.micro_batches * self.block_size
@@ -58,13 +60,23 @@ class ResolvedStage:
         return lr_at(self.config.schedule, step, self.steps, self.peak_lr)
 
 
-def resolve_stages(plan: Plan, n_train_tokens: int, context_length: int, identity: dict[str, Any],
+@dataclass(frozen=True)
+class StageData:
+    """What resolution needs of a stage's data: its size and what identifies it."""
+
+    n_train: int  # tokens (causal_lm) or examples in the training split
+    unit: str  # "tokens" | "examples"
+    fingerprint: str  # of the encoded data (causal_lm: in `identity` already)
+
+
+def resolve_stages(plan: Plan, data: list[StageData], context_length: int | None, identity: dict[str, Any],
                    where: str) -> list[ResolvedStage]:
-    """`identity`: what besides the stages decides the weights (model, tokenizer, data, seed, ...)."""
+    """`data`: each stage's; `context_length`: the causal LM's, if any; `identity`: what besides
+    the stages decides the weights (model, tokenizer, data, seed, ...)."""
     stages: list[ResolvedStage] = []
     swats = _swats_needed(plan)
     for i, cfg in enumerate(plan.stages):
-        stages.append(_resolve_one(i, cfg, stages, n_train_tokens, context_length, identity, where, swats))
+        stages.append(_resolve_one(i, cfg, stages, data[i], context_length, identity, where, swats))
     return stages
 
 
@@ -75,7 +87,7 @@ def _swats_needed(plan: Plan) -> set[str]:
         if any(r.when.swats is not None or (r.do.switch is not None and r.do.switch.lr == "auto")
                for r in cfg.all_rules()):
             needed.add(cfg.name)
-        if cfg.optimizer.lr == "auto" and i > 0:
+        if cfg.optimizer.lr == "auto" and i > 0 and cfg.from_ != "init":
             needed.add(cfg.from_.partition("@")[0] if cfg.from_ else plan.stages[i - 1].name)
     return needed
 
@@ -92,6 +104,8 @@ def pinned_steps(stages: list[ResolvedStage]) -> dict[str, set[int]]:
 def _parent(cfg: StageConfig, earlier: list[ResolvedStage], fail: Any) -> tuple[ResolvedStage | None, int | None]:
     if cfg.from_ is None:
         return (earlier[-1] if earlier else None), None
+    if cfg.from_ == "init":
+        return None, None
     name, _, step = cfg.from_.partition("@")
     by_name = {s.name: s for s in earlier}
     if name not in by_name:
@@ -102,8 +116,8 @@ def _parent(cfg: StageConfig, earlier: list[ResolvedStage], fail: Any) -> tuple[
     return parent, (int(step) if step and int(step) != parent.steps else None)
 
 
-def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train_tokens: int,
-                 context_length: int, identity: dict[str, Any], where: str, swats: set[str]) -> ResolvedStage:
+def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], data: StageData,
+                 context_length: int | None, identity: dict[str, Any], where: str, swats: set[str]) -> ResolvedStage:
     path = f"stages[{i}]"
 
     def fail(key: str, message: str) -> UserError:
@@ -112,13 +126,23 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
     parent, parent_step = _parent(cfg, earlier, fail)
     branch_at = parent.steps if parent and parent_step is None else parent_step
 
-    block = cfg.batch.block_size or context_length
-    if block > context_length:
-        raise fail("batch.block_size", f"must be <= the model's context length {context_length} (got {block})")
-    windows = (n_train_tokens - 1) // block
-    if windows < 1:
-        raise fail("batch.block_size", f"the training data has {n_train_tokens} tokens: too few for one "
-                                       f"sequence of {block}")
+    if data.unit == "tokens":
+        assert context_length is not None
+        block = cfg.batch.block_size or context_length
+        if block > context_length:
+            raise fail("batch.block_size", f"must be <= the model's context length {context_length} (got {block})")
+        windows = (data.n_train - 1) // block
+        if windows < 1:
+            raise fail("batch.block_size", f"the training data has {data.n_train} tokens: too few for one "
+                                           f"sequence of {block}")
+    else:  # examples: a batch is `size` examples, each cut to data.max_len
+        if cfg.batch.block_size is not None:
+            raise fail("batch.block_size", f"not used by task {cfg.task} (data.max_len cuts its examples)")
+        if cfg.tokens is not None:
+            raise fail("tokens", f"task {cfg.task} counts examples: give steps or epochs")
+        block, windows = 1, data.n_train
+    if cfg.layers.unfreeze == "gradual" and cfg.epochs is None:
+        raise fail("layers.unfreeze", "gradual unfreezing adds a layer group each epoch: give the stage epochs")
 
     name, settings, handoff = _optimizer(cfg, parent, fail)
     full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
@@ -160,6 +184,8 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
     numbers = {"optimizer": name, "settings": settings, "handoff": handoff, "steps": steps, "block_size": block,
                "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
+    if data.unit != "tokens":
+        numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
         numbers["track_swats"] = True
     # Evaluation only decides the weights when rules or `until` act on it.
@@ -174,7 +200,7 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], n_train
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
         start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
-        windows_per_epoch=windows)
+        windows_per_epoch=windows, unit=data.unit)
 
 
 def _metrics_used(cfg: StageConfig) -> list[tuple[str, str]]:

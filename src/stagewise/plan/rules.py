@@ -14,11 +14,16 @@ from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
 
 # Metrics known when rules are evaluated (after each evaluation): the validation loss and
 # perplexity, and the mean training loss since the previous log line; a classify stage's
-# accuracy and macro-F1. Which a stage reports depends on its task: TASK_METRICS.
-Metric = Literal["val_loss", "val_ppl", "train_loss", "val_accuracy", "val_macro_f1"]
+# accuracy and macro-F1, a seq2seq stage's BLEU and chrF, a tag stage's span F1. Which a stage
+# reports depends on its task: TASK_METRICS.
+Metric = Literal["val_loss", "val_ppl", "train_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf",
+                 "val_span_f1"]
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("val_loss", "val_ppl", "train_loss"),
+    "sft": ("val_loss", "val_ppl", "train_loss"),
     "classify": ("val_loss", "train_loss", "val_accuracy", "val_macro_f1"),
+    "seq2seq": ("val_loss", "train_loss", "val_bleu", "val_chrf"),
+    "tag": ("val_loss", "train_loss", "val_span_f1"),
 }
 Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]

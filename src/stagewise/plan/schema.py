@@ -28,6 +28,7 @@ def _duration(value: Any) -> int | float:
 
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
 Duration = Annotated[int | float, PlainValidator(_duration)]
+TaskName = Literal["causal_lm", "sft", "classify", "seq2seq", "tag"]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -171,11 +172,42 @@ class BatchConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Validation runs at the end of every stage, and also every N steps / each epoch."""
+    """Validation runs at the end of every stage, and also every N steps / each epoch.
+    `batches` limits causal_lm's validation windows; the fine-tuning tasks evaluate every
+    validation example. `beam`: seq2seq's decoding for BLEU / chrF (1: greedy)."""
 
     every: Annotated[int, Field(ge=1)] | None = None
     each_epoch: bool = False
     batches: Annotated[int, Field(ge=1)] | Literal["all"] = 50
+    beam: Annotated[int, Field(ge=1, le=16)] = 1
+
+
+class LayersConfig(Strict):
+    """Which parameters train, and how fast (optim.layers). `freeze`: glob patterns of parameter
+    names that get no gradient in this stage. `unfreeze: gradual`: ULMFiT's schedule, the top
+    layer group in the first epoch and one more group each epoch. `lr_factor`: discriminative
+    LRs, each layer group below the top one learns `lr_factor` times slower (ULMFiT: 2.6)."""
+
+    freeze: list[str] = []
+    unfreeze: Literal["all", "gradual"] = "all"
+    lr_factor: Annotated[float, Field(ge=1.0)] = 1.0
+
+
+class DataConfig(Strict):
+    """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
+    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
+
+    train: str | list[str]
+    val: str | list[str] | None = None
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1  # used when `val` is not given
+    # Columns: a name, or a 0-based index for a csv/tsv file without a header row.
+    field: str | int = "text"  # the text (causal_lm, classify)
+    label: str | int | None = None  # classify: the label column (default "label")
+    source: str | int | None = None  # seq2seq: the source column (default "source")
+    target: str | int | None = None  # seq2seq: the target column (default "target")
+    format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
+    max_len: Annotated[int, Field(ge=2)] | None = None  # fine-tuning tasks: tokens per example (cut)
+    pack: bool = False  # sft: pack several examples into one row
 
 
 class StageConfig(Strict):
@@ -183,8 +215,11 @@ class StageConfig(Strict):
     name: StageName
     # The parent: `NAME` (its end) or `NAME@STEP` (its checkpoint at that step); default: the
     # previous stage. A plan with branches is a tree.
+    # `init`: the model as built, before any stage (a second root, e.g. a baseline to compare with).
     from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$")] | None = Field(None, alias="from")
-    task: Literal["causal_lm"] = "causal_lm"
+    task: TaskName = "causal_lm"
+    data: DataConfig | None = None  # None: the plan's `data`
+    layers: LayersConfig = LayersConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     regularization: RegularizationConfig = RegularizationConfig()
@@ -240,28 +275,21 @@ class ModelConfig(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    kind: Literal["char", "byte", "bpe", "pretrained"]
-    vocab_size: Annotated[int, Field(ge=257)] | None = None  # bpe only: 256 bytes + end-of-text at least
+    # word: a word-level vocabulary of the training texts (the built-in bigru / transformer
+    # models of the fine-tuning tasks); the others are for transformers models.
+    kind: Literal["char", "byte", "bpe", "word", "pretrained"]
+    vocab_size: Annotated[int, Field(ge=257)] | None = None  # bpe, word (default 10000)
     path: str | None = None  # pretrained only: a directory or hub name
 
     @model_validator(mode="after")
     def _kind_settings(self) -> TokenizerConfig:
-        if (self.kind == "bpe") != (self.vocab_size is not None):
-            raise PydanticCustomError("setting_error", "required by kind 'bpe' and only by it", {"key": "vocab_size"})
+        if self.kind == "bpe" and self.vocab_size is None:
+            raise PydanticCustomError("setting_error", "required by kind 'bpe'", {"key": "vocab_size"})
+        if self.kind not in ("bpe", "word") and self.vocab_size is not None:
+            raise PydanticCustomError("setting_error", "only for kinds 'bpe' and 'word'", {"key": "vocab_size"})
         if (self.kind == "pretrained") != (self.path is not None):
             raise PydanticCustomError("setting_error", "required by kind 'pretrained' and only by it", {"key": "path"})
         return self
-
-
-class DataConfig(Strict):
-    """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
-    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
-
-    train: str | list[str]
-    val: str | list[str] | None = None
-    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1  # used when `val` is not given
-    field: str = "text"  # the text column of jsonl/csv/tsv/parquet files
-    format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
 
 
 class SampleConfig(Strict):
@@ -304,6 +332,9 @@ class Plan(Strict):
     def _unique_stage_names(self) -> Plan:
         seen: dict[str, int] = {}
         for i, stage in enumerate(self.stages):
+            if stage.name == "init":
+                raise PydanticCustomError("setting_error", "'init' is reserved (from: init is the model as built)",
+                                          {"key": ["stages", i, "name"]})
             if stage.name in seen:
                 raise PydanticCustomError(
                     "setting_error", "'{name}' is already the name of stages[{first}]",

@@ -4,6 +4,7 @@ data.sampler)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -45,16 +46,32 @@ class ExampleSampler:
         self._order = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63))
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        """The next batch; the last one of an epoch may be smaller (no example is dropped)."""
+        """The next batch; the last one of an epoch may be smaller (no example is dropped). The
+        epoch has advanced by the time its last batch is returned."""
+        index = self._order[self.position:self.position + self.batch_size]
+        self.position += index.numel()
         if self.position >= len(self.data):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation()
-        index = self._order[self.position:self.position + self.batch_size]
-        self.position += index.numel()
         return self.data.rows(index)
+
+    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The rest of the current epoch, batch by batch (a full-batch update)."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self.next_batch()
+
+    def skip(self, batches: int) -> None:
+        """Pass over the next `batches` batches without reading them."""
+        for _ in range(batches):
+            take = min(self.batch_size, len(self.data) - self.position)
+            self.position += take
+            if self.position >= len(self.data):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
 
     def batches_per_epoch(self) -> int:
         return -(-len(self.data) // self.batch_size)

@@ -2,10 +2,6 @@
 loss of a batch and the validation metrics (val_loss, val_accuracy, val_macro_f1). Batches come
 from tasks.batches.ExampleSampler over `Encoded`.
 
-This is the task side of the interface the engine is to call per stage (prepare -> batches with
-state_dict/load_state_dict; loss(model, batch); evaluate -> metrics dict). The engine does not
-call it yet: a stage's `task` is still causal_lm only (see the issue note).
-
 The model is any module mapping (input_ids=, attention_mask=) to logits (B, classes): the
 built-in models.bigru.BiGRUClassifier, or a transformers sequence-classification head on an LM
 backbone (models.heads.classifier_from_lm).
@@ -16,12 +12,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.tasks.base import ExampleTask
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
 from stagewise.tasks.labels import LabelMap
@@ -56,6 +54,7 @@ class ClassifyData:
     train: Encoded
     val: Encoded
     fingerprint: str  # of the records, the split and the tokenizer: part of the stage key
+    pad_id: int  # what pads the rows (a backbone's EOS; models.heads reads the last token before it)
 
 
 def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
@@ -80,7 +79,7 @@ def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *,
             digest.update(f"{label}\0{text}\n".encode())
     digest.update(tok.to_str().encode())
     digest.update(f"{max_len}\0{pad_id}".encode())
-    return ClassifyData(tok, label_map, encoded[0], encoded[1], digest.hexdigest())
+    return ClassifyData(tok, label_map, encoded[0], encoded[1], digest.hexdigest(), pad_id)
 
 
 def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -118,3 +117,17 @@ def majority_accuracy(data: ClassifyData) -> float:
     """The trivial baseline: always predict the most frequent training label."""
     majority = int(torch.bincount(data.train.labels).argmax())
     return float((data.val.labels == majority).float().mean())
+
+
+class ClassifyTask(ExampleTask):
+    kind = "classify"
+
+    def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: ClassifyData) -> None:
+        super().__init__(model, device, autocast, data.train, data.tokenizer.get_vocab_size())
+        self.data = data
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
+        return classify_loss(self.model, batch)
+
+    def metrics(self, batch_size: int) -> dict[str, float]:
+        return evaluate_classify(self.model, self.data.val, batch_size, self.device)

@@ -2,8 +2,7 @@
 (source, target) files -> word vocabularies per side -> teacher-forced batches, their loss,
 and validation BLEU / chrF (sacrebleu) with greedy or beam decoding.
 
-Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
-not call it yet. The target vocabulary keeps case (BLEU is case-sensitive); both sides split
+The target vocabulary keeps case (BLEU is case-sensitive); both sides split
 off punctuation; a decoded target is joined with spaces and then `detokenize`d (sacrebleu
 expects detokenized text, and its 13a tokenizer splits punctuation off again for scoring).
 """
@@ -11,6 +10,7 @@ expects detokenized text, and its 13a tokenizer splits punctuation off again for
 from __future__ import annotations
 
 import re
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from torch.nn import functional as F
 
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
+from stagewise.tasks.base import Batch, ExampleTask
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
 from stagewise.tasks.metrics import bleu, chrf
@@ -118,3 +119,19 @@ def evaluate_seq2seq(model: TransformerSeq2Seq, data: PairData, batch_size: int,
     references = list(data.val.references)
     return {"val_loss": total / count, "val_bleu": bleu(hypotheses, references),
             "val_chrf": chrf(hypotheses, references)}
+
+
+class Seq2SeqTask(ExampleTask):
+    kind = "seq2seq"
+
+    def __init__(self, model: TransformerSeq2Seq, device: torch.device, autocast: Any, data: PairData,
+                 beam: int, max_len: int) -> None:
+        super().__init__(model, device, autocast, data.train, data.src_tokenizer.get_vocab_size())
+        self.data, self.beam, self.max_len = data, beam, max_len
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
+
+    def metrics(self, batch_size: int) -> dict[str, float]:
+        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
+                                self.max_len, self.beam)

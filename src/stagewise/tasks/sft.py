@@ -1,13 +1,13 @@
 """The `sft` task: prompt/completion JSONL (or `messages` rendered with a chat template) ->
 (input_ids, labels) rows -> the loss over completion tokens only, and val_loss / val_ppl.
 
-Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
-not call it yet. The model is a transformers causal LM trained in an earlier stage.
+The model is a transformers causal LM, usually trained in an earlier stage.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.tasks.base import Batch, ExampleTask
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
 from stagewise.tasks.records import ChatTemplate, read_prompt_completion
@@ -76,3 +77,23 @@ def evaluate_sft(model: nn.Module, data: SftRows, batch_size: int, device: torch
     model.train(was_training)
     loss = total / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+class SftTask(ExampleTask):
+    kind = "sft"
+
+    def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: SftData, vocab_size: int) -> None:
+        super().__init__(model, device, autocast, data.train, vocab_size)
+        self.data = data
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        return sft_loss(self.model, batch)  # type: ignore[arg-type]
+
+    def metrics(self, batch_size: int) -> dict[str, float]:
+        return evaluate_sft(self.model, self.data.val, batch_size, self.device)
+
+    def corrupt(self, batch: Batch, step: int) -> Batch:
+        ids, labels = batch
+        g = torch.Generator().manual_seed(step)
+        bad = torch.randint(0, self.vocab_size, ids.shape, generator=g).to(ids.device)
+        return bad, torch.where(labels == IGNORE, labels, bad)

@@ -1,14 +1,14 @@
 """The `tag` task: CoNLL-style files -> word ids and tag ids -> per-word cross-entropy, and
 val_loss / val_span_f1 (exact typed spans, conlleval's rules: metrics.span_scores).
 
-Same interface as tasks.classify (batches from tasks.batches.ExampleSampler); the engine does
-not call it yet. The model maps (input_ids, attention_mask) to (B, T, tags) logits, such as
+The model maps (input_ids, attention_mask) to (B, T, tags) logits, such as
 models.bigru.BiGRUTagger.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.tasks.base import Batch, ExampleTask
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_tagging
 from stagewise.tasks.labels import LabelMap
@@ -86,3 +87,17 @@ def evaluate_tag(model: nn.Module, data: TagData, batch_size: int, device: torch
             gold.append([data.tag_map.decode(g) for g, m in zip(row_gold, row_mask, strict=True) if m])
     model.train(was_training)
     return {"val_loss": total / count, "val_span_f1": span_f1(predicted, gold)}
+
+
+class TagTask(ExampleTask):
+    kind = "tag"
+
+    def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: TagData) -> None:
+        super().__init__(model, device, autocast, data.train, data.vocab.get_vocab_size())
+        self.data = data
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        return tag_loss(self.model, batch)  # type: ignore[arg-type]
+
+    def metrics(self, batch_size: int) -> dict[str, float]:
+        return evaluate_tag(self.model, self.data, batch_size, self.device)

@@ -17,8 +17,8 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
                width: int = 72, height: int = 8) -> None:
     """`status`: per stage, what training will do with it (reuse / resume at step N / train)."""
     table = Table(title=f"plan {name}")
-    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization", "rules",
-                "status"):
+    for col in ("stage", "parent", "task", "optimizer", "schedule", "duration", "batch", "regularization / layers",
+                "rules", "status"):
         table.add_column(col)
     for s in stages:
         cfg = s.config
@@ -41,15 +41,16 @@ def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
     for c in range(cols):
         chunk = curve[c * n // cols:(c + 1) * n // cols]
         means.append(sum(chunk) / len(chunk))
-    starts = {s.start_step * cols // n for s in stages[1:]}
+    offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]  # the curve's order, not the plan's axis
+    starts = {o * cols // n for o in offsets[1:]}
     rows = []
     for r in range(height, 0, -1):
         line = "".join("█" if m / top * height >= r - 0.5 else ("|" if c in starts else " ")
                        for c, m in enumerate(means))
         rows.append(f"{top * r / height:9.2e} {line}")
     labels = [" "] * cols
-    for s in stages:
-        c = s.start_step * cols // n
+    for s, offset in zip(stages, offsets, strict=True):
+        c = offset * cols // n
         for i, ch in enumerate(s.name[: max(1, (s.steps * cols // n) - 1)]):
             if c + i < cols:
                 labels[c + i] = ch
@@ -94,6 +95,9 @@ def _duration(s: ResolvedStage) -> str:
 
 
 def _batch(s: ResolvedStage) -> str:
+    if s.unit != "tokens":
+        accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
+        return f"full ({s.windows_per_epoch} ex)" if s.full_batch else f"{s.batch_size}{accum} ex"
     if s.full_batch:
         return f"full ({s.windows_per_epoch} x {s.block_size})"
     accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
@@ -104,4 +108,12 @@ def _regularization(s: ResolvedStage) -> str:
     reg = s.config.regularization
     parts = [f"{k}={getattr(reg, k)}" for k in ("l1", "l2", "dropout", "grad_clip")
              if getattr(reg, k) not in (None, 0.0)]
-    return " ".join(parts) or "-"
+    layers = s.config.layers
+    lines = [" ".join(parts)] if parts else []
+    if layers.freeze:
+        lines.append("freeze " + ", ".join(layers.freeze))
+    if layers.unfreeze == "gradual":
+        lines.append("unfreeze gradual (+1 group/epoch)")
+    if layers.lr_factor != 1.0:
+        lines.append(f"lr /{layers.lr_factor:g} per group down")
+    return "\n".join(lines) or "-"

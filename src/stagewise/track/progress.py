@@ -4,7 +4,7 @@ and the summary table at the end."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -22,10 +22,19 @@ class StageSummary:
     train_loss: float | None
     val_loss: float | None
     reused: bool = False  # taken from the stage cache, not trained in this run
+    unit: str = "tokens"  # what `tokens` counts: tokens (causal_lm) or examples
+    metrics: dict[str, float] = field(default_factory=dict)  # the final evaluation's task metrics
 
     @property
     def perplexity(self) -> float | None:
+        if self.unit != "tokens" and "val_ppl" not in self.metrics:
+            return None
         return math.exp(self.val_loss) if self.val_loss is not None and self.val_loss < 50 else None
+
+    def task_metrics(self) -> str:
+        """The final evaluation's metrics beyond loss and perplexity (accuracy, F1, BLEU, ...)."""
+        return ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in self.metrics.items()
+                         if k not in ("val_loss", "val_ppl")) or "-"
 
 
 class ProgressView:
@@ -69,12 +78,15 @@ class ProgressView:
 
     def summary(self, rows: list[StageSummary]) -> None:
         table = Table(title="stages")
-        for col in ("stage", "optimizer", "steps", "tokens", "time", "train loss", "val loss", "val ppl"):
-            table.add_column(col, justify="left" if col in ("stage", "optimizer") else "right")
+        tasks = any(r.metrics.keys() - {"val_loss", "val_ppl"} for r in rows)
+        columns = ("stage", "optimizer", "steps", "seen", "time", "train loss", "val loss", "val ppl")
+        for col in columns + (("val metrics",) if tasks else ()):
+            table.add_column(col, justify="left" if col in ("stage", "optimizer", "val metrics") else "right")
         for r in rows:
-            table.add_row(r.stage, r.optimizer, str(r.steps), f"{r.tokens:,}",
-                          "reused" if r.reused else f"{r.seconds:.1f}s",
-                          _num(r.train_loss), _num(r.val_loss), _num(r.perplexity, 2))
+            cells = [r.stage, r.optimizer, str(r.steps), f"{r.tokens:,} {'tok' if r.unit == 'tokens' else 'ex'}",
+                     "reused" if r.reused else f"{r.seconds:.1f}s",
+                     _num(r.train_loss), _num(r.val_loss), _num(r.perplexity, 2)]
+            table.add_row(*cells, *((r.task_metrics(),) if tasks else ()))
         self.console.print(table)
 
 
@@ -91,6 +103,8 @@ def _format_info(info: dict[str, Any]) -> str:
             parts.append(f"lr {value:.2e}")
         elif key == "tok_per_s":
             parts.append(f"{value / 1000:.1f}k tok/s")
+        elif key == "ex_per_s":
+            parts.append(f"{value:.0f} ex/s")
         elif isinstance(value, float):
             parts.append(f"{key} {value:.4f}")
         else:
