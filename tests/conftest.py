@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,35 @@ def fit(model: torch.nn.Module, sampler: Any, loss_fn: Any, epochs: int, lr: flo
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+TAG_FILLER = "the a we saw went to and then later quite far from here".split()
+TAG_NAMES = ["Jordan", "Paris", "Alice Smith", "Bob", "Chad"]
+
+
+def conll_file(path: Path, n: int, seed: int) -> Path:
+    """'Mr X' tags X as PER, 'in X' as LOC: the same names are both, so only context decides."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        for _ in range(rng.randint(1, 3)):
+            lines += [f"{w} O" for w in rng.sample(TAG_FILLER, 2)]
+            cue, kind = rng.choice([("Mr", "PER"), ("in", "LOC")])
+            lines.append(f"{cue} O")
+            for i, word in enumerate(rng.choice(TAG_NAMES).split()):
+                lines.append(f"{word} {'B' if i == 0 else 'I'}-{kind}")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def reversal_file(path: Path, n: int) -> Path:
+    """sft rows: a random word of a..j as the prompt, the word reversed as the completion
+    (learnable, and not a unigram)."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 5)))
+        rows.append(json.dumps({"prompt": word, "completion": word[::-1]}))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path

@@ -3,14 +3,13 @@ beats the unigram baseline of the completions."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from conftest import reversal_file
 from stagewise.models.build import build_model
 from stagewise.plan.schema import ModelConfig
 from stagewise.tasks.batches import ExampleSampler
@@ -22,17 +21,6 @@ TOK = char_tokenizer("abcdefghij")
 EOS = TOK.token_to_id("<eos>")
 
 
-def _reversal_file(path: Path, n: int) -> Path:
-    """prompt: a random word; completion: the word reversed (learnable, and not a unigram)."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 5)))
-        rows.append(json.dumps({"prompt": word, "completion": word[::-1]}))
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
 def _gpt(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = ModelConfig(arch="gpt2", n_layer=2, n_head=2, n_embd=48, n_positions=16)
@@ -40,7 +28,7 @@ def _gpt(seed: int = 0) -> torch.nn.Module:
 
 
 def test_sft_loss_is_the_mean_over_completion_tokens_only(tmp_path: Path) -> None:
-    data = prepare_sft(_reversal_file(tmp_path / "r.jsonl", 20), TOK, EOS, max_len=16, val_fraction=0.2)
+    data = prepare_sft(reversal_file(tmp_path / "r.jsonl", 20), TOK, EOS, max_len=16, val_fraction=0.2)
     model = _gpt().eval()
     input_ids, labels = data.train.rows(torch.arange(6))
     logits = model(input_ids=input_ids).logits.float()
@@ -56,7 +44,7 @@ def test_sft_loss_is_the_mean_over_completion_tokens_only(tmp_path: Path) -> Non
 
 
 def test_sft_beats_the_unigram_baseline(tmp_path: Path) -> None:
-    data = prepare_sft(_reversal_file(tmp_path / "r.jsonl", 600), TOK, EOS, max_len=16, val_fraction=0.15)
+    data = prepare_sft(reversal_file(tmp_path / "r.jsonl", 600), TOK, EOS, max_len=16, val_fraction=0.15)
     targets = data.train.labels[data.train.labels != IGNORE]
     probs = torch.bincount(targets, minlength=TOK.get_vocab_size()).float() / targets.numel()
     val_targets = data.val.labels[data.val.labels != IGNORE]

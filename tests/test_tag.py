@@ -3,41 +3,20 @@ all-O tagger, context decides ambiguous words, and an unseen validation tag name
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fit
+from conftest import conll_file, fit
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUTagger
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.metrics import span_f1
 from stagewise.tasks.tag import evaluate_tag, prepare_tag, tag_loss
 
-FILLER = "the a we saw went to and then later quite far from here".split()
-NAMES = ["Jordan", "Paris", "Alice Smith", "Bob", "Chad"]
-
-
-def _conll(path: Path, n: int, seed: int) -> Path:
-    """'Mr X' tags X as PER, 'in X' as LOC: the same names are both, so only context decides."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        for _ in range(rng.randint(1, 3)):
-            lines += [f"{w} O" for w in rng.sample(FILLER, 2)]
-            cue, kind = rng.choice([("Mr", "PER"), ("in", "LOC")])
-            lines.append(f"{cue} O")
-            for i, word in enumerate(rng.choice(NAMES).split()):
-                lines.append(f"{word} {'B' if i == 0 else 'I'}-{kind}")
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
 def test_bigru_tagger_finds_spans_by_context(tmp_path: Path) -> None:
-    data = prepare_tag(_conll(tmp_path / "train.conll", 400, 0), val_path=_conll(tmp_path / "val.conll", 80, 1))
+    data = prepare_tag(conll_file(tmp_path / "train.conll", 400, 0), val_path=conll_file(tmp_path / "val.conll", 80, 1))
     gold = [[data.tag_map.decode(t) for t in row[row != -100].tolist()] for row in data.val.tags]
     assert span_f1([["O"] * len(g) for g in gold], gold) == 0.0  # the trivial tagger
     torch.manual_seed(0)

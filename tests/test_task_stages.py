@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED, tiny_plan, write_plan
+from conftest import SHARED, conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.run import Prepared, prepare, train
 from stagewise.engine.verify import state_difference
@@ -105,37 +105,6 @@ def _messages(path: Path, n: int, seed: int = 0) -> Path:
         rng.shuffle(words)
         rows.append(f"{label}\t{' '.join(words)}\n")
     path.write_text("".join(rows), encoding="utf-8")
-    return path
-
-
-NAMES = ["Jordan", "Paris", "Alice Smith", "Bob", "Chad"]
-WORDS = "the a we saw went to and then later quite far from here".split()
-
-
-def _conll(path: Path, n: int, seed: int) -> Path:
-    """'Mr X' tags X as PER, 'in X' as LOC: the same names are both, so only context decides."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        for _ in range(rng.randint(1, 3)):
-            lines += [f"{w} O" for w in rng.sample(WORDS, 2)]
-            cue, kind = rng.choice([("Mr", "PER"), ("in", "LOC")])
-            lines.append(f"{cue} O")
-            for i, word in enumerate(rng.choice(NAMES).split()):
-                lines.append(f"{word} {'B' if i == 0 else 'I'}-{kind}")
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
-def _reversals(path: Path, n: int) -> Path:
-    """sft rows: a random word of a..j as the prompt, the word reversed as the completion."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 5)))
-        rows.append(json.dumps({"prompt": word, "completion": word[::-1]}))
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
@@ -393,7 +362,7 @@ def test_seq2seq_stage_beats_copying_the_source(tmp_path: Path) -> None:
 
 
 def test_sft_after_causal_lm_lowers_the_completion_loss(tmp_path: Path, corpus: Path) -> None:
-    _reversals(tmp_path / "reverse.jsonl", 600)
+    reversal_file(tmp_path / "reverse.jsonl", 600)
     plan = tiny_plan(corpus, [
         {"name": "lm", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch": {"size": 16, "block_size": 32},
          "steps": 40},
@@ -418,8 +387,8 @@ def test_sft_after_causal_lm_lowers_the_completion_loss(tmp_path: Path, corpus: 
 
 
 def test_tag_stage_finds_spans_by_context(tmp_path: Path) -> None:
-    _conll(tmp_path / "train.conll", 400, 0)
-    _conll(tmp_path / "val.conll", 80, 1)
+    conll_file(tmp_path / "train.conll", 400, 0)
+    conll_file(tmp_path / "val.conll", 80, 1)
     plan = _plan([{"name": "adam", "task": "tag", "optimizer": {"name": "adam", "lr": 1e-2},
                    "batch": {"size": 16}, "epochs": 8}],
                  {"arch": "bigru", "embed_dim": 16, "hidden": 16}, {"kind": "word"},
@@ -429,12 +398,12 @@ def test_tag_stage_finds_spans_by_context(tmp_path: Path) -> None:
     gold = [[data.tag_map.decode(t) for t in row[row != -100].tolist()] for row in data.val.tags]
     # baselines: all O, and each word's most frequent training tag (names are PER and LOC alike)
     counts: dict[str, dict[str, int]] = {}
-    for words, tags in _read_conll(tmp_path / "train.conll"):
+    for words, tags in _readconll_file(tmp_path / "train.conll"):
         for word, tag in zip(words, tags, strict=True):
             counts.setdefault(word, {}).setdefault(tag, 0)
             counts[word][tag] += 1
     by_word = [[max(counts[w], key=lambda t: (counts[w][t], t)) if w in counts else "O" for w in words]
-               for words, _ in _read_conll(tmp_path / "val.conll")]
+               for words, _ in _readconll_file(tmp_path / "val.conll")]
     assert span_f1([["O"] * len(g) for g in gold], gold) == 0.0
     word_baseline = span_f1(by_word, gold)
     final = summaries[0].metrics
@@ -443,7 +412,7 @@ def test_tag_stage_finds_spans_by_context(tmp_path: Path) -> None:
     assert _evals(run_dir, "adam")[-1]["val_span_f1"] == final["val_span_f1"]
 
 
-def _read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
+def _readconll_file(path: Path) -> list[tuple[list[str], list[str]]]:
     sentences = []
     for block in path.read_text(encoding="utf-8").strip().split("\n\n"):
         pairs = [line.split() for line in block.splitlines()]
