@@ -41,23 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list the runs in a directory")
     runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
 
-    generate = sub.add_parser("generate", help="sample text from a trained stage")
+    generate = sub.add_parser("generate", help="run a trained stage on a prompt: continue it (causal_lm, sft), "
+                                               "classify, translate (seq2seq) or tag it")
     generate.add_argument("run", type=Path)
     generate.add_argument("--stage", help="default: the plan's last finished stage")
     generate.add_argument("--prompt", default="")
-    generate.add_argument("--max-tokens", type=int, default=200)
+    generate.add_argument("--max-tokens", type=int,
+                          help="tokens to generate (default: 200; seq2seq: the stage's data max_len)")
     generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--beam", type=int, default=1, help="seq2seq: beam width (1: greedy)")
 
-    evaluate = sub.add_parser("evaluate", help="loss and perplexity of a trained stage on a text file")
+    evaluate = sub.add_parser("evaluate", help="a trained stage's metrics on a file like its data (columns as "
+                                               "the plan names them)")
     evaluate.add_argument("run", type=Path)
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--stage", help="default: the plan's last finished stage")
+    evaluate.add_argument("--format", choices=("csv", "tsv", "jsonl"),
+                          help="classify, seq2seq: the file's format (default: told by its extension)")
+    evaluate.add_argument("--beam", type=int, help="seq2seq: beam width (default: the stage's eval.beam)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
-    export = sub.add_parser("export", help="a stage as a directory transformers' Auto classes load")
+    export = sub.add_parser("export", help="copy a stage's export: transformers models as a directory the Auto "
+                                           "classes load; built-in ones as weights, model.json and tokenizers")
     export.add_argument("run", type=Path)
     export.add_argument("--stage", required=True)
     export.add_argument("--to", type=Path, required=True)
@@ -150,13 +158,15 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.use import generate, stage_dir
+    from stagewise.use import generate, open_stage
 
-    if args.max_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
-            or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1")
-    text = generate(stage_dir(args.run, args.stage), args.prompt, args.max_tokens, args.temperature,
-                    args.top_k, args.top_p, args.seed)
+    if (args.max_tokens is not None and args.max_tokens < 1) or args.temperature < 0 \
+            or (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1) \
+            or args.beam < 1:
+        raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
+                                    "--beam >= 1")
+    text = generate(open_stage(args.run, args.stage), args.prompt, max_tokens=args.max_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, beam=args.beam)
     console.print(text, markup=False, highlight=False)
     return 0
 
@@ -164,16 +174,18 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from stagewise.use import evaluate, stage_dir
+    from stagewise.use import COUNTS, evaluate, open_stage
 
-    directory = stage_dir(args.run, args.stage)
-    metrics = evaluate(directory, args.data)
+    if args.beam is not None and args.beam < 1:
+        raise UserError("--beam", f"must be >= 1 (got {args.beam})")
+    stage = open_stage(args.run, args.stage)
+    metrics = evaluate(stage, args.data, args.format, args.beam)
     if args.json:
-        print(json.dumps({"stage": directory.name, **metrics}))
-    else:
-        ppl = "-" if metrics["perplexity"] is None else f"{metrics['perplexity']:.3f}"
-        console.print(f"{directory.name} on {args.data}: loss {metrics['loss']:.4f}, perplexity {ppl} "
-                      f"({metrics['tokens']:,} tokens)")
+        print(json.dumps({"stage": stage.name, "task": stage.task, **metrics}))
+        return 0
+    unit = next(k for k in COUNTS if k in metrics)
+    shown = ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in metrics.items() if k != unit)
+    console.print(f"{stage.name} on {args.data}: {shown} ({metrics[unit]:,} {unit})", markup=False, highlight=False)
     return 0
 
 
