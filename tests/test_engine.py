@@ -80,6 +80,8 @@ def test_run_files_and_exports_load_with_transformers(three_stage_run: tuple[Pat
     run_dir, _ = three_stage_run
     for name in ("plan.yaml", "tokenizer.json", "metrics.jsonl", "events.jsonl"):
         assert (run_dir / name).is_file()
+    # the resolved plan the run keeps is a plan: it loads back as the one that was run
+    assert load_plan(run_dir / "plan.yaml") == load_plan(run_dir.parent / "run.yaml")
     for stage in ("adam", "sgd", "cool"):
         assert (run_dir / "stages" / stage / "model.safetensors").is_file()
     # stage weights differ from stage to stage, and the export reproduces the final weights

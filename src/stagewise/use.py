@@ -28,7 +28,6 @@ from torch import nn
 from stagewise.data.tokenizers import eos_id
 from stagewise.errors import UserError
 from stagewise.models.generate import sample
-from stagewise.models.seq2seq import TransformerSeq2Seq
 from stagewise.plan.schema import DataConfig
 from stagewise.tasks.classify import Encoded, evaluate_classify, logits_of, prepare_classify
 from stagewise.tasks.encode import encode_classification, encode_seq2seq, encode_sft, encode_tagging
@@ -92,8 +91,8 @@ def open_stage(run: Path, stage: str | None) -> Stage:
     marker and its data settings from the run's plan."""
     directory = stage_dir(run, stage)
     plan = _plan(run)
-    # plan.yaml is a dump of the whole resolved plan (nulls included), which the plan schema does
-    # not take back as it is: only the data part is validated, for its defaults.
+    # Only the data part is validated (for its defaults): the rest of the plan is not needed, and
+    # its data paths are relative to the original plan's directory, not the run's.
     config = next(s for s in plan["stages"] if s["name"] == directory.name)
     try:
         data = DataConfig.model_validate(config.get("data") or plan["data"])
@@ -122,11 +121,13 @@ def export(run: Path, stage: str, to: Path) -> Path:
 
 def load(directory: Path, task: str = "causal_lm") -> tuple[Any, Any]:
     """(model, tokenizer) of a transformers export, as the Auto classes load them."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification, AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line of output is the point of these commands
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    auto = {"classify": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM,
+            "tag": AutoModelForTokenClassification}.get(task, AutoModelForCausalLM)
     model = auto.from_pretrained(directory)
     return model.eval(), AutoTokenizer.from_pretrained(directory)
 
@@ -156,25 +157,35 @@ def _classifier(stage: Stage) -> tuple[nn.Module, Tokenizer, int]:
     return model, _tokenizer(stage.directory / "tokenizer.json"), PAD_ID
 
 
-def _translator(stage: Stage, beam: int) -> tuple[TransformerSeq2Seq, PairData]:
+def _translator(stage: Stage, beam: int) -> tuple[nn.Module, PairData]:
     """The model and its vocabularies, as the PairData tasks.seq2seq decodes with; its rows are
     empty (an export keeps no data): `evaluate` puts a file's in. `beam`: the search it is for,
     checked here so a bad --beam is one line, not beam_search's ValueError."""
-    model, description = _builtin(stage)
-    assert isinstance(model, TransformerSeq2Seq)
-    if beam > model.out.out_features:
-        raise UserError("--beam", f"at most the target vocabulary's {model.out.out_features} tokens (got {beam})")
     none = torch.zeros(0, 0, dtype=torch.long)
     empty = PairRows(none, none, none, ())
-    data = PairData(_tokenizer(stage.directory / "source_tokenizer.json"),
-                    _tokenizer(stage.directory / "target_tokenizer.json"),
-                    description["bos_id"], description["eos_id"], empty, empty)
+    model: nn.Module
+    if (stage.directory / "config.json").is_file():  # t5, bart: one vocabulary for both sides
+        model, _ = load(stage.directory, "seq2seq")
+        vocab = _tokenizer(stage.directory / "tokenizer.json")
+        data = PairData(vocab, vocab, model.config.decoder_start_token_id, model.config.eos_token_id, empty, empty)
+        size = model.config.vocab_size
+    else:
+        model, description = _builtin(stage)
+        data = PairData(_tokenizer(stage.directory / "source_tokenizer.json"),
+                        _tokenizer(stage.directory / "target_tokenizer.json"),
+                        description["bos_id"], description["eos_id"], empty, empty)
+        size = model.out.out_features
+    if beam > size:
+        raise UserError("--beam", f"at most the target vocabulary's {size} tokens (got {beam})")
     return model, data
 
 
 def _tagger(stage: Stage) -> tuple[nn.Module, Tokenizer]:
     """The tagger and its word vocabulary (one id per word: tasks.vocab.word_vocab)."""
-    model, _ = _builtin(stage)
+    if (stage.directory / "config.json").is_file():
+        model, _ = load(stage.directory, "tag")
+    else:
+        model, _ = _builtin(stage)
     return model, _tokenizer(stage.directory / "tokenizer.json")
 
 
@@ -246,7 +257,7 @@ def _tag_text(stage: Stage, text: str) -> str:
     model, vocab = _tagger(stage)
     words = text.split()
     ids = torch.tensor([vocab.encode(words, is_pretokenized=True, add_special_tokens=False).ids])
-    tags = model(ids, torch.ones_like(ids)).argmax(dim=-1)[0].tolist()
+    tags = logits_of(model, ids, torch.ones_like(ids)).argmax(dim=-1)[0].tolist()
     return " ".join(f"{word}/{stage.labels.decode(tag)}" for word, tag in zip(words, tags, strict=True))
 
 

@@ -150,7 +150,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
             shutil.rmtree(prepared.store(stage).dir, ignore_errors=True)
     resumed = (run_dir / "events.jsonl").exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plan.yaml").write_text(yaml.safe_dump(plan.model_dump(mode="json", by_alias=True), sort_keys=False))
+    # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
+    resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+    (run_dir / "plan.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if prepared.data is not None:
         save_tokenizer(prepared.data.tokenizer, run_dir)
 
@@ -180,7 +182,8 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                 setup = prepared.setups[stage.index]
                 task_key = (id(setup.model), id(setup.data), setup.task, stage.config.eval.beam)
                 if task_key not in tasks:
-                    tasks[task_key] = make_task(setup, stage.config, device, run.autocast, plan.compile)
+                    tasks[task_key] = make_task(setup, stage.config, stage.config.data or plan.data, device,
+                                                run.autocast, plan.compile)
                 checkpointer = Checkpointer(run, stage, setup.model, prepared.store(stage), pins[stage.name], stop,
                                             stop_after, hint)
                 summaries.append(_run_stage(run, prepared, stage, tasks[task_key], state, checkpointer))

@@ -59,15 +59,17 @@ class ClassifyData:
 
 def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
                      val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = 128,
-                     seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID) -> ClassifyData:
+                     seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID,
+                     fmt: str | None = None) -> ClassifyData:
     """Read and encode the records. Without `val_path`, a seeded shuffle holds out `val_fraction`
     of the training file (SMS spam is ordered by nothing, but other files are often sorted by
     label, so a tail split would be one class). `tokenizer` None: a word vocabulary built from
     the training texts (the BiGRU recipe); a backbone's own tokenizer otherwise, with `pad_id`
-    its EOS (the GPT-2 head finds each row's last token by it: see models.heads)."""
-    records = read_labeled(train_path, text_field, label_field)
+    its EOS (the GPT-2 head finds each row's last token by it: see models.heads). `fmt`: csv,
+    tsv or jsonl for both files (None: told by their extensions)."""
+    records = read_labeled(train_path, text_field, label_field, fmt)
     if val_path is not None:
-        train, val = records, read_labeled(val_path, text_field, label_field)
+        train, val = records, read_labeled(val_path, text_field, label_field, fmt)
     else:
         train, val = split_records(records, val_fraction, seed)
     tok = tokenizer if tokenizer is not None else word_tokenizer((t for t, _ in train), vocab_size)
@@ -89,8 +91,9 @@ def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, classes) fp32 logits from a built-in model (a tensor) or a transformers head (an
-    output object); by keyword, since a transformers model's second positional is its cache."""
+    """fp32 logits, (B, classes) or per token (B, T, tags), from a built-in model (a tensor) or a
+    transformers head (an output object); by keyword, since a transformers model's second
+    positional is its cache."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     return getattr(out, "logits", out).float()
 

@@ -13,9 +13,11 @@ from safetensors.torch import save_model
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from stagewise.data.tokenizers import EOS_NAMES, to_transformers
+from stagewise.data.tokenizers import to_transformers
 from stagewise.plan.schema import ModelConfig
+from stagewise.tasks.seq2seq import BOS, EOS
 from stagewise.tasks.setup import StageSetup, model_sizes
+from stagewise.tasks.vocab import PAD, UNK
 
 BUILTIN_FILE = "model.json"
 
@@ -36,8 +38,13 @@ def save_stage(setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: Mod
             model.config.id2label = dict(enumerate(labels))
             model.config.label2id = {label: i for i, label in enumerate(labels)}
         model.save_pretrained(out)
-        tok = lm_tokenizer if setup.lm_based else setup.data.tokenizer
-        _transformers_tokenizer(tok).save_pretrained(out)
+        if setup.lm_based:
+            assert lm_tokenizer is not None
+            to_transformers(lm_tokenizer).save_pretrained(out)
+        elif setup.task == "seq2seq":  # t5, bart: one vocabulary for both sides
+            _word_tokenizer(setup.data.tgt_tokenizer, bos_token=BOS, eos_token=EOS).save_pretrained(out)
+        else:  # a classifier or tagger from config (bert): its word vocabulary
+            _word_tokenizer(setup.data.tokenizer if setup.task == "classify" else setup.data.vocab).save_pretrained(out)
         return
     save_model(model, str(out / "model.safetensors"))
     description: dict[str, Any] = {"task": setup.task, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
@@ -51,9 +58,7 @@ def save_stage(setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: Mod
     (out / BUILTIN_FILE).write_text(json.dumps(description, indent=1))
 
 
-def _transformers_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    if any(tok.token_to_id(name) is not None for name in EOS_NAMES):
-        return to_transformers(tok)
-    # a word vocabulary (a bert classifier built from config): padding and unknown words only
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tok.id_to_token(0),
-                                   unk_token=tok.id_to_token(1))
+def _word_tokenizer(tok: Tokenizer, **special: str) -> PreTrainedTokenizerFast:
+    """A word vocabulary (tasks.vocab) as AutoTokenizer loads it: padding, unknown words and the
+    given special tokens declared."""
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, **special)

@@ -5,7 +5,8 @@ stage) trains the plan's `model` as built, and a `classify` stage whose parent t
 (causal_lm or sft) puts a classification head on it: the LM's backbone weights carry over by name
 (models.heads), the head starts fresh. Tasks that share a model: causal_lm and sft (a
 transformers causal LM); classify (bigru, or a transformers sequence classifier such as bert);
-seq2seq (the built-in `transformer`); tag (the built-in `bigru` tagger).
+seq2seq (the built-in `transformer`, or a transformers t5 / bart from config); tag (the built-in
+`bigru` tagger).
 
 Data: a stage reads its own `data` or else the plan's. causal_lm and sft use the plan's tokenizer
 (trained on the plan's data); the built-in models use `kind: word` vocabularies built from their
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
@@ -32,12 +34,15 @@ from stagewise.models.heads import carry_weights, classifier_from_lm
 from stagewise.models.seq2seq import TransformerSeq2Seq
 from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import Task
-from stagewise.tasks.classify import ClassifyData, ClassifyTask, prepare_classify
+from stagewise.tasks.classify import ClassifyTask, prepare_classify
 from stagewise.tasks.lm import LanguageModelTask
 from stagewise.tasks.records import Field
+from stagewise.tasks.seq2seq import MAX_LEN as SEQ2SEQ_MAX_LEN
 from stagewise.tasks.seq2seq import PairData, Seq2SeqTask, prepare_seq2seq
 from stagewise.tasks.sft import SftData, SftTask, prepare_sft
-from stagewise.tasks.tag import TagData, TagTask, prepare_tag
+from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.tag import TagTask, prepare_tag
+from stagewise.tasks.vocab import PAD_ID
 
 LM_TASKS = ("causal_lm", "sft")
 BUILTIN = {"bigru": {"classify": BiGRUClassifier, "tag": BiGRUTagger}, "transformer": {"seq2seq": TransformerSeq2Seq}}
@@ -128,7 +133,9 @@ def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
     return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
 
 
-def make_task(setup: StageSetup, cfg: StageConfig, device: torch.device, autocast: Any, compile: bool) -> Task:
+def make_task(setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device, autocast: Any,
+              compile: bool) -> Task:
+    """The stage's task; `data_cfg`: the data it reads (its own or the plan's)."""
     if setup.task == "causal_lm":
         return LanguageModelTask(setup.model, device, autocast, setup.data, compile)
     if setup.task == "sft":
@@ -137,7 +144,7 @@ def make_task(setup: StageSetup, cfg: StageConfig, device: torch.device, autocas
         return ClassifyTask(setup.model, device, autocast, setup.data)
     if setup.task == "seq2seq":
         return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam,  # type: ignore[arg-type]
-                           cfg.data.max_len if cfg.data and cfg.data.max_len else 64)
+                           data_cfg.max_len or SEQ2SEQ_MAX_LEN)
     return TagTask(setup.model, device, autocast, setup.data)
 
 
@@ -163,6 +170,7 @@ def _prepare(cfg: StageConfig, data_cfg: DataConfig, lm: PreparedData | None, pl
     for path in (train, val):
         if path is not None:
             digest.update(path.read_bytes())
+    fmt = _table_format(cfg.task, data_cfg, data_where)
     common: dict[str, Any] = {"val_path": val, "val_fraction": data_cfg.val_fraction, "seed": plan.seed}
     if data_cfg.max_len is not None:
         common["max_len"] = data_cfg.max_len
@@ -178,15 +186,32 @@ def _prepare(cfg: StageConfig, data_cfg: DataConfig, lm: PreparedData | None, pl
         if lm_based:
             assert lm is not None
             digest.update(lm.fingerprint.encode())
-            data = prepare_classify(train, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer), **common)
+            data = prepare_classify(train, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer),
+                                    fmt=fmt, **common)
         else:
-            data = prepare_classify(train, text, label, vocab_size=vocab, **common)
+            data = prepare_classify(train, text, label, vocab_size=vocab, fmt=fmt, **common)
     elif cfg.task == "seq2seq":
+        # t5 and bart embed both sides with one table: one vocabulary of sources and targets
         data = prepare_seq2seq(train, _field(data_cfg.source, "source"), _field(data_cfg.target, "target"),
-                               vocab_size=vocab, **common)
+                               vocab_size=vocab, fmt=fmt, shared_vocab=plan.model.arch not in BUILTIN, **common)
     else:
         data = prepare_tag(train, vocab_size=vocab, **common)
     return data, digest.hexdigest()
+
+
+def _table_format(task: str, cfg: DataConfig, where: str) -> str | None:
+    """classify and seq2seq read csv, tsv or jsonl (auto: told by the extension); sft reads JSONL
+    and tag CoNLL files, whatever their names."""
+    tables = task in ("classify", "seq2seq")
+    allowed = ("auto", "csv", "tsv", "json") if tables else ("auto", "json") if task == "sft" else ("auto",)
+    if cfg.format not in allowed:
+        raise UserError(f"{where}.format", f"a {task} stage reads {_READS[task]}: format "
+                                           f"{' or '.join(allowed)} (got '{cfg.format}')")
+    return {"auto": None, "json": "jsonl"}.get(cfg.format, cfg.format) if tables else None
+
+
+_READS = {"classify": "csv, tsv or jsonl files", "seq2seq": "csv, tsv or jsonl files", "sft": "JSONL files",
+          "tag": "CoNLL files"}
 
 
 def _field(value: Field | None, default: str) -> Field:
@@ -238,9 +263,11 @@ def _root_model(cfg: ModelConfig, task: str, data: Any) -> nn.Module:
             raise UserError("model.arch", f"'{arch}' is a model for {' and '.join(BUILTIN[arch])}, not {task}")
         return _builtin(BUILTIN[arch][task], arch, cfg.size_keys(), model_sizes(task, data))
     if task == "classify":
-        return _transformers_classifier(arch, cfg.size_keys(), data)
-    known = sorted(a for a, tasks in BUILTIN.items() if task in tasks)
-    raise UserError("model.arch", f"task {task} trains the built-in {' or '.join(known)} (got '{arch}')")
+        return _transformers_head(arch, cfg.size_keys(), task, data.tokenizer, data.label_map)
+    if task == "tag":
+        return _transformers_head(arch, cfg.size_keys(), task, data.vocab, data.tag_map)
+    assert task == "seq2seq", task  # causal LMs are built by models.build
+    return _transformers_seq2seq(arch, cfg.size_keys(), data)
 
 
 def model_sizes(task: str, data: Any) -> dict[str, int]:
@@ -262,20 +289,54 @@ def _builtin(cls: type[nn.Module], arch: str, keys: dict[str, Any], sizes: dict[
         raise UserError("model", f"{arch} refused its settings: {e}") from None
 
 
-def _transformers_classifier(arch: str, keys: dict[str, Any], data: ClassifyData) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with the seq2seq task
 
-    if arch not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+
+def _transformers_head(arch: str, keys: dict[str, Any], task: str, vocab: Tokenizer, labels: LabelMap) -> nn.Module:
+    """A sequence classifier (classify) or token classifier (tag), e.g. bert, on the stage's word
+    vocabulary (a tagger: one position per word), its labels named in the config."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers.models.auto import modeling_auto
+
+    if task == "classify":
+        auto, names, head = (AutoModelForSequenceClassification,
+                             modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "sequence")
+    else:
+        auto, names, head = (AutoModelForTokenClassification,
+                             modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "token")
+    if arch not in names:
         raise UserError("model.arch", f"'{arch}' is neither a built-in model nor a transformers architecture "
-                                      "with a sequence-classification head")
-    n = len(data.label_map)
+                                      f"with a {head}-classification head")
+    id2label = dict(enumerate(labels.labels))
+    return _from_config(auto, arch, keys, vocab_size=vocab.get_vocab_size(), num_labels=len(id2label),
+                        pad_token_id=PAD_ID, id2label=id2label, label2id={v: i for i, v in id2label.items()})
+
+
+def _transformers_seq2seq(arch: str, keys: dict[str, Any], data: PairData) -> nn.Module:
+    """t5 or bart from config, on the stage's shared source/target vocabulary; decoding starts
+    with its BOS and ends at its EOS (and nothing is forced: bart's default forces EOS at the
+    length limit, which the built-in decoders do not)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    if arch not in SEQ2SEQ_ARCHS:
+        raise UserError("model.arch", f"task seq2seq trains the built-in transformer or a transformers "
+                                      f"{' or '.join(SEQ2SEQ_ARCHS)} from config (got '{arch}')")
+    assert data.src_tokenizer is data.tgt_tokenizer, "transformers encoder-decoders share one vocabulary"
+    return _from_config(AutoModelForSeq2SeqLM, arch, keys, vocab_size=data.tgt_tokenizer.get_vocab_size(),
+                        pad_token_id=PAD_ID, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
+                        decoder_start_token_id=data.bos_id, forced_eos_token_id=None)
+
+
+def _from_config(auto: Any, arch: str, keys: dict[str, Any], **set_by_data: Any) -> nn.Module:
+    """A transformers model of `arch` built from config: the plan's size keys, plus what the
+    data sets (vocabulary, labels, special tokens), which the plan may not override."""
+    from transformers import AutoConfig
+
+    for key in sorted(keys):
+        if key in set_by_data:
+            raise UserError(f"model.{key}", "set by the stage's data, not by the plan")
     try:
-        config = AutoConfig.for_model(arch, vocab_size=data.tokenizer.get_vocab_size(), num_labels=n,
-                                      pad_token_id=0, **keys)
+        config = AutoConfig.for_model(arch, **set_by_data, **keys)
     except (TypeError, ValueError) as e:
         raise UserError("model", f"{arch} config refused: {e}") from None
-    config.id2label = {i: label for i, label in enumerate(data.label_map.labels)}
-    config.label2id = {label: i for i, label in config.id2label.items()}
-    return AutoModelForSequenceClassification.from_config(config)
-
+    return auto.from_config(config)

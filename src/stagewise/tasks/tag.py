@@ -1,15 +1,15 @@
 """The `tag` task: CoNLL-style files -> word ids and tag ids -> per-word cross-entropy, and
 val_loss / val_span_f1 (exact typed spans, conlleval's rules: metrics.span_scores).
 
-The model maps (input_ids, attention_mask) to (B, T, tags) logits, such as
-models.bigru.BiGRUTagger.
+The model maps (input_ids, attention_mask) to (B, T, tags) logits: models.bigru.BiGRUTagger, or
+a transformers token-classification model (e.g. bert) built from config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from stagewise.tasks.base import Batch, ExampleTask
 from stagewise.tasks.batches import split_records
+from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import span_f1
@@ -64,7 +65,7 @@ def prepare_tag(train_path: Path, *, val_path: Path | None = None, val_fraction:
 def tag_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the words of the batch."""
     input_ids, mask, tags = batch
-    logits = model(input_ids, mask).float()
+    logits = logits_of(model, input_ids, mask)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tags.reshape(-1), ignore_index=IGNORE)
 
 
@@ -81,7 +82,7 @@ def evaluate_tag(model: nn.Module, data: TagData, batch_size: int, device: torch
         n = int(mask.sum())
         total += tag_loss(model, (input_ids, mask, tags)).item() * n
         count += n
-        best = model(input_ids, mask).argmax(dim=-1)
+        best = logits_of(model, input_ids, mask).argmax(dim=-1)
         for row_pred, row_gold, row_mask in zip(best.tolist(), tags.tolist(), mask.bool().tolist(), strict=True):
             predicted.append([data.tag_map.decode(p) for p, m in zip(row_pred, row_mask, strict=True) if m])
             gold.append([data.tag_map.decode(g) for g, m in zip(row_gold, row_mask, strict=True) if m])
