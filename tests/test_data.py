@@ -23,6 +23,8 @@ from stagewise.data.tokenizers import (EOS, UNK, build_tokenizer, eos_id, save_t
                                        to_transformers)
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig, TokenizerConfig
+from stagewise.tasks.batches import split_records
+from stagewise.tasks.records import read_labeled
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -34,8 +36,8 @@ def shakespeare() -> str:
     return SHAKESPEARE.read_text(encoding="utf-8")
 
 
-def corpus(tmp_path: Path, **cfg) -> sources.Corpus:
-    return load_corpus(DataConfig(**cfg), tmp_path, cache_dir=tmp_path / "hf")
+def corpus(tmp_path: Path, seed: int = 0, **cfg) -> sources.Corpus:
+    return load_corpus(DataConfig(**cfg), tmp_path, seed=seed, cache_dir=tmp_path / "hf")
 
 
 def write(path: Path, text: str) -> Path:
@@ -85,8 +87,27 @@ def test_tables_give_one_document_per_row(tmp_path, name, content, cfg):
 def test_parquet(tmp_path):
     pq.write_table(pa.table({"n": [1, 2, 3], "content": ["alpha", "beta", "gamma"]}), tmp_path / "t.parquet")
     c = corpus(tmp_path, train="t.parquet", field="content", val_fraction=0.25)
-    assert "".join(c.train + c.val) == "alphabetagamma"
-    assert c.val == ["amma"]  # the last 25% of 14 characters: int(14 * 0.75) = 10 kept
+    assert len(c.val) == 1  # a whole row: max(1, round(3 * 0.25))
+    assert sorted(c.train + c.val) == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_table_holds_out_the_rows_a_task_stage_holds_out(tmp_path, seed):
+    """A causal-LM stage on a task's table (ULMFiT's LM stage) must not read the rows the task
+    stage validates on: same file and seed, same rows held out."""
+    path = write(tmp_path / "t.tsv", "".join(f"{'spam' if i % 3 else 'ham'}\tmessage {i}\n" for i in range(40)))
+    c = corpus(tmp_path, train="t.tsv", field=1, val_fraction=0.2, seed=seed)
+    task_train, task_val = split_records(read_labeled(path, 1, 0), 0.2, seed)
+    assert c.val == [text for text, _ in task_val] and len(c.val) == 8
+    assert c.train == [text for text, _ in task_train]
+    assert corpus(tmp_path, train="t.tsv", field=1, val_fraction=0.2, seed=seed + 1).val != c.val
+
+
+def test_the_seed_shapes_a_table_split_only(tmp_path):
+    write(tmp_path / "a.txt", "some text here")
+    write(tmp_path / "t.jsonl", jsonl([{"text": f"row {i}"} for i in range(10)]))
+    assert corpus(tmp_path, train="a.txt", seed=1).fingerprint == corpus(tmp_path, train="a.txt").fingerprint
+    assert corpus(tmp_path, train="t.jsonl", seed=1).fingerprint != corpus(tmp_path, train="t.jsonl").fingerprint
 
 
 def test_stdlib_placeholder(tmp_path):
@@ -97,7 +118,7 @@ def test_stdlib_placeholder(tmp_path):
 
 
 def test_val_fraction_matches_nanogpt_split(tmp_path, shakespeare):
-    c = load_corpus(DataConfig(train=str(SHAKESPEARE)), tmp_path, cache_dir=tmp_path / "hf")
+    c = load_corpus(DataConfig(train=str(SHAKESPEARE)), tmp_path, seed=0, cache_dir=tmp_path / "hf")
     assert [len(d) for d in c.train] == [1_003_854]
     assert [len(d) for d in c.val] == [111_540]
     assert c.train[0] + c.val[0] == shakespeare
@@ -220,6 +241,9 @@ def test_too_little_text_to_hold_out(tmp_path):
     write(tmp_path / "a.txt", "a")
     assert bad(tmp_path, train="a.txt", val_fraction=0.2) == (
         "data.val_fraction: too little training text (1 characters) to hold out 0.2 of it")
+    p = write(tmp_path / "one.jsonl", jsonl([{"text": "only row"}]))
+    assert bad(tmp_path, train="one.jsonl", val_fraction=0.2) == (
+        f"{p}: val_fraction 0.2 of 1 rows leaves none for training")
 
 
 # --- tokenizers ----------------------------------------------------------------------------
@@ -427,7 +451,7 @@ def test_too_few_tokens_for_one_window():
 
 
 def test_prepare_shakespeare_char(tmp_path, shakespeare):
-    p = prepare_data(DataConfig(train=str(SHAKESPEARE)), TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache")
+    p = prepare_data(DataConfig(train=str(SHAKESPEARE)), TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
     assert (len(p.train), len(p.val), p.vocab_size) == (1_003_854, 111_540, 67)
     assert p.tokenizer.decode(p.val[:200].tolist()) == shakespeare[1_003_854:1_004_054]
 
@@ -436,7 +460,7 @@ def test_prepare_twice_neither_retrains_nor_retokenizes(tmp_path, monkeypatch):
     write(tmp_path / "a.txt", "the quick brown fox jumps over the lazy dog\n" * 50)
     write(tmp_path / "b.txt", "pack my box with five dozen liquor jugs\n" * 50)
     data, tok_cfg = DataConfig(train="*.txt"), TokenizerConfig(kind="bpe", vocab_size=300)
-    first = prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache")
+    first = prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache", seed=0)
     assert first.vocab_size == 300 and first.train[-1] != eos_id(first.tokenizer)
     assert eos_id(first.tokenizer) in first.train.tolist()  # between a.txt and b.txt
 
@@ -445,13 +469,13 @@ def test_prepare_twice_neither_retrains_nor_retokenizes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_module, "build_tokenizer", fail)
     monkeypatch.setattr("stagewise.data.cache._write", fail)
-    second = prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache")
+    second = prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache", seed=0)
     assert second.fingerprint == first.fingerprint
     assert np.array_equal(second.train, first.train) and np.array_equal(second.val, first.val)
 
     write(tmp_path / "b.txt", "something else entirely\n" * 50)
     monkeypatch.undo()
-    assert prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache").fingerprint != first.fingerprint
+    assert prepare_data(data, tok_cfg, tmp_path, tmp_path / "cache", seed=0).fingerprint != first.fingerprint
 
 
 def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypatch):
@@ -459,16 +483,16 @@ def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypa
 
     (tmp_path / "a.txt").write_text("hello world\n" * 50, encoding="utf-8")
     cfg, tok = DataConfig(train="a.txt"), TokenizerConfig(kind="char")
-    cold = prepare_data(cfg, tok, tmp_path, tmp_path / "cache")
+    cold = prepare_data(cfg, tok, tmp_path, tmp_path / "cache", seed=0)
 
     def no_parsing(*args, **kwargs):
         raise AssertionError("the files were parsed again")
 
     monkeypatch.setattr(sources, "load_corpus", no_parsing)
     monkeypatch.setattr("stagewise.data.prepare.load_corpus", no_parsing)
-    warm = prepare_data(cfg, tok, tmp_path, tmp_path / "cache")
+    warm = prepare_data(cfg, tok, tmp_path, tmp_path / "cache", seed=0)
     assert warm.fingerprint == cold.fingerprint and warm.tokenizer.to_str() == cold.tokenizer.to_str()
     assert (warm.train == cold.train).all() and (warm.val == cold.val).all()
     (tmp_path / "a.txt").write_text("hello there\n" * 50, encoding="utf-8")  # new bytes: parsed again
     with pytest.raises(AssertionError, match="parsed again"):
-        prepare_data(cfg, tok, tmp_path, tmp_path / "cache")
+        prepare_data(cfg, tok, tmp_path, tmp_path / "cache", seed=0)

@@ -37,11 +37,12 @@ class PreparedData:
 
 
 def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
-                 cache_root: Path) -> PreparedData:
-    entry = _entry_path(data, tok_cfg, plan_dir, cache_root)
+                 cache_root: Path, *, seed: int) -> PreparedData:
+    """`seed` draws the validation rows of a table without `data.val` (data.sources)."""
+    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed)
     if entry is not None and (warm := _open_entry(entry, cache_root / "tokens")) is not None:
         return warm
-    corpus = load_corpus(data, plan_dir, cache_dir=cache_root / "datasets")
+    corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
     tok = _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
     fingerprint = hashlib.sha256(
         f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
@@ -59,12 +60,13 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
     return prepared
 
 
-def _entry_path(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path, cache_root: Path) -> Path | None:
+def _entry_path(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path, cache_root: Path,
+                seed: int) -> Path | None:
     """Where the prepared entry of these files and tokenizer settings lives; None when the
     inputs cannot be hashed as bytes (hub data, a tokenizer directory that may change)."""
     if tok_cfg.kind == "pretrained":
         return None
-    source = source_digest(data, plan_dir)
+    source = source_digest(data, plan_dir, seed=seed)
     if source is None:
         return None
     key = hashlib.sha256(f"{source}\0{tok_cfg.model_dump_json()}".encode()).hexdigest()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.data.split import held_out
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig
 
@@ -51,8 +52,10 @@ class Corpus:
     fingerprint: str  # sha256 of the files' contents and the settings that shape the split
 
 
-def load_corpus(cfg: DataConfig, plan_dir: Path, cache_dir: Path | None = None) -> Corpus:
-    """Read `cfg.train` (and `cfg.val`, or hold out the last `val_fraction` of the characters).
+def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path | None = None) -> Corpus:
+    """Read `cfg.train` and `cfg.val`. Without `cfg.val`, `val_fraction` is held out: of the
+    rows, drawn by `seed`, when every source is a table (the rows a task stage on the same file
+    holds out); else the last `val_fraction` of the characters.
 
     `cache_dir` is where `datasets` keeps hub downloads (None: its default, under HF_HOME).
     Local files are parsed in a scratch directory and not cached: `datasets` would key that
@@ -61,22 +64,40 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, cache_dir: Path | None = None) 
     """
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
-    if cfg.val is None:
-        train, val = _split_by_characters(train, cfg.val_fraction)
-        val_sources: list[Path | str] = []
-        val_digests: list[bytes] = []
-    else:
-        val_sources = _resolve(cfg.val, plan_dir, "data.val")
+    split = _split(train_sources, cfg, seed)
+    val_sources: list[Path | str] = []
+    val_digests: list[bytes] = []
+    if split is None:
+        val_sources = _resolve(cfg.val, plan_dir, "data.val")  # type: ignore[arg-type]
         val, val_digests = _documents(val_sources, cfg, cache_dir, split="validation")
+    elif split["by"] == "rows":
+        train, val = _split_by_rows(train, cfg.val_fraction, seed, where=str(train_sources[0]))
+    else:
+        train, val = _split_by_characters(train, cfg.val_fraction)
     for where, docs in (("data.train", train), ("data.val", val)):
         if not any(docs):
             raise UserError(where, "no text (every document is empty)")
 
-    settings = {"format": cfg.format, "field": cfg.field,
-                "val_fraction": None if cfg.val is not None else cfg.val_fraction}
+    settings = {"format": cfg.format, "field": cfg.field, "split": split}
     fingerprint = _digest(json.dumps(settings).encode(), _digest(*train_digests), _digest(*val_digests))
     files = [s for s in (*train_sources, *val_sources) if isinstance(s, Path)]
     return Corpus(train=train, val=val, files=files, fingerprint=fingerprint.hex())
+
+
+def _split(sources: list[Path | str], cfg: DataConfig, seed: int) -> dict[str, Any] | None:
+    """How validation is held out of `data.train` (None: `data.val` is given)."""
+    if cfg.val is not None:
+        return None
+    if all(_format_of(s, cfg.format) != "text" for s in sources):
+        return {"by": "rows", "val_fraction": cfg.val_fraction, "seed": seed}
+    return {"by": "characters", "val_fraction": cfg.val_fraction}
+
+
+def _split_by_rows(docs: list[str], val_fraction: float, seed: int, where: str) -> tuple[list[str], list[str]]:
+    train, val = held_out(len(docs), val_fraction, seed)
+    if not train:
+        raise UserError(where, f"val_fraction {val_fraction:g} of {len(docs)} rows leaves none for training")
+    return [docs[i] for i in train], [docs[i] for i in val]
 
 
 def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -97,14 +118,14 @@ def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str
     raise AssertionError("unreachable: cut < total")
 
 
-def source_digest(cfg: DataConfig, plan_dir: Path) -> str | None:
+def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
     """A digest of the data settings and the raw bytes of every local file: when it matches a
     prepared corpus, the files need not be parsed again. None for hub sources (no bytes to hash)."""
     train = _resolve(cfg.train, plan_dir, "data.train")
     val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):
         return None
-    parts = [cfg.model_dump_json().encode(), b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
+    parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(), b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
              b"val", *(_digest(p.read_bytes()) for p in val)]  # type: ignore[union-attr]
     return _digest(*parts).hex()
 

@@ -77,7 +77,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
         lm_data = lm = None
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
-            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root)
+            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed)
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         device = resolve_device(plan.device)
         if lm_data is not None:

@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from stagewise.data.split import held_out
 from stagewise.errors import UserError
 from stagewise.tasks.records import Records
 
@@ -25,15 +26,14 @@ class Rows(Protocol):
 
 def split_records(records: Records[T], fraction: float, seed: int) -> tuple[Records[T], Records[T]]:
     """A seeded split that keeps each record's file line (for the messages about it)."""
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(records) * fraction))
-    if n_val >= len(records):
+    train, val = held_out(len(records), fraction, seed)
+    if not train:
         raise UserError(str(records.path), f"val_fraction {fraction:g} of {len(records)} records leaves "
                                            "none for training")
 
     def part(index: list[int]) -> Records[T]:
         return Records([records[i] for i in index], records.path, [records.lines[i] for i in index])
-    return part(order[n_val:]), part(order[:n_val])
+    return part(train), part(val)
 
 
 class ExampleSampler:
