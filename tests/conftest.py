@@ -17,16 +17,30 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60k characters of Shakespeare (or, where shared/ is absent, generated English-like text)."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     source = SHARED / "tinyshakespeare.txt"
-    if source.exists():
-        text = source.read_text(encoding="utf-8")[:60_000]
-    else:
-        import random
-
-        rng = random.Random(0)
-        words = "the king and queen shall speak of love and war to all the lords of the land".split()
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(5000))
+    text = source.read_text(encoding="utf-8")[:60_000] if source.exists() else _play(60_000)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _play(n_chars: int) -> str:
+    """A stand-in with Shakespeare's shape (speakers in capitals, verse lines, its ~60 characters)
+    for machines without shared/: the tests prompt with "ROMEO" and "KING" and expect an
+    untrained model's loss above ln(60)."""
+    rng = random.Random(0)
+    speakers = ["ROMEO", "JULIET", "KING HENRY", "QUEEN MARGARET", "DUKE VINCENTIO", "FRIAR LAURENCE",
+                "GLOUCESTER", "WARWICK", "BUCKINGHAM", "PAULINA", "YORK", "EXTON", "ZOUCHE"]
+    words = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows "
+             "of outrageous fortune take arms against a sea troubles by opposing end them my lord "
+             "good sir thou art thy heart doth jest quickly wax vexed zeal joy King Queen Rome "
+             "Verona I we you what why how now come go hence").split()
+    parts: list[str] = []
+    while sum(map(len, parts)) < n_chars:
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))
+            lines.append(line[0].upper() + line[1:] + rng.choice(",.;:!?-'"))
+        parts.append(f"{rng.choice(speakers)}:\n" + "\n".join(lines) + "\n\n")
+    return "To be, or not to be: that is the question.\n\n" + "".join(parts)
 
 
 def tiny_plan(corpus: Path, stages: list[dict[str, Any]], **top: Any) -> dict[str, Any]:

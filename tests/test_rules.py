@@ -167,6 +167,19 @@ def test_stage_handoff_convert_and_lr_auto(tmp_path: Path, corpus: Path) -> None
     assert prepared.stages[1].track_swats is False and prepared.stages[0].track_swats is True
 
 
+def test_swats_switches_once_and_then_stops_reading_the_steps(tmp_path: Path, corpus: Path) -> None:
+    """With a test that always holds, the rule fires at min_steps and never again: after the switch
+    the steps are SGD's, and SWATS's estimate (and its test) is about Adam's."""
+    stages = [{"name": "s", "optimizer": {"name": "adam", "lr": 3e-3}, "steps": 10,
+               "rules": [{"when": {"swats": {"tolerance": 1e9, "min_steps": 3}},
+                          "do": {"switch": {"to": "sgd", "lr": "auto", "momentum": 0.9}}}]}]
+    _, run = _run(tmp_path, corpus, stages)
+    (fired,) = _events(run, "rule_fired")
+    assert fired["action"] == "switch" and fired["step"] == 3
+    assert [m["lr"] for m in _metrics(run, "train", "s") if m["stage_step"] > 3] == [
+        pytest.approx(0.1 * fired["values"]["swats_lr"])] * 7
+
+
 def test_switch_rule_with_swats_and_exact_resume_across_it(tmp_path: Path, corpus: Path) -> None:
     """A plateau scales the LR, then SWATS's test switches Adam to SGD (converted momentum, lr auto);
     a run stopped mid-patience and later after the switch ends bit-identical to one never stopped."""
@@ -265,6 +278,12 @@ def test_a_corrupted_batch_needs_skipped_data(tmp_path: Path, corpus: Path) -> N
      r"stages\[1\]\.optimizer\.handoff: convert turns Adam's moment into SGD's momentum: it needs adam/adamw -> sgd"),
     ({"optimizer": {"name": "adam", "lr": "auto"}},
      r"stages\[1\]\.optimizer\.lr: auto \(the SWATS estimate\) is for a switch from adam/adamw to sgd/gd"),
+    ({"optimizer": {"name": "sgd", "lr": 0.1}, "rules": [{"when": "swats", "do": {"switch": {"to": "sgd", "lr": 0.01}}}]},
+     r"stages\[1\]\.rules\[0\]\.when\.swats: SWATS tests Adam's steps: the stage's optimizer is sgd, not adam/adamw"),
+    ({"optimizer": {"name": "sgd", "lr": 0.1},
+      "rules": [{"when": {"plateau": {}}, "do": {"switch": {"to": "sgd", "lr": "auto", "momentum": 0.5}}}]},
+     r"stages\[1\]\.rules\[0\]\.do\.switch\.lr: auto \(the SWATS estimate\) needs Adam's steps: the stage's "
+     r"optimizer is sgd, not adam/adamw"),
     ({"guard": {"rollback": {"skip_batches": 3}}}, r"stages\[1\]\.guard\.rollback: only with action: rollback"),
     ({"guard": {"spike": {"z": 3, "factor": 2}}}, r"stages\[1\]\.guard\.spike\.z: give exactly one of z, factor"),
     ({"rules": [{"when": {"plateau": {}, "target": {"value": 1}}, "do": "next_stage"}]},

@@ -22,6 +22,7 @@ import torch
 from stagewise.optim.handoff import SwatsEstimate
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
+from stagewise.plan.schema import ADAM
 
 ROLLBACK_MAX_FIRES = 3  # a rollback rule without max_fires: going back forever is never wanted
 
@@ -130,6 +131,13 @@ class StageControl:
         return any(r.do.rollback is not None for r in self.rules)
 
     @property
+    def reads_adam(self) -> bool:
+        """Whether the SWATS estimate follows this update: only Adam's steps say what SGD's LR
+        should be, so it stops (and its rules stop firing) once a rule switches away from Adam."""
+        name = self.optimizer_spec["name"] if self.optimizer_spec is not None else self.stage.optimizer
+        return self.swats is not None and name in ADAM
+
+    @property
     def checks_updates(self) -> bool:
         return self.guard is not None
 
@@ -173,7 +181,8 @@ class StageControl:
     def after_update(self, step: int, seconds: float) -> list[Fired]:
         """After an applied update: the SWATS rules whose test now holds."""
         fired = []
-        if self.swats is not None:
+        if self.reads_adam:
+            assert self.swats is not None
             for i, rule in enumerate(self.rules):
                 sw = rule.when.swats
                 if sw is not None and self._may_fire(i) and self.swats.converged(sw.tolerance, sw.min_steps):

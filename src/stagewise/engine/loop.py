@@ -197,11 +197,12 @@ def train_stage(run: RunContext, stage: ResolvedStage, task: Task, layers: Stage
             optimizer.zero_grad(set_to_none=True)
             _guard_acts(run, stage, control, checkpoints, restore, sampler, progress, verdict, capture)
             continue
-        if control.swats is not None:
-            control.swats.before(params)
+        reads_adam = control.reads_adam
+        if reads_adam:
+            control.swats.before(params)  # type: ignore[union-attr]
         optimizer.step()
-        if control.swats is not None:
-            control.swats.after(params)
+        if reads_adam:
+            control.swats.after(params)  # type: ignore[union-attr]
         optimizer.zero_grad(set_to_none=True)
         progress.window_loss += update_loss
         progress.step, progress.window_steps, timed_steps = step + 1, progress.window_steps + 1, timed_steps + 1

@@ -36,7 +36,7 @@ from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.optimizers import apply_settings, build_optimizer
 from stagewise.plan.resolve import ResolvedStage, StageData, pinned_steps, resolve_stages
-from stagewise.plan.schema import Plan
+from stagewise.plan.schema import ADAM, Plan
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import labels_of, save_stage
 from stagewise.tasks.setup import LM_TASKS, StageSetup, carry_head, make_task, setup_stages
@@ -350,7 +350,7 @@ def _hand_off(run: RunContext, stage: ResolvedStage, model: nn.Module, layers: S
     if parent is None and state.optimizer_state is not None and spec is not None and stage.handoff != "reset":
         parent = build_optimizer(spec["name"], spec["settings"], model, l1=l1, lr_scales=layers.scales)
         parent.load_state_dict(state.optimizer_state)
-    expected = {"carry": (stage.optimizer,), "convert": ("adam", "adamw"), "reset": None}[stage.handoff]
+    expected = {"carry": (stage.optimizer,), "convert": ADAM, "reset": None}[stage.handoff]
     if expected is not None and spec is not None and spec["name"] not in expected:
         run.logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
                                                           f"switched the parent to {spec['name']}")

@@ -15,7 +15,7 @@ from stagewise.errors import UserError
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
 from stagewise.plan.rules import TASK_METRICS
-from stagewise.plan.schema import OPTIMIZER_SETTINGS, Plan, StageConfig
+from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, Plan, StageConfig
 
 
 @dataclass(frozen=True)
@@ -171,9 +171,17 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], data: S
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
 
+    if name not in ADAM:
+        for j, rule in enumerate(cfg.rules):
+            if rule.when.swats is not None:
+                raise fail(f"rules[{j}].when.swats", f"SWATS tests Adam's steps: the stage's optimizer is {name}, "
+                                                     "not adam/adamw")
+            if rule.do.switch is not None and rule.do.switch.lr == "auto":
+                raise fail(f"rules[{j}].do.switch.lr", f"auto (the SWATS estimate) needs Adam's steps: the stage's "
+                                                       f"optimizer is {name}, not adam/adamw")
     auto_lr = settings.get("lr") == "auto"
     if auto_lr:
-        if parent is None or parent.optimizer not in ("adam", "adamw") or name not in ("sgd", "gd"):
+        if parent is None or parent.optimizer not in ADAM or name not in ("sgd", "gd"):
             raise fail("optimizer.lr", "auto (the SWATS estimate) is for a switch from adam/adamw to sgd/gd"
                                        + (f" (got {parent.optimizer} -> {name})" if parent else ""))
         settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
@@ -241,7 +249,7 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
         raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
                                         f"{name} can reset, or convert (adam/adamw -> sgd)")
     if opt.handoff == "convert":
-        if parent.optimizer not in ("adam", "adamw") or name != "sgd":  # type: ignore[union-attr]
+        if parent.optimizer not in ADAM or name != "sgd":  # type: ignore[union-attr]
             raise fail("optimizer.handoff", f"convert turns Adam's moment into SGD's momentum: it needs "
                                             f"adam/adamw -> sgd (got {parent.optimizer} -> {name})")  # type: ignore[union-attr]
         if settings["momentum"] == 0.0:

@@ -45,6 +45,8 @@ def _only_settings_of(model: BaseModel, kind: str, table: dict[str, dict[str, An
             )
 
 
+ADAM = ("adam", "adamw")  # the optimizers whose steps SWATS reads and whose moment `convert` hands on
+
 # Per-optimizer settings and their defaults (None: inherited/required, see plan.resolve).
 OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     "gd": {"lr": None, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
