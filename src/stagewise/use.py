@@ -10,11 +10,9 @@ the stage's files were, so evaluating the stage's validation file gives its own 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,20 +27,19 @@ from stagewise.data.tokenizers import eos_id
 from stagewise.errors import UserError
 from stagewise.models.generate import sample
 from stagewise.plan.schema import DataConfig
-from stagewise.tasks.classify import Encoded, evaluate_classify, logits_of, prepare_classify
+from stagewise.tasks.classify import Encoded, evaluate_classify, logits_of
 from stagewise.tasks.encode import encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.export import BUILTIN_FILE
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.records import read_conll, read_labeled, read_pairs, read_prompt_completion
-from stagewise.tasks.seq2seq import PairData, PairRows, evaluate_seq2seq, prepare_seq2seq, translate
-from stagewise.tasks.setup import BUILTIN, LM_TASKS
+from stagewise.tasks.seq2seq import PairData, PairRows, evaluate_seq2seq, translate
+from stagewise.tasks.setup import BUILTIN, LM_TASKS, column, max_len
 from stagewise.tasks.sft import SftRows, evaluate_sft
-from stagewise.tasks.tag import TagData, TagRows, evaluate_tag, prepare_tag
+from stagewise.tasks.tag import TagData, TagRows, evaluate_tag
 from stagewise.tasks.vocab import PAD_ID
 
 MARKER = "stagewise.json"
 CPU = torch.device("cpu")
-SFT_MAX_LEN = 256  # what tasks.setup cuts sft rows to when the data sets no max_len
 COUNTS = ("tokens", "examples", "sentences")  # what `evaluate` counts, by task
 
 
@@ -194,13 +191,6 @@ def _check_beam(stage: Stage, given: bool) -> None:
         raise UserError("--beam", f"only seq2seq stages decode with a beam ('{stage.name}' is {stage.task})")
 
 
-def _max_len(stage: Stage, prepare: Callable[..., Any]) -> int:
-    """The data's max_len, else the one the task's `prepare_*` encodes with by default."""
-    if stage.data.max_len is not None:
-        return stage.data.max_len
-    return inspect.signature(prepare).parameters["max_len"].default
-
-
 # --- generate ------------------------------------------------------------------------------------
 
 
@@ -235,7 +225,7 @@ def _continue(directory: Path, prompt: str, max_tokens: int, temperature: float,
 def _classify_text(stage: Stage, text: str) -> str:
     assert stage.labels is not None
     model, tok, _ = _classifier(stage)
-    ids = torch.tensor([tok.encode(text).ids[: _max_len(stage, prepare_classify)]])  # as encode_classification cuts
+    ids = torch.tensor([tok.encode(text).ids[: max_len(stage.task, stage.data)]])  # as encode_classification cuts
     probs = logits_of(model, ids, torch.ones_like(ids)).softmax(dim=-1)[0]
     best = int(probs.argmax())
     return f"{stage.labels.decode(best)} ({float(probs[best]):.3f})"
@@ -243,10 +233,10 @@ def _classify_text(stage: Stage, text: str) -> str:
 
 def _translate_text(stage: Stage, text: str, max_tokens: int | None, beam: int) -> str:
     model, data = _translator(stage, beam)
-    max_len = _max_len(stage, prepare_seq2seq)
+    length = max_len(stage.task, stage.data)
     # The source as encode_seq2seq encodes it: no BOS/EOS, its first max_len tokens.
-    src = data.src_tokenizer.encode(text, add_special_tokens=False).ids[:max_len]
-    return translate(model, data, torch.tensor([src]), max_tokens or max_len, beam)[0]
+    src = data.src_tokenizer.encode(text, add_special_tokens=False).ids[:length]
+    return translate(model, data, torch.tensor([src]), max_tokens or length, beam)[0]
 
 
 @torch.no_grad()
@@ -291,7 +281,7 @@ def evaluate(stage: Stage, data: Path, fmt: str | None = None, beam: int | None 
 def _evaluate_sft(stage: Stage, data: Path) -> tuple[dict[str, float], int]:
     tok = _tokenizer(stage.directory / "tokenizer.json")
     # Validation rows are never packed (tasks.sft): each example's loss on its own.
-    rows = SftRows(*encode_sft(read_prompt_completion(data), tok, eos_id(tok), stage.data.max_len or SFT_MAX_LEN,
+    rows = SftRows(*encode_sft(read_prompt_completion(data), tok, eos_id(tok), max_len(stage.task, stage.data),
                                pack=False))
     model, _ = load(stage.directory)
     return evaluate_sft(model, rows, stage.batch_size, CPU), len(rows)
@@ -299,29 +289,26 @@ def _evaluate_sft(stage: Stage, data: Path) -> tuple[dict[str, float], int]:
 
 def _evaluate_classify(stage: Stage, data: Path, fmt: str | None) -> tuple[dict[str, float], int]:
     assert stage.labels is not None
-    label = "label" if stage.data.label is None else stage.data.label  # tasks.setup's default column
-    records = read_labeled(data, stage.data.field, label, fmt)
+    records = read_labeled(data, column(stage.data, "field"), column(stage.data, "label"), fmt)
     model, tok, pad_id = _classifier(stage)
-    rows = Encoded(*encode_classification(records, tok, stage.labels, _max_len(stage, prepare_classify), pad_id))
+    rows = Encoded(*encode_classification(records, tok, stage.labels, max_len(stage.task, stage.data), pad_id))
     return evaluate_classify(model, rows, stage.batch_size, CPU), len(rows)
 
 
 def _evaluate_seq2seq(stage: Stage, data: Path, fmt: str | None, beam: int) -> tuple[dict[str, float], int]:
-    source = "source" if stage.data.source is None else stage.data.source  # tasks.setup's default columns
-    target = "target" if stage.data.target is None else stage.data.target
-    records = read_pairs(data, source, target, fmt)
+    records = read_pairs(data, column(stage.data, "source"), column(stage.data, "target"), fmt)
     model, pairs = _translator(stage, beam)
-    max_len = _max_len(stage, prepare_seq2seq)
-    rows = PairRows(*encode_seq2seq(records, pairs.src_tokenizer, pairs.tgt_tokenizer, max_len, PAD_ID,
+    length = max_len(stage.task, stage.data)
+    rows = PairRows(*encode_seq2seq(records, pairs.src_tokenizer, pairs.tgt_tokenizer, length, PAD_ID,
                                     pairs.bos_id, pairs.eos_id), tuple(t for _, t in records))
-    return evaluate_seq2seq(model, replace(pairs, val=rows), stage.batch_size, CPU, max_len, beam), len(rows)
+    return evaluate_seq2seq(model, replace(pairs, val=rows), stage.batch_size, CPU, length, beam), len(rows)
 
 
 def _evaluate_tag(stage: Stage, data: Path) -> tuple[dict[str, float], int]:
     assert stage.labels is not None
     records = read_conll(data)
     model, vocab = _tagger(stage)
-    rows = TagRows(*encode_tagging(records, vocab, stage.labels, _max_len(stage, prepare_tag), PAD_ID))
+    rows = TagRows(*encode_tagging(records, vocab, stage.labels, max_len(stage.task, stage.data), PAD_ID))
     # evaluate_tag scores data.val only; the rows stand in for the training rows an export lacks.
     return evaluate_tag(model, TagData(vocab, stage.labels, rows, rows), stage.batch_size, CPU), len(rows)
 

@@ -131,11 +131,11 @@ class StageControl:
         return any(r.do.rollback is not None for r in self.rules)
 
     @property
-    def reads_adam(self) -> bool:
-        """Whether the SWATS estimate follows this update: only Adam's steps say what SGD's LR
+    def live_swats(self) -> SwatsEstimate | None:
+        """The SWATS estimate if it follows this update: only Adam's steps say what SGD's LR
         should be, so it stops (and its rules stop firing) once a rule switches away from Adam."""
         name = self.optimizer_spec["name"] if self.optimizer_spec is not None else self.stage.optimizer
-        return self.swats is not None and name in ADAM
+        return self.swats if name in ADAM else None
 
     @property
     def checks_updates(self) -> bool:
@@ -181,13 +181,12 @@ class StageControl:
     def after_update(self, step: int, seconds: float) -> list[Fired]:
         """After an applied update: the SWATS rules whose test now holds."""
         fired = []
-        if self.reads_adam:
-            assert self.swats is not None
+        swats = self.live_swats
+        if swats is not None:
             for i, rule in enumerate(self.rules):
                 sw = rule.when.swats
-                if sw is not None and self._may_fire(i) and self.swats.converged(sw.tolerance, sw.min_steps):
-                    fired.append(self._fire(i, {"swats_lr": self.swats.corrected or 0.0,
-                                                "gamma": self.swats.gamma or 0.0}))
+                if sw is not None and self._may_fire(i) and swats.converged(sw.tolerance, sw.min_steps):
+                    fired.append(self._fire(i, {"swats_lr": swats.corrected or 0.0, "gamma": swats.gamma or 0.0}))
         return fired
 
     def time_is_up(self, seconds_this_process: float) -> bool:

@@ -197,12 +197,12 @@ def train_stage(run: RunContext, stage: ResolvedStage, task: Task, layers: Stage
             optimizer.zero_grad(set_to_none=True)
             _guard_acts(run, stage, control, checkpoints, restore, sampler, progress, verdict, capture)
             continue
-        reads_adam = control.reads_adam
-        if reads_adam:
-            control.swats.before(params)  # type: ignore[union-attr]
+        swats = control.live_swats
+        if swats is not None:
+            swats.before(params)
         optimizer.step()
-        if reads_adam:
-            control.swats.after(params)  # type: ignore[union-attr]
+        if swats is not None:
+            swats.after(params)
         optimizer.zero_grad(set_to_none=True)
         progress.window_loss += update_loss
         progress.step, progress.window_steps, timed_steps = step + 1, progress.window_steps + 1, timed_steps + 1

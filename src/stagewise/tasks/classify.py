@@ -28,6 +28,7 @@ from stagewise.tasks.records import Field, read_labeled
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
+MAX_LEN = 128  # tokens per text when the data sets no max_len
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ClassifyData:
 
 
 def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
-                     val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = 128,
+                     val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = MAX_LEN,
                      seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID,
                      fmt: str | None = None) -> ClassifyData:
     """Read and encode the records. Without `val_path`, a seeded shuffle holds out `val_fraction`

@@ -127,7 +127,7 @@ def detokenize(text: str) -> str:
 
 @torch.no_grad()
 def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: torch.device,
-                     max_len: int = 64, beam: int = 1) -> dict[str, float]:
+                     max_len: int = MAX_LEN, beam: int = 1) -> dict[str, float]:
     """val_loss (token-weighted), val_bleu and val_chrf of decoded validation sources."""
     was_training = model.training
     model.eval()

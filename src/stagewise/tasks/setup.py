@@ -34,10 +34,10 @@ from stagewise.models.heads import carry_weights, classifier_from_lm
 from stagewise.models.seq2seq import TransformerSeq2Seq
 from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import Task
+from stagewise.tasks import classify, seq2seq, sft, tag
 from stagewise.tasks.classify import ClassifyTask, prepare_classify
 from stagewise.tasks.lm import LanguageModelTask
 from stagewise.tasks.records import Field
-from stagewise.tasks.seq2seq import MAX_LEN as SEQ2SEQ_MAX_LEN
 from stagewise.tasks.seq2seq import PairData, Seq2SeqTask, prepare_seq2seq
 from stagewise.tasks.sft import SftData, SftTask, prepare_sft
 from stagewise.tasks.labels import LabelMap
@@ -144,7 +144,7 @@ def make_task(setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device:
         return ClassifyTask(setup.model, device, autocast, setup.data)
     if setup.task == "seq2seq":
         return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam,  # type: ignore[arg-type]
-                           data_cfg.max_len or SEQ2SEQ_MAX_LEN)
+                           max_len(cfg.task, data_cfg))
     return TagTask(setup.model, device, autocast, setup.data)
 
 
@@ -171,18 +171,16 @@ def _prepare(cfg: StageConfig, data_cfg: DataConfig, lm: PreparedData | None, pl
         if path is not None:
             digest.update(path.read_bytes())
     fmt = _table_format(cfg.task, data_cfg, data_where)
-    common: dict[str, Any] = {"val_path": val, "val_fraction": data_cfg.val_fraction, "seed": plan.seed}
-    if data_cfg.max_len is not None:
-        common["max_len"] = data_cfg.max_len
+    common: dict[str, Any] = {"val_path": val, "val_fraction": data_cfg.val_fraction, "seed": plan.seed,
+                              "max_len": max_len(cfg.task, data_cfg)}
     vocab = plan.tokenizer.vocab_size or 10_000
     data: Any
     if cfg.task == "sft":
         assert lm is not None
         digest.update(lm.fingerprint.encode())
-        data = prepare_sft(train, lm.tokenizer, eos_id(lm.tokenizer), data_cfg.max_len or 256,
-                           pack=data_cfg.pack, **{k: v for k, v in common.items() if k != "max_len"})
+        data = prepare_sft(train, lm.tokenizer, eos_id(lm.tokenizer), pack=data_cfg.pack, **common)
     elif cfg.task == "classify":
-        text, label = _field(data_cfg.field, "text"), _field(data_cfg.label, "label")
+        text, label = column(data_cfg, "field"), column(data_cfg, "label")
         if lm_based:
             assert lm is not None
             digest.update(lm.fingerprint.encode())
@@ -192,7 +190,7 @@ def _prepare(cfg: StageConfig, data_cfg: DataConfig, lm: PreparedData | None, pl
             data = prepare_classify(train, text, label, vocab_size=vocab, fmt=fmt, **common)
     elif cfg.task == "seq2seq":
         # t5 and bart embed both sides with one table: one vocabulary of sources and targets
-        data = prepare_seq2seq(train, _field(data_cfg.source, "source"), _field(data_cfg.target, "target"),
+        data = prepare_seq2seq(train, column(data_cfg, "source"), column(data_cfg, "target"),
                                vocab_size=vocab, fmt=fmt, shared_vocab=plan.model.arch not in BUILTIN, **common)
     else:
         data = prepare_tag(train, vocab_size=vocab, **common)
@@ -214,8 +212,20 @@ _READS = {"classify": "csv, tsv or jsonl files", "seq2seq": "csv, tsv or jsonl f
           "tag": "CoNLL files"}
 
 
-def _field(value: Field | None, default: str) -> Field:
-    return default if value is None else value
+_COLUMNS = {"field": "text", "label": "label", "source": "source", "target": "target"}  # unset data keys
+_MAX_LEN = {"sft": sft.MAX_LEN, "classify": classify.MAX_LEN, "seq2seq": seq2seq.MAX_LEN, "tag": tag.MAX_LEN}
+
+
+def column(cfg: DataConfig, key: str) -> Field:
+    """The column the data key `key` (field, label, source, target) names, or its default."""
+    value = getattr(cfg, key)
+    return _COLUMNS[key] if value is None else value
+
+
+def max_len(task: str, cfg: DataConfig) -> int:
+    """Tokens (tag: words) per example of an example-level task: the data's max_len or the task's
+    default. seq2seq also decodes at most this many."""
+    return cfg.max_len or _MAX_LEN[task]
 
 
 # The data keys each task reads (besides train, val, val_fraction, format).

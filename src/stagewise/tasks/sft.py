@@ -21,6 +21,8 @@ from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
 from stagewise.tasks.records import ChatTemplate, read_prompt_completion
 
+MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
+
 
 @dataclass(frozen=True)
 class SftRows:

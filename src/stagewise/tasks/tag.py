@@ -25,6 +25,8 @@ from stagewise.tasks.metrics import span_f1
 from stagewise.tasks.records import read_conll
 from stagewise.tasks.vocab import PAD_ID, word_vocab
 
+MAX_LEN = 128  # words per sentence when the data sets no max_len
+
 
 @dataclass(frozen=True)
 class TagRows:
@@ -40,7 +42,6 @@ class TagRows:
         width = int(mask.sum(dim=1).max())
         return self.input_ids[index, :width], mask[:, :width], self.tags[index, :width]
 
-
 @dataclass(frozen=True)
 class TagData:
     vocab: Tokenizer
@@ -50,7 +51,7 @@ class TagData:
 
 
 def prepare_tag(train_path: Path, *, val_path: Path | None = None, val_fraction: float = 0.1, seed: int = 0,
-                vocab_size: int | None = None, max_len: int = 128) -> TagData:
+                vocab_size: int | None = None, max_len: int = MAX_LEN) -> TagData:
     records = read_conll(train_path)
     if val_path is not None:
         train, val = records, read_conll(val_path)
@@ -65,7 +66,10 @@ def prepare_tag(train_path: Path, *, val_path: Path | None = None, val_fraction:
 def tag_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the words of the batch."""
     input_ids, mask, tags = batch
-    logits = logits_of(model, input_ids, mask)
+    return _word_loss(logits_of(model, input_ids, mask), tags)
+
+
+def _word_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tags.reshape(-1), ignore_index=IGNORE)
 
 
@@ -80,9 +84,10 @@ def evaluate_tag(model: nn.Module, data: TagData, batch_size: int, device: torch
     for start in range(0, len(data.val), batch_size):
         input_ids, mask, tags = (t.to(device) for t in data.val.rows(torch.arange(start, min(start + batch_size, len(data.val)))))
         n = int(mask.sum())
-        total += tag_loss(model, (input_ids, mask, tags)).item() * n
+        logits = logits_of(model, input_ids, mask)  # (B, T, tags)
+        total += _word_loss(logits, tags).item() * n
         count += n
-        best = logits_of(model, input_ids, mask).argmax(dim=-1)
+        best = logits.argmax(dim=-1)
         for row_pred, row_gold, row_mask in zip(best.tolist(), tags.tolist(), mask.bool().tolist(), strict=True):
             predicted.append([data.tag_map.decode(p) for p, m in zip(row_pred, row_mask, strict=True) if m])
             gold.append([data.tag_map.decode(g) for g, m in zip(row_gold, row_mask, strict=True) if m])
