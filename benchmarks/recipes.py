@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from common import write_results
-from stagewise.engine.run import prepare, train
+from stagewise.engine.prepare import prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 from stagewise.tasks.classify import majority_accuracy
 
@@ -41,7 +42,7 @@ def run_recipe(name: str, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     summaries = train(prepared, work / name, console=Console(file=io.StringIO()))
     report: dict[str, Any] = {"wall_s": round(time.perf_counter() - started, 1), "stages": {}}
-    for summary, setup in zip(summaries, prepared.setups, strict=True):
+    for summary, setup in zip(summaries, [s.setup for s in prepared.stages], strict=True):
         report["stages"][summary.stage] = {"task": setup.task, "steps": summary.steps,
                                            "seconds": round(summary.seconds, 1),
                                            **{k: round(v, 4) for k, v in summary.metrics.items()}}

@@ -37,7 +37,7 @@ from rich.table import Table
 
 from common import write_results
 from stagewise.engine.checkpoint import load_checkpoint, save_checkpoint
-from stagewise.engine.run import prepare
+from stagewise.engine.prepare import prepare
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
@@ -94,7 +94,7 @@ def checkpoint_costs(cache: Path, scale_overrides: list[str], repeats: int, tmp:
     """Size and save/load time of a mid-stage checkpoint of the demo model with Muon's state."""
     plan = load_plan(PLAN, scale_overrides)
     prepared = prepare(plan, PLAN, cache)
-    stage = next(s for s in prepared.stages if s.optimizer == "muon")
+    stage = next(s for s in prepared.resolved if s.optimizer == "muon")
     model = prepared.root
     optimizer = build_optimizer(stage.optimizer, stage.optimizer_settings, model)
     for p in model.parameters():  # one update, so every moment buffer exists

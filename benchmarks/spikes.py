@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from common import write_results
-from stagewise.engine.run import prepare, train
+from stagewise.engine.prepare import prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
 

@@ -57,7 +57,8 @@ from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.device import derive_seed, seed_everything
-from stagewise.engine.run import prepare, train
+from stagewise.engine.prepare import prepare
+from stagewise.engine.run import train
 from stagewise.models.build import build_model
 from stagewise.plan.load import load_plan
 from stagewise.plan.schema import Plan

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.data.sampler import WindowSampler
-from stagewise.engine.loop import _micro_batches
-from stagewise.engine.run import prepare, train
+from stagewise.engine.trainer import micro_batches
+from stagewise.engine.prepare import prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
 
@@ -112,11 +113,11 @@ def test_gd_makes_exactly_one_update_per_pass(tmp_path: Path, corpus: Path) -> N
     plan = tiny_plan(corpus, [{"name": "gd", "optimizer": {"name": "gd", "lr": 0.5}, "steps": 3}])
     path = write_plan(tmp_path, plan)
     prepared = prepare(load_plan(path), path, tmp_path / "cache")
-    stage = prepared.stages[0]
+    stage = prepared.stages[0].resolved
     assert stage.full_batch and stage.steps == 3
     sampler = WindowSampler(prepared.data.train, stage.block_size, stage.batch_size, seed=1)
     for update in range(1, 3):
-        batches = list(_micro_batches(sampler, stage))
+        batches = list(micro_batches(sampler, stage))
         assert sum(batch[0].size(0) for batch, _ in batches) == stage.windows_per_epoch  # every window, once
         assert sum(share for _, share in batches) == pytest.approx(1.0)
         assert sampler.epoch == update and sampler.position == 0

@@ -70,8 +70,7 @@ def test_groups_split_weights_from_biases_and_norms() -> None:
 
 def test_frozen_parameters_are_left_out() -> None:
     model = tiny()
-    model[1].requires_grad_(False)
-    optimizer = build_optimizer("sgd", settings("sgd"), model)
+    optimizer = build_optimizer("sgd", settings("sgd"), model, trainable={"0.weight", "0.bias"})
     assert ids([p for g in optimizer.param_groups for p in g["params"]]) == {id(model[0].weight), id(model[0].bias)}
 
 

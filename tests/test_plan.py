@@ -133,16 +133,16 @@ def test_check_prints_stage_tree_and_lr_curve(tmp_path: Path, corpus: Path, caps
 
 
 def test_lr_continues_from_parent_unless_stage_sets_peak(tmp_path: Path, corpus: Path) -> None:
-    from stagewise.engine.run import prepare
+    from stagewise.engine.prepare import prepare
 
     plan = _base(corpus)
     plan["stages"][0]["schedule"] = {"name": "cosine", "min_lr": 1e-4}
     path = write_plan(tmp_path, plan)
     prepared = prepare(load_plan(path), path, tmp_path / "cache")
-    a, b = prepared.stages
+    a, b = prepared.resolved
     assert b.peak_lr == pytest.approx(1e-4)  # where stage a's cosine ends
     assert b.start_step == a.steps
     changed = copy.deepcopy(plan)
     changed["stages"][1]["optimizer"] = {"lr": 5e-4}
     path2 = write_plan(tmp_path, changed, "plan2.yaml")
-    assert prepare(load_plan(path2), path2, tmp_path / "cache").stages[1].peak_lr == 5e-4
+    assert prepare(load_plan(path2), path2, tmp_path / "cache").resolved[1].peak_lr == 5e-4

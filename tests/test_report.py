@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import tiny_plan, write_plan
 from stagewise.cli import main
-from stagewise.engine.run import prepare, train
+from stagewise.engine.prepare import prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
 from stagewise.track.plots import compare_figure, loss_figure, plan_lr_figure
@@ -210,7 +211,7 @@ def test_check_plot_writes_the_planned_lr_curve(tmp_path: Path, corpus: Path) ->
     png = tmp_path / "plots" / "lr.png"
     assert main(["check", str(plan), "--plot", str(png), "--cache", str(tmp_path / "cache")]) == 0
     assert png.read_bytes().startswith(b"\x89PNG")
-    ax = plan_lr_figure(prepare(load_plan(plan), plan, tmp_path / "cache").stages).axes[0]
+    ax = plan_lr_figure(prepare(load_plan(plan), plan, tmp_path / "cache").resolved).axes[0]
     assert [(p.get_gid(), p.get_bbox().x0, p.get_bbox().x1) for p in ax.patches] == \
            [(f"stage:{n}", a, b) for n, a, b in SPANS]
     (curve,) = ax.get_lines()

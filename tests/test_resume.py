@@ -19,7 +19,9 @@ from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine import checkpoint as checkpoint_module
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify
-from stagewise.engine.run import Prepared, prepare, stage_status, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
+from stagewise.engine.status import stage_status
 from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
@@ -248,7 +250,7 @@ def test_branch_from_a_step_starts_from_that_steps_weights(tmp_path: Path, corpu
     branched = write_plan(tmp_path, plan(20, "stable@10"), "branched.yaml")
     straight = write_plan(tmp_path, plan(10, "stable"), "straight.yaml")
     a, b = _prepared(branched, tmp_path / "ca"), _prepared(straight, tmp_path / "cb")
-    assert a.stages[1].start_step == 10 and a.stages[1].parent_step == 10
+    assert a.resolved[1].start_step == 10 and a.resolved[1].parent_step == 10
     train(a, tmp_path / "ra")
     train(b, tmp_path / "rb")
     wa = load_file(tmp_path / "ra/stages/cool/model.safetensors")

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import tiny_plan, write_plan
 from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
-from stagewise.engine.run import Prepared, prepare, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd
@@ -164,7 +165,7 @@ def test_stage_handoff_convert_and_lr_auto(tmp_path: Path, corpus: Path) -> None
     assert auto["swats_steps"] == 15 and auto["lr"] == pytest.approx(0.1 * auto["swats_estimate"]) and auto["lr"] > 0
     assert _events(run, "optimizer_converted")[0]["converted_parameters"] > 0
     assert _metrics(run, "train", "sgd")[0]["lr"] == pytest.approx(auto["lr"])  # constant schedule from there
-    assert prepared.stages[1].track_swats is False and prepared.stages[0].track_swats is True
+    assert prepared.resolved[1].track_swats is False and prepared.resolved[0].track_swats is True
 
 
 def test_swats_switches_once_and_then_stops_reading_the_steps(tmp_path: Path, corpus: Path) -> None:

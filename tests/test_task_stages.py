@@ -21,7 +21,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel
 
 from conftest import SHARED, TAG_NAMES, conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
-from stagewise.engine.run import Prepared, prepare, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
 from stagewise.engine.verify import state_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.layers import layer_groups
@@ -126,10 +127,10 @@ def test_bigru_classify_plan_beats_the_majority_class(tmp_path: Path) -> None:
                  BIGRU, {"kind": "word", "vocab_size": 2000},
                  {"train": sms.name, "field": 1, "label": 0, "val_fraction": 0.2, "max_len": 40})
     run_dir, prepared, summaries = _run(tmp_path, plan)
-    data = prepared.setups[0].data
+    data = prepared.stages[0].setup.data
     baseline = majority_accuracy(data)
     assert data.label_map.labels == ("ham", "spam") and len(data.train) == 800 and len(data.val) == 200
-    stage = prepared.stages[0]
+    stage = prepared.stages[0].resolved
     assert stage.unit == "examples" and stage.steps == 4 * 25  # 800 examples / 32 per batch = 25 per epoch
 
     evals = _evals(run_dir, "adam")
@@ -156,7 +157,7 @@ def test_bert_classifier_from_config_learns_and_exports(tmp_path: Path) -> None:
                    "batch": {"size": 16}, "epochs": 4}],
                  BERT, {"kind": "word"}, {**CLASSIFY_DATA, "val_fraction": 0.2, "max_len": 16})
     run_dir, prepared, summaries = _run(tmp_path, plan)
-    setup = prepared.setups[0]
+    setup = prepared.stages[0].setup
     assert summaries[0].metrics["val_accuracy"] > majority_accuracy(setup.data) + 0.05, summaries[0].metrics
     # the export: AutoModelForSequenceClassification with the labels named, same logits
     loaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "stages" / "adam").eval()
@@ -181,8 +182,8 @@ def test_ulmfit_chain_carries_the_backbone_and_unfreezes_a_group_per_epoch(tmp_p
          "eval": {"each_epoch": True}},
     ], GPT, {"kind": "char"}, {"train": "messages.tsv", "field": 1, "label": 0, "val_fraction": 0.2, "max_len": 48})
     _, prepared = _prepare(tmp_path, plan, "ulmfit")
-    lm, head = prepared.setups[0].model, prepared.setups[1].model
-    assert prepared.setups[1].head and head is not lm
+    lm, head = prepared.stages[0].setup.model, prepared.stages[1].setup.model
+    assert prepared.stages[1].setup.head and head is not lm
     names = {id(p): n for n, p in head.named_parameters()}
     groups = layer_groups(head)
     assert len(groups) == 4  # embeddings, h.0, h.1, then ln_f and the score head
@@ -212,7 +213,7 @@ def test_ulmfit_chain_carries_the_backbone_and_unfreezes_a_group_per_epoch(tmp_p
         handle.remove()
     run_dir = tmp_path / "run"
     start, steps = steps[0]["start"], steps[1:]
-    stage = prepared.stages[1]
+    stage = prepared.stages[1].resolved
     per_epoch = stage.steps // epochs
     assert len(steps) == stage.steps == epochs * per_epoch == 4 * 60  # 480 examples / 8
 
@@ -248,7 +249,7 @@ def test_ulmfit_chain_carries_the_backbone_and_unfreezes_a_group_per_epoch(tmp_p
             scales.add(round(scale, 9))
     assert scales == {round(2.6 ** -d, 9) for d in range(4)}
 
-    baseline = majority_accuracy(prepared.setups[1].data)
+    baseline = majority_accuracy(prepared.stages[1].setup.data)
     final = summaries[1].metrics
     assert final["val_accuracy"] > baseline + 0.05, (final, baseline)
     assert [e["stage_step"] for e in _evals(run_dir, "cls")] == [60, 120, 180, 240]
@@ -314,7 +315,7 @@ def test_interrupted_example_stages_resume_bit_identically(tmp_path: Path, make_
     path = write_plan(tmp_path, plan)
     straight = prepare(load_plan(path), path, tmp_path / "cache-straight")
     train(straight, tmp_path / "straight", console=QUIET)
-    first, second = straight.stages
+    first, second = straight.resolved
     # one stop inside the first stage, one inside the second (neither on a checkpoint's step)
     assert 0 < stops[0] < first.steps and first.steps < stops[1] < first.steps + second.steps
     every = plan["checkpoint"]["every"]
@@ -344,7 +345,7 @@ def test_resume_inside_an_lr_auto_stage(tmp_path: Path) -> None:
     assert [e["stage"] for e in _events(tmp_path / "straight", "lr_auto")] == ["sgd"]
     out, cache = tmp_path / "resumed", tmp_path / "cache-resumed"
     with pytest.raises(RunStopped, match=r"at step 4 of stage 'sgd'"):
-        train(prepare(load_plan(path), path, cache), out, console=QUIET, stop_after=straight.stages[0].steps + 4)
+        train(prepare(load_plan(path), path, cache), out, console=QUIET, stop_after=straight.resolved[0].steps + 4)
     resumed = prepare(load_plan(path), path, cache)
     train(resumed, out, console=QUIET)
     assert state_difference(straight, resumed) is None
@@ -371,7 +372,7 @@ def test_seq2seq_stage_beats_copying_the_source(tmp_path: Path) -> None:
     # the baseline: the validation sources themselves as translations (the same seeded split)
     _, val = split_records(read_pairs(pairs, 0, 1), 0.1, 0)
     sources, references = [s for s, _ in val], [t for _, t in val]
-    assert list(prepared.setups[0].data.val.references) == references
+    assert list(prepared.stages[0].setup.data.val.references) == references
     copy_bleu, copy_chrf = bleu(sources, references), chrf(sources, references)
     final = summaries[0].metrics
     assert set(final) == {"val_loss", "val_bleu", "val_chrf"}
@@ -409,7 +410,7 @@ def test_transformers_encoder_decoder_learns_and_exports(tmp_path: Path, model: 
 
     # the export is a transformers directory: same logits from AutoModelForSeq2SeqLM, same ids
     # from AutoTokenizer, and its generate config decodes as the run did
-    setup = prepared.setups[0]
+    setup = prepared.stages[0].setup
     export = run_dir / "stages" / "adam"
     loaded = AutoModelForSeq2SeqLM.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -439,11 +440,11 @@ def test_sft_after_causal_lm_lowers_the_completion_loss(tmp_path: Path, corpus: 
          "optimizer": {"name": "adamw", "lr": 3e-3}, "batch": {"size": 32}, "steps": 150},
     ], model=GPT, seed=0)
     run_dir, prepared, summaries = _run(tmp_path, plan)
-    assert prepared.setups[1].model is prepared.setups[0].model  # sft trains the LM itself: no new head
-    assert not prepared.setups[1].head and not _events(run_dir, "head_attached")
+    assert prepared.stages[1].setup.model is prepared.stages[0].setup.model  # sft trains the LM itself: no new head
+    assert not prepared.stages[1].setup.head and not _events(run_dir, "head_attached")
     # the LM's own loss on the completions, before the sft stage: its exported final weights
     lm = AutoModelForCausalLM.from_pretrained(run_dir / "stages/lm")
-    before = evaluate_sft(lm, prepared.setups[1].data.val, 64, torch.device("cpu"))["val_loss"]
+    before = evaluate_sft(lm, prepared.stages[1].setup.data.val, 64, torch.device("cpu"))["val_loss"]
     after = summaries[1].val_loss
     assert set(summaries[1].metrics) == {"val_loss", "val_ppl"}
     assert after < 0.6 * before, (before, after)
@@ -466,7 +467,7 @@ def test_tag_stage_finds_spans_by_context(tmp_path: Path, model: dict[str, Any],
                    "batch": {"size": 16}, "epochs": epochs}],
                  model, {"kind": "word"}, {"train": "train.conll", "val": "val.conll"})
     run_dir, prepared, summaries = _run(tmp_path, plan)
-    data = prepared.setups[0].data
+    data = prepared.stages[0].setup.data
     gold = [[data.tag_map.decode(t) for t in row[row != -100].tolist()] for row in data.val.tags]
     # baselines: all O, and each word's most frequent training tag (names are PER and LOC alike)
     counts: dict[str, dict[str, int]] = {}
@@ -488,7 +489,7 @@ def test_tag_stage_finds_spans_by_context(tmp_path: Path, model: dict[str, Any],
         words = ["Mr", *TAG_NAMES[0].split(), "went", "in"]
         ids = tokenizer(words, is_split_into_words=True, add_special_tokens=False, return_tensors="pt")
         assert ids["input_ids"][0].tolist() == data.vocab.encode(words, is_pretokenized=True).ids
-        trained = prepared.setups[0].model.eval()
+        trained = prepared.stages[0].setup.model.eval()
         with torch.no_grad():
             assert torch.equal(loaded(**ids).logits, trained(**ids).logits)
         assert list(loaded.config.id2label.values()) == list(data.tag_map.labels)
@@ -626,7 +627,7 @@ def test_data_format_reads_a_table_whatever_its_extension(tmp_path: Path) -> Non
     plan = _plan([{"name": "cls", "task": "classify", "optimizer": ADAM, "batch": {"size": 4}, "steps": 2}],
                  BIGRU, {"kind": "word"}, {**CLASSIFY_DATA, "train": "messages.txt"})
     _, prepared = _prepare(tmp_path, {**plan, "data": {**plan["data"], "format": "tsv"}})
-    assert len(prepared.setups[0].data.train) + len(prepared.setups[0].data.val) == 40
+    assert len(prepared.stages[0].setup.data.train) + len(prepared.stages[0].setup.data.val) == 40
     with pytest.raises(UserError, match=r"cannot tell the format from the extension .\.txt."):
         _prepare(tmp_path, plan, "no-format")
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_plan, write_plan
 from stagewise.cli import main
-from stagewise.engine.run import Prepared, prepare, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 
 
@@ -38,6 +39,15 @@ def test_export_round_trips_through_from_pretrained(trained: tuple[Prepared, Pat
     x = torch.tensor([ids])
     with torch.no_grad():  # the model in memory ends on the last stage's weights
         assert torch.equal(model(input_ids=x).logits, prepared.root.eval()(input_ids=x).logits)
+
+
+def test_export_defaults_to_the_last_finished_stage_like_generate(trained: tuple[Prepared, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = trained
+    assert main(["export", str(run), "--to", str(tmp_path / "last")]) == 0
+    assert f"stage 'cool' exported to {tmp_path / 'last'}" in capsys.readouterr().out
+    exported = (tmp_path / "last" / "model.safetensors").read_bytes()
+    assert exported == (run / "stages" / "cool" / "model.safetensors").read_bytes()
 
 
 def test_export_refuses_to_overwrite_and_names_unknown_stages(trained: tuple[Prepared, Path], tmp_path: Path,

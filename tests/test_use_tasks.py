@@ -16,7 +16,8 @@ from rich.console import Console
 
 from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
-from stagewise.engine.run import Prepared, prepare, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
 from stagewise.tasks.seq2seq import translate
 from stagewise.track.logs import read_jsonl
@@ -250,7 +251,7 @@ def test_seq2seq_evaluate_reproduces_the_runs_final_metrics(seq2seq_run: tuple[P
 def test_seq2seq_generate_translates_and_beam_1_is_greedy(seq2seq_run: tuple[Path, Prepared],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     run, prepared = seq2seq_run
-    model, data = prepared.setups[0].model.eval(), prepared.setups[0].data
+    model, data = prepared.stages[0].setup.model.eval(), prepared.stages[0].setup.data
     prompt = "two red cats"
     src = torch.tensor([data.src_tokenizer.encode(prompt, add_special_tokens=False).ids])
     # the model in memory ends on the stage's weights: its greedy decoding, and beam search of 1
@@ -281,7 +282,7 @@ def test_tag_evaluate_reproduces_the_runs_metrics_and_generate_tags_words(tmp_pa
     assert set(final) == {"loss", "span_f1"} and metrics["sentences"] == 20
     assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-6) and metrics["span_f1"] == final["span_f1"]
     pairs = _cli_out(capsys, "generate", str(run), "--prompt", "we saw Mr Bob in Paris").split()
-    tags = prepared.setups[0].data.tag_map.labels
+    tags = prepared.stages[0].setup.data.tag_map.labels
     assert [p.rsplit("/", 1)[0] for p in pairs] == "we saw Mr Bob in Paris".split()
     assert all(p.rsplit("/", 1)[1] in tags for p in pairs)
     bad = tmp_path / "bad.conll"

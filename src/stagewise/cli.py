@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="copy a stage's export: transformers models as a directory the Auto "
                                            "classes load; built-in ones as weights, model.json and tokenizers")
     export.add_argument("run", type=Path)
-    export.add_argument("--stage", required=True)
+    export.add_argument("--stage", help="default: the plan's last finished stage")
     export.add_argument("--to", type=Path, required=True)
     return parser
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.run import prepare, train
+    from stagewise.engine.prepare import prepare
+    from stagewise.engine.run import train
     from stagewise.plan.load import load_plan
 
     plan = load_plan(args.plan, args.overrides)
@@ -109,19 +110,20 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.run import prepare, stage_status
+    from stagewise.engine.prepare import prepare
+    from stagewise.engine.status import stage_status
     from stagewise.plan.load import load_plan
     from stagewise.track.plan_view import print_plan
 
     prepared = prepare(load_plan(args.plan, args.overrides), args.plan, args.cache or Path("runs/.cache"))
-    print_plan(console, prepared.plan.name, prepared.stages, stage_status(prepared))
+    print_plan(console, prepared.plan.name, prepared.resolved, stage_status(prepared))
     if args.plot is not None:
         from stagewise.track.plots import plan_lr_figure, save_png
 
-        save_png(plan_lr_figure(prepared.stages), args.plot)
+        save_png(plan_lr_figure(prepared.resolved), args.plot)
         console.print(f"LR curve written to {args.plot}")
-    models = {id(s.model): s.model for s in prepared.setups}.values()
-    data = {id(s.data): s for s in prepared.setups}.values()
+    models = {id(s.model): s.model for s in prepared.stages}.values()
+    data = {id(s.setup.data): s.setup for s in prepared.stages}.values()
     console.print(f"plan OK: {len(prepared.stages)} stages, {prepared.total_steps} steps, "
                   f"{' + '.join(f'{sum(p.numel() for p in m.parameters()):,}' for m in models)} parameters, "
                   + ", ".join(f"{s.n_train:,} training {s.unit}" for s in data))
@@ -158,15 +160,17 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.use import generate, open_stage
+    from stagewise.tasks.spec import GenerateOptions
+    from stagewise.trained import generate, open_stage
 
     if (args.max_tokens is not None and args.max_tokens < 1) or args.temperature < 0 \
             or (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or args.beam < 1:
         raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
                                     "--beam >= 1")
-    text = generate(open_stage(args.run, args.stage), args.prompt, max_tokens=args.max_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, beam=args.beam)
+    options = GenerateOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, beam=args.beam)
+    text = generate(open_stage(args.run, args.stage), args.prompt, options)
     console.print(text, markup=False, highlight=False)
     return 0
 
@@ -174,7 +178,7 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from stagewise.use import COUNTS, evaluate, open_stage
+    from stagewise.trained import COUNTS, evaluate, open_stage
 
     if args.beam is not None and args.beam < 1:
         raise UserError("--beam", f"must be >= 1 (got {args.beam})")
@@ -190,7 +194,8 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.use import export
+    from stagewise.trained import export
 
-    console.print(f"stage '{args.stage}' exported to {export(args.run, args.stage, args.to)}")
+    name, to = export(args.run, args.stage, args.to)
+    console.print(f"stage '{name}' exported to {to}")
     return 0

@@ -17,12 +17,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from stagewise.optim.handoff import SwatsEstimate
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
-from stagewise.plan.schema import ADAM
 
 ROLLBACK_MAX_FIRES = 3  # a rollback rule without max_fires: going back forever is never wanted
 
@@ -122,20 +119,12 @@ class StageControl:
         # trajectory
         self.spikes = SpikeHistory(self.guard.spike) if self.guard and self.guard.spike else None
         self.swats = SwatsEstimate(stage.optimizer_settings.get("betas", (0.9, 0.999))[1]) if track_swats else None
-        self.optimizer_spec: dict[str, Any] | None = None  # {"name", "settings"} after a switch
 
     # ------------------------------------------------------------------ what the loop asks
 
     @property
     def rollback_rules(self) -> bool:
         return any(r.do.rollback is not None for r in self.rules)
-
-    @property
-    def live_swats(self) -> SwatsEstimate | None:
-        """The SWATS estimate if it follows this update: only Adam's steps say what SGD's LR
-        should be, so it stops (and its rules stop firing) once a rule switches away from Adam."""
-        name = self.optimizer_spec["name"] if self.optimizer_spec is not None else self.stage.optimizer
-        return self.swats if name in ADAM else None
 
     @property
     def checks_updates(self) -> bool:
@@ -178,10 +167,12 @@ class StageControl:
             self.spikes.values.append(value)
         return None
 
-    def after_update(self, step: int, seconds: float) -> list[Fired]:
-        """After an applied update: the SWATS rules whose test now holds."""
+    def after_update(self, follows_adam: bool) -> list[Fired]:
+        """After an applied update: the SWATS rules whose test now holds. Only Adam's steps say
+        what SGD's LR should be, so the estimate stops (and its rules stop firing) once a rule
+        switches away from Adam (`follows_adam`: the optimizer in use is adam/adamw)."""
         fired = []
-        swats = self.live_swats
+        swats = self.swats if follows_adam else None
         if swats is not None:
             for i, rule in enumerate(self.rules):
                 sw = rule.when.swats
@@ -262,7 +253,7 @@ class StageControl:
 
     def state_dict(self, seconds_this_process: float) -> dict[str, Any]:
         """The rest of the trajectory (optimizer spec, SWATS) goes in the checkpoint's hand-off
-        part, which a child stage reads too (loop.handoff_state)."""
+        part, which a child stage reads too (StageTrainer.handoff_state)."""
         return {"memory": {**self.memory(), "elapsed": self.elapsed + seconds_this_process},
                 "spikes": self.spikes.state_dict() if self.spikes else None}
 
@@ -281,11 +272,4 @@ class StageControl:
             self.spikes.load_state_dict(state["spikes"])
         if self.swats is not None and handoff["swats"] is not None:
             self.swats.load_state_dict(handoff["swats"])
-        self.optimizer_spec = handoff["optimizer_spec"]
 
-
-def corrupt(x: torch.Tensor, vocab_size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random tokens (the same for the same step), as a data pipeline bug would give."""
-    g = torch.Generator().manual_seed(step)
-    bad = torch.randint(0, vocab_size, (x.size(0), x.size(1) + 1), generator=g).to(x.device)
-    return bad[:, :-1].contiguous(), bad[:, 1:].contiguous()

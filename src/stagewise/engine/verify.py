@@ -13,9 +13,11 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from stagewise.engine.checkpoint import STATE, WEIGHTS, StageStore
-from stagewise.engine.run import Prepared, prepare, train
+from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.run import train
 from stagewise.errors import RunStopped
-from stagewise.plan.schema import CheckpointConfig, Plan, ScheduleConfig, StageConfig
+from stagewise.plan.schema import CheckpointConfig, Plan, ScheduleConfig
+from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.track.logs import read_jsonl
 
 # Absolute-step settings of a schedule, scaled with the stage when it is shortened.
@@ -37,13 +39,14 @@ def shortened(plan: Plan, steps: int, every: int) -> Plan:
     """The plan with each stage cut to at most `steps` updates (schedules scaled along), in fp32,
     checkpointing every `every` steps."""
     stages = []
-    for stage in plan.stages:
+    for node in stage_tree(plan):
+        stage = node.config
         total = stage.steps or steps  # epochs/tokens stages become `steps` long
         new = min(total, steps)
         stages.append(stage.model_copy(update={
             "steps": new, "epochs": None, "tokens": None,
             "schedule": _scale_schedule(stage.schedule, total, new),
-            "from_": _scale_from(stage, plan, steps)}))
+            "from_": _scale_from(node, steps)}))
     return plan.model_copy(update={"stages": stages, "precision": "fp32", "compile": False,
                                    "checkpoint": CheckpointConfig(every=every, keep=2)})
 
@@ -60,13 +63,13 @@ def _scale_schedule(schedule: ScheduleConfig, old: int, new: int) -> ScheduleCon
     return schedule.model_copy(update=update)
 
 
-def _scale_from(stage: StageConfig, plan: Plan, steps: int) -> str | None:
-    if stage.from_ is None or "@" not in stage.from_:
-        return stage.from_
-    name, _, at = stage.from_.partition("@")
-    parent = next(s for s in plan.stages if s.name == name)
-    old = parent.steps or steps
-    return f"{name}@{max(1, min(min(old, steps), round(int(at) * min(old, steps) / old)))}"
+def _scale_from(node: StageNode, steps: int) -> str | None:
+    """A branch point `NAME@STEP` moved with its parent's shortening."""
+    if node.parent is None or node.at is None:
+        return node.config.from_
+    old = node.parent.config.steps or steps
+    new = min(old, steps)
+    return f"{node.parent.name}@{max(1, min(new, round(node.at * new / old)))}"
 
 
 def verify_resume(plan: Plan, plan_path: Path, steps: int = 12, every: int = 3, stop_at: int | None = None) -> VerifyResult:

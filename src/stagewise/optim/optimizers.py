@@ -8,7 +8,7 @@ the starting value. Weights (`regularizers.is_decayed`) go in "decay", everythin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -154,24 +154,27 @@ def _muon_params(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Par
 
 
 def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: float = 0.0,
-                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
-    """The optimizer `name` over `model`'s trainable parameters; `settings` is that optimizer's
-    complete settings dict (OPTIMIZER_SETTINGS keys, all filled); `l1` is sgd_l1's strength;
-    `lr_scales`: LR multiples by parameter name (optim.layers.discriminative_scales)."""
+                    lr_scales: dict[str, float] | None = None,
+                    trainable: Collection[str] | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` over `model`'s parameters named in `trainable` (None: all of them);
+    `settings` is that optimizer's complete settings dict (OPTIMIZER_SETTINGS keys, all filled);
+    `l1` is sgd_l1's strength; `lr_scales`: LR multiples by parameter name
+    (optim.layers.discriminative_scales)."""
     named = dict(model.named_parameters())
     scales = {id(named[n]): v for n, v in (lr_scales or {}).items()}
     _check_settings(name, settings)
     if settings["lr"] is None:
         raise ValueError(f"optimizer '{name}' has no lr")
-    trainable = [p for p in model.parameters() if p.requires_grad]  # tied tensors come once
-    if not trainable:
+    # In the model's order; named_parameters gives tied tensors once.
+    params = [p for n, p in model.named_parameters() if trainable is None or n in trainable]
+    if not params:
         raise ValueError("the model has no trainable parameters")
     lr = settings["lr"]
 
     if name == "muon":
-        muon = _muon_params(model, trainable)
+        muon = _muon_params(model, params)
         in_muon = {id(p) for p in muon}
-        decay, no_decay = _split(p for p in trainable if id(p) not in in_muon)
+        decay, no_decay = _split(p for p in params if id(p) not in in_muon)
         wd = settings["weight_decay"]
         adamw_groups = _by_scale([_group("decay", decay, weight_decay=wd),
                                   _group("no_decay", no_decay, weight_decay=0.0)], scales)
@@ -180,7 +183,7 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
                              nesterov=settings["nesterov"], weight_decay=wd,
                              betas=tuple(settings["betas"]), eps=settings["eps"])
 
-    decay, no_decay = _split(trainable)
+    decay, no_decay = _split(params)
     if name == "sgd_l1":
         groups = _by_scale([_group("decay", decay, l1=l1), _group("no_decay", no_decay, l1=0.0)], scales)
         return ProximalSGD(groups, lr=lr, momentum=settings["momentum"], l1=l1)
@@ -189,7 +192,7 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
     groups = _by_scale([_group("decay", decay, weight_decay=wd), _group("no_decay", no_decay, weight_decay=0.0)],
                        scales)
     # The fused kernels (one pass over each tensor, CPU and CUDA) are the fastest torch has.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if name in ("gd", "sgd"):
         # gd differs from sgd only in batching (the engine feeds the whole set), not in the update.
         return torch.optim.SGD(groups, lr=lr, momentum=settings["momentum"], nesterov=settings["nesterov"],

@@ -14,13 +14,15 @@ from typing import Any
 from stagewise.errors import UserError
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
-from stagewise.plan.rules import TASK_METRICS
-from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, Plan, StageConfig
+from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, StageConfig
+from stagewise.plan.tree import StageNode
+from stagewise.tasks.registry import task_spec
 
 
 @dataclass(frozen=True)
 class ResolvedStage:
     index: int
+    node: StageNode  # its place in the stage tree
     config: StageConfig
     key: str  # the stage cache's identity of this stage (plan.keys)
     parent: str | None
@@ -69,26 +71,27 @@ class StageData:
     fingerprint: str  # of the encoded data (causal_lm: in `identity` already)
 
 
-def resolve_stages(plan: Plan, data: list[StageData], context_length: int | None, identity: dict[str, Any],
-                   where: str) -> list[ResolvedStage]:
+def resolve_stages(nodes: list[StageNode], data: list[StageData], context_length: int | None,
+                   identity: dict[str, Any], where: str) -> list[ResolvedStage]:
     """`data`: each stage's; `context_length`: the causal LM's, if any; `identity`: what besides
     the stages decides the weights (model, tokenizer, data, seed, ...)."""
     stages: list[ResolvedStage] = []
-    swats = _swats_needed(plan)
-    for i, cfg in enumerate(plan.stages):
-        stages.append(_resolve_one(i, cfg, stages, data[i], context_length, identity, where, swats))
+    swats = _swats_needed(nodes)
+    for node in nodes:
+        stages.append(_resolve_one(node, stages, data[node.index], context_length, identity, where, swats))
     return stages
 
 
-def _swats_needed(plan: Plan) -> set[str]:
+def _swats_needed(nodes: list[StageNode]) -> set[str]:
     """Stages that must keep the SWATS estimate: for their own rules, or a child's `lr: auto`."""
     needed = set()
-    for i, cfg in enumerate(plan.stages):
+    for node in nodes:
+        cfg = node.config
         if any(r.when.swats is not None or (r.do.switch is not None and r.do.switch.lr == "auto")
                for r in cfg.all_rules()):
             needed.add(cfg.name)
-        if cfg.optimizer.lr == "auto" and i > 0 and cfg.from_ != "init":
-            needed.add(cfg.from_.partition("@")[0] if cfg.from_ else plan.stages[i - 1].name)
+        if cfg.optimizer.lr == "auto" and node.parent is not None:
+            needed.add(node.parent.name)
     return needed
 
 
@@ -101,29 +104,24 @@ def pinned_steps(stages: list[ResolvedStage]) -> dict[str, set[int]]:
     return pins
 
 
-def _parent(cfg: StageConfig, earlier: list[ResolvedStage], fail: Any) -> tuple[ResolvedStage | None, int | None]:
-    if cfg.from_ is None:
-        return (earlier[-1] if earlier else None), None
-    if cfg.from_ == "init":
+def _parent(node: StageNode, earlier: list[ResolvedStage], fail: Any) -> tuple[ResolvedStage | None, int | None]:
+    """The parent's resolved stage, and the step this stage branches from (None: the parent's end)."""
+    if node.parent is None:
         return None, None
-    name, _, step = cfg.from_.partition("@")
-    by_name = {s.name: s for s in earlier}
-    if name not in by_name:
-        raise fail("from", f"no earlier stage '{name}' (a parent comes before its branches)")
-    parent = by_name[name]
-    if step and not 1 <= int(step) <= parent.steps:
-        raise fail("from", f"stage '{name}' has steps 1..{parent.steps} (got @{step})")
-    return parent, (int(step) if step and int(step) != parent.steps else None)
+    parent = earlier[node.parent.index]
+    if node.at is not None and not 1 <= node.at <= parent.steps:
+        raise fail("from", f"stage '{parent.name}' has steps 1..{parent.steps} (got @{node.at})")
+    return parent, (node.at if node.at is not None and node.at != parent.steps else None)
 
 
-def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], data: StageData,
+def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
                  context_length: int | None, identity: dict[str, Any], where: str, swats: set[str]) -> ResolvedStage:
-    path = f"stages[{i}]"
+    cfg, spec = node.config, task_spec(node.config.task)
 
     def fail(key: str, message: str) -> UserError:
-        return UserError(where, f"{path}.{key}: {message}")
+        return UserError(where, f"{node.where}.{key}: {message}")
 
-    parent, parent_step = _parent(cfg, earlier, fail)
+    parent, parent_step = _parent(node, earlier, fail)
     branch_at = parent.steps if parent and parent_step is None else parent_step
 
     if data.unit == "tokens":
@@ -163,13 +161,17 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], data: S
         steps = math.ceil(cfg.tokens / tokens_per_step)
 
     for key, metric in _metrics_used(cfg):
-        if metric not in TASK_METRICS[cfg.task]:
-            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: "
-                            f"{', '.join(TASK_METRICS[cfg.task])})")
+        if metric not in spec.metrics:
+            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.metrics)})")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
+    switches = [("on_plateau.do.switch", cfg.on_plateau.do.switch)] if cfg.on_plateau is not None else []
+    switches += [(f"rules[{j}].do.switch", rule.do.switch) for j, rule in enumerate(cfg.rules)]
+    for key, switch in switches:
+        if switch is not None and switch.to == "sgd_l1" and cfg.regularization.l1 == 0.0:
+            raise fail(f"{key}.to", "sgd_l1 needs regularization.l1 > 0 (its proximal step applies it)")
 
     if name not in ADAM:
         for j, rule in enumerate(cfg.rules):
@@ -202,7 +204,7 @@ def _resolve_one(i: int, cfg: StageConfig, earlier: list[ResolvedStage], data: S
     key = stage_key(parent.key if parent else None, parent_step,
                     {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
     return ResolvedStage(
-        index=i, config=cfg, key=key, parent=parent.name if parent else None, parent_step=parent_step,
+        index=node.index, node=node, config=cfg, key=key, parent=parent.name if parent else None, parent_step=parent_step,
         optimizer=name, optimizer_settings=settings, handoff=handoff, auto_lr=auto_lr,
         track_swats=cfg.name in swats, steps=steps,
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
@@ -244,7 +246,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
         base = {k: v for k, v in OPTIMIZER_SETTINGS[name].items() if v is not None}
     settings = {**base, **given}
     if opt.handoff != "reset" and parent is None:
-        raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this is the first)")
+        raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this one starts from the model "
+                                        "as built)")
     if opt.handoff == "carry" and not same:
         raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
                                         f"{name} can reset, or convert (adam/adamw -> sgd)")

@@ -7,24 +7,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
 
-# Metrics known when rules are evaluated (after each evaluation): the validation loss and
-# perplexity, and the mean training loss since the previous log line; a classify stage's
-# accuracy and macro-F1, a seq2seq stage's BLEU and chrF, a tag stage's span F1. Which a stage
-# reports depends on its task: TASK_METRICS.
-Metric = Literal["val_loss", "val_ppl", "train_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf",
-                 "val_span_f1"]
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("val_loss", "val_ppl", "train_loss"),
-    "sft": ("val_loss", "val_ppl", "train_loss"),
-    "classify": ("val_loss", "train_loss", "val_accuracy", "val_macro_f1"),
-    "seq2seq": ("val_loss", "train_loss", "val_bleu", "val_chrf"),
-    "tag": ("val_loss", "train_loss", "val_span_f1"),
-}
+def _known(value: str, kind: str, names: list[str]) -> str:
+    if value not in names:
+        raise PydanticCustomError(kind, "input should be {names}", {"names": ", ".join(f"'{n}'" for n in names)})
+    return value
+
+
+def _known_metric(value: str) -> str:
+    """A metric some task reports (tasks.registry); which ones a stage's task reports is checked
+    when the plan is resolved. Known when rules are evaluated (after each evaluation): the
+    validation metrics, and the mean training loss since the previous log line."""
+    from stagewise.tasks.registry import TASKS
+
+    return _known(value, "metric", list(dict.fromkeys(m for spec in TASKS.values() for m in spec.metrics)))
+
+
+def _known_task(value: str) -> str:
+    from stagewise.tasks.registry import TASKS
+
+    return _known(value, "task", list(TASKS))
+
+
+Metric = Annotated[str, AfterValidator(_known_metric)]
+TaskName = Annotated[str, AfterValidator(_known_task)]
 Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validat
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
-from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, UntilConfig
+from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, TaskName, UntilConfig
 
 
 
@@ -28,7 +28,6 @@ def _duration(value: Any) -> int | float:
 
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
 Duration = Annotated[int | float, PlainValidator(_duration)]
-TaskName = Literal["causal_lm", "sft", "classify", "seq2seq", "tag"]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 

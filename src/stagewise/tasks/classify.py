@@ -10,6 +10,8 @@ backbone (models.heads.classifier_from_lm).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,14 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from stagewise.tasks.base import ExampleTask
+from stagewise.data.tokenizers import eos_id
+from stagewise.models.heads import classifier_from_lm
+from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
+from stagewise.tasks.base import ExampleTask, Task
+from stagewise.tasks.export import TrainedStage, load_transformers, save_builtin, save_transformers, auto_tokenizer
+from stagewise.tasks.lm import save_lm
+from stagewise.tasks.models import check_arch, from_config, is_builtin, root_model
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
 from stagewise.tasks.labels import LabelMap
@@ -135,3 +144,100 @@ class ClassifyTask(ExampleTask):
 
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_classify(self.model, self.data.val, batch_size, self.device)
+
+
+class ClassifySpec(TaskSpec):
+    name = "classify"
+    family = "classify"
+    heads_on_lm = True
+    metrics = ("val_loss", "train_loss", "val_accuracy", "val_macro_f1")
+    data_keys = frozenset({"field", "label", "max_len"})
+    formats = ("auto", "csv", "tsv", "json")
+    table_files = True
+    reads = "csv, tsv or jsonl files"
+    default_max_len = MAX_LEN
+
+    def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
+        """A head on the parent's LM reads its tokenizer; a classifier from config reads words."""
+        return (parent is None or parent.lm_based) and plan.tokenizer.kind != "word"
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        train, val = inp.files()
+        digest = inp.digest(self.name, (train, val))
+        fmt = self.table_format(inp.config, inp.where)
+        text, label = column(inp.config, "field"), column(inp.config, "label")
+        common = inp.split_args(val, self.max_len(inp.config))
+        if inp.lm_based:
+            lm = inp.lm_data
+            digest.update(lm.fingerprint.encode())
+            data = prepare_classify(train, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer),
+                                    fmt=fmt, **common)
+        else:
+            data = prepare_classify(train, text, label, vocab_size=inp.word_vocab_size, fmt=fmt, **common)
+        return data, digest.hexdigest()
+
+    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+        def sequence_classifier(arch: str, keys: dict[str, Any]) -> nn.Module:
+            from transformers import AutoModelForSequenceClassification
+            from transformers.models.auto import modeling_auto
+
+            check_arch(arch, modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                       "a sequence-classification head")
+            id2label = dict(enumerate(data.label_map.labels))
+            return from_config(AutoModelForSequenceClassification, arch, keys,
+                               vocab_size=data.tokenizer.get_vocab_size(), num_labels=len(id2label), pad_token_id=PAD_ID,
+                               id2label=id2label, label2id={v: i for i, v in id2label.items()})
+
+        return root_model(cfg, self.name, self.sizes(data), sequence_classifier)
+
+    @staticmethod
+    def sizes(data: ClassifyData) -> dict[str, int]:
+        return {"num_classes": len(data.label_map), "vocab_size": data.tokenizer.get_vocab_size()}
+
+    def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
+        model, _ = classifier_from_lm(lm, len(data.label_map), data.pad_id, where)  # type: ignore[arg-type]
+        return model
+
+    def labels(self, data: Any) -> list[str]:
+        return list(data.label_map.labels)
+
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        return ClassifyTask(setup.model, device, autocast, setup.data)
+
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        if setup.lm_based:
+            save_lm(setup, lm_tokenizer, out)
+        elif not is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
+            save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.tokenizer), out)
+        else:
+            save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
+                                       "sizes": self.sizes(setup.data), "labels": setup.labels},
+                         {"tokenizer.json": setup.data.tokenizer}, out)
+
+    def _classifier(self, stage: TrainedStage) -> tuple[nn.Module, Tokenizer, int]:
+        """The classifier, the tokenizer its texts were encoded with and the id that padded them."""
+        if stage.is_transformers:
+            from transformers import AutoModelForSequenceClassification
+
+            model, _ = load_transformers(stage.directory, AutoModelForSequenceClassification)
+            return model, stage.tokenizer(), model.config.pad_token_id
+        model, _ = stage.builtin()
+        return model, stage.tokenizer(), PAD_ID
+
+    @torch.no_grad()
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        """The predicted label and its probability."""
+        assert stage.labels is not None
+        model, tok, _ = self._classifier(stage)
+        ids = torch.tensor([tok.encode(prompt).ids[: stage.max_len]])  # as encode_classification cuts
+        probs = logits_of(model, ids, torch.ones_like(ids)).softmax(dim=-1)[0]
+        best = int(probs.argmax())
+        return f"{stage.labels.decode(best)} ({float(probs[best]):.3f})"
+
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, Any], int]:
+        assert stage.labels is not None
+        records = read_labeled(path, column(stage.data, "field"), column(stage.data, "label"), fmt)
+        model, tok, pad_id = self._classifier(stage)
+        rows = Encoded(*encode_classification(records, tok, stage.labels, stage.max_len, pad_id))
+        return evaluate_classify(model, rows, stage.batch_size, torch.device("cpu")), len(rows)

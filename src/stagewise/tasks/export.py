@@ -1,64 +1,119 @@
-"""A stage's final model as a directory (`RUN/stages/NAME/`) that can be used without stagewise's
-plan: transformers models through `save_pretrained` (AutoModel* and AutoTokenizer load it as it
-is; a classifier's config names its labels); the built-in models (bigru, transformer) as
-`model.safetensors` + `model.json` (arch, settings, sizes, labels) + their word tokenizers."""
+"""A stage's final model as a directory (`RUN/stages/NAME/`) usable without stagewise's plan, and
+reading it back: both sides of the format in one place.
+
+- transformers models through `save_pretrained` (AutoModel* and AutoTokenizer load it as it is; a
+  classifier's config names its labels);
+- the built-in models (bigru, transformer) as `model.safetensors` + `model.json` (task, arch,
+  settings, sizes, labels) + their word tokenizers (`tokenizers` JSON files).
+
+`stagewise.json`, written last by the engine, marks an export complete and names its task; each
+task's spec (tasks.registry) says what its directory holds.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import save_model
 from tokenizers import Tokenizer
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from torch import nn
 
-from stagewise.data.tokenizers import to_transformers
-from stagewise.plan.schema import ModelConfig
-from stagewise.tasks.seq2seq import BOS, EOS
-from stagewise.tasks.setup import StageSetup, model_sizes
+from stagewise.plan.schema import DataConfig
+from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.vocab import PAD, UNK
 
+if TYPE_CHECKING:
+    from stagewise.tasks.spec import TaskSpec
+
+MARKER = "stagewise.json"
 BUILTIN_FILE = "model.json"
+WEIGHTS = "model.safetensors"
 
 
-def labels_of(setup: StageSetup) -> list[str] | None:
-    for attr in ("label_map", "tag_map"):
-        if hasattr(setup.data, attr):
-            return list(getattr(setup.data, attr).labels)
-    return None
+@dataclass(frozen=True)
+class TrainedStage:
+    """A finished stage: its export and what the run's plan says about its data."""
+
+    directory: Path
+    spec: TaskSpec
+    labels: LabelMap | None  # classify: the classes; tag: the tags
+    data: DataConfig  # the stage's own data, or the plan's
+    batch_size: int  # what its validation was evaluated in
+    beam: int  # seq2seq: the decoding of its validation BLEU / chrF
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def task(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_len(self) -> int:
+        return self.spec.max_len(self.data)
+
+    @property
+    def is_transformers(self) -> bool:
+        return (self.directory / "config.json").is_file()
+
+    def tokenizer(self, name: str = "tokenizer.json") -> Tokenizer:
+        """A saved `tokenizers` tokenizer: the tasks' encoders take these, not transformers' wrappers."""
+        return Tokenizer.from_file(str(self.directory / name))
+
+    def builtin(self) -> tuple[nn.Module, dict[str, Any]]:
+        """A built-in model rebuilt as its task built it, with the stage's weights; and its model.json."""
+        from safetensors.torch import load_model
+
+        from stagewise.tasks.models import builtin_model
+
+        description = json.loads((self.directory / BUILTIN_FILE).read_text(encoding="utf-8"))
+        model = builtin_model(description["arch"], description["task"], description["sizes"], description["settings"])
+        load_model(model, str(self.directory / WEIGHTS))
+        return model.eval(), description
 
 
-def save_stage(setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+def load_transformers(directory: Path, auto: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) of a transformers export, as the Auto classes load them."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line of output is the point of these commands
+    model = auto.from_pretrained(directory)
+    return model.eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def save_transformers(model: Any, labels: list[str] | None, tokenizer: Any, out: Path) -> None:
+    """A transformers model and its tokenizer (a PreTrainedTokenizerFast); a classifier's or
+    tagger's labels named in its config."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would interleave with ours
     out.mkdir(parents=True, exist_ok=True)
-    labels = labels_of(setup)
-    model = setup.model
-    if isinstance(model, PreTrainedModel):
-        if labels is not None:
-            model.config.id2label = dict(enumerate(labels))
-            model.config.label2id = {label: i for i, label in enumerate(labels)}
-        model.save_pretrained(out)
-        if setup.lm_based:
-            assert lm_tokenizer is not None
-            to_transformers(lm_tokenizer).save_pretrained(out)
-        elif setup.task == "seq2seq":  # t5, bart: one vocabulary for both sides
-            _word_tokenizer(setup.data.tgt_tokenizer, bos_token=BOS, eos_token=EOS).save_pretrained(out)
-        else:  # a classifier or tagger from config (bert): its word vocabulary
-            _word_tokenizer(setup.data.tokenizer if setup.task == "classify" else setup.data.vocab).save_pretrained(out)
-        return
-    save_model(model, str(out / "model.safetensors"))
-    description: dict[str, Any] = {"task": setup.task, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
-                                   "sizes": model_sizes(setup.task, setup.data), "labels": labels}
-    if setup.task == "seq2seq":
-        setup.data.src_tokenizer.save(str(out / "source_tokenizer.json"))
-        setup.data.tgt_tokenizer.save(str(out / "target_tokenizer.json"))
-        description.update(bos_id=setup.data.bos_id, eos_id=setup.data.eos_id)
-    else:
-        (setup.data.tokenizer if setup.task == "classify" else setup.data.vocab).save(str(out / "tokenizer.json"))
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def save_builtin(model: nn.Module, description: dict[str, Any], tokenizers: dict[str, Tokenizer], out: Path) -> None:
+    """A built-in model: its weights, model.json (task, arch, settings, sizes, labels, ...) and
+    its word tokenizers by file name."""
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS))
+    for name, tok in tokenizers.items():
+        tok.save(str(out / name))
     (out / BUILTIN_FILE).write_text(json.dumps(description, indent=1))
 
 
-def _word_tokenizer(tok: Tokenizer, **special: str) -> PreTrainedTokenizerFast:
+def auto_tokenizer(tok: Tokenizer, **special: str) -> Any:
     """A word vocabulary (tasks.vocab) as AutoTokenizer loads it: padding, unknown words and the
     given special tokens declared."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, **special)

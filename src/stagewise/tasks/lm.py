@@ -6,14 +6,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
+from stagewise.data.tokenizers import to_transformers
+from stagewise.errors import UserError
+from stagewise.models.generate import sample
+from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
+from stagewise.tasks.export import TrainedStage, load_transformers, save_transformers
+from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 
 
 class LanguageModelLoss(nn.Module):
@@ -71,3 +80,83 @@ class LanguageModelTask(Task):
         g = torch.Generator().manual_seed(step)
         bad = torch.randint(0, self.data.vocab_size, (x.size(0), x.size(1) + 1), generator=g).to(x.device)
         return bad[:, :-1].contiguous(), bad[:, 1:].contiguous()
+
+
+def load_causal_lm(stage: TrainedStage) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    return load_transformers(stage.directory, AutoModelForCausalLM)
+
+
+def continue_text(stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+    """A sampled continuation of `prompt` (causal_lm, sft); 200 tokens unless told."""
+    model, tok = load_causal_lm(stage)
+    ids = tok.encode(prompt) if prompt else [tok.eos_token_id]
+    context = model.config.max_position_embeddings
+    out = sample(model, torch.tensor([ids]), opts.max_tokens or 200, context, opts.temperature, opts.top_k,
+                 opts.top_p, generator=torch.Generator().manual_seed(opts.seed))
+    return tok.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate_text(stage: TrainedStage, path: Path, batch_size: int = 16) -> tuple[dict[str, float | None], int]:
+    """Token-weighted next-token loss and perplexity of the model on a text file, in windows of
+    its context length (the tail that fills no window is left out, as in training)."""
+    if not path.is_file():
+        raise UserError(str(path), "no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(str(path), f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
+    model, tok = load_causal_lm(stage)
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    block = model.config.max_position_embeddings
+    windows = (len(ids) - 1) // block
+    if windows < 1:
+        raise UserError(str(path), f"{len(ids)} tokens: too few for one window of {block + 1}")
+    rows = ids[: windows * block + 1]
+    x = rows[:-1].view(windows, block)  # (N, T)
+    y = rows[1:].view(windows, block)
+    total = 0.0
+    for start in range(0, windows, batch_size):
+        logits = model(input_ids=x[start:start + batch_size], use_cache=False).logits.float()  # (B, T, V)
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), y[start:start + batch_size].reshape(-1),
+                                 reduction="sum").item()
+    loss = total / y.numel()
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None}, y.numel()
+
+
+class CausalLMSpec(TaskSpec):
+    name = "causal_lm"
+    unit = "tokens"
+    family = LM_FAMILY
+    samples = True
+    metrics = ("val_loss", "val_ppl", "train_loss")
+    data_keys = frozenset({"field"})
+    formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
+    reads = "text files"
+    counts = "tokens"
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        if inp.own:
+            raise UserError(inp.where, "a causal_lm stage reads the plan's data (the tokenizer is trained on it)")
+        return inp.lm_data, inp.lm_data.fingerprint
+
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        return LanguageModelTask(setup.model, device, autocast, setup.data, compile)
+
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        save_lm(setup, lm_tokenizer, out)
+
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        return continue_text(stage, prompt, opts)
+
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, Any], int]:
+        return evaluate_text(stage, path)
+
+
+def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> None:
+    """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them."""
+    assert lm_tokenizer is not None, "an LM-based stage has the plan's tokenizer"
+    save_transformers(setup.model, setup.labels, to_transformers(lm_tokenizer), out)

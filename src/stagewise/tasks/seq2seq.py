@@ -11,7 +11,9 @@ expects detokenized text, and its 13a tokenizer splits punctuation off again for
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,13 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
-from stagewise.tasks.base import Batch, ExampleTask
+from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
+from stagewise.tasks.base import Batch, ExampleTask, Task
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
+from stagewise.tasks.models import from_config, is_builtin, root_model
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
 from stagewise.tasks.metrics import bleu, chrf
@@ -158,3 +165,103 @@ class Seq2SeqTask(ExampleTask):
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
                                 self.max_len, self.beam)
+
+
+SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with the seq2seq task
+
+
+class Seq2SeqSpec(TaskSpec):
+    name = "seq2seq"
+    family = "seq2seq"
+    metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
+    data_keys = frozenset({"source", "target", "max_len"})
+    formats = ("auto", "csv", "tsv", "json")
+    table_files = True
+    reads = "csv, tsv or jsonl files"
+    default_max_len = MAX_LEN
+    beam_search = True
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        train, val = inp.files()
+        digest = inp.digest(self.name, (train, val))
+        fmt = self.table_format(inp.config, inp.where)
+        # t5 and bart embed both sides with one table: one vocabulary of sources and targets
+        data = prepare_seq2seq(train, column(inp.config, "source"), column(inp.config, "target"),
+                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not is_builtin(inp.plan.model),
+                               **inp.split_args(val, self.max_len(inp.config)))
+        return data, digest.hexdigest()
+
+    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+        def encoder_decoder(arch: str, keys: dict[str, Any]) -> nn.Module:
+            """t5 or bart from config, on the shared vocabulary; decoding starts with its BOS and ends
+            at its EOS (nothing forced: bart's default forces EOS at the length limit, which the
+            built-in decoders do not)."""
+            from transformers import AutoModelForSeq2SeqLM
+
+            if arch not in SEQ2SEQ_ARCHS:
+                raise UserError("model.arch", f"task seq2seq trains the built-in transformer or a transformers "
+                                              f"{' or '.join(SEQ2SEQ_ARCHS)} from config (got '{arch}')")
+            assert data.src_tokenizer is data.tgt_tokenizer, "transformers encoder-decoders share one vocabulary"
+            return from_config(AutoModelForSeq2SeqLM, arch, keys, vocab_size=data.tgt_tokenizer.get_vocab_size(),
+                               pad_token_id=PAD_ID, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
+                               decoder_start_token_id=data.bos_id, forced_eos_token_id=None)
+
+        return root_model(cfg, self.name, self.sizes(data), encoder_decoder)
+
+    @staticmethod
+    def sizes(data: PairData) -> dict[str, int]:
+        return {"src_vocab_size": data.src_tokenizer.get_vocab_size(),
+                "tgt_vocab_size": data.tgt_tokenizer.get_vocab_size()}
+
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg))
+
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        data = setup.data
+        if not is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
+            save_transformers(setup.model, None, auto_tokenizer(data.tgt_tokenizer, bos_token=BOS, eos_token=EOS), out)
+            return
+        save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
+                                   "sizes": self.sizes(data), "labels": None, "bos_id": data.bos_id,
+                                   "eos_id": data.eos_id},
+                     {"source_tokenizer.json": data.src_tokenizer, "target_tokenizer.json": data.tgt_tokenizer}, out)
+
+    def _translator(self, stage: TrainedStage, beam: int) -> tuple[nn.Module, PairData]:
+        """The model and its vocabularies, as the PairData decoding takes; its rows are empty (an
+        export keeps no data): evaluate_file puts a file's in. `beam`: the search it is for,
+        checked here so a bad --beam is one line, not beam_search's ValueError."""
+        none = torch.zeros(0, 0, dtype=torch.long)
+        empty = PairRows(none, none, none, ())
+        model: nn.Module
+        if stage.is_transformers:  # t5, bart: one vocabulary for both sides
+            from transformers import AutoModelForSeq2SeqLM
+
+            model, _ = load_transformers(stage.directory, AutoModelForSeq2SeqLM)
+            vocab = stage.tokenizer()
+            data = PairData(vocab, vocab, model.config.decoder_start_token_id, model.config.eos_token_id, empty, empty)
+            size = model.config.vocab_size
+        else:
+            model, description = stage.builtin()
+            data = PairData(stage.tokenizer("source_tokenizer.json"), stage.tokenizer("target_tokenizer.json"),
+                            description["bos_id"], description["eos_id"], empty, empty)
+            size = model.out.out_features
+        if beam > size:
+            raise UserError("--beam", f"at most the target vocabulary's {size} tokens (got {beam})")
+        return model, data
+
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        """A translation, greedy when beam is 1; at most the data's max_len tokens unless told."""
+        model, data = self._translator(stage, opts.beam)
+        # The source as encode_seq2seq encodes it: no BOS/EOS, its first max_len tokens.
+        src = data.src_tokenizer.encode(prompt, add_special_tokens=False).ids[:stage.max_len]
+        return translate(model, data, torch.tensor([src]), opts.max_tokens or stage.max_len, opts.beam)[0]
+
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, Any], int]:
+        records = read_pairs(path, column(stage.data, "source"), column(stage.data, "target"), fmt)
+        model, pairs = self._translator(stage, beam)
+        rows = PairRows(*encode_seq2seq(records, pairs.src_tokenizer, pairs.tgt_tokenizer, stage.max_len, PAD_ID,
+                                        pairs.bos_id, pairs.eos_id), tuple(t for _, t in records))
+        metrics = evaluate_seq2seq(model, replace(pairs, val=rows), stage.batch_size, torch.device("cpu"),
+                                   stage.max_len, beam)
+        return metrics, len(rows)

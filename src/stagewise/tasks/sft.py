@@ -7,16 +7,23 @@ The model is a transformers causal LM, usually trained in an earlier stage.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from stagewise.tasks.base import Batch, ExampleTask
+from stagewise.data.tokenizers import eos_id
+from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
+from stagewise.tasks.base import Batch, ExampleTask, Task
+from stagewise.tasks.export import TrainedStage
+from stagewise.tasks.lm import continue_text, load_causal_lm, save_lm
+from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
 from stagewise.tasks.records import ChatTemplate, read_prompt_completion
@@ -99,3 +106,42 @@ class SftTask(ExampleTask):
         g = torch.Generator().manual_seed(step)
         bad = torch.randint(0, self.vocab_size, ids.shape, generator=g).to(ids.device)
         return bad, torch.where(labels == IGNORE, labels, bad)
+
+
+class SftSpec(TaskSpec):
+    name = "sft"
+    family = LM_FAMILY
+    samples = True
+    metrics = ("val_loss", "val_ppl", "train_loss")
+    data_keys = frozenset({"max_len", "pack"})
+    formats = ("auto", "json")
+    reads = "JSONL files"
+    default_max_len = MAX_LEN
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        train, val = inp.files()
+        digest = inp.digest(self.name, (train, val))
+        self.table_format(inp.config, inp.where)
+        lm = inp.lm_data
+        digest.update(lm.fingerprint.encode())
+        data = prepare_sft(train, lm.tokenizer, eos_id(lm.tokenizer), pack=inp.config.pack,
+                           **inp.split_args(val, self.max_len(inp.config)))
+        return data, digest.hexdigest()
+
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        return SftTask(setup.model, device, autocast, setup.data,
+                       setup.model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        save_lm(setup, lm_tokenizer, out)
+
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        return continue_text(stage, prompt, opts)
+
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, Any], int]:
+        tok = stage.tokenizer()
+        # Validation rows are never packed (prepare_sft): each example's loss on its own.
+        rows = SftRows(*encode_sft(read_prompt_completion(path), tok, eos_id(tok), stage.max_len, pack=False))
+        model, _ = load_causal_lm(stage)
+        return evaluate_sft(model, rows, stage.batch_size, torch.device("cpu")), len(rows)

@@ -7,6 +7,8 @@ a transformers token-classification model (e.g. bert) built from config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,11 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from stagewise.tasks.base import Batch, ExampleTask
+from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
+from stagewise.tasks.base import Batch, ExampleTask, Task
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
+from stagewise.tasks.models import check_arch, from_config, is_builtin, root_model
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging
@@ -107,3 +113,84 @@ class TagTask(ExampleTask):
 
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_tag(self.model, self.data, batch_size, self.device)
+
+
+class TagSpec(TaskSpec):
+    name = "tag"
+    family = "tag"
+    metrics = ("val_loss", "train_loss", "val_span_f1")
+    data_keys = frozenset({"max_len"})
+    reads = "CoNLL files"
+    default_max_len = MAX_LEN
+    counts = "sentences"
+    label_kind = "tag"
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        train, val = inp.files()
+        digest = inp.digest(self.name, (train, val))
+        self.table_format(inp.config, inp.where)
+        data = prepare_tag(train, vocab_size=inp.word_vocab_size, **inp.split_args(val, self.max_len(inp.config)))
+        return data, digest.hexdigest()
+
+    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+        def token_classifier(arch: str, keys: dict[str, Any]) -> nn.Module:
+            """A transformers token classifier (e.g. bert): one position per word."""
+            from transformers import AutoModelForTokenClassification
+            from transformers.models.auto import modeling_auto
+
+            check_arch(arch, modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "a token-classification head")
+            id2label = dict(enumerate(data.tag_map.labels))
+            return from_config(AutoModelForTokenClassification, arch, keys, vocab_size=data.vocab.get_vocab_size(),
+                               num_labels=len(id2label), pad_token_id=PAD_ID, id2label=id2label,
+                               label2id={v: i for i, v in id2label.items()})
+
+        return root_model(cfg, self.name, self.sizes(data), token_classifier)
+
+    @staticmethod
+    def sizes(data: TagData) -> dict[str, int]:
+        return {"num_tags": len(data.tag_map), "vocab_size": data.vocab.get_vocab_size()}
+
+    def labels(self, data: Any) -> list[str]:
+        return list(data.tag_map.labels)
+
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        return TagTask(setup.model, device, autocast, setup.data)
+
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        if not is_builtin(model_cfg):  # a token classifier from config (bert): its word vocabulary
+            save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.vocab), out)
+            return
+        save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
+                                   "sizes": self.sizes(setup.data), "labels": setup.labels},
+                     {"tokenizer.json": setup.data.vocab}, out)
+
+    def _tagger(self, stage: TrainedStage) -> tuple[nn.Module, Tokenizer]:
+        """The tagger and its word vocabulary (one id per word: tasks.vocab.word_vocab)."""
+        if stage.is_transformers:
+            from transformers import AutoModelForTokenClassification
+
+            model, _ = load_transformers(stage.directory, AutoModelForTokenClassification)
+        else:
+            model, _ = stage.builtin()
+        return model, stage.tokenizer()
+
+    @torch.no_grad()
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        """Every whitespace-separated word with its tag (the tagger reads words as the CoNLL
+        files give them: one id per word)."""
+        assert stage.labels is not None
+        model, vocab = self._tagger(stage)
+        words = prompt.split()
+        ids = torch.tensor([vocab.encode(words, is_pretokenized=True, add_special_tokens=False).ids])
+        tags = logits_of(model, ids, torch.ones_like(ids)).argmax(dim=-1)[0].tolist()
+        return " ".join(f"{word}/{stage.labels.decode(tag)}" for word, tag in zip(words, tags, strict=True))
+
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, Any], int]:
+        assert stage.labels is not None
+        records = read_conll(path)
+        model, vocab = self._tagger(stage)
+        rows = TagRows(*encode_tagging(records, vocab, stage.labels, stage.max_len, PAD_ID))
+        # evaluate_tag scores data.val only; the rows stand in for the training rows an export lacks.
+        metrics = evaluate_tag(model, TagData(vocab, stage.labels, rows, rows), stage.batch_size, torch.device("cpu"))
+        return metrics, len(rows)

@@ -55,12 +55,13 @@ class ProgressView:
     def print(self, text: str) -> None:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
-    def stage_start(self, name: str, steps: int) -> None:
+    def stage_start(self, name: str, steps: int, at: int = 0) -> None:
+        """A stage starts (`at` 0) or resumes at step `at`."""
         if self._progress is not None:
             if self._stage_task is not None:
                 self._progress.remove_task(self._stage_task)
-            self._stage_task = self._progress.add_task(name, total=steps, info="")
-        else:
+            self._stage_task = self._progress.add_task(name, total=steps, info="", completed=at)
+        elif at == 0:
             self.print(f"[{name}] start: {steps} steps")
 
     def step(self, stage: str, stage_step: int, steps: int, global_step: int, info: dict[str, Any]) -> None:

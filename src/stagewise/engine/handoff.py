@@ -1,0 +1,143 @@
+"""The optimizer a stage trains with, and every way it changes hands: from the parent's at the
+stage's start (`handoff: carry | convert | reset`, `lr: auto`), to a rule's `switch` mid-stage,
+and back from a checkpoint (resume, rollback). Which optimizer is in use is known here and only
+here, so what depends on it is decided in one place: sgd_l1 applies L1 by its proximal step, every
+other optimizer through the loss; the SWATS estimate follows Adam's steps only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stagewise.errors import RunStopped
+from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
+from stagewise.optim.layers import StageLayers
+from stagewise.optim.optimizers import apply_settings, build_optimizer
+from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.schema import ADAM
+from stagewise.track.logs import RunLogs
+
+
+@dataclass
+class HeldState:
+    """Which stage state the model (and optimizer) in memory hold: (stage key, step or None for
+    its end). A stage whose parent state is not in memory loads it from the store."""
+
+    marker: tuple[str, int | None] | None = None
+    optimizer: torch.optim.Optimizer | None = None  # the live optimizer of that state, if any
+    optimizer_state: dict[str, Any] | None = None  # else its saved state, when loaded from the store
+    optimizer_spec: dict[str, Any] | None = None  # {"name", "settings"} of that optimizer
+    swats: dict[str, Any] | None = None  # its SWATS estimate, when the stage kept one
+
+    def hold(self, marker: tuple[str, int | None], stage: ResolvedStage, state: dict[str, Any],
+             optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Note the state of `stage` (its checkpoint's hand-off part, StageOptimizer.state_dict) as held."""
+        self.marker, self.optimizer = marker, optimizer
+        self.optimizer_state = None if optimizer is not None else state["optimizer"]
+        self.optimizer_spec = state["optimizer_spec"] or {"name": stage.optimizer, "settings": stage.optimizer_settings}
+        self.swats = state["swats"]
+
+    def forget(self) -> None:
+        self.marker, self.optimizer, self.optimizer_state = None, None, None
+
+
+class StageOptimizer:
+    def __init__(self, stage: ResolvedStage, model: nn.Module, layers: StageLayers) -> None:
+        self.stage, self.model, self.layers = stage, model, layers
+        self.spec: dict[str, Any] | None = None  # {"name", "settings"} after a rule's switch; None: the stage's own
+        self.optimizer = self._build(stage.optimizer, stage.optimizer_settings)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"] if self.spec is not None else self.stage.optimizer
+
+    @property
+    def loss_l1(self) -> float:
+        """The L1 strength added to the loss: none under sgd_l1, whose proximal step applies it."""
+        return 0.0 if self.name == "sgd_l1" else self.stage.config.regularization.l1
+
+    @property
+    def follows_adam(self) -> bool:
+        return self.name in ADAM
+
+    def _build(self, name: str, settings: dict[str, Any]) -> torch.optim.Optimizer:
+        """Over every parameter the stage may train (gradual unfreezing hands them gradients later)."""
+        return build_optimizer(name, settings, self.model, l1=self.stage.config.regularization.l1,
+                               lr_scales=self.layers.scales, trainable=self.layers.held)
+
+    # --- at the stage's start ---------------------------------------------------------------------
+
+    def hand_off(self, held: HeldState, logs: RunLogs) -> float | None:
+        """Take what the parent's optimizer hands on: its state (carry), Adam's moment as SGD's
+        momentum (convert), or nothing (reset); always logged, with the reason. Returns the LR to
+        start from when only now known (lr auto), else None."""
+        stage = self.stage
+        settings = dict(stage.optimizer_settings)
+        where = {"stage": stage.name, "step": stage.start_step, "optimizer": stage.optimizer}
+        start_lr = None
+        if stage.auto_lr:
+            if held.swats is None:
+                raise RunStopped(f"stage '{stage.name}' has lr auto, but its parent's checkpoint holds no SWATS "
+                                 "estimate; rerun with --fresh", code=2)
+            swats = SwatsEstimate(0.0)
+            swats.load_state_dict(held.swats)
+            settings["lr"] = start_lr = swats_lr(swats, settings.get("momentum", 0.0), f"stages.{stage.name}.optimizer.lr")
+            logs.event("lr_auto", **where, lr=start_lr, swats_estimate=swats.corrected, swats_steps=swats.k)
+        parent, spec = held.optimizer, held.optimizer_spec
+        if parent is None and held.optimizer_state is not None and spec is not None and stage.handoff != "reset":
+            parent = self._build(spec["name"], spec["settings"])
+            parent.load_state_dict(held.optimizer_state)
+        expected = {"carry": (stage.optimizer,), "convert": ADAM, "reset": None}[stage.handoff]
+        if expected is not None and spec is not None and spec["name"] not in expected:
+            self.optimizer = self._build(stage.optimizer, settings)
+            logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
+                                                          f"switched the parent to {spec['name']}")
+            return start_lr
+        if stage.handoff == "carry" and parent is not None:
+            apply_settings(parent, stage.optimizer, settings, l1=stage.config.regularization.l1)
+            self.optimizer = parent
+            logs.event("optimizer_carried", **where)
+            return start_lr
+        self.optimizer = self._build(stage.optimizer, settings)
+        if stage.handoff == "convert" and parent is not None:
+            converted = convert_adam_to_sgd(parent, self.optimizer)
+            logs.event("optimizer_converted", **where, converted_parameters=converted,
+                       how="sgd momentum buffer = adam m_hat / (1 - momentum)")
+            return start_lr
+        logs.event("optimizer_reset", **where, reason="first stage" if stage.parent is None else "handoff: reset")
+        return start_lr
+
+    # --- mid-stage ---------------------------------------------------------------------------------
+
+    def switch(self, name: str, settings: dict[str, Any], handoff: str) -> int:
+        """A rule's switch: a new optimizer (complete `settings`, lr included) for the rest of the
+        stage; on `convert`, Adam's moment becomes SGD's momentum. Returns how many parameters
+        were converted."""
+        new = self._build(name, settings)
+        converted = convert_adam_to_sgd(self.optimizer, new) if handoff == "convert" else 0
+        self.optimizer, self.spec = new, {"name": name, "settings": settings}
+        return converted
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hand-off part of a checkpoint (with the SWATS estimate, added by the trainer): what a
+        child stage may take over."""
+        return {"optimizer": self.optimizer.state_dict(), "optimizer_spec": self.spec}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with a checkpoint's optimizer: rebuilt when it is not the one in use (a rule
+        switched before or after the checkpoint), then its state loaded."""
+        spec = state["optimizer_spec"]
+        if spec != self.spec:
+            self.optimizer = self._build(spec["name"], spec["settings"]) if spec is not None else \
+                self._build(self.stage.optimizer, self.stage.optimizer_settings)
+            self.spec = spec
+        self.optimizer.load_state_dict(state["optimizer"])

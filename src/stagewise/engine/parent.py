@@ -1,0 +1,38 @@
+"""What a stage starts from: its parent's state (its end, or the step a branch starts from), or
+for a root the plan's model as built; a new head gets the parent LM's backbone."""
+
+from __future__ import annotations
+
+from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
+from stagewise.engine.context import RunContext
+from stagewise.engine.handoff import HeldState
+from stagewise.engine.prepare import Prepared, Stage
+from stagewise.errors import RunStopped
+from stagewise.tasks.stage_setup import carry_head
+
+
+def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -> None:
+    """Put the parent's state into the model (from memory when `held` has it, else the store)."""
+    if stage.parent is None:  # the plan's model as built (or loaded) by `prepare`
+        parent_model = prepared.root
+        if held.marker is not None:  # a `from: init` stage after others have trained it
+            assert prepared.initial is not None
+            parent_model.load_state_dict(prepared.initial)
+            held.forget()
+    else:
+        parent, at = stage.parent, stage.resolved.parent_step
+        parent_model = parent.model
+        marker = (parent.key, at)
+        if held.marker != marker:
+            store = prepared.store(parent)
+            directory = store.final_dir if at is None else store.step_dir(at)
+            try:
+                loaded, _ = load_checkpoint(directory, parent.key, parent_model)
+            except InvalidCheckpoint as e:
+                raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
+                                 "rerun with --fresh to retrain", code=2) from None
+            held.hold(marker, parent.resolved, loaded)
+    if stage.setup.head:
+        carried = carry_head(stage.setup, parent_model, f"{stage.resolved.node.where}.task")
+        run.logs.event("head_attached", stage=stage.name, step=stage.resolved.start_step, carried_tensors=carried,
+                       classes=len(stage.setup.labels or ()))

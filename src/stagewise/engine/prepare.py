@@ -1,0 +1,130 @@
+"""Setup of a whole plan: its data, its models and its stages, settled and checked before anything
+trains (torchtune's recipes validate the config against what it builds before running). What
+comes out is one `Stage` per plan stage, in a tree: nothing left that could fail as bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stagewise.data.prepare import PreparedData, prepare_data
+from stagewise.data.tokenizers import eos_id
+from stagewise.engine.checkpoint import StageStore
+from stagewise.engine.device import resolve_device, resolve_precision, seed_everything
+from stagewise.errors import UserError
+from stagewise.models.build import build_model, context_length, set_attention
+from stagewise.optim.layers import StageLayers
+from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
+from stagewise.plan.schema import Plan
+from stagewise.plan.tree import StageNode, stage_tree
+from stagewise.tasks.spec import StageSetup, TaskSpec
+from stagewise.tasks.stage_setup import setup_stages
+
+_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample")
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One stage of the plan: its resolved numbers (config, steps, optimizer, key: plan.resolve),
+    its task, data and model (tasks.stage_setup), its layers, and its parent stage."""
+
+    resolved: ResolvedStage
+    setup: StageSetup
+    layers: StageLayers  # its trainable parameters and LR multiples
+    parent: Stage | None  # None: a root, which starts from the plan's model as built
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def key(self) -> str:
+        return self.resolved.key
+
+    @property
+    def model(self) -> nn.Module:
+        return self.setup.model
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.setup.spec
+
+
+@dataclass
+class Prepared:
+    plan: Plan
+    plan_path: Path
+    data: PreparedData | None  # the plan's token streams and tokenizer (None with a word tokenizer)
+    stages: list[Stage]
+    cache_root: Path  # token cache and stage store
+    root: nn.Module  # the plan's model: what a root stage starts from
+    initial: dict[str, torch.Tensor] | None  # its weights as built, when a `from: init` stage needs them
+
+    @property
+    def resolved(self) -> list[ResolvedStage]:
+        return [s.resolved for s in self.stages]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.resolved.steps for s in self.stages)
+
+    def store(self, stage: Stage) -> StageStore:
+        return StageStore(self.cache_root, stage.key)
+
+
+def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
+    try:
+        nodes = stage_tree(plan)
+        lm_data = lm = None
+        if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
+            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed)
+        seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
+        device = resolve_device(plan.device)
+        if lm_data is not None:
+            lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            set_attention(lm, plan.model.attention, plan.compile, device)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent)
+        _check_handoffs(nodes, setups)
+        identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
+                    "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
+                    "precision": str(resolve_precision(plan.precision, device))}
+        layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
+                              n.where) for n, s in zip(nodes, setups, strict=True)]
+        sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
+        resolved = resolve_stages(nodes, sizes, context_length(lm) if lm is not None else None, identity,
+                                  where=str(plan_path))
+    except UserError as e:
+        if e.where.split(".")[0].split("[")[0] in _PLAN_KEYS:  # a key path: name the plan file too
+            raise UserError(f"{plan_path}: {e.where}", e.message) from None
+        raise
+    stages: list[Stage] = []
+    for node, r, setup, layer in zip(nodes, resolved, setups, layers, strict=True):
+        stages.append(Stage(r, setup, layer, stages[node.parent.index] if node.parent is not None else None))
+    if lm_data is not None:
+        for stage in stages:
+            if stage.resolved.unit == "tokens" and len(lm_data.val) - 1 < stage.resolved.block_size:
+                raise UserError(f"{plan_path}: data.val", f"the validation split has {len(lm_data.val)} tokens: too "
+                                                          f"few for one sequence of {stage.resolved.block_size} "
+                                                          f"(stage '{stage.name}')")
+    root = lm if lm is not None else setups[0].model
+    initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
+               if any(n.from_init for n in nodes) else None)
+    return Prepared(plan, plan_path, lm_data, stages, cache_root, root, initial)
+
+
+def _check_handoffs(nodes: list[StageNode], setups: list[StageSetup]) -> None:
+    """Optimizer state goes on only over the same parameters: the same model, the same layers."""
+    for node, setup in zip(nodes, setups, strict=True):
+        handoff = node.config.optimizer.handoff
+        if handoff == "reset" or node.parent is None:  # a root with a hand-off is refused in resolve
+            continue
+        parent = setups[node.parent.index]
+        if setup.model is not parent.model:
+            raise UserError(f"{node.where}.optimizer.handoff", f"{handoff} needs the parent's model; this stage "
+                                                               "trains a new head (use reset)")
+        if handoff == "carry" and node.config.layers != node.parent.config.layers:
+            raise UserError(f"{node.where}.optimizer.handoff", "carry needs the parent's layers settings (the "
+                                                               "optimizer's parameter groups); use reset or convert")

@@ -1,0 +1,221 @@
+"""What a task is to the rest of stagewise: one `TaskSpec` per task module, found through
+tasks.registry. The engine, the plan's checks, exports and the trained-run commands ask the spec;
+nothing outside `tasks/` compares task or model names.
+
+A spec declares its data keys and defaults, the metrics it reports, which tasks it can follow,
+and does the task's work: prepare a stage's data, build (or continue) its model, bind the
+training `Task` (tasks.base), save an export, and, from an export, generate and evaluate a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from stagewise.errors import UserError
+from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from collections.abc import Callable
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from stagewise.data.prepare import PreparedData
+    from stagewise.tasks.base import Task
+    from stagewise.tasks.export import TrainedStage
+
+LM_FAMILY = "causal_lm"  # the tasks that train a transformers causal LM (causal_lm, sft)
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """A stage's data and model. `head`: the model is a new head on the parent's LM, whose
+    backbone weights are carried into it when the stage starts. `lm_based`: a transformers
+    causal LM or a head on one (it reads the plan's tokenizer)."""
+
+    spec: TaskSpec
+    data: Any  # the spec's prepared data (PreparedData, SftData, ClassifyData, PairData, TagData)
+    fingerprint: str  # of the stage's data as encoded: part of the stage key
+    model: nn.Module
+    lm_based: bool
+    head: bool = False
+
+    @property
+    def task(self) -> str:
+        return self.spec.name
+
+    @property
+    def n_train(self) -> int:
+        """What a pass over the training data holds: tokens (causal_lm) or examples."""
+        return len(self.data.train)
+
+    @property
+    def unit(self) -> str:
+        return self.spec.unit
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.spec.labels(self.data)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What a spec prepares a stage's data from."""
+
+    config: DataConfig  # the stage's own data, else the plan's
+    where: str  # its key path: "stages[i].data" or "data"
+    own: bool  # the stage has its own `data` (not the plan's)
+    plan: Plan
+    plan_dir: Path
+    lm: PreparedData | None  # the plan's token streams and tokenizer (None with a word tokenizer)
+    lm_based: bool  # the stage reads the plan's tokenizer
+
+    @property
+    def word_vocab_size(self) -> int:
+        """The size of the word vocabularies the built-in models' data builds."""
+        return self.plan.tokenizer.vocab_size or 10_000
+
+    def files(self) -> tuple[Path, Path | None]:
+        """The task's one training file and optional validation file, relative to the plan."""
+        paths = []
+        for key in ("train", "val"):
+            value = getattr(self.config, key)
+            if value is None:
+                paths.append(None)
+                continue
+            if not isinstance(value, str) or any(c in value for c in "*?[") or value.startswith("hub:"):
+                raise UserError(f"{self.where}.{key}", "fine-tuning tasks read one local file (no list, glob or "
+                                                       "hub name)")
+            path = (self.plan_dir / value).expanduser()
+            if not path.is_file():
+                raise UserError(f"{self.where}.{key}", f"no such file: {path}")
+            paths.append(path)
+        assert paths[0] is not None
+        return paths[0], paths[1]
+
+    def digest(self, task: str, files: tuple[Path, Path | None]) -> hashlib._Hash:
+        """The fingerprint so far of data read from `files`: the settings and the bytes."""
+        digest = hashlib.sha256(json.dumps([task, self.config.model_dump(mode="json"), self.plan.seed]).encode())
+        for path in files:
+            if path is not None:
+                digest.update(path.read_bytes())
+        return digest
+
+    def split_args(self, val: Path | None, max_len: int) -> dict[str, Any]:
+        """The validation split and example length every example task's `prepare_*` takes."""
+        return {"val_path": val, "val_fraction": self.config.val_fraction, "seed": self.plan.seed, "max_len": max_len}
+
+    @property
+    def lm_data(self) -> PreparedData:
+        assert self.lm is not None, "an LM-based stage has the plan's token streams"
+        return self.lm
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_tokens: int | None = None  # None: the task's default
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    beam: int = 1
+
+
+# Data keys that name columns, and the column each reads when unset.
+_COLUMNS = {"field": "text", "label": "label", "source": "source", "target": "target"}
+TASK_DATA_KEYS = frozenset({"field", "label", "source", "target", "max_len", "pack"})
+
+
+def column(cfg: DataConfig, key: str) -> str | int:
+    """The column the data key `key` (field, label, source, target) names, or its default."""
+    value = getattr(cfg, key)
+    return _COLUMNS[key] if value is None else value
+
+
+class TaskSpec(ABC):
+    name: ClassVar[str]
+    unit: ClassVar[str] = "examples"  # what a stage's size counts: "tokens" or "examples"
+    # Tasks of one family train the same model, one after the other (causal_lm and sft: a causal LM).
+    family: ClassVar[str]
+    heads_on_lm: ClassVar[bool] = False  # can put a new head on a causal LM (classify: ULMFiT)
+    samples: ClassVar[bool] = False  # the plan's `sample` continues a prompt with its model
+    metrics: ClassVar[tuple[str, ...]]  # what rules, `until` and the search may read
+    data_keys: ClassVar[frozenset[str]]  # of TASK_DATA_KEYS, those it reads
+    formats: ClassVar[tuple[str, ...]] = ("auto",)  # the data.format values it reads
+    table_files: ClassVar[bool] = False  # reads csv/tsv/jsonl tables (data.format, evaluate --format)
+    reads: ClassVar[str]  # its files, for messages
+    default_max_len: ClassVar[int | None] = None  # tokens (tag: words) per example
+    counts: ClassVar[str] = "examples"  # what `evaluate` counts
+    label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
+    beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
+
+    # --- the plan --------------------------------------------------------------------------------
+
+    def max_len(self, cfg: DataConfig) -> int:
+        """Tokens (tag: words) per example: the data's max_len or the task's default."""
+        assert self.default_max_len is not None, f"{self.name} has no examples to cut"
+        return cfg.max_len or self.default_max_len
+
+    def can_follow(self) -> list[str]:
+        """The tasks whose model a stage of this task can train (or put a head on)."""
+        from stagewise.tasks.registry import TASKS
+
+        return [t.name for t in TASKS.values() if t.family == self.family or (self.heads_on_lm and
+                                                                              t.family == LM_FAMILY)]
+
+    def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
+        """Whether the stage reads the plan's tokenizer (trains a causal LM or a head on one)."""
+        return self.family == LM_FAMILY
+
+    def table_format(self, cfg: DataConfig, where: str) -> str | None:
+        """The reader's format for the stage's files (None: told by their extensions)."""
+        if cfg.format not in self.formats:
+            raise UserError(f"{where}.format", f"a {self.name} stage reads {self.reads}: format "
+                                               f"{' or '.join(self.formats)} (got '{cfg.format}')")
+        return {"auto": None, "json": "jsonl"}.get(cfg.format, cfg.format) if self.table_files else None
+
+    # --- preparing and training ---------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        """The stage's data and its fingerprint; bad files are one-line UserErrors."""
+
+    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+        """The plan's model for a first (or `from: init`) stage of this task."""
+        raise UserError("model", f"a {self.name} stage cannot start from the plan's model")
+
+    def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
+        """A new model of this task on a causal LM's backbone (heads_on_lm)."""
+        raise NotImplementedError
+
+    def labels(self, data: Any) -> list[str] | None:
+        """The classes (classify) or tags (tag) the model predicts, in id order."""
+        return None
+
+    @abstractmethod
+    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
+        """The training task over the stage's model and data."""
+
+    # --- exports -------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        """The stage's final model as a directory usable without the plan (tasks.export)."""
+
+    @abstractmethod
+    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
+        """What the exported model makes of `prompt`."""
+
+    @abstractmethod
+    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, float], int]:
+        """The task's validation metrics on a file like the stage's own, and how many
+        `counts` were scored."""

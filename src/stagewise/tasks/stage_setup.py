@@ -1,0 +1,99 @@
+"""Each stage's data and model, settled before anything trains, by walking the stage tree.
+
+A stage trains its parent's model when the two tasks are of one family (causal_lm and sft train a
+causal LM; classify, seq2seq and tag each their own model). A root (the first stage, or
+`from: init`) trains the plan's `model` as built: the causal LM when the plan's tokenizer is not
+`word`, else the model its task builds from `model.arch`. A task that `heads_on_lm` (classify,
+after a causal LM) gets a new head whose backbone weights carry over when the stage starts.
+
+Data: a stage reads its own `data` or else the plan's; what each task reads is its spec's
+(tasks.registry).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from stagewise.data.prepare import PreparedData
+from stagewise.errors import UserError
+from stagewise.models.heads import carry_weights
+from stagewise.plan.schema import DataConfig, Plan
+from stagewise.plan.tree import StageNode
+from stagewise.tasks.registry import task_spec
+from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
+
+
+def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,
+                 plan_dir: Path) -> list[StageSetup]:
+    """Every stage's data and model, in plan order. `lm_data`/`lm`: the plan's token streams and
+    causal LM, when its tokenizer is not `word`; the plan's model is then that LM."""
+    _check_fields({task_spec(n.config.task) for n in nodes if n.config.data is None} or {task_spec("causal_lm")},
+                  plan.data, "data")
+    setups: list[StageSetup] = []
+    prepared: dict[str, tuple[Any, str]] = {}  # data of equal (task, data config), prepared once
+    # The stage before the first: what a root stage starts from.
+    root = None if lm is None else StageSetup(task_spec("causal_lm"), lm_data, "", lm, lm_based=True)
+    for node in nodes:
+        cfg, spec = node.config, task_spec(node.config.task)
+        parent = setups[node.parent.index] if node.parent is not None else root
+        lm_based = spec.uses_lm_tokenizer(parent, plan)
+        data_cfg = cfg.data or plan.data
+        key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
+        if key not in prepared:
+            where = f"{node.where}.data" if cfg.data is not None else "data"
+            prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir, lm_data,
+                                                      lm_based))
+        data, fingerprint = prepared[key]
+        if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
+            parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
+        setup = _child(spec, parent, data, fingerprint, lm_based, node.where)
+        _check_labels(setup, parent, node.where)
+        setups.append(setup)
+    return setups
+
+
+def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
+    if inp.own:  # the plan's data serves several tasks: setup_stages checks it as a whole
+        _check_fields({spec}, inp.config, inp.where)
+    kind = inp.plan.tokenizer.kind
+    if spec.family == LM_FAMILY and kind == "word":
+        raise UserError("tokenizer.kind", f"{spec.name} trains a causal LM: kind char, byte, bpe or pretrained, not word")
+    if kind != "word" and not inp.lm_based:
+        raise UserError("tokenizer.kind", f"the built-in {spec.name} models read words: set kind: word")
+    return spec.prepare(inp)
+
+
+def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool,
+           where: str) -> StageSetup:
+    if spec.family == parent.spec.family:
+        return StageSetup(spec, data, fingerprint, parent.model, lm_based)
+    if spec.heads_on_lm and parent.spec.family == LM_FAMILY:
+        return StageSetup(spec, data, fingerprint, spec.head_model(parent.model, data, f"{where}.task"), lm_based,
+                          head=True)
+    raise UserError(f"{where}.task", f"a {spec.name} stage cannot follow a {parent.task} stage (a {spec.name} "
+                                     f"model can be built from: {', '.join(spec.can_follow())})")
+
+
+def _check_labels(setup: StageSetup, parent: StageSetup, where: str) -> None:
+    """A classifier (or tagger) continued from one keeps its labels."""
+    if parent.model is not setup.model or parent.data is setup.data or setup.labels is None:
+        return
+    if setup.labels != parent.labels:
+        raise UserError(f"{where}.data", f"labels {setup.labels} differ from the parent stage's {parent.labels}")
+
+
+def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
+    """Put the parent LM's backbone weights into the head model (at the stage's start)."""
+    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
+
+
+def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:
+    """A data key that none of the tasks reading this data uses is a mistake."""
+    used = set().union(*(s.data_keys for s in specs))
+    names = sorted(s.name for s in specs)
+    for key in sorted(cfg.model_fields_set & TASK_DATA_KEYS - used):
+        raise UserError(f"{where}.{key}", f"not used by task{'s' if len(names) > 1 else ''} {', '.join(names)}")
