@@ -16,8 +16,8 @@ from stagewise.models.seq2seq import TransformerSeq2Seq, sinusoids, until_eos
 from stagewise.tasks.encode import IGNORE, encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, bleu, chrf, macro_f1, span_f1, span_scores, spans
-from stagewise.tasks.records import (ChatTemplate, Records, read_conll, read_labeled, read_pairs,
-                                     read_prompt_completion)
+from stagewise.tasks.chat import ChatTemplate
+from stagewise.tasks.records import Records, read_conll, read_labeled, read_pairs, read_prompt_completion
 from stagewise.tasks.vocab import PAD_ID, UNK_ID, word_tokenizer, word_vocab
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -186,7 +186,9 @@ def test_messages_render_with_the_template_up_to_the_last_assistant_turn(tmp_pat
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}]
     path = write(tmp_path / "d.jsonl", jsonl({"messages": messages}))
-    template = ChatTemplate(system="[S]{content}\n", user="[U]{content}\n", assistant="[A]{content}[END]\n")
+    template = ChatTemplate("{% for m in messages %}{{ '[' + m.role[0] | upper + ']' + m.content }}"
+                            "{% if m.role == 'assistant' %}[END]{% endif %}{{ '\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}[A]{% endif %}")
     [(prompt, completion)] = read_prompt_completion(path, template)
     assert prompt == "[S]Be brief.\n[U]Hi {name}\n[A]Hello.[END]\n[U]2+2?\n[A]"
     assert completion == "4[END]\n"
@@ -215,9 +217,9 @@ def test_bad_prompt_completion_rows(tmp_path, row, message):
         read_prompt_completion(path)
 
 
-def test_chat_template_needs_one_content_placeholder():
-    with pytest.raises(UserError, match=r"^chat_template.user: must contain '\{content\}' exactly once"):
-        ChatTemplate(user="<|user|>\n")
+def test_a_broken_chat_template_is_one_line():
+    with pytest.raises(UserError, match=r"^chat_template: not a valid Jinja template: .* \(line 1\)$"):
+        ChatTemplate("{% for m in messages %}{{ m.content }}")
 
 
 # --- LabelMap ------------------------------------------------------------------------------------

@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--beam", type=int, default=1, help="seq2seq: beam width (1: greedy)")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="causal_lm, sft: end the continuation at TEXT (repeatable; EOS and the chat "
+                               "template's end marker always end it)")
+    generate.add_argument("--chat", nargs="?", const="", metavar="JSON",
+                          help="causal_lm, sft: reply to a conversation, rendered with the stage's chat template: "
+                               "the messages of a JSON file, or the --system/--user/--assistant turns")
+    for role in ("system", "user", "assistant"):
+        generate.add_argument(f"--{role}", dest="turns", action="append", metavar="TEXT",
+                              type=lambda text, role=role: {"role": role, "content": text},
+                              help=f"a {role} turn of the conversation (repeatable, in order; implies --chat)")
 
     evaluate = sub.add_parser("evaluate", help="a trained stage's metrics on a file like its data (columns as "
                                                "the plan names them)")
@@ -169,10 +179,37 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
         raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
                                     "--beam >= 1")
     options = GenerateOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, beam=args.beam)
+                              top_p=args.top_p, seed=args.seed, beam=args.beam, stop=tuple(args.stop),
+                              messages=_conversation(args))
     text = generate(open_stage(args.run, args.stage), args.prompt, options)
     console.print(text, markup=False, highlight=False)
     return 0
+
+
+def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None:
+    """generate's conversation: a JSON file's messages (--chat FILE) or the --system/--user/--assistant turns."""
+    import json
+
+    from stagewise.tasks.chat import read_messages
+
+    if args.chat is None and args.turns is None:
+        return None
+    if args.prompt:
+        raise UserError("--prompt", "a conversation (--chat, --user, ...) takes the place of the prompt")
+    if args.chat and args.turns:
+        raise UserError("--chat", "give a JSON file or --system/--user/--assistant turns, not both")
+    if not args.chat:
+        if not args.turns:
+            raise UserError("--chat", "give a JSON file of messages or --user TEXT")
+        return tuple(args.turns)
+    path = Path(args.chat)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(str(path), f"cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"not a JSON file: {e}") from None
+    return tuple(read_messages(value, str(path)))
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:

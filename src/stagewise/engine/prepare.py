@@ -21,9 +21,10 @@ from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
 from stagewise.plan.schema import Plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.spec import StageSetup, TaskSpec
-from stagewise.tasks.stage_setup import setup_stages
+from stagewise.tasks.chat import plan_template, special_tokens
+from stagewise.tasks.stage_setup import plan_corpus, setup_stages
 
-_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample")
+_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,15 +79,19 @@ class Prepared:
 def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
         nodes = stage_tree(plan)
-        lm_data = lm = None
+        lm_data = lm = template = None
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
-            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed)
+            tok = plan.tokenizer
+            template = plan_template(plan.chat_template, plan_path.parent, tok.path,
+                                     special_tokens(tok.kind, tok.path, plan_path.parent))
+            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed,
+                                   corpus=plan_corpus(plan, nodes, template, plan_path.parent))
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         device = resolve_device(plan.device)
         if lm_data is not None:
             lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
             set_attention(lm, plan.model.attention, plan.compile, device)
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template)
         _check_handoffs(nodes, setups)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
                     "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,

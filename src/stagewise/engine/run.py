@@ -94,7 +94,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     run.view.summary(summaries)
     last = prepared.stages[-1]
     if plan.sample is not None and last.spec.samples and prepared.data is not None:
-        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data)}")
+        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data, last.setup.chat)}")
     return summaries
 
 

@@ -161,8 +161,8 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         steps = math.ceil(cfg.tokens / tokens_per_step)
 
     for key, metric in _metrics_used(cfg):
-        if metric not in spec.metrics:
-            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.metrics)})")
+        if metric not in spec.reported(cfg.eval):
+            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.reported(cfg.eval))})")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:

@@ -24,7 +24,8 @@ def _known_metric(value: str) -> str:
     validation metrics, and the mean training loss since the previous log line."""
     from stagewise.tasks.registry import TASKS
 
-    return _known(value, "metric", list(dict.fromkeys(m for spec in TASKS.values() for m in spec.metrics)))
+    metrics = [m for spec in TASKS.values() for m in (*spec.metrics, *(f"val_{s}" for s in spec.selectable))]
+    return _known(value, "metric", list(dict.fromkeys(metrics)))
 
 
 def _known_task(value: str) -> str:

@@ -181,6 +181,10 @@ class EvalConfig(Strict):
     each_epoch: bool = False
     batches: Annotated[int, Field(ge=1)] | Literal["all"] = 50
     beam: Annotated[int, Field(ge=1, le=16)] = 1
+    # The metrics of decoded outputs to compute (without `val_`: rouge1, exact_match, ...), instead
+    # of the task's own; what each task can compute is its spec's (tasks.spec). sft decodes the
+    # first `batches` x batch.size validation prompts for them.
+    metrics: Annotated[list[str], Field(min_length=1)] | None = None
 
 
 class LayersConfig(Strict):
@@ -213,6 +217,26 @@ class DataConfig(Strict):
     pack: bool = False  # sft: pack several examples into one row
 
 
+class LoraSettings(Strict):
+    """A LoRA adapter (peft's LoraConfig): rank `r`, scale `alpha / r`, dropout on its input, and
+    the modules it adapts (names or "all-linear"; unset: peft's default for the architecture)."""
+
+    r: Annotated[int, Field(ge=1)] = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
+
+
+class AdapterConfig(Strict):
+    """A stage that trains an adapter on its parent's model, the base weights frozen
+    (models.adapters). `from_parent`, when the parent stage has an adapter too: `keep` trains that
+    adapter on (its settings; `lora` may be left out), `merge` folds it into the weights and starts
+    this stage's, `new` leaves it out (the parent's base weights) and starts this stage's."""
+
+    lora: LoraSettings | None = None
+    from_parent: Literal["keep", "merge", "new"] = "keep"
+
+
 class StageConfig(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: StageName
@@ -222,6 +246,7 @@ class StageConfig(Strict):
     from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$")] | None = Field(None, alias="from")
     task: TaskName = "causal_lm"
     data: DataConfig | None = None  # None: the plan's `data`
+    adapter: AdapterConfig | None = None  # None: the stage trains the model's own weights
     layers: LayersConfig = LayersConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -302,6 +327,7 @@ class SampleConfig(Strict):
     max_tokens: Annotated[int, Field(ge=1)] = 200
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
     top_k: Annotated[int, Field(ge=1)] | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] = []  # texts that end it (besides EOS and the end marker)
 
 
 class CheckpointConfig(Strict):
@@ -328,6 +354,9 @@ class Plan(Strict):
     data: DataConfig
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     sample: SampleConfig | None = None
+    # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
+    # pretrained tokenizer's own); unset: the built-in template.
+    chat_template: Annotated[str, Field(min_length=1)] | None = None
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

@@ -18,11 +18,11 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from stagewise.errors import UserError
+from stagewise.tasks.chat import ChatTemplate
 
 T = TypeVar("T")
 Field = str | int  # a column name (the file has a header row) or a 0-based column index (no header)
@@ -31,7 +31,6 @@ FORMATS = ("csv", "tsv", "jsonl")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
              ".json": "jsonl"}  # .json as JSON Lines, as data/sources.py reads it
 ROLES = ("system", "user", "assistant")
-CONTENT = "{content}"
 
 
 class Records(list[T]):
@@ -285,38 +284,16 @@ def read_conll(path: Path | str) -> Records[tuple[list[str], list[str]]]:
 # --- prompt/completion -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How a `messages` list becomes text: one format string per role, `{content}` standing for
-    the message's text (the only placeholder; other braces are literal, so templates need no
-    escaping). The part of `assistant` after `{content}` is the end marker a completion is
-    trained to produce; the part before it opens the assistant's turn and ends the prompt."""
-
-    system: str = "<|system|>\n{content}\n"
-    user: str = "<|user|>\n{content}\n"
-    assistant: str = "<|assistant|>\n{content}<|end|>\n"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, str) or value.count(CONTENT) != 1:
-                raise UserError(f"chat_template.{f.name}", f"must contain '{CONTENT}' exactly once "
-                                                           f"(got {value!r:.60})")
-
-    def render(self, role: str, content: str) -> str:
-        before, after = getattr(self, role).split(CONTENT)
-        return before + content + after
-
-
-def read_prompt_completion(path: Path | str,
-                           template: ChatTemplate = ChatTemplate()) -> Records[tuple[str, str]]:
+def read_prompt_completion(path: Path | str, template: ChatTemplate | None = None) -> Records[tuple[str, str]]:
     """(prompt, completion) records from JSONL. Each row has either `prompt` and `completion`
     (strings, used as they are; the prompt may be empty) or `messages`, a list of
     {"role": system|user|assistant, "content": str} ending with an assistant turn. Messages are
-    rendered with `template`: the prompt is every turn before the last one plus the opening of
-    the last assistant turn; the completion is its content plus the template's end marker. Only
-    that last turn is trained on; earlier assistant turns are context."""
+    rendered with `template` (tasks.chat): the prompt is every turn before the last one plus the
+    opening of the last assistant turn; the completion is its content plus the template's end
+    marker. Only that last turn is trained on; earlier assistant turns are context. No template:
+    the built-in one."""
     path = Path(path)
+    template = template or ChatTemplate()
     text = _read_text(path)
     records: list[tuple[str, str]] = []
     lines: list[int] = []
@@ -364,6 +341,4 @@ def _from_messages(messages: Any, template: ChatTemplate, where: str) -> tuple[s
         raise UserError(where, f"messages must end with an assistant turn (the last is '{last['role']}')")
     if not last["content"].strip():
         raise UserError(where, f"messages[{len(messages) - 1}].content: empty completion")
-    context = "".join(template.render(m["role"], m["content"]) for m in messages[:-1])
-    opening, end_marker = template.assistant.split(CONTENT)
-    return context + opening, last["content"] + end_marker
+    return template.split(messages, where)

@@ -1,7 +1,8 @@
 """The `seq2seq` task for the built-in encoder-decoder (models.seq2seq.TransformerSeq2Seq) and
 transformers' t5 / bart built from config: (source, target) files -> word vocabularies (one per
 side; one for both for t5 / bart, whose embeddings are shared) -> teacher-forced batches, their
-loss, and validation BLEU / chrF (sacrebleu) with greedy or beam decoding.
+loss, and validation BLEU / chrF (sacrebleu), or the `eval.metrics` asked for (ROUGE for
+summaries, exact match and token F1 for answers), with greedy or beam decoding.
 
 The target vocabulary keeps case (BLEU is case-sensitive); both sides split
 off punctuation; a decoded target is joined with spaces and then `detokenize`d (sacrebleu
@@ -31,7 +32,7 @@ from stagewise.tasks.models import from_config, is_builtin, root_model
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
-from stagewise.tasks.metrics import bleu, chrf
+from stagewise.tasks.metrics import TEXT_METRICS, text_scores
 from stagewise.tasks.records import Field, read_pairs
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
@@ -132,10 +133,14 @@ def detokenize(text: str) -> str:
     return _APOSTROPHE.sub("'", _BEFORE.sub(r"\1", text))
 
 
+DECODED = ("bleu", "chrf")  # what validation scores decoded targets by unless eval.metrics says otherwise
+
+
 @torch.no_grad()
 def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: torch.device,
-                     max_len: int = MAX_LEN, beam: int = 1) -> dict[str, float]:
-    """val_loss (token-weighted), val_bleu and val_chrf of decoded validation sources."""
+                     max_len: int = MAX_LEN, beam: int = 1, metrics: tuple[str, ...] = DECODED) -> dict[str, float]:
+    """val_loss (token-weighted) and the text metrics (val_bleu and val_chrf unless told; ROUGE for
+    summaries, exact match and token F1 for answers) of decoded validation sources."""
     was_training = model.training
     model.eval()
     total, count, hypotheses = 0.0, 0, []
@@ -147,24 +152,23 @@ def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: 
         hypotheses += translate(model, data, src, max_len, beam)
     model.train(was_training)
     references = list(data.val.references)
-    return {"val_loss": total / count, "val_bleu": bleu(hypotheses, references),
-            "val_chrf": chrf(hypotheses, references)}
+    return {"val_loss": total / count, **text_scores(metrics, hypotheses, references)}
 
 
 class Seq2SeqTask(ExampleTask):
     kind = "seq2seq"
 
     def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: PairData,
-                 beam: int, max_len: int) -> None:
+                 beam: int, max_len: int, metrics: tuple[str, ...]) -> None:
         super().__init__(model, device, autocast, data.train, data.src_tokenizer.get_vocab_size())
-        self.data, self.beam, self.max_len = data, beam, max_len
+        self.data, self.beam, self.max_len, self.text_metrics = data, beam, max_len, metrics
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
 
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
-                                self.max_len, self.beam)
+                                self.max_len, self.beam, self.text_metrics)
 
 
 SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with the seq2seq task
@@ -174,6 +178,8 @@ class Seq2SeqSpec(TaskSpec):
     name = "seq2seq"
     family = "seq2seq"
     metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
+    selectable = TEXT_METRICS
+    decoded = DECODED
     data_keys = frozenset({"source", "target", "max_len"})
     formats = ("auto", "csv", "tsv", "json")
     table_files = True
@@ -215,7 +221,8 @@ class Seq2SeqSpec(TaskSpec):
 
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
-        return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg))
+        return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg),
+                           tuple(cfg.eval.metrics or DECODED))
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         data = setup.data
@@ -263,5 +270,5 @@ class Seq2SeqSpec(TaskSpec):
         rows = PairRows(*encode_seq2seq(records, pairs.src_tokenizer, pairs.tgt_tokenizer, stage.max_len, PAD_ID,
                                         pairs.bos_id, pairs.eos_id), tuple(t for _, t in records))
         metrics = evaluate_seq2seq(model, replace(pairs, val=rows), stage.batch_size, torch.device("cpu"),
-                                   stage.max_len, beam)
+                                   stage.max_len, beam, stage.metrics or DECODED)
         return metrics, len(rows)

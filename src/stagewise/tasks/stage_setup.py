@@ -19,26 +19,30 @@ from typing import Any
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
+from stagewise.data.sources import Corpus
 from stagewise.errors import UserError
 from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
+from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.registry import task_spec
 from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
 
 
 def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,
-                 plan_dir: Path) -> list[StageSetup]:
+                 plan_dir: Path, template: ChatTemplate | None = None) -> list[StageSetup]:
     """Every stage's data and model, in plan order. `lm_data`/`lm`: the plan's token streams and
-    causal LM, when its tokenizer is not `word`; the plan's model is then that LM."""
+    causal LM, when its tokenizer is not `word`; the plan's model is then that LM, and `template`
+    its chat template (tasks.chat)."""
     _check_fields({task_spec(n.config.task) for n in nodes if n.config.data is None} or {task_spec("causal_lm")},
                   plan.data, "data")
     setups: list[StageSetup] = []
     prepared: dict[str, tuple[Any, str]] = {}  # data of equal (task, data config), prepared once
     # The stage before the first: what a root stage starts from.
-    root = None if lm is None else StageSetup(task_spec("causal_lm"), lm_data, "", lm, lm_based=True)
+    root = None if lm is None else StageSetup(task_spec("causal_lm"), lm_data, "", lm, lm_based=True, chat=template)
     for node in nodes:
         cfg, spec = node.config, task_spec(node.config.task)
+        spec.check_metrics(cfg.eval, node.where)
         parent = setups[node.parent.index] if node.parent is not None else root
         lm_based = spec.uses_lm_tokenizer(parent, plan)
         data_cfg = cfg.data or plan.data
@@ -46,7 +50,7 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         if key not in prepared:
             where = f"{node.where}.data" if cfg.data is not None else "data"
             prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir, lm_data,
-                                                      lm_based))
+                                                      lm_based, template if lm_based else None))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
@@ -54,6 +58,15 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         _check_labels(setup, parent, node.where)
         setups.append(setup)
     return setups
+
+
+def plan_corpus(plan: Plan, nodes: list[StageNode], template: ChatTemplate, plan_dir: Path) -> Corpus | None:
+    """The texts of the plan's data for its tokenizer and token streams, as the first stage that
+    reads the plan's data reads them (None: as text, data.sources)."""
+    first = next((n for n in nodes if n.config.data is None), None)
+    if first is None:
+        return None
+    return task_spec(first.config.task).plan_corpus(plan.data, plan_dir, plan.seed, template)
 
 
 def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
@@ -70,7 +83,7 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
 def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool,
            where: str) -> StageSetup:
     if spec.family == parent.spec.family:
-        return StageSetup(spec, data, fingerprint, parent.model, lm_based)
+        return StageSetup(spec, data, fingerprint, parent.model, lm_based, chat=parent.chat)
     if spec.heads_on_lm and parent.spec.family == LM_FAMILY:
         return StageSetup(spec, data, fingerprint, spec.head_model(parent.model, data, f"{where}.task"), lm_based,
                           head=True)

@@ -119,6 +119,7 @@ class TagSpec(TaskSpec):
     name = "tag"
     family = "tag"
     metrics = ("val_loss", "train_loss", "val_span_f1")
+    selectable = decoded = ("span_f1",)
     data_keys = frozenset({"max_len"})
     reads = "CoNLL files"
     default_max_len = MAX_LEN
