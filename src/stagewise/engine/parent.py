@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
 from stagewise.engine.context import RunContext
+from stagewise.engine.device import derive_seed
 from stagewise.engine.handoff import HeldState
 from stagewise.engine.prepare import Prepared, Stage
 from stagewise.errors import RunStopped
@@ -32,6 +33,11 @@ def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldSta
                 raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
                                  "rerun with --fresh to retrain", code=2) from None
             held.hold(marker, parent.resolved, loaded)
+    adapter = stage.setup.adapter
+    if adapter is not None:
+        done = adapter.start(parent_model, stage.model, derive_seed(run.plan.seed, stage.name, "adapter"))
+        if done:
+            run.logs.event("adapter_start", stage=stage.name, step=stage.resolved.start_step, **done)
     if stage.setup.head:
         carried = carry_head(stage.setup, parent_model, f"{stage.resolved.node.where}.task")
         run.logs.event("head_attached", stage=stage.name, step=stage.resolved.start_step, carried_tensors=carried,

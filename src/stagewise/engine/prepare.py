@@ -97,7 +97,8 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                     "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
                     "precision": str(resolve_precision(plan.precision, device))}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
-                              n.where) for n, s in zip(nodes, setups, strict=True)]
+                              n.where, s.adapter.trainable(s.model) if s.adapter is not None else None)
+                  for n, s in zip(nodes, setups, strict=True)]
         sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
         resolved = resolve_stages(nodes, sizes, context_length(lm) if lm is not None else None, identity,
                                   where=str(plan_path))
@@ -128,8 +129,9 @@ def _check_handoffs(nodes: list[StageNode], setups: list[StageSetup]) -> None:
             continue
         parent = setups[node.parent.index]
         if setup.model is not parent.model:
+            trains = "a new head" if setup.head else "other parameters (a new adapter, or merged weights)"
             raise UserError(f"{node.where}.optimizer.handoff", f"{handoff} needs the parent's model; this stage "
-                                                               "trains a new head (use reset)")
+                                                               f"trains {trains} (use reset)")
         if handoff == "carry" and node.config.layers != node.parent.config.layers:
             raise UserError(f"{node.where}.optimizer.handoff", "carry needs the parent's layers settings (the "
                                                                "optimizer's parameter groups); use reset or convert")

@@ -57,7 +57,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         model.to(device)
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
                      logs=RunLogs(run_dir), view=ProgressView(prepared.total_steps, console))
-    tasks: dict[tuple[int, int, str, int], Task] = {}  # one per model and data: a compiled loss is compiled once
+    tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     try:
@@ -74,7 +74,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
             pins = pinned_steps(prepared.resolved)
             for stage in prepared.stages:
                 setup, cfg = stage.setup, stage.resolved.config
-                task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam)
+                task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam, tuple(cfg.eval.metrics or ()))
                 if task_key not in tasks:
                     tasks[task_key] = setup.spec.bind(setup, cfg, cfg.data or plan.data, device, run.autocast,
                                                       plan.compile)

@@ -18,6 +18,7 @@ from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
 from stagewise.errors import UserError
+from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
 from stagewise.models.generate import Stop, sample
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
@@ -197,9 +198,11 @@ class CausalLMSpec(TaskSpec):
 def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> None:
     """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them; a
     causal LM's tokenizer with the plan's chat template (`apply_chat_template` renders
-    conversations as training did)."""
+    conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`."""
     assert lm_tokenizer is not None, "an LM-based stage has the plan's tokenizer"
     tok = to_transformers(lm_tokenizer)
     if setup.chat is not None:
         tok.chat_template = setup.chat.source
-    save_transformers(setup.model, setup.labels, tok, out)
+    save_transformers(merged(setup.model), setup.labels, tok, out)
+    if setup.adapter is not None and setup.adapter.lora is not None:  # and the adapter on its own (models.adapters)
+        save_adapter(setup.model, out / ADAPTER_DIR, setup.adapter.base)

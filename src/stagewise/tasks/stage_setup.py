@@ -25,7 +25,8 @@ from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.registry import task_spec
+from stagewise.models.adapters import stage_model
+from stagewise.tasks.registry import TASKS, task_spec
 from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
 
 
@@ -54,7 +55,7 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
-        setup = _child(spec, parent, data, fingerprint, lm_based, node.where)
+        setup = _child(spec, parent, data, fingerprint, lm_based, node, plan, plan_dir)
         _check_labels(setup, parent, node.where)
         setups.append(setup)
     return setups
@@ -80,10 +81,30 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
     return spec.prepare(inp)
 
 
-def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool,
-           where: str) -> StageSetup:
+def _pretrained_name(plan: Plan, plan_dir: Path) -> str | None:
+    """The plan's pretrained model as an adapter's config names its base: a local directory's full path."""
+    name = plan.model.pretrained
+    if name is None:
+        return None
+    local = (plan_dir / name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool, node: StageNode,
+           plan: Plan, plan_dir: Path) -> StageSetup:
+    where, adapter = node.where, node.config.adapter
+    if adapter is not None and not spec.takes_adapters:
+        which = ", ".join(t.name for t in TASKS.values() if t.takes_adapters)
+        raise UserError(f"{where}.adapter", f"a {spec.name} stage trains no adapter (stages of {which} do)")
     if spec.family == parent.spec.family:
-        return StageSetup(spec, data, fingerprint, parent.model, lm_based, chat=parent.chat)
+        if not spec.takes_adapters:
+            return StageSetup(spec, data, fingerprint, parent.model, lm_based, chat=parent.chat)
+        model, step = stage_model(parent.model, parent.adapter, node.parent.name if node.parent else None,
+                                  _pretrained_name(plan, plan_dir), adapter, where)
+        return StageSetup(spec, data, fingerprint, model, lm_based, chat=parent.chat, adapter=step)
+    if parent.adapter is not None and parent.adapter.lora is not None:
+        raise UserError(f"{where}.task", f"a {spec.name} stage cannot follow an adapter stage: a stage without "
+                                         "adapter between them merges it")
     if spec.heads_on_lm and parent.spec.family == LM_FAMILY:
         return StageSetup(spec, data, fingerprint, spec.head_model(parent.model, data, f"{where}.task"), lm_based,
                           head=True)
