@@ -171,6 +171,7 @@ class CausalLMSpec(TaskSpec):
     family = LM_FAMILY
     samples = True
     metrics = ("val_loss", "val_ppl", "train_loss")
+    takes_adapters = True
     data_keys = frozenset({"field"})
     formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
     reads = "text files"
