@@ -85,6 +85,8 @@ def test_a_lora_stage_trains_only_its_adapter_and_its_merged_export_is_the_adapt
         lora = {k: v for k, v in final.items() if ".lora_" in k}
         frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in final.items()
                   if ".lora_" not in k}
+        if "lm_head.weight" not in base:  # tied to the embeddings: saved once, under either name
+            frozen["model.embed_tokens.weight"] = frozen.pop("lm_head.weight", frozen.get("model.embed_tokens.weight"))
         assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
         assert lora and all(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)
     events = [json.loads(line) for line in (run / "events.jsonl").open()]
@@ -188,3 +190,19 @@ def test_an_adapter_on_a_task_without_adapters_is_refused(tmp_path: Path, corpus
     assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 2
     assert capsys.readouterr().err == f"error: {path}: stages[0].adapter: a classify stage trains no adapter " \
                                       "(stages of causal_lm, sft do)\n"
+
+
+def test_the_lora_example_checks_on_the_tiny_model_its_script_saves(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/lora.yaml as its comment runs it: the tiny model beside it, the task data under tasks/."""
+    _example("tiny_pretrained").build(tmp_path / "tiny-qwen")
+    spec = importlib.util.spec_from_file_location("make_data", ROOT / "examples/tasks/make_data.py")
+    assert spec is not None and spec.loader is not None
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    make_data.write(tmp_path / "tasks" / "data")
+    plan = tmp_path / "lora.yaml"
+    plan.write_text((ROOT / "examples/lora.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    assert main(["check", str(plan), "--cache", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "plan OK: 3 stages, 220 steps" in out

@@ -112,3 +112,20 @@ def test_bad_chat_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     path = write_plan(tmp_path, _plan(data, chat_template="pretrained"))
     assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 2
     assert "chat_template: pretrained is the pretrained tokenizer's template" in capsys.readouterr().err
+
+
+def test_unknown_symbols_of_fine_tuning_data_are_reported_in_one_line(tmp_path: Path, corpus: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An sft stage after a char-level LM: characters its pretraining text never had are counted."""
+    rows = [{"prompt": "Where is Lima?", "completion": " Perú {ok}"}, {"prompt": "Hi", "completion": " there"}] * 10
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    plan = {"name": "u", "seed": 0, "model": {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                              "n_positions": 32},
+            "tokenizer": {"kind": "char"}, "data": {"train": str(corpus)},
+            "defaults": {"batch": {"size": 4}, "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 1},
+            "stages": [{"name": "lm"}, {"name": "sft", "task": "sft", "data": {"train": str(tmp_path / "qa.jsonl")}}]}
+    path = write_plan(tmp_path, plan)
+    assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: stages[1].data: 30 symbols of the 20 sft examples unknown to the tokenizer, encoded as its " \
+           "unknown token ('ú' x10, '{' x10, '}' x10)\n" in err, err

@@ -87,13 +87,17 @@ def roles(n: int, seed: int) -> list[list[tuple[str, str]]]:
     return sentences
 
 
-def write(directory: Path, seed: int = 0) -> Path:
-    """Every data set, as the example plans read them."""
+def write(directory: Path, seed: int = 0, scale: float = 1.0) -> Path:
+    """Every data set, as the example plans read them; `scale`: of their sizes (the tests' are smaller)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("summaries", summaries(2000, seed)), ("answers", answers(2000, seed)),
-                       ("dialogues", dialogues(600, seed))):
+
+    def n(size: int) -> int:
+        return max(20, int(size * scale))
+
+    for name, rows in (("summaries", summaries(n(2000), seed)), ("answers", answers(n(2000), seed)),
+                       ("dialogues", dialogues(n(600), seed))):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    conll = "\n".join("".join(f"{w} {t}\n" for w, t in s) for s in roles(1200, seed))
+    conll = "\n".join("".join(f"{w} {t}\n" for w, t in s) for s in roles(n(1200), seed))
     (directory / "roles.conll").write_text(conll, encoding="utf-8")
     return directory
 
