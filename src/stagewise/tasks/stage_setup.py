@@ -21,11 +21,11 @@ from torch import nn
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sources import Corpus
 from stagewise.errors import UserError
+from stagewise.models.adapters import stage_model
 from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.models.adapters import stage_model
 from stagewise.tasks.registry import TASKS, task_spec
 from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
 
