@@ -27,7 +27,7 @@ from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import from_config, is_builtin, root_model
+from stagewise.tasks.models import from_config, root_model
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
@@ -172,6 +172,7 @@ SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with 
 
 class Seq2SeqSpec(TaskSpec):
     name = "seq2seq"
+    builtin = {"transformer": TransformerSeq2Seq}
     family = "seq2seq"
     metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
     data_keys = frozenset({"source", "target", "max_len"})
@@ -187,7 +188,7 @@ class Seq2SeqSpec(TaskSpec):
         fmt = self.table_format(inp.config, inp.where)
         # t5 and bart embed both sides with one table: one vocabulary of sources and targets
         data = prepare_seq2seq(train, column(inp.config, "source"), column(inp.config, "target"),
-                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not is_builtin(inp.plan.model),
+                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not self.is_builtin(inp.plan.model),
                                **inp.split_args(val, self.max_len(inp.config)))
         return data, digest.hexdigest()
 
@@ -206,7 +207,7 @@ class Seq2SeqSpec(TaskSpec):
                                pad_token_id=PAD_ID, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
                                decoder_start_token_id=data.bos_id, forced_eos_token_id=None)
 
-        return root_model(cfg, self.name, self.sizes(data), encoder_decoder)
+        return root_model(cfg, self, self.sizes(data), encoder_decoder)
 
     @staticmethod
     def sizes(data: PairData) -> dict[str, int]:
@@ -219,7 +220,7 @@ class Seq2SeqSpec(TaskSpec):
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         data = setup.data
-        if not is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
+        if not self.is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
             save_transformers(setup.model, None, auto_tokenizer(data.tgt_tokenizer, bos_token=BOS, eos_token=EOS), out)
             return
         save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),

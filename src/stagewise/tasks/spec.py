@@ -156,6 +156,11 @@ class TaskSpec(ABC):
     counts: ClassVar[str] = "examples"  # what `evaluate` counts
     label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
     beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
+    builtin: ClassVar[dict[str, type[nn.Module]]] = {}  # its own models by `model.arch` (tasks.models)
+
+    def is_builtin(self, cfg: ModelConfig) -> bool:
+        """The plan's model is one of this task's own (not a transformers one)."""
+        return cfg.arch in self.builtin
 
     # --- the plan --------------------------------------------------------------------------------
 
