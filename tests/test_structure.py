@@ -167,3 +167,18 @@ def test_a_new_task_needs_only_its_module_and_the_registry(tmp_path: Path, corpu
     bad = {**plan, "stages": [{**plan["stages"][0], "until": {"target": {"metric": "val_macro_f1", "value": 1.0}}}]}
     with pytest.raises(Exception, match="task sentiment does not report val_macro_f1"):
         prepare(load_plan(write_plan(tmp_path, bad, "bad.yaml")), tmp_path / "bad.yaml", tmp_path / "cache")
+
+
+def test_lm_examples_longer_than_the_context_are_a_plan_error(tmp_path: Path, corpus: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A classifier head on a 32-position LM used to fail with an IndexError inside the embedding."""
+    labeled = tmp_path / "labeled.tsv"
+    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\t{'a long text ' * 8}{i}\n" for i in range(20)),
+                       encoding="utf-8")
+    plan = tiny_plan(corpus, [STABLE, {"name": "cls", "task": "classify", "steps": 2,
+                                       "optimizer": {"name": "adam", "lr": 1e-3},
+                                       "data": {"train": str(labeled), "field": 1, "label": 0, "max_len": 40}}])
+    path = write_plan(tmp_path, plan)
+    assert _error(capsys, "check", str(path), "--cache", str(tmp_path / "cache")) == \
+        (2, f"error: {path}: stages[1].data.max_len: examples are up to 40 tokens, more than the model's context "
+            "length 32: set max_len <= 32\n")

@@ -203,6 +203,9 @@ class ClassifySpec(TaskSpec):
     def labels(self, data: Any) -> list[str]:
         return list(data.label_map.labels)
 
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
+
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return ClassifyTask(setup.model, device, autocast, setup.data)

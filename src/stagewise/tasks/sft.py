@@ -128,6 +128,9 @@ class SftSpec(TaskSpec):
                            **inp.split_args(val, self.max_len(inp.config)))
         return data, digest.hexdigest()
 
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
+
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return SftTask(setup.model, device, autocast, setup.data,

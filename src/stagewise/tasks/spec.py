@@ -201,6 +201,10 @@ class TaskSpec(ABC):
         """A new model of this task on a causal LM's backbone (heads_on_lm)."""
         raise NotImplementedError
 
+    def longest_example(self, data: Any) -> int | None:
+        """Tokens in the longest encoded example, for a task that feeds a causal LM's positions."""
+        return None
+
     def labels(self, data: Any) -> list[str] | None:
         """The classes (classify) or tags (tag) the model predicts, in id order."""
         return None
