@@ -6,6 +6,7 @@ and RNG states (`capture`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from stagewise.engine.device import derive_seed, seed_everything
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import rng_state, set_rng_state
 from stagewise.errors import RunStopped
+from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
@@ -96,6 +98,8 @@ class StageTrainer:
         self.progress = StageProgress(window_loss=torch.zeros((), device=run.device))
         self.control = StageControl(stage, stage.track_swats)
         self.params = [p for n, p in self.model.named_parameters() if n in layers.held]  # what the optimizer holds
+        average = stage.config.average
+        self.average = WeightEMA(self.model, average.ema) if average is not None else None  # from the first weights
         self.started = self.window_started = time.perf_counter()
         self.timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
 
@@ -109,10 +113,15 @@ class StageTrainer:
             update = self.train_step()
             if update is not None:
                 self._after_update(update)
-        if self.progress.eval_step != self.progress.step:  # an evaluation that ended the stage is not repeated
-            self.progress.metrics = self._evaluate()
-            self.progress.val_loss = self.progress.metrics["val_loss"]
         p = self.progress
+        if p.eval_step != p.step:  # an evaluation that ended the stage is not repeated
+            p.metrics = self._evaluate()
+            p.val_loss = p.metrics["val_loss"]
+            self.control.judge_best(p.step, {**p.metrics, "train_loss": p.train_loss if p.train_loss is not None else math.nan})
+        if self.stage.config.end == "best":
+            self._end_on_best()
+        if self.average is not None:
+            self.average.copy_to_model()  # the stage ends on the average: final checkpoint, children, export
         summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
                                tokens=p.step * self.stage.tokens_per_step, seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
@@ -156,6 +165,8 @@ class StageTrainer:
         self.opt.optimizer.step()
         if swats is not None:
             swats.after(self.params)
+        if self.average is not None:
+            self.average.update()
         self.opt.optimizer.zero_grad(set_to_none=True)
         self.progress.window_loss += update_loss
         return Update(lr, grad_norm, epoch)
@@ -187,6 +198,23 @@ class StageTrainer:
                                 stage_step=p.step, reason=ended)
             self.run.view.print(f"[{stage.name}] ends early at step {p.step}: {ended}")
         self.checkpoints(p.step, self.capture)
+
+    def _end_on_best(self) -> None:
+        """`end: best`: the model and optimizer go back to the best evaluation's checkpoint, so the
+        final checkpoint, the children and the export all hold those weights."""
+        best, p = self.control.best, self.progress
+        assert best is not None  # resolve requires evaluations during the stage
+        if best["step"] != p.step:
+            state = self.checkpoints.load(best["step"])
+            self.opt.load_state_dict(state)
+            if self.average is not None:
+                self.average.load_state_dict(state["average"])
+            p.metrics = {k: v for k, v in best["metrics"].items() if k != "train_loss"}
+            p.val_loss = p.metrics["val_loss"]
+        self.run.logs.event("stage_end_best", **self._where(best["step"]), metric=best["metric"], value=best["value"],
+                            last_step=self.stage.start_step + p.step)
+        self.run.view.print(f"[{self.stage.name}] ends on its best evaluation: step {best['step']} "
+                            f"({best['metric']} {best['value']:.4f})")
 
     def _logging(self, stage_step: int) -> bool:
         return stage_step % self.run.plan.log.every == 0 or stage_step == self.stage.steps
@@ -227,7 +255,8 @@ class StageTrainer:
 
     def capture(self) -> dict[str, Any]:
         return {**self.handoff_state(), "sampler": self.sampler.state_dict(), "progress": self.progress.state_dict(),
-                "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started)}
+                "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started),
+                "average": self.average.state_dict() if self.average is not None else None}
 
     def restore(self, state: dict[str, Any], rollback: bool) -> None:
         """Continue from a checkpoint's state: everything the steps so far changed, exactly.
@@ -237,6 +266,8 @@ class StageTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.progress.load_state_dict(state["progress"], self.run.device)
         set_rng_state(state["rng"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.layers.apply(self.sampler.epoch)
 
     # --- reacting -------------------------------------------------------------------------------------
@@ -361,7 +392,8 @@ class StageTrainer:
     def _evaluate(self) -> dict[str, float]:
         stage, step = self.stage, self.progress.step
         limit = stage.config.eval.batches
-        metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)
                   for k, v in metrics.items()}  # JSON has no infinity

@@ -96,9 +96,12 @@ SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
     "wsd": {**_WARMUP, "decay": 0.2, "shape": "1-sqrt", "min_lr": 0.0},
     "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
     "stlr": {"cut_frac": 0.1, "ratio": 32.0},
+    # ReduceLROnPlateau (threshold_mode abs): plan.resolve turns it into `constant` + an
+    # `on_plateau` lr_scale rule, so there is one plateau mechanism (engine.control).
+    "plateau": {**_WARMUP, "factor": 0.1, "patience": 2, "threshold": 0.0, "min_lr": 0.0},
 }
 ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",
-                       "onecycle", "stlr"]
+                       "onecycle", "stlr", "plateau"]
 
 
 class ScheduleConfig(Strict):
@@ -121,6 +124,9 @@ class ScheduleConfig(Strict):
     anneal: Literal["cos", "linear"] | None = None
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     ratio: Annotated[float, Field(ge=1.0)] | None = None
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    patience: Annotated[int, Field(ge=0)] | None = None
+    threshold: NonNegativeFloat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +176,14 @@ class BatchConfig(Strict):
                 "setting_error", "not used with full: true (the whole set is accumulated)",
                 {"key": "accumulate"})
         return self
+
+
+class AverageConfig(Strict):
+    """Weight averaging during the stage (optim.average): `ema` is the decay of an exponential
+    moving average of the weights, updated after every update; evaluations use it, and the stage
+    ends on it (its children and export take the averaged weights)."""
+
+    ema: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class EvalConfig(Strict):
@@ -236,6 +250,10 @@ class StageConfig(Strict):
     on_plateau: OnPlateauConfig | None = None
     guard: GuardConfig | None = None
     inject: list[InjectConfig] = []
+    # best: the stage ends on (and hands on, and exports) the weights of its best evaluation, by
+    # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
+    end: Literal["best", "last"] = "last"
+    average: AverageConfig | None = None
 
     def all_rules(self) -> list[RuleConfig]:
         """`on_plateau` first, then `rules`, in the order they are checked."""

@@ -76,11 +76,13 @@ def _rules(s: ResolvedStage) -> str:
     if cfg.guard is not None:
         lines.append(f"guard {'spike+' if cfg.guard.spike else ''}nan -> {cfg.guard.action}")
     lines += [f"inject {f.kind}@{f.at}" for f in cfg.inject]
+    if cfg.end == "best":
+        lines.append("end on best eval")
     return "\n".join(lines) or "-"
 
 
 def _schedule(s: ResolvedStage) -> str:
-    sched = s.config.schedule
+    sched = s.node.config.schedule  # as planned: a plateau schedule runs as constant + its on_plateau rule
     settings = " ".join(f"{k}={v}" for k, v in sched.settings().items() if v not in (0, None) or k == "min_lr")
     return f"{sched.name} {settings}".strip()
 
@@ -116,4 +118,6 @@ def _regularization(s: ResolvedStage) -> str:
         lines.append("unfreeze gradual (+1 group/epoch)")
     if layers.lr_factor != 1.0:
         lines.append(f"lr /{layers.lr_factor:g} per group down")
+    if s.config.average is not None:
+        lines.append(f"ema {s.config.average.ema:g} (evaluated, handed on)")
     return "\n".join(lines) or "-"
