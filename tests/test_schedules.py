@@ -92,6 +92,11 @@ CASES = {
         (dict(name="onecycle"), 99, 100, PEAK, PEAK / 25 / 1e4),
         (dict(name="onecycle", div_factor=10.0, final_div_factor=100.0), 100, 100, PEAK, PEAK / 10 / 100),
     ],
+    # Its reductions come from evaluations (an on_plateau rule, tests/test_stage_features.py).
+    "plateau": [
+        (dict(name="plateau", factor=0.5), 60, 100, PEAK, PEAK),
+        (dict(name="plateau", warmup=10), 4, 100, PEAK, warm(4, 10, PEAK)),
+    ],
     "stlr": [
         (dict(name="stlr"), 0, 100, PEAK, PEAK / 32),
         (dict(name="stlr"), 5, 100, PEAK, PEAK * (1 + 0.5 * 31) / 32),

@@ -148,3 +148,32 @@ def test_ema_resumes_bit_identically(tmp_path: Path, corpus: Path) -> None:
     _run(tmp_path, corpus, stages, "cut", **top)
     assert metrics_difference(whole, tmp_path / "cut") is None
     assert _same(_weights(whole, "e"), _weights(tmp_path / "cut", "e"))
+
+
+# --------------------------------------------------------------------------------- reset_moments
+
+def test_reset_moments_restarts_adam_and_training_goes_on(tmp_path: Path, corpus: Path) -> None:
+    guard = {"spike": {"factor": 3.0, "window": 5, "warmup": 3}, "action": "reset_moments", "reset": {"clip": 0.5}}
+    stages = [{"name": "s", "optimizer": ADAMW, "steps": 12, "guard": guard,
+               "inject": [{"kind": "loss_spike", "at": 8, "factor": 10.0}]}]
+    prepared, run = _run(tmp_path, corpus, stages, checkpoint={"every": 1, "keep": 20})
+    (reset,) = _events(run, "guard_reset_moments")
+    assert reset["stage_step"] == 9 and reset["clip"] == 0.5 and reset["reset_parameters"] > 0
+    assert "spike" in reset["reason"] and not _events(run, "guard_skip")
+    store = StageStore(prepared.cache_root, prepared.stages[0].key)
+
+    def adam_steps(step: int) -> set[float]:
+        state = torch.load(store.step_dir(step) / "state.pt", weights_only=True)["optimizer"]["state"]
+        assert len(state) == reset["reset_parameters"]
+        return {float(s["step"]) for s in state.values()}
+
+    assert adam_steps(8) == {8.0}  # before the spike: eight updates in the moments
+    assert adam_steps(9) == {1.0}  # the spiking update was applied on fresh moments
+    assert adam_steps(12) == {4.0}  # and training went on from there
+    assert [m["stage_step"] for m in _metrics(run, "train")] == list(range(1, 13))
+    assert _metrics(run, "train")[8]["grad_norm"] > 0.5  # the spiking gradient, before its clip
+
+
+def test_reset_settings_need_the_reset_action(tmp_path: Path, corpus: Path) -> None:
+    _bad_plan(tmp_path, corpus, {"guard": {"reset": {"clip": 1.0}}},
+              r"stages\[1\]\.guard\.reset: only with action: reset_moments")

@@ -154,10 +154,9 @@ class StageTrainer:
 
         # The guard looks before the optimizer steps: a bad update never reaches the weights.
         if control.checks_updates:
-            why = control.check_update(step, update_loss.item(), float(grad_norm))  # type: ignore[arg-type]
-            if why is not None:
-                self.opt.optimizer.zero_grad(set_to_none=True)
-                self._guard_acts(why)
+            loss_value, norm = update_loss.item(), float(grad_norm)  # type: ignore[arg-type]
+            why = control.check_update(step, loss_value, norm)
+            if why is not None and not self._guard_acts(why, spike=math.isfinite(loss_value) and math.isfinite(norm)):
                 return None
         swats = control.swats if self.opt.follows_adam else None  # only Adam's steps estimate SGD's LR
         if swats is not None:
@@ -287,12 +286,15 @@ class StageTrainer:
         """The start of a metrics line: the plan's step first."""
         return {"step": self.stage.start_step + step, "stage": self.stage.name, "stage_step": step}
 
-    def _guard_acts(self, why: str) -> None:
-        """Skip the update, or go back to a good checkpoint; stop when the retry budget is spent."""
+    def _guard_acts(self, why: str, spike: bool) -> bool:
+        """Skip the update, go back to a good checkpoint, or (a finite spike, `reset_moments`) let it
+        go ahead clipped with fresh optimizer moments: True then. Stop when the retry budget is spent."""
         guard, control, stage = self.control.guard, self.control, self.stage
         assert guard is not None
         step = self.progress.step
         where = self._where(step + 1)
+        if not (guard.action == "reset_moments" and spike and control.retries < guard.max_retries):
+            self.opt.optimizer.zero_grad(set_to_none=True)
         if control.retries >= guard.max_retries:
             control.retries = 0  # a resumed run gets a new budget: resuming is the user's decision
             self.checkpoints.save(step, self.capture)
@@ -301,11 +303,20 @@ class StageTrainer:
                              f"{guard.max_retries} retries are spent. Checkpoint saved at step {step}; resume to "
                              f"try again, or change the guard or the data", code=3)
         control.retries += 1
-        if guard.action == "skip":
+        if guard.action == "reset_moments" and spike:
+            clip = guard.reset_settings().clip
+            held = self.opt.reset_moments()
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.run.logs.event("guard_reset_moments", reason=why, retry=control.retries, reset_parameters=held,
+                                clip=clip, **where)
+            self.run.view.print(f"[{stage.name}] update {step + 1}: {why}; optimizer moments reset, gradient "
+                                f"clipped to {clip:g}")
+            return True
+        if guard.action != "rollback":  # skip, and reset_moments on a non-finite update
             self.progress.step += 1  # the update is spent: the batch is dropped, the schedule goes on
             self.run.logs.event("guard_skip", reason=why, retry=control.retries, **where)
             self.run.view.print(f"[{stage.name}] update {step + 1} skipped: {why}")
-            return
+            return False
         back = guard.rollback_settings()
         target = max(s for s in self.checkpoints.steps() if s <= max(0, step - back.steps_back))
         self._go_back(target, back.skip_batches, back.lr_scale)
@@ -313,6 +324,7 @@ class StageTrainer:
                             to_stage_step=target, skip_batches=back.skip_batches, lr_scale=back.lr_scale, **where)
         self.run.view.print(f"[{stage.name}] update {step + 1} refused ({why}): back to step {target}, "
                             f"skipping {back.skip_batches} batches, LR x{back.lr_scale:g}")
+        return False
 
     def _go_back(self, step: int, skip_batches: int, lr_scale: float) -> None:
         self.restore(self.checkpoints.load(step), rollback=True)
