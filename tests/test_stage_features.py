@@ -16,6 +16,7 @@ from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
+from stagewise.optim.optimizers import build_optimizer
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
 
@@ -177,3 +178,43 @@ def test_reset_moments_restarts_adam_and_training_goes_on(tmp_path: Path, corpus
 def test_reset_settings_need_the_reset_action(tmp_path: Path, corpus: Path) -> None:
     _bad_plan(tmp_path, corpus, {"guard": {"reset": {"clip": 1.0}}},
               r"stages\[1\]\.guard\.reset: only with action: reset_moments")
+
+
+# ---------------------------------------------------------------------------------- schedule-free
+
+def test_schedule_free_evaluates_and_ends_on_its_averaged_weights(tmp_path: Path, corpus: Path) -> None:
+    pytest.importorskip("schedulefree")
+    stages = [{"name": "sf", "optimizer": {"name": "schedulefree_adamw", "lr": 3e-3, "betas": [0.8, 0.99]},
+               "steps": 6, "eval": {"every": 3, "batches": 2}}]
+    prepared, run = _run(tmp_path, corpus, stages, checkpoint={"every": 3, "keep": 5})
+    names = [n for n, _ in prepared.root.named_parameters()]
+    store = StageStore(prepared.cache_root, prepared.stages[0].key)
+    # The last mid-stage checkpoint holds the training point y (step 6 is also the last update),
+    # its state z; the optimizer's eval() puts x = y + (1 - 1/beta1) (z - y) into the parameters.
+    y = load_file(store.step_dir(6) / "model.safetensors")
+    state = torch.load(store.step_dir(6) / "state.pt", weights_only=True)["optimizer"]
+    assert all(g["train_mode"] for g in state["param_groups"])  # saved while training: exact resume
+    optimizer = build_optimizer("schedulefree_adamw", prepared.stages[0].resolved.optimizer_settings, prepared.root)
+    order = {id(p): n for n, p in prepared.root.named_parameters()}  # the state's indices: the groups' order
+    in_groups = [order[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    z = {in_groups[i]: s["z"] for i, s in state["state"].items()}
+    final = load_file(store.final_dir / "model.safetensors")
+    for n in names:
+        x = torch.lerp(_tensor(y, n), z[n], 1 - 1 / 0.8)
+        assert torch.equal(_tensor(final, n), x), n
+    assert not all(torch.equal(_tensor(final, n), _tensor(y, n)) for n in names)
+    # Evaluating at step 3 swapped x in and y back exactly: the same run stopped there and resumed
+    # ends bit-identical.
+    with pytest.raises(RunStopped):
+        _run(tmp_path, corpus, stages, "cut", stop_after=4, checkpoint={"every": 3, "keep": 5})
+    _run(tmp_path, corpus, stages, "cut", checkpoint={"every": 3, "keep": 5})
+    assert metrics_difference(run, tmp_path / "cut") is None
+    assert _same(_weights(run, "sf"), _weights(tmp_path / "cut", "sf"))
+
+
+def test_schedule_free_hands_on_weights_only(tmp_path: Path, corpus: Path) -> None:
+    stages = [{"name": "a", "optimizer": {"name": "schedulefree_adamw", "lr": 3e-3}, "steps": 4},
+              {"name": "b", "optimizer": {"handoff": "carry"}, "steps": 4}]
+    path = write_plan(tmp_path, tiny_plan(corpus, stages))
+    with pytest.raises(UserError, match=r"stages\[1\]\.optimizer\.handoff: a schedule-free optimizer hands on"):
+        prepare(load_plan(path), path, tmp_path / "cache")

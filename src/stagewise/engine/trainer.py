@@ -26,6 +26,7 @@ from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
+from stagewise.optim.schedule_free import averaged, is_schedule_free
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.tasks.base import Batch, BatchSource, Task
@@ -122,6 +123,8 @@ class StageTrainer:
             self._end_on_best()
         if self.average is not None:
             self.average.copy_to_model()  # the stage ends on the average: final checkpoint, children, export
+        if is_schedule_free(self.opt.optimizer):
+            self.opt.optimizer.eval()  # type: ignore[attr-defined]  # likewise on its averaged weights x
         summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
                                tokens=p.step * self.stage.tokens_per_step, seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
@@ -404,7 +407,11 @@ class StageTrainer:
     def _evaluate(self) -> dict[str, float]:
         stage, step = self.stage, self.progress.step
         limit = stage.config.eval.batches
-        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as weights:  # evaluated: the averaged weights, when the stage averages
+            if self.average is not None:
+                weights.enter_context(self.average.applied())
+            if is_schedule_free(self.opt.optimizer):
+                weights.enter_context(averaged(self.opt.optimizer))
             metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)

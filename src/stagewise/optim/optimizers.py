@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stagewise.optim.regularizers import is_decayed
+from stagewise.optim.schedule_free import SCHEDULE_FREE, build_schedule_free
 from stagewise.plan.schema import OPTIMIZER_SETTINGS
 
 # Groups whose parameters take the stage's weight_decay (and sgd_l1's shrinkage).
@@ -197,6 +198,8 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
         # gd differs from sgd only in batching (the engine feeds the whole set), not in the update.
         return torch.optim.SGD(groups, lr=lr, momentum=settings["momentum"], nesterov=settings["nesterov"],
                                fused=fused)
+    if name in SCHEDULE_FREE:
+        return build_schedule_free(name, groups, settings)
     optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     return optimizer_class(groups, lr=lr, betas=tuple(settings["betas"]), eps=settings["eps"], fused=fused)
 

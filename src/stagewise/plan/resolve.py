@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stagewise.errors import UserError
+from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
 from stagewise.plan.rules import ActionConfig, LrScaleAction, OnPlateauConfig
@@ -171,6 +172,11 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         raise fail("end", "best needs evaluations during the stage (eval.every or eval.each_epoch)")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
+    if name in SCHEDULE_FREE:
+        if cfg.average is not None:
+            raise fail("average", f"{name} averages its weights already (evaluated and handed on)")
+        if settings.get("momentum", 1.0) == 0.0:
+            raise fail("optimizer.momentum", "schedulefree_sgd needs momentum > 0 (its averaging)")
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
     switches = [("on_plateau.do.switch", cfg.on_plateau.do.switch)] if cfg.on_plateau is not None else []
@@ -282,6 +288,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     if opt.handoff != "reset" and parent is None:
         raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this one starts from the model "
                                         "as built)")
+    if opt.handoff != "reset" and (name in SCHEDULE_FREE or parent.optimizer in SCHEDULE_FREE):  # type: ignore[union-attr]
+        raise fail("optimizer.handoff", "a schedule-free optimizer hands on its averaged weights only: use reset")
     if opt.handoff == "carry" and not same:
         raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
                                         f"{name} can reset, or convert (adam/adamw -> sgd)")

@@ -56,6 +56,9 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     # betas/eps are for the AdamW that Muon uses on non-matrix parameters.
     "muon": {"lr": None, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
              "betas": (0.9, 0.95), "eps": 1e-8},
+    # Schedule-free (optim.schedule_free): give them a constant schedule; momentum is SGD's averaging beta.
+    "schedulefree_adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "schedulefree_sgd": {"lr": None, "momentum": 0.9, "weight_decay": 0.0},
 }
 
 
@@ -63,7 +66,7 @@ class OptimizerConfig(Strict):
     """An optimizer. `name` omitted means the parent stage's optimizer; unset settings then come
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
-    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"] | None = None
+    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
     # auto (adam/adamw -> sgd): the SWATS estimate of the LR that matches the parent's Adam steps
     lr: PositiveFloat | Literal["auto"] | None = None
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
