@@ -31,7 +31,7 @@ from stagewise.tasks.classify import Encoded, evaluate_classify, logits_of
 from stagewise.tasks.encode import encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.export import BUILTIN_FILE
 from stagewise.tasks.labels import LabelMap
-from stagewise.tasks.records import read_conll, read_labeled, read_pairs, read_prompt_completion
+from stagewise.tasks.readers import read_conll, read_labeled, read_pairs, read_prompt_completion
 from stagewise.tasks.seq2seq import PairData, PairRows, evaluate_seq2seq, translate
 from stagewise.tasks.setup import BUILTIN, LM_TASKS, column, max_len
 from stagewise.tasks.sft import SftRows, evaluate_sft

@@ -17,8 +17,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from stagewise.optim.handoff import SwatsEstimate
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
@@ -282,10 +280,3 @@ class StageControl:
         if self.swats is not None and handoff["swats"] is not None:
             self.swats.load_state_dict(handoff["swats"])
         self.optimizer_spec = handoff["optimizer_spec"]
-
-
-def corrupt(x: torch.Tensor, vocab_size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random tokens (the same for the same step), as a data pipeline bug would give."""
-    g = torch.Generator().manual_seed(step)
-    bad = torch.randint(0, vocab_size, (x.size(0), x.size(1) + 1), generator=g).to(x.device)
-    return bad[:, :-1].contiguous(), bad[:, 1:].contiguous()

@@ -37,7 +37,7 @@ from stagewise.tasks.base import Task
 from stagewise.tasks import classify, seq2seq, sft, tag
 from stagewise.tasks.classify import ClassifyTask, prepare_classify
 from stagewise.tasks.lm import LanguageModelTask
-from stagewise.tasks.records import Field
+from stagewise.data.tables import Field
 from stagewise.tasks.seq2seq import PairData, Seq2SeqTask, prepare_seq2seq
 from stagewise.tasks.sft import SftData, SftTask, prepare_sft
 from stagewise.tasks.labels import LabelMap

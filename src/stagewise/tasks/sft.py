@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from stagewise.tasks.base import Batch, ExampleTask
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
-from stagewise.tasks.records import ChatTemplate, read_prompt_completion
+from stagewise.tasks.readers import ChatTemplate, read_prompt_completion
 
 MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
 
