@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import inspect
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -105,8 +104,3 @@ class DropoutControl:
 
     def rates(self) -> set[float]:
         return {getattr(m, attr) for m, attr, _ in self._modules}
-
-
-def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "type": type(model).__name__}

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
@@ -32,7 +33,7 @@ from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSp
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
 from stagewise.tasks.metrics import bleu, chrf
-from stagewise.tasks.records import Field, read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"
