@@ -85,7 +85,7 @@ class StageInput:
 
     def files(self) -> tuple[Path, Path | None]:
         """The task's one training file and optional validation file, relative to the plan."""
-        paths = []
+        paths: list[Path | None] = []
         for key in ("train", "val"):
             value = getattr(self.config, key)
             if value is None:
