@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.data.tokenizers import eos_id
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
@@ -34,7 +35,7 @@ from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, macro_f1
-from stagewise.tasks.records import Field, read_labeled
+from stagewise.tasks.readers import read_labeled
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
@@ -32,7 +33,7 @@ from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSp
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
 from stagewise.tasks.metrics import bleu, chrf
-from stagewise.tasks.records import Field, read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -84,6 +85,7 @@ def prepare_seq2seq(train_path: Path, source_field: Field, target_field: Field, 
         tgt_tok = word_tokenizer((t for _, t in train), vocab_size, lowercase=False)
     tgt_tok.add_special_tokens([BOS, EOS])
     bos, eos = tgt_tok.token_to_id(BOS), tgt_tok.token_to_id(EOS)
+    assert bos is not None and eos is not None, "just added"
 
     def rows(part: list[tuple[str, str]]) -> PairRows:
         tensors = encode_seq2seq(part, src_tok, tgt_tok, max_len, PAD_ID, bos, eos)
@@ -99,7 +101,7 @@ def logits_of(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> torc
                  decoder_attention_mask=tgt_in != PAD_ID, use_cache=False).logits
 
 
-def decode(model: nn.Module, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
+def decode(model: Any, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
     """(B, L) generated tokens, EOS then padding ending each row that finished (greedy when beam
     is 1). A transformers model decodes with its own `generate` (its beam search hands a
     finished hypothesis's slot on, see TransformerSeq2Seq.beam_search)."""
@@ -163,7 +165,7 @@ class Seq2SeqTask(ExampleTask):
         return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
 
     def metrics(self, batch_size: int) -> dict[str, float]:
-        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
+        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,
                                 self.max_len, self.beam)
 
 
@@ -234,7 +236,7 @@ class Seq2SeqSpec(TaskSpec):
         checked here so a bad --beam is one line, not beam_search's ValueError."""
         none = torch.zeros(0, 0, dtype=torch.long)
         empty = PairRows(none, none, none, ())
-        model: nn.Module
+        model: Any  # a transformers model or the built-in one
         if stage.is_transformers:  # t5, bart: one vocabulary for both sides
             from transformers import AutoModelForSeq2SeqLM
 

@@ -26,7 +26,7 @@ from stagewise.tasks.lm import continue_text, load_causal_lm, save_lm
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
-from stagewise.tasks.records import ChatTemplate, read_prompt_completion
+from stagewise.tasks.readers import ChatTemplate, read_prompt_completion
 
 MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
 

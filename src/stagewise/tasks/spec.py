@@ -85,7 +85,7 @@ class StageInput:
 
     def files(self) -> tuple[Path, Path | None]:
         """The task's one training file and optional validation file, relative to the plan."""
-        paths = []
+        paths: list[Path | None] = []
         for key in ("train", "val"):
             value = getattr(self.config, key)
             if value is None:
@@ -170,11 +170,13 @@ class TaskSpec(ABC):
         return cfg.max_len or self.default_max_len
 
     def can_follow(self) -> list[str]:
-        """The tasks whose model a stage of this task can train (or put a head on)."""
+        """The tasks whose model a stage of this task can train (its family), then those it can put
+        a head on (heads_on_lm)."""
         from stagewise.tasks.registry import TASKS
 
-        return [t.name for t in TASKS.values() if t.family == self.family or (self.heads_on_lm and
-                                                                              t.family == LM_FAMILY)]
+        own = [t.name for t in TASKS.values() if t.family == self.family]
+        heads = [t.name for t in TASKS.values() if self.heads_on_lm and t.family == LM_FAMILY and t.name not in own]
+        return own + heads
 
     def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
         """Whether the stage reads the plan's tokenizer (trains a causal LM or a head on one)."""

@@ -92,7 +92,7 @@ def _check_labels(setup: StageSetup, parent: StageSetup, where: str) -> None:
 def _check_length(spec: TaskSpec, data: Any, model: nn.Module, where: str) -> None:
     """Examples fed to a causal LM (or a head on one) must fit its positions."""
     longest = spec.longest_example(data)
-    limit = context_length(model)  # type: ignore[arg-type]
+    limit = context_length(model)
     if longest is not None and longest > limit:
         raise UserError(f"{where}.max_len", f"examples are up to {longest} tokens, more than the model's context "
                                             f"length {limit}: set max_len <= {limit}")
@@ -100,7 +100,7 @@ def _check_length(spec: TaskSpec, data: Any, model: nn.Module, where: str) -> No
 
 def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
     """Put the parent LM's backbone weights into the head model (at the stage's start)."""
-    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
+    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[arg-type]
 
 
 def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:

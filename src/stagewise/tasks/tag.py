@@ -29,7 +29,7 @@ from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import span_f1
-from stagewise.tasks.records import read_conll
+from stagewise.tasks.readers import read_conll
 from stagewise.tasks.vocab import PAD_ID, word_vocab
 
 MAX_LEN = 128  # words per sentence when the data sets no max_len
