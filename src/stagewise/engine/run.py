@@ -200,7 +200,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     run.view.summary(summaries)
     last = prepared.setups[-1]
     if plan.sample is not None and last.task in LM_TASKS and prepared.data is not None:
-        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data)}")
+        text = generate_sample(run, last.model, prepared.data)
+        (run_dir / "sample.txt").write_text(text, encoding="utf-8")  # for `stagewise report`
+        run.view.print(f"sample:\n{text}")
     return summaries
 
 

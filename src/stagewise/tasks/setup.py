@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
+from stagewise.data.sources import data_file_keys
 from stagewise.data.tokenizers import eos_id
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier, BiGRUTagger
@@ -90,7 +91,8 @@ def setup_stages(plan: Plan, lm_data: PreparedData | None, lm: nn.Module | None,
         data_cfg = cfg.data or plan.data
         key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
         if key not in prepared:
-            prepared[key] = _prepare(cfg, data_cfg, lm_data, plan, plan_dir, where, lm_based)
+            with data_file_keys(data_cfg, plan_dir, f"{where}.data" if cfg.data is not None else "data"):
+                prepared[key] = _prepare(cfg, data_cfg, lm_data, plan, plan_dir, where, lm_based)
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of built-in models: the first stage's task says which
             parent = init = StageSetup(cfg.task, data, fingerprint, _root_model(plan.model, cfg.task, data),
