@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from stagewise.errors import RunStopped, UserError
+
+if TYPE_CHECKING:
+    from stagewise.engine.prepare import Prepared
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("plan", type=Path)
     check.add_argument("overrides", nargs="*")
     check.add_argument("--plot", type=Path, metavar="PNG", help="also write the planned LR curve as a PNG")
+    check.add_argument("--out", type=Path, help="the run directory train will use (default: runs/<plan name>): "
+                                                "its stage cache is the one checked")
     _cache_arg(check)
 
     report = sub.add_parser("report", help="plots and an HTML page of a run; of several runs, compared")
@@ -40,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in a directory")
     runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
+    runs.add_argument("--metric", metavar="NAME", help="also show each run's best value of this evaluation metric "
+                                                       "(e.g. val_accuracy, val_bleu: the highest; *loss, *ppl: "
+                                                       "the lowest)")
 
     generate = sub.add_parser("generate", help="run a trained stage on a prompt: continue it (causal_lm, sft), "
                                                "classify, translate (seq2seq) or tag it")
@@ -72,13 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may stand anywhere after the plan (`train PLAN --out DIR key=v`). argparse takes the
+    positionals only up to the first option, and its parse_intermixed_args refuses subcommands: the
+    `key=value` words left over are the overrides that follow an option, in command-line order."""
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        moved = [word for word in rest if "=" in word and not word.startswith("-")]
+        args.overrides += moved
+        rest = [word for word in rest if word not in moved]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def _cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, default=None,
-                   help="token/tokenizer cache (default: .cache beside the runs directory)")
+                   help="token and stage cache (default: .cache beside the run directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(_parser(), argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs,
@@ -97,25 +120,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.prepare import prepare
     from stagewise.engine.run import train
-    from stagewise.plan.load import load_plan
 
-    plan = load_plan(args.plan, args.overrides)
-    out = args.out or Path("runs") / plan.name
-    prepared = prepare(plan, args.plan, args.cache or out.parent / ".cache")
+    prepared, out = _prepare(args)
     train(prepared, out, fresh=args.fresh, console=console)
     console.print(f"run written to {out}")
     return 0
 
 
-def _check(args: argparse.Namespace, console: Console) -> int:
+def _prepare(args: argparse.Namespace) -> tuple[Prepared, Path]:
+    """The plan with its overrides, prepared, and the run directory. train and check agree on the
+    cache: --cache, else .cache beside the run directory (--out, else runs/<plan name>). A problem
+    in what an override set names the command line."""
     from stagewise.engine.prepare import prepare
+    from stagewise.plan.load import blame_overrides, load_plan, override_keys
+
+    plan = load_plan(args.plan, args.overrides)
+    out = args.out or Path("runs") / plan.name
+    try:
+        return prepare(plan, args.plan, args.cache or out.parent / ".cache"), out
+    except UserError as e:
+        raise blame_overrides(e, str(args.plan), override_keys(args.plan, args.overrides)) from None
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
     from stagewise.engine.status import stage_status
-    from stagewise.plan.load import load_plan
     from stagewise.track.plan_view import print_plan
 
-    prepared = prepare(load_plan(args.plan, args.overrides), args.plan, args.cache or Path("runs/.cache"))
+    prepared, _ = _prepare(args)
     print_plan(console, prepared.plan.name, prepared.resolved, stage_status(prepared))
     if args.plot is not None:
         from stagewise.track.plots import plan_lr_figure, save_png
@@ -155,7 +187,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def _runs(args: argparse.Namespace, console: Console) -> int:
     from stagewise.track.runs import find_runs, print_runs
 
-    print_runs(console, args.dir, find_runs(args.dir))
+    print_runs(console, args.dir, find_runs(args.dir), args.metric)
     return 0
 
 

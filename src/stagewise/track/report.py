@@ -16,6 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
+from stagewise.track.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.track.runs import Run, StageRow, load_run, when
 
 _STYLE = """
@@ -60,6 +61,13 @@ def _run_body(run: Run, images: dict[str, bytes]) -> str:
     parts = [f"<h1>{_e(run.name)}</h1>", _status(run)]
     parts += [_img(data, name) for name, data in images.items()]
     parts += ["<h2>Stages</h2>", _stage_table(run.stage_rows())]
+    summaries = run.summaries()
+    if summaries:
+        columns, cells = summary_table(summaries)
+        parts += ["<h2>Summary</h2>", _table(columns, cells, numeric={i for i, c in enumerate(columns)
+                                                                      if c not in SUMMARY_TEXT_COLUMNS})]
+    if run.sample is not None:
+        parts += [f"<h2>Sample</h2>{_sample_note(run)}", f"<pre>{_e(run.sample)}</pre>"]
     decisions = [e for e in run.events if e.get("event") not in ROUTINE_EVENTS]
     if decisions:
         parts += ["<h2>Decisions</h2>", _table(
@@ -104,6 +112,16 @@ def _stage_table(rows: list[StageRow]) -> str:
         [[r.name, r.task or "-", r.optimizer or "-", r.schedule or "-", _num(r.steps, 0), _num(r.tokens, 0),
           "-" if r.seconds is None else _duration(r.seconds), _num(r.best_val_loss), r.status] for r in rows],
         numeric={4, 5, 6, 7})
+
+
+def _sample_note(run: Run) -> str:
+    """Which model wrote the sample, and how (the plan's `sample` settings)."""
+    settings = run.plan.get("sample")
+    stages = run.planned_stages
+    if not isinstance(settings, dict) or not stages:
+        return ""
+    shown = ", ".join(f"{k} {v!r}" for k, v in settings.items() if v is not None)
+    return f"<p>by the last stage, '{_e(stages[-1])}': {_e(shown)}</p>"
 
 
 def _plan(run: Run) -> str:
