@@ -99,7 +99,7 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
         task = stage.spec.bind(stage.setup, cfg, cfg.data or plan.data, device, autocast, plan.compile)
         optimizer = StageOptimizer(stage.resolved, task.model, stage.layers)
         optimizer.hand_off(held, run.logs)  # the optimizer state it starts with (carry, convert, reset)
-        result = _restored_sweep(run, stage, task, optimizer, start, end, steps)
+        result = restored_sweep(run, stage, task, optimizer, start, end, steps)
     finally:
         run.view.close()
     lrs, smooth, losses, stopped = result
@@ -161,7 +161,7 @@ def _train_parent(raw: dict[str, Any], chain: list[StageNode], node: StageNode, 
     train(prefix, out / "prefix", console=console)
 
 
-def _restored_sweep(run: RunContext, stage: Stage, task: Task, optimizer: StageOptimizer, start: float, end: float,
+def restored_sweep(run: RunContext, stage: Stage, task: Task, optimizer: StageOptimizer, start: float, end: float,
                     steps: int) -> tuple[list[float], list[float], list[float], str]:
     """The sweep, with the model's weights, the optimizer's state and every RNG put back after."""
     model = task.model
