@@ -100,7 +100,7 @@ def test_a_search_trains_the_shared_first_stage_once(tmp_path: Path, corpus: Pat
     assert "best of search" in page
 
 
-def test_an_interrupted_search_resumes(tmp_path: Path, corpus: Path) -> None:
+def test_a_search_run_again_goes_on_with_its_study(tmp_path: Path, corpus: Path) -> None:
     plan, out = _plan(tmp_path, corpus), tmp_path / "search"
     space = _space(tmp_path, {"stages.cooldown.optimizer.lr": {"float": [1e-4, 1e-2], "log": True}})
     console = Console(width=200, file=open(tmp_path / "console.txt", "w"))
@@ -113,6 +113,28 @@ def test_an_interrupted_search_resumes(tmp_path: Path, corpus: Path) -> None:
     # another search in the same directory is refused, not mixed into it
     with pytest.raises(Exception, match="holds a search with another metric"):
         search(plan, SearchOptions(space=space, trials=3, out=out, metric="stable.val_loss"), console)
+
+
+def test_an_interrupted_trial_runs_again_with_the_same_values(tmp_path: Path, corpus: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import stagewise.search.trial as trial_module
+
+    plan, out = _plan(tmp_path, corpus), tmp_path / "search"
+    options = SearchOptions(space=_space(tmp_path, SPACE), trials=2, out=out)
+    console = Console(width=200, file=open(tmp_path / "console.txt", "w"))
+    train_plan = trial_module._train
+
+    def interrupted(*args: Any) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial_module, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search(plan, options, console)
+    monkeypatch.setattr(trial_module, "_train", train_plan)
+    rows = search(plan, options, console).rows
+    assert [(r.state, r.note) for r in rows] == [("fail", "interrupted"), ("complete", "retry of 0"),
+                                                 ("complete", "")]
+    assert rows[1].params == rows[0].params and rows[2].params != rows[0].params
 
 
 def test_two_workers_share_one_study_and_train_each_stage_once(tmp_path: Path, corpus: Path) -> None:

@@ -130,6 +130,9 @@ def _worker_main(setup: SearchSetup, worker: int) -> None:
     """A spawned worker process's entry: a stop is one line, as in the CLI."""
     try:
         work(setup, worker)
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+        raise SystemExit(2) from None
     except RunStopped as e:
         print(str(e), flush=True)
         raise SystemExit(e.code) from None
