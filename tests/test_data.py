@@ -24,7 +24,7 @@ from stagewise.data.tokenizers import (EOS, UNK, build_tokenizer, eos_id, save_t
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records
-from stagewise.tasks.records import read_labeled
+from stagewise.tasks.readers import read_labeled
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -71,17 +71,19 @@ def test_several_patterns_keep_their_order_and_read_a_file_once(tmp_path):
     assert c.train == ["zed", "row one", "row two", "ay"]
 
 
-@pytest.mark.parametrize("name, content, cfg", [
-    ("t.jsonl", jsonl([{"text": "uno", "id": 1}, {"text": "dos\nlines", "id": 2}]), {}),
-    ("t.json", json.dumps([{"body": "uno"}, {"body": "dos\nlines"}]), {"field": "body"}),
-    ("t.csv", 'id,text\n1,uno\n2,"dos\nlines"\n', {}),
-    ("t.tsv", "text\tlabel\nuno\tham\n\"dos\nlines\"\tspam\n", {}),
-    ("t.data", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {"format": "json"}),
+@pytest.mark.parametrize("name, content, cfg, second", [
+    ("t.jsonl", jsonl([{"text": "uno", "id": 1}, {"text": "dos\nlines", "id": 2}]), {}, "dos\nlines"),
+    ("t.json", json.dumps([{"body": "uno"}, {"body": "dos\nlines"}]), {"field": "body"}, "dos\nlines"),
+    ("t.ndjson", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {}, "dos\nlines"),
+    ("t.csv", 'id,text\n1,uno\n2,"dos\nlines"\n', {}, "dos\nlines"),
+    # A TSV has no quoting (data.tables): a cell cannot span lines, and a quote is text.
+    ("t.tsv", 'text\tlabel\nuno\tham\n"dos" lines\tspam\n', {}, '"dos" lines'),
+    ("t.data", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {"format": "json"}, "dos\nlines"),
 ])
-def test_tables_give_one_document_per_row(tmp_path, name, content, cfg):
+def test_tables_give_one_document_per_row(tmp_path, name, content, cfg, second):
     write(tmp_path / name, content)
     c = corpus(tmp_path, train=name, val=name, **cfg)
-    assert c.train == ["uno", "dos\nlines"]
+    assert c.train == ["uno", second]
 
 
 def test_parquet(tmp_path):
@@ -207,29 +209,32 @@ def test_missing_column_names_the_columns_present(tmp_path, name):
         write(tmp_path / name, "body,label\nx,a\ny,b\n")
     else:
         write(tmp_path / name, jsonl(table.to_pylist()))
-    assert bad(tmp_path, train=name) == (
-        f"{tmp_path / name}: no column 'text' (columns: body, label); set data.field")
+    expected = {"m.parquet": ": no column 'text' (columns: body, label); set data.field",
+                "m.csv": ":1: no column 'text' (header: body, label)",
+                "m.jsonl": ":1: no field 'text' (fields: body, label)"}[name]
+    assert bad(tmp_path, train=name) == f"{tmp_path / name}{expected}"
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("n.jsonl", jsonl([{"text": "ok"}, {"text": "ok"}, {"text": 7}]), "row 3: 'text' is not a string but int 7"),
-    ("n.jsonl", jsonl([{"text": "ok"}, {"text": ["a"]}]), "row 2: 'text' is not a string but list ['a']"),
-    ("n.jsonl", jsonl([{"text": "ok"}, {"other": "x"}]), "row 2: 'text' is missing or null"),
-    ("n.csv", "text,label\nok,1\n,2\n", "row 2: 'text' is missing or null"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": "ok"}, {"text": 7}]), "3: text in 'text' is a number (7), not a string"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": ["a"]}]), '2: text in \'text\' is an array (["a"]), not a string'),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": None}]), "2: text in 'text' is null, not a string"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"other": "x"}]), "2: no field 'text' (fields: other)"),
+    ("n.csv", "text,label\nok,1\n,2\n", "3: empty text in 'text'"),
 ])
 def test_non_string_row_names_the_row(tmp_path, name, content, message):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name) == f"{tmp_path / name}: {message}"
+    assert bad(tmp_path, train=name) == f"{tmp_path / name}:{message}"
 
 
 @pytest.mark.parametrize("name, content, reason", [
-    ("u.jsonl", '{"text": "ok"}\n{"text": \n', "cannot read as json: JSON parse error"),
-    ("u.csv", 'text,label\n"unterminated,1\n', "cannot read as csv: Error tokenizing data"),
-    ("u.csv", "text,label\n", "cannot read as csv: no rows"),
+    ("u.jsonl", '{"text": "ok"}\n{"text": \n', ":2: not valid JSON: Expecting value"),
+    ("u.csv", 'text,label\n"unterminated,1\n', ":2: cannot read as CSV: unexpected end of data"),
+    ("u.csv", "text,label\n", ": no records (only a header)"),
 ])
 def test_unparseable_text_tables(tmp_path, name, content, reason):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name).startswith(f"{tmp_path / name}: {reason}")
+    assert bad(tmp_path, train=name).startswith(f"{tmp_path / name}{reason}")
 
 
 def test_unparseable_parquet(tmp_path):

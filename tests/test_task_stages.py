@@ -30,7 +30,7 @@ from stagewise.plan.load import load_plan
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import majority_accuracy
 from stagewise.tasks.metrics import bleu, chrf, span_f1
-from stagewise.tasks.records import read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.sft import evaluate_sft
 from stagewise.track.logs import read_jsonl
 

@@ -1,13 +1,13 @@
 """The training text: `data.train`/`data.val` files (or a hub dataset) read into documents.
 
-Files go through the `datasets` library's local builders. Problems a user can fix (no file
-matches, empty file, bad UTF-8, missing column, non-string row, unparseable file) are raised as
-one-line `UserError`s naming the file, before any training starts.
+Tables (csv, tsv, jsonl) are read by data.tables, the reader task stages use: the same rows,
+so the same held-out rows (data.split), and no `datasets` import. Text and parquet files go
+through the `datasets` library's local builders. Problems a user can fix (no file matches, empty
+file, bad UTF-8, missing column, non-string row, unparseable file) are raised as one-line
+`UserError`s naming the file (and the line, for tables), before any training starts.
 """
 
 from __future__ import annotations
-
-import csv
 
 import glob
 import hashlib
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.data import tables
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig
@@ -30,18 +31,17 @@ if TYPE_CHECKING:  # `datasets` takes a second to import: only runs that parse f
 
 HUB_PREFIX = "hub:"
 
-# Formats by file extension under `format: auto`; any other extension (.py, .md, ...) is text.
-_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-               ".parquet": "parquet"}
+# Plan format -> its data.tables format (the plan says json for JSON Lines).
+_TABLES = {"json": "jsonl", "csv": "csv", "tsv": "tsv"}
+# Formats by file extension under `format: auto`: the tables' as data.tables tells them; any other
+# extension (.py, .md, ...) is text.
+_EXTENSIONS = {".txt": "text", ".parquet": "parquet",
+               **{suffix: "json" if fmt == "jsonl" else fmt for suffix, fmt in tables.SUFFIXES.items()}}
 # Plan format -> (datasets builder, builder options). A text file is one document.
 _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "text": ("text", {"sample_by": "document"}),
-    "json": ("json", {}),
-    "csv": ("csv", {}),
-    "tsv": ("csv", {"delimiter": "\t"}),
     "parquet": ("parquet", {}),
 }
-_TEXT_LIKE = {"text", "json", "csv", "tsv"}  # checked for strict UTF-8 before datasets reads them
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
     holds out); else the last `val_fraction` of the characters.
 
     `cache_dir` is where `datasets` keeps hub downloads (None: its default, under HF_HOME).
-    Local files are parsed in a scratch directory and not cached: `datasets` would key that
-    cache on file mtimes, and a stale copy under a new content fingerprint would poison the
-    token cache; callers cache the tokens instead.
+    Local text and parquet files are parsed in a scratch directory and not cached: `datasets`
+    would key that cache on file mtimes, and a stale copy under a new content fingerprint would
+    poison the token cache; callers cache the tokens instead.
     """
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
@@ -78,10 +78,17 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
         if not any(docs):
             raise UserError(where, "no text (every document is empty)")
 
-    settings = {"format": cfg.format, "field": cfg.field, "split": split}
+    settings = {"format": cfg.format, "field": cfg.field, "split": split,
+                **_table_reader([*train_sources, *val_sources], cfg)}
     fingerprint = _digest(json.dumps(settings).encode(), _digest(*train_digests), _digest(*val_digests))
     files = [s for s in (*train_sources, *val_sources) if isinstance(s, Path)]
     return Corpus(train=train, val=val, files=files, fingerprint=fingerprint.hex())
+
+
+def _table_reader(sources: list[Path | str], cfg: DataConfig) -> dict[str, int]:
+    """data.tables' version when a table is among `sources`, for the fingerprints: no cache then
+    serves the tokens of rows an older reader parsed (and text-only corpora keep theirs)."""
+    return {"tables": tables.VERSION} if any(_format_of(s, cfg.format) in _TABLES for s in sources) else {}
 
 
 def _split(sources: list[Path | str], cfg: DataConfig, seed: int) -> dict[str, Any] | None:
@@ -125,7 +132,10 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
     val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):
         return None
-    parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(), b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
+    reader = _table_reader([*train, *val], cfg)
+    parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(),
+             *([json.dumps(reader).encode()] if reader else []),
+             b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
              b"val", *(_digest(p.read_bytes()) for p in val)]  # type: ignore[union-attr]
     return _digest(*parts).hex()
 
@@ -169,6 +179,12 @@ def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | Non
                 docs += hub_docs
             continue
         paths = [p for p in run if isinstance(p, Path)]
+        if fmt in _TABLES:
+            for path in paths:
+                text = tables.read_text(path)
+                digests.append(_digest(text.encode()))  # the rows are a function of the decoded text
+                docs += _table_documents(path, text, _TABLES[fmt], cfg.field)
+            continue
         digests += [_digest(_checked_bytes(path, fmt)) for path in paths]
         if fmt == "text":
             docs += _load(paths, "text", "text", where=str(paths[0]))
@@ -186,19 +202,23 @@ def _digest(*parts: bytes) -> bytes:
     return h.digest()
 
 
+def _table_documents(path: Path, text: str, fmt: str, field: str | int) -> list[str]:
+    """One document per row of a table: its `field`."""
+    return [tables.cell_text(value, "text", field, f"{path}:{line}")
+            for line, [value] in tables.table_rows(path, text, fmt, (field,))]
+
+
 def _checked_bytes(path: Path, fmt: str) -> bytes:
-    """The file's bytes, after the checks `datasets` would report badly or not at all."""
+    """A text or parquet file's bytes, after the checks `datasets` would report badly or not at all."""
     data = path.read_bytes()
     if not data:
         raise UserError(str(path), "empty file")
-    if fmt in _TEXT_LIKE:
+    if fmt == "text":
         try:
-            text = data.decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
                                        f"({e.reason})") from None
-        if fmt != "text" and not text.strip():
-            raise UserError(str(path), "empty file (only whitespace)")
     return data
 
 
@@ -208,12 +228,9 @@ def _load(paths: list[Path], fmt: str, field: str | int, where: str) -> list[str
     from datasets.exceptions import DatasetGenerationError
 
     builder, options = _BUILDERS[fmt]
-    if isinstance(field, int):  # a column index: a csv/tsv file without a header row
-        if fmt not in ("csv", "tsv"):
-            raise UserError(where, f"a column index (field: {field}) is for csv/tsv files without a header")
-        # Read as the task readers read such files (tasks.records): no quoting, a " is text.
-        options = {**options, "header": None, **({"quoting": csv.QUOTE_NONE} if fmt == "tsv" else {})}
-        field = str(field)
+    if isinstance(field, int):
+        raise UserError(where, f"a column index (field: {field}) is for csv/tsv files without a header "
+                               "or JSON Lines of arrays")
     # keep_in_memory: the dataset must not point into the scratch directory once it is gone.
     with tempfile.TemporaryDirectory(prefix="stagewise-datasets-") as scratch:
         try:

@@ -11,8 +11,9 @@ from stagewise.errors import RunStopped
 from stagewise.tasks.stage_setup import carry_head
 
 
-def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -> None:
-    """Put the parent's state into the model (from memory when `held` has it, else the store)."""
+def load_parent(run: RunContext, prepared: Prepared, stage: Stage, step: int, held: HeldState) -> None:
+    """Put the parent's state into the model (from memory when `held` has it, else the store).
+    `step`: the plan step the stage starts at, for the log."""
     if stage.parent is None:  # the plan's model as built (or loaded) by `prepare`
         parent_model = prepared.root
         if held.marker is not None:  # a `from: init` stage after others have trained it
@@ -34,5 +35,5 @@ def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldSta
             held.hold(marker, parent.resolved, loaded)
     if stage.setup.head:
         carried = carry_head(stage.setup, parent_model, f"{stage.resolved.node.where}.task")
-        run.logs.event("head_attached", stage=stage.name, step=stage.resolved.start_step, carried_tensors=carried,
+        run.logs.event("head_attached", stage=stage.name, step=step, carried_tensors=carried,
                        classes=len(stage.setup.labels or ()))

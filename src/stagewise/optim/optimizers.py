@@ -147,7 +147,8 @@ def _muon_params(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Par
     """Hidden-layer matrices: 2-D weights that are neither embeddings nor the output head (Muon
     orthogonalizes whole matrices, which suits neither a lookup table nor the logits layer)."""
     excluded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    getter = getattr(model, "get_output_embeddings", None)  # transformers models name their head
+    head = getter() if callable(getter) else None
     if head is not None:
         excluded |= {id(p) for p in head.parameters()}
     return [p for p in trainable if p.dim() == 2 and id(p) not in excluded]

@@ -186,6 +186,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         if parent is None or parent.optimizer not in ADAM or name not in ("sgd", "gd"):
             raise fail("optimizer.lr", "auto (the SWATS estimate) is for a switch from adam/adamw to sgd/gd"
                                        + (f" (got {parent.optimizer} -> {name})" if parent else ""))
+        assert branch_at is not None  # a parent is there
         settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
     if "lr" not in settings:
         settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)

@@ -203,7 +203,7 @@ class DataConfig(Strict):
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    # Columns: a name, or a 0-based index for a csv/tsv file without a header row.
+    # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
     field: str | int = "text"  # the text (causal_lm, classify)
     label: str | int | None = None  # classify: the label column (default "label")
     source: str | int | None = None  # seq2seq: the source column (default "source")

@@ -26,7 +26,7 @@ from stagewise.tasks.lm import continue_text, load_causal_lm, save_lm
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_sft
-from stagewise.tasks.records import ChatTemplate, read_prompt_completion
+from stagewise.tasks.readers import ChatTemplate, read_prompt_completion
 
 MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
 
@@ -127,6 +127,9 @@ class SftSpec(TaskSpec):
         data = prepare_sft(train, lm.tokenizer, eos_id(lm.tokenizer), pack=inp.config.pack,
                            **inp.split_args(val, self.max_len(inp.config)))
         return data, digest.hexdigest()
+
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
 
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:

@@ -20,6 +20,7 @@ from torch import nn
 
 from stagewise.data.prepare import PreparedData
 from stagewise.errors import UserError
+from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
@@ -52,6 +53,8 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
         setup = _child(spec, parent, data, fingerprint, lm_based, node.where)
         _check_labels(setup, parent, node.where)
+        if lm_based:
+            _check_length(spec, data, setup.model, f"{node.where}.data" if cfg.data is not None else "data")
         setups.append(setup)
     return setups
 
@@ -86,9 +89,18 @@ def _check_labels(setup: StageSetup, parent: StageSetup, where: str) -> None:
         raise UserError(f"{where}.data", f"labels {setup.labels} differ from the parent stage's {parent.labels}")
 
 
+def _check_length(spec: TaskSpec, data: Any, model: nn.Module, where: str) -> None:
+    """Examples fed to a causal LM (or a head on one) must fit its positions."""
+    longest = spec.longest_example(data)
+    limit = context_length(model)
+    if longest is not None and longest > limit:
+        raise UserError(f"{where}.max_len", f"examples are up to {longest} tokens, more than the model's context "
+                                            f"length {limit}: set max_len <= {limit}")
+
+
 def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
     """Put the parent LM's backbone weights into the head model (at the stage's start)."""
-    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
+    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[arg-type]
 
 
 def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -42,7 +42,8 @@ class ProgressView:
         self.console = console or Console()
         self.live = self.console.is_terminal
         self._progress: Progress | None = None
-        self._plan_task = self._stage_task = None
+        self._plan_task: TaskID | None = None
+        self._stage_task: TaskID | None = None
         self.total_steps = total_steps
         if self.live:
             self._progress = Progress(
@@ -68,6 +69,7 @@ class ProgressView:
         """Called once per logged step (not every step: the console is not free)."""
         text = _format_info(info)
         if self._progress is not None:
+            assert self._stage_task is not None and self._plan_task is not None
             self._progress.update(self._stage_task, completed=stage_step, info=text)
             self._progress.update(self._plan_task, completed=global_step)
         else:
