@@ -25,10 +25,10 @@ from typing import Any
 
 import optuna
 import yaml
+from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from common import write_results
 from stagewise.search.run import SearchOptions, search
 from stagewise.track.logs import read_jsonl
 

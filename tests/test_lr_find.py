@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory
@@ -116,7 +116,8 @@ def test_lr_find_starts_from_the_parent_and_changes_nothing(tmp_path: Path, corp
 
 
 def test_the_sweep_leaves_weights_and_optimizer_state_as_they_were(tmp_path: Path, corpus: Path) -> None:
-    path = write_plan(tmp_path, tiny_plan(corpus, [{**STAGE, "name": "fit", "optimizer": {"name": "adam", "lr": 1e-3}}]))
+    stage_cfg = {**STAGE, "name": "fit", "optimizer": {"name": "adam", "lr": 1e-3}}
+    path = write_plan(tmp_path, tiny_plan(corpus, [stage_cfg]))
     prepared = prepare(load_plan(path), path, tmp_path / "cache")
     stage = prepared.stages[0]
     cfg = stage.resolved.config
@@ -130,11 +131,12 @@ def test_the_sweep_leaves_weights_and_optimizer_state_as_they_were(tmp_path: Pat
     weights = {k: v.clone() for k, v in task.model.state_dict().items()}
     state = optimizer.optimizer.state_dict()
     moments = {k: {n: t.clone() for n, t in v.items()} for k, v in state["state"].items()}
-    run = RunContext(plan=prepared.plan, run_dir=tmp_path / "run", device=device, autocast=autocast_factory(device, None),
-                     logs=RunLogs(tmp_path), view=ProgressView(10, _quiet(tmp_path)))
+    run = RunContext(plan=prepared.plan, run_dir=tmp_path / "run", device=device,
+                     autocast=autocast_factory(device, None), logs=RunLogs(tmp_path),
+                     view=ProgressView(10, _quiet(tmp_path)))
     lrs, smooth, _, _ = restored_sweep(run, stage, task, optimizer, 1e-4, 1.0, 12)
     run.logs.close()
-    assert len(lrs) >= 10 and lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert len(lrs) >= 10 and lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:], strict=False))
     assert task.model.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in task.model.state_dict().items())
     after = optimizer.optimizer.state_dict()["state"]

@@ -16,9 +16,9 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.data.split import held_out, stratified_folds
 from stagewise.engine.context import on_eval
@@ -91,7 +91,8 @@ def test_a_search_trains_the_shared_first_stage_once(tmp_path: Path, corpus: Pat
     cooldown = next(s for s in written.stages if s.name == "cooldown")
     assert cooldown.optimizer.lr == pytest.approx(best.params["stages.cooldown.optimizer.lr"])
     assert cooldown.schedule.shape == best.params["stages.cooldown.schedule.shape"]
-    assert set(result.plots) == {"history", "importance"} and all(p.stat().st_size > 1000 for p in result.plots.values())
+    assert set(result.plots) == {"history", "importance"}
+    assert all(p.stat().st_size > 1000 for p in result.plots.values())
 
     # `stagewise report` of the search directory: the table, the best plan and the plots in one page
     assert main(["report", str(out)]) == 0

@@ -94,7 +94,8 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
                      view=ProgressView(steps, console))
     try:
         held = HeldState()
-        load_parent(run, prepared, stage, held)  # as a stage starts: the parent's weights (and a new head)
+        # as the stage would start: the parent's weights (and a new head's backbone)
+        load_parent(run, prepared, stage, stage.resolved.start_step, held)
         cfg = stage.resolved.config
         task = stage.spec.bind(stage.setup, cfg, cfg.data or plan.data, device, autocast, plan.compile)
         optimizer = StageOptimizer(stage.resolved, task.model, stage.layers)

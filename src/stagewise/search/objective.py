@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from stagewise.errors import UserError
 from stagewise.plan.schema import Plan
@@ -13,13 +14,14 @@ from stagewise.tasks.registry import task_spec
 from stagewise.track.progress import StageSummary
 
 _LOWER_IS_BETTER = ("loss", "ppl")
+Direction = Literal["minimize", "maximize"]
 
 
 @dataclass(frozen=True)
 class Objective:
     stage: str
     metric: str
-    direction: str  # minimize | maximize
+    direction: Direction
 
     def value_of(self, metrics: dict[str, float | None]) -> float | None:
         value = metrics.get(self.metric)
@@ -33,7 +35,7 @@ class Objective:
         return f"{self.stage}.{self.metric}"
 
 
-def objective_of(plan: Plan, text: str | None, direction: str | None) -> Objective:
+def objective_of(plan: Plan, text: str | None, direction: Direction | None) -> Objective:
     """`--metric STAGE.METRIC` (default: the last stage's val_loss) and `--direction` (default:
     minimize a loss or perplexity, maximize anything else), checked against the plan."""
     stages = {s.name: s for s in plan.stages}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,9 @@ def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
     matplotlib.use("Agg")  # Optuna's matplotlib plots draw through pyplot: never a window
     import optuna
     from matplotlib import pyplot as plt
-    from optuna.visualization import matplotlib as plots
+    from matplotlib.figure import Figure
     from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
 
     written: dict[str, Path] = {}
     notes: list[str] = []
@@ -106,7 +108,7 @@ def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # e.g. "importances will be equal": the plot shows it
-        figures = {"history": plots.plot_optimization_history} if completed else {}
+        figures: dict[str, Callable[[Any], Any]] = {"history": plots.plot_optimization_history} if completed else {}
         if not completed:
             notes.append("no history plot: no trial has completed")
         elif completed >= 2:
@@ -120,6 +122,7 @@ def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
                 notes.append(f"no {name} plot: {e}")
                 continue
             fig = ax.figure
+            assert isinstance(fig, Figure)
             fig.set_size_inches(8, 4.5)
             fig.tight_layout()
             written[name] = out / f"{name}.png"

@@ -14,7 +14,7 @@ from rich.console import Console
 from stagewise.errors import UserError
 from stagewise.plan.load import read_yaml, validate_plan
 from stagewise.search.cv import write_folds
-from stagewise.search.objective import objective_of
+from stagewise.search.objective import Direction, objective_of
 from stagewise.search.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
 from stagewise.search.space import check_space, load_space, override
 from stagewise.search.study import open_study, remaining, retry_interrupted, run_workers
@@ -30,7 +30,7 @@ class SearchOptions:
     study: str | None = None  # default: the plan's name
     out: Path | None = None  # default: runs/<plan name>-search
     metric: str | None = None  # STAGE.METRIC; default: the last stage's val_loss
-    direction: str | None = None  # default: minimize a loss, maximize anything else
+    direction: Direction | None = None  # default: minimize a loss, maximize anything else
     pruner: str = "median"
     sampler: str = "tpe"
     cv: int | None = None
@@ -72,17 +72,18 @@ def prepare_search(plan_path: Path, options: SearchOptions) -> SearchSetup:
     out = options.out or Path("runs") / f"{plan.name}-search"
     if out.exists() and not out.is_dir():
         raise UserError("--out", f"{out} is a file")
+    study = options.study or plan.name
+    storage = options.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     settings = {"plan": str(plan_path.resolve()), "space": {p.key: [p.kind, p.low, p.high, p.log, list(p.choices)]
                                                             for p in space},
-                "metric": str(objective), "direction": objective.direction, "cv": options.cv,
-                "study": options.study or plan.name,
-                "storage": options.storage or f"sqlite:///{(out / 'study.db').resolve()}"}
+                "metric": str(objective), "direction": objective.direction, "cv": options.cv, "study": study,
+                "storage": storage}
     _check_same_search(out, settings)
     folds = write_folds(plan, plan_path, objective.stage, options.cv, out) if options.cv is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=1), encoding="utf-8")
     return SearchSetup(plan_path=plan_path, raw=raw, space=space, objective=objective, out=out,
-                       storage=settings["storage"], study=settings["study"], trials=options.trials,
+                       storage=storage, study=study, trials=options.trials,
                        workers=options.workers, sampler=options.sampler, pruner=options.pruner, seed=plan.seed,
                        folds=folds)
 
