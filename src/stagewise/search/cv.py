@@ -16,7 +16,7 @@ from stagewise.data.split import stratified_folds
 from stagewise.errors import UserError
 from stagewise.plan.load import deep_merge
 from stagewise.plan.schema import Plan
-from stagewise.tasks.records import read_labeled
+from stagewise.tasks.readers import read_labeled
 from stagewise.tasks.registry import task_spec
 from stagewise.tasks.spec import column
 

@@ -100,11 +100,13 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
         task = stage.spec.bind(stage.setup, cfg, cfg.data or plan.data, device, autocast, plan.compile)
         optimizer = StageOptimizer(stage.resolved, task.model, stage.layers)
         optimizer.hand_off(held, run.logs)  # the optimizer state it starts with (carry, convert, reset)
-        result = restored_sweep(run, stage, task, optimizer, start, end, steps)
+        lrs, smooth, losses, stopped = restored_sweep(run, stage, task, optimizer, start, end, steps)
+        steep, minimum = suggestions(lrs, smooth)
+        run.logs.event("lr_find", stage=stage_name, start=start, end=end, steps=len(lrs), stopped=stopped,
+                       steep=steep, minimum=minimum)
     finally:
         run.view.close()
-    lrs, smooth, losses, stopped = result
-    steep, minimum = suggestions(lrs, smooth)
+        run.logs.close()
     plot = run_dir / "lr_find.png"
     _plot(lrs, smooth, losses, steep, minimum, stage_name, plot)
     written = None
@@ -118,9 +120,6 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
     found = LrFindResult(stage_name, lrs, smooth, losses, stopped, steep, minimum, plot, written)
     (run_dir / "lr_find.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                       for k, v in asdict(found).items()}, indent=1))
-    run.logs.event("lr_find", stage=stage_name, start=start, end=end, steps=len(lrs), stopped=stopped,
-                   steep=steep, minimum=minimum)
-    run.logs.close()
     return found
 
 
