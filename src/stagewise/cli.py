@@ -40,7 +40,40 @@ def _parser() -> argparse.ArgumentParser:
                                                 "its stage cache is the one checked")
     _cache_arg(check)
 
-    report = sub.add_parser("report", help="plots and an HTML page of a run; of several runs, compared")
+    lr_find = sub.add_parser("lr-find", help="LR range test of a stage: loss against an exponential LR sweep "
+                                             "from the stage's starting weights; suggested LRs")
+    lr_find.add_argument("plan", type=Path)
+    lr_find.add_argument("overrides", nargs="*")
+    lr_find.add_argument("--stage", required=True)
+    lr_find.add_argument("--start", type=float, default=1e-7, help="first LR")
+    lr_find.add_argument("--end", type=float, default=10.0, help="last LR")
+    lr_find.add_argument("--steps", type=int, default=100, help="updates of the sweep")
+    lr_find.add_argument("--write", type=Path, metavar="OUT.yaml",
+                         help="also write the plan with the stage's optimizer.lr set to the suggestion")
+    lr_find.add_argument("--suggestion", choices=("minimum", "steep"), default="minimum",
+                         help="what --write puts in: the LR of the loss's minimum / 10, or of its steepest descent")
+    lr_find.add_argument("--out", type=Path, help="where the plot goes (default: runs/<plan name>-lr-find)")
+    _cache_arg(lr_find)
+
+    search = sub.add_parser("search", help="hyperparameter search over plan keys (Optuna); trials share the "
+                                           "stages they have in common through the stage cache")
+    search.add_argument("plan", type=Path)
+    search.add_argument("--space", type=Path, required=True, metavar="SPACE.yaml",
+                        help="plan key paths -> {float: [lo, hi], log: true} | {int: [lo, hi]} | {choice: [...]}")
+    search.add_argument("--trials", type=int, required=True, help="trials in the study (a resumed one counts its own)")
+    search.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    search.add_argument("--storage", help="database URL (default: sqlite:///DIR/study.db)")
+    search.add_argument("--study", help="study name (default: the plan's name)")
+    search.add_argument("--out", type=Path, help="search directory (default: runs/<plan name>-search)")
+    search.add_argument("--metric", help="STAGE.METRIC to optimize (default: the last stage's val_loss)")
+    search.add_argument("--direction", choices=("minimize", "maximize"),
+                        help="default: minimize a loss or perplexity, maximize anything else")
+    search.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    search.add_argument("--cv", type=int, metavar="K", help="score each trial by K-fold stratified cross-validation "
+                                                           "of the metric's stage")
+
+    report = sub.add_parser("report", help="plots and an HTML page of a run (or a search); of several runs, compared")
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     report.add_argument("--out", type=Path, help="output directory (default: the first run's directory)")
 
@@ -105,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs,
-                "generate": _generate, "evaluate": _evaluate, "export": _export}
+                "generate": _generate, "evaluate": _evaluate, "export": _export, "lr-find": _lr_find,
+                "search": _search}
     try:
         return commands[args.command](args, console)
     except UserError as e:
@@ -230,4 +264,29 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     name, to = export(args.run, args.stage, args.to)
     console.print(f"stage '{name}' exported to {to}")
+    return 0
+
+
+def _lr_find(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.search.lr_find import lr_find
+
+    found = lr_find(args.plan, args.overrides, args.stage, start=args.start, end=args.end, steps=args.steps,
+                    out=args.out, cache=args.cache, write=args.write, suggestion=args.suggestion,
+                    console=console)
+    shown = {"steepest descent": found.steep, "minimum / 10": found.minimum}
+    console.print(f"lr-find of stage '{found.stage}': {len(found.lrs)} updates, {found.stopped}; suggested LR: "
+                  + ", ".join(f"{k} {'-' if v is None else f'{v:.2e}'}" for k, v in shown.items()),
+                  markup=False, highlight=False)
+    console.print(f"plot written to {found.plot}" + (f"; plan written to {found.written}" if found.written else ""))
+    return 0
+
+
+def _search(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.search.run import SearchOptions, search
+
+    options = SearchOptions(space=args.space, trials=args.trials, workers=args.workers, storage=args.storage,
+                            study=args.study, out=args.out, metric=args.metric, direction=args.direction,
+                            pruner=args.pruner, sampler=args.sampler, cv=args.cv)
+    result = search(args.plan, options, console)
+    console.print(f"search written to {result.out}")
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from stagewise.errors import UserError
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
 from stagewise.track.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.track.runs import Run, StageRow, load_run, when
@@ -32,6 +33,8 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 
 def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     """report.html and its PNGs in `out` (default: the first run's directory); returns the page."""
+    if len(run_dirs) == 1 and _is_search(run_dirs[0]):
+        return write_search_report(run_dirs[0], out)
     runs = [load_run(path) for path in run_dirs]
     out = out or run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +51,51 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     page = out / "report.html"
     page.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{_e(title)}</title>"
                     f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n", encoding="utf-8")
+    return page
+
+
+def _is_search(directory: Path) -> bool:
+    from stagewise.search.results import SETTINGS
+
+    return (directory / SETTINGS).is_file()
+
+
+def write_search_report(directory: Path, out: Path | None = None) -> Path:
+    """A search directory's page: its trials, the best plan, Optuna's history and importance plots."""
+    import optuna
+
+    from stagewise.search.results import BEST, HEADERS, load_settings, trial_rows, write_plots
+    from stagewise.search.study import storage_of
+
+    settings = load_settings(directory)
+    assert settings is not None
+    out = out or directory
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name=settings["study"], storage=storage_of(settings["storage"]))
+    except KeyError:
+        raise UserError(str(directory), f"no study '{settings['study']}' in {settings['storage']}") from None
+    rows = trial_rows(study)
+    plots, notes = write_plots(study, out)
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row.state] = states.get(row.state, 0) + 1
+    facts = [f"objective {settings['metric']} ({settings['direction']})", f"{len(rows)} trials: "
+             + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))]
+    if settings.get("cv"):
+        facts.append(f"{settings['cv']}-fold cross-validation")
+    best = directory / BEST
+    parts = [f"<h1>search {_e(settings['study'])}</h1>", f"<p>{_e(' · '.join(facts))}</p>"]
+    parts += [_img(path.read_bytes(), name) for name, path in plots.items()]
+    parts += [f"<p>note: {_e(note)}</p>" for note in notes]
+    parts += ["<h2>Trials</h2>", _table(HEADERS, [row.cells() for row in rows], numeric={0, 2})]
+    parts += ["<h2>Best plan</h2>", f"<pre>{_e(best.read_text(encoding='utf-8'))}</pre>" if best.is_file()
+              else "<p>no trial has completed yet</p>"]
+    page = out / "report.html"
+    page.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>search {_e(settings['study'])}</title>"
+                    f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n",
+                    encoding="utf-8")
     return page
 
 
