@@ -99,7 +99,7 @@ def test_stage_bands_do_not_overlap(branched: tuple[Path, list[StageSummary]]) -
 def test_planned_lr_is_a_line_per_branch(branched: tuple[Path, list[StageSummary]]) -> None:
     run_dir, _ = branched
     plan = run_dir.parent / "plan.yaml"
-    series = _series(plan_lr_figure(prepare(load_plan(plan), plan, run_dir.parent / "cache").stages))
+    series = _series(plan_lr_figure(prepare(load_plan(plan), plan, run_dir.parent / "cache").resolved))
     main, branch = series["stable → cooldown"], series["stable@10 → sgd"]
     assert list(main.get_xdata()) == list(range(1, 31))
     assert list(branch.get_xdata()) == list(range(1, FORK + 1)) + list(range(FORK + 1, FORK + 16))
@@ -163,7 +163,7 @@ def test_terminal_lr_chart_is_log_scale_when_lrs_span_decades(tmp_path: Path, co
     stages = [{"name": "adamw", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 40},
               {"name": "sgd", "optimizer": {"name": "sgd", "lr": 0.3}, "steps": 40}]
     path = write_plan(tmp_path, tiny_plan(corpus, stages))
-    chart = lr_chart(prepare(load_plan(path), path, tmp_path / "cache").stages, width=40, height=8)
+    chart = lr_chart(prepare(load_plan(path), path, tmp_path / "cache").resolved, width=40, height=8)
     rows, labels = chart[:-1], [float(r.split()[0]) for r in chart[:-1]]
     assert labels[0] == pytest.approx(0.3, rel=0.01) and labels[-1] == pytest.approx(1e-3, rel=0.01)
     ratios = [a / b for a, b in zip(labels, labels[1:])]
@@ -175,6 +175,6 @@ def test_terminal_lr_chart_is_log_scale_when_lrs_span_decades(tmp_path: Path, co
     same = [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 40},
             {"name": "b", "optimizer": {"name": "adamw", "lr": 5e-4}, "steps": 40}]
     path = write_plan(tmp_path, tiny_plan(corpus, same), "same.yaml")
-    linear = [float(r.split()[0]) for r in lr_chart(prepare(load_plan(path), path, tmp_path / "cache").stages,
+    linear = [float(r.split()[0]) for r in lr_chart(prepare(load_plan(path), path, tmp_path / "cache").resolved,
                                                       width=40, height=8)[:-1]]
     assert [a - b for a, b in zip(linear, linear[1:])] == pytest.approx([1e-3 / 8] * 7, rel=0.02)  # linear
