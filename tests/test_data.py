@@ -167,7 +167,7 @@ def test_hub_names_go_to_load_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", not_found)
     assert bad(tmp_path, train="hub:nobody/nothing") == (
-        "hub:nobody/nothing: cannot load from the hub: Dataset 'nobody/nothing' doesn't exist on the Hub")
+        "data.train: hub:nobody/nothing: cannot load from the hub: Dataset 'nobody/nothing' doesn't exist on the Hub")
 
 
 # --- bad data: one UserError naming the file and the problem ------------------------------
@@ -188,16 +188,18 @@ def test_no_file_matches(tmp_path):
 
 def test_empty_file(tmp_path):
     p = write(tmp_path / "e.txt", "")
-    assert bad(tmp_path, train="e.txt") == f"{p}: empty file"
+    assert bad(tmp_path, train="e.txt") == f"data.train: {p}: empty file"  # and the plan key pointing at it
     p = write(tmp_path / "e.jsonl", "\n  \n")
-    assert bad(tmp_path, train="e.jsonl") == f"{p}: empty file (only whitespace)"
+    assert bad(tmp_path, train="e.jsonl") == f"data.train: {p}: empty file (only whitespace)"
+    write(tmp_path / "t.txt", "some text")
+    assert bad(tmp_path, train="t.txt", val="e.txt") == f"data.val: {tmp_path / 'e.txt'}: empty file"
 
 
 def test_non_utf8_names_the_byte_offset(tmp_path):
     p = tmp_path / "latin1.txt"
     p.write_bytes("caf\u00e9 au lait".encode("latin-1"))
     assert bad(tmp_path, train="latin1.txt") == (
-        f"{p}: not UTF-8: byte 0xe9 at offset 3 (invalid continuation byte)")
+        f"data.train: {p}: not UTF-8: byte 0xe9 at offset 3 (invalid continuation byte)")
 
 
 @pytest.mark.parametrize("name", ["m.jsonl", "m.csv", "m.parquet"])
@@ -212,7 +214,7 @@ def test_missing_column_names_the_columns_present(tmp_path, name):
     expected = {"m.parquet": ": no column 'text' (columns: body, label); set data.field",
                 "m.csv": ":1: no column 'text' (header: body, label)",
                 "m.jsonl": ":1: no field 'text' (fields: body, label)"}[name]
-    assert bad(tmp_path, train=name) == f"{tmp_path / name}{expected}"
+    assert bad(tmp_path, train=name) == f"data.train: {tmp_path / name}{expected}"
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -224,7 +226,7 @@ def test_missing_column_names_the_columns_present(tmp_path, name):
 ])
 def test_non_string_row_names_the_row(tmp_path, name, content, message):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name) == f"{tmp_path / name}:{message}"
+    assert bad(tmp_path, train=name) == f"data.train: {tmp_path / name}:{message}"
 
 
 @pytest.mark.parametrize("name, content, reason", [
@@ -234,12 +236,12 @@ def test_non_string_row_names_the_row(tmp_path, name, content, message):
 ])
 def test_unparseable_text_tables(tmp_path, name, content, reason):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name).startswith(f"{tmp_path / name}{reason}")
+    assert bad(tmp_path, train=name).startswith(f"data.train: {tmp_path / name}{reason}")
 
 
 def test_unparseable_parquet(tmp_path):
     (tmp_path / "u.parquet").write_bytes(b"PAR1 this is not parquet")
-    assert bad(tmp_path, train="u.parquet").startswith(f"{tmp_path / 'u.parquet'}: cannot read as parquet: ")
+    assert bad(tmp_path, train="u.parquet").startswith(f"data.train: {tmp_path / 'u.parquet'}: cannot read as parquet: ")
 
 
 def test_too_little_text_to_hold_out(tmp_path):
@@ -248,7 +250,7 @@ def test_too_little_text_to_hold_out(tmp_path):
         "data.val_fraction: too little training text (1 characters) to hold out 0.2 of it")
     p = write(tmp_path / "one.jsonl", jsonl([{"text": "only row"}]))
     assert bad(tmp_path, train="one.jsonl", val_fraction=0.2) == (
-        f"{p}: val_fraction 0.2 of 1 rows leaves none for training")
+        f"data.train: {p}: val_fraction 0.2 of 1 rows leaves none for training")
 
 
 # --- tokenizers ----------------------------------------------------------------------------

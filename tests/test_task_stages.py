@@ -601,7 +601,8 @@ BAD_TASK_PLANS = {
         "error: {plan}: model.vocab_size: set by the stage's data, not by the plan\n", True),
     "unseen-validation-label": (
         _unseen_val_label,
-        "error: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n", True),
+        "error: {plan}: data.val: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n",
+        True),
     "word-tokenizer-gpt2-causal-lm": (_word_tokenizer_gpt2, "error: {plan}: tokenizer.kind: ", False),
 }
 

@@ -9,10 +9,12 @@ file, bad UTF-8, missing column, non-string row, unparseable file) are raised as
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import itertools
 import json
+import re
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -62,6 +64,36 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
     would key that cache on file mtimes, and a stale copy under a new content fingerprint would
     poison the token cache; callers cache the tokens instead.
     """
+    with data_file_keys(cfg, plan_dir):
+        return _load_corpus(cfg, plan_dir, seed, cache_dir)
+
+
+@contextmanager
+def data_file_keys(cfg: DataConfig, plan_dir: Path, where: str = "data") -> Iterator[None]:
+    """An error about a data file (named by its path, perhaps with a line number) also names the
+    plan key that points at the file: `data.train: /x/y.csv:12: ...`; `where`: the data's key."""
+    try:
+        yield
+    except UserError as e:
+        key = _key_of(e.where, cfg, plan_dir)
+        if key is None:
+            raise
+        raise UserError(f"{where}.{key}: {e.where}", e.message) from None
+
+
+def _key_of(file_where: str, cfg: DataConfig, plan_dir: Path) -> str | None:
+    """`train` or `val`: the key whose path or glob names the file in `file_where`; else None."""
+    path = re.sub(r":\d+$", "", file_where)
+    for key in ("train", "val"):
+        value = getattr(cfg, key)
+        for pattern in [value] if isinstance(value, str) else value or []:
+            full = pattern if pattern.startswith(HUB_PREFIX) else str(_full_path(pattern, plan_dir))
+            if path == full or fnmatch.fnmatchcase(path, full):
+                return key
+    return None
+
+
+def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None) -> Corpus:
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
     split = _split(train_sources, cfg, seed)
@@ -143,18 +175,21 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
 def _resolve(patterns: str | list[str], plan_dir: Path, where: str) -> list[Path | str]:
     """Paths and globs (relative to the plan) to existing files, in order, without repeats;
     hub names pass through."""
-    stdlib = sysconfig.get_paths()["stdlib"]
     sources: dict[Path | str, None] = {}  # an ordered set: overlapping globs read a file once
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
         if pattern.startswith(HUB_PREFIX):
             sources[pattern] = None
             continue
-        full = plan_dir / Path(pattern.replace("{stdlib}", stdlib)).expanduser()
+        full = _full_path(pattern, plan_dir)
         matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(where, f"no file matches '{pattern}'")
         sources.update(dict.fromkeys(matches))
     return list(sources)
+
+
+def _full_path(pattern: str, plan_dir: Path) -> Path:
+    return plan_dir / Path(pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()
 
 
 def _format_of(source: Path | str, forced: str) -> str:

@@ -99,7 +99,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     run.view.summary(summaries)
     last = prepared.stages[-1]
     if plan.sample is not None and last.spec.samples and prepared.data is not None:
-        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data)}")
+        text = generate_sample(run, last.model, prepared.data)
+        (run_dir / "sample.txt").write_text(text, encoding="utf-8")  # for `stagewise report`
+        run.view.print(f"sample:\n{text}")
     return summaries
 
 

@@ -399,6 +399,8 @@ class StageTrainer:
         metrics = self._evaluate()
         p.val_loss, p.eval_step, p.metrics = metrics["val_loss"], p.step, dict(metrics)
         metrics["train_loss"] = p.train_loss if p.train_loss is not None else math.nan
+        if self.run.on_eval is not None:  # e.g. a search's pruner, which may stop the run here
+            self.run.on_eval(self.stage.name, p.step, dict(metrics))
         fired, end, best = self.control.after_eval(p.step, metrics)
         if best:
             self.checkpoints.save(p.step, self.capture, keep="best")

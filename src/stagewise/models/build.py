@@ -21,7 +21,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
     if cfg.pretrained is not None:
         return _load_pretrained(cfg.pretrained, vocab_size, plan_dir)
     config = model_config(cfg, vocab_size, eos_id)
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:  # a config the model's own checks refuse (n_embd not divisible by n_head)
+        raise UserError("model", f"{cfg.arch} refused the config: {str(e).splitlines()[0]}") from None
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
+from stagewise.data.sources import data_file_keys
 from stagewise.errors import UserError
 from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
@@ -46,8 +47,9 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
         if key not in prepared:
             where = f"{node.where}.data" if cfg.data is not None else "data"
-            prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir, lm_data,
-                                                      lm_based))
+            with data_file_keys(data_cfg, plan_dir, where):  # a bad file also names the plan key
+                prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir,
+                                                          lm_data, lm_based))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
