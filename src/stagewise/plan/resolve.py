@@ -250,8 +250,9 @@ def _plateau_as_rule(cfg: StageConfig, fail: Any) -> StageConfig:
     s = cfg.schedule.settings()
     rule = OnPlateauConfig(patience=s["patience"], min_delta=s["threshold"],
                            do=ActionConfig(lr_scale=LrScaleAction(factor=s["factor"], min_lr=s["min_lr"])))
-    warmup = {"warmup": cfg.schedule.warmup} if cfg.schedule.warmup is not None else {}
-    return cfg.model_copy(update={"schedule": ScheduleConfig(name="constant", **warmup), "on_plateau": rule})
+    constant = ScheduleConfig.model_validate({"name": "constant", **({"warmup": cfg.schedule.warmup}
+                                                                      if cfg.schedule.warmup is not None else {})})
+    return cfg.model_copy(update={"schedule": constant, "on_plateau": rule})
 
 
 def _metrics_used(cfg: StageConfig) -> list[tuple[str, str]]:
