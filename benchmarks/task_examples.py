@@ -36,7 +36,7 @@ from stagewise.plan.load import load_plan
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.metrics import exact_match, rouge, span_f1, token_f1
-from stagewise.tasks.records import read_conll, read_pairs, read_prompt_completion
+from stagewise.tasks.readers import read_conll, read_pairs, read_prompt_completion
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "tasks"

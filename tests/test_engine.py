@@ -94,6 +94,11 @@ def test_run_files_and_exports_load_with_transformers(three_stage_run: tuple[Pat
     ids = tok("To be, or not", return_tensors="pt").input_ids
     assert tok.decode(ids[0]) == "To be, or not"
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+    # the stage's config builds the model its weights fit: every tensor is loaded, none left at
+    # its random init (only the output head may be missing: it is tied to the embeddings)
+    loaded = model.state_dict()
+    assert set(loaded) - set(cool) <= {"lm_head.weight"} and set(cool) <= set(loaded)
+    assert all(torch.equal(loaded[name], weight) for name, weight in cool.items())
 
 
 def test_same_plan_and_seed_give_identical_losses(tmp_path: Path, corpus: Path) -> None:

@@ -285,4 +285,4 @@ def test_bad_from_is_one_line(tmp_path: Path, corpus: Path, capsys: pytest.Captu
     stages[2] = {**stages[2], "from": "later"}
     path = write_plan(tmp_path, _plan(corpus, stages))
     assert main(["check", str(path), "--cache", str(tmp_path / "c")]) == 2
-    assert "stages[2].from: no earlier stage 'later'" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {path}: stages[2].from: no stage 'later'\n"

@@ -21,7 +21,7 @@ from conftest import SHARED
 from stagewise.cli import main
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.metrics import exact_match, rouge, span_f1
-from stagewise.tasks.records import read_conll, read_pairs, read_prompt_completion
+from stagewise.tasks.readers import read_conll, read_pairs, read_prompt_completion
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 TASKS = {"translation": "seq2seq", "summarization": "seq2seq", "qa": "seq2seq", "dialogue": "sft",

@@ -30,7 +30,7 @@ from stagewise.plan.load import load_plan
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import majority_accuracy
 from stagewise.tasks.metrics import bleu, chrf, span_f1
-from stagewise.tasks.records import read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.sft import evaluate_sft
 from stagewise.track.logs import read_jsonl
 
@@ -601,7 +601,8 @@ BAD_TASK_PLANS = {
         "error: {plan}: model.vocab_size: set by the stage's data, not by the plan\n", True),
     "unseen-validation-label": (
         _unseen_val_label,
-        "error: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n", True),
+        "error: {plan}: data.val: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n",
+        True),
     "word-tokenizer-gpt2-causal-lm": (_word_tokenizer_gpt2, "error: {plan}: tokenizer.kind: ", False),
 }
 

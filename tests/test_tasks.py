@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -17,7 +19,7 @@ from stagewise.tasks.encode import IGNORE, encode_classification, encode_seq2seq
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, bleu, chrf, macro_f1, span_f1, span_scores, spans
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.records import Records, read_conll, read_labeled, read_pairs, read_prompt_completion
+from stagewise.tasks.readers import Records, read_conll, read_labeled, read_pairs, read_prompt_completion
 from stagewise.tasks.vocab import PAD_ID, UNK_ID, word_tokenizer, word_vocab
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -85,10 +87,14 @@ def test_shared_sms_spam_loads_every_row():
 
 
 def test_shared_eng_fra_loads_every_pair():
-    pairs = read_pairs(shared("eng_fra.tsv"), 0, 1)
+    path = shared("eng_fra.tsv")
+    pairs = read_pairs(path, 0, 1)
     assert len(pairs) == 5000
     assert pairs[0] == ("Go.", "Va !")
-    assert all(source.strip() and target.strip() for source, target in pairs)
+    # the same pairs as the csv module reads them as TSV without quoting (en, fr, attribution)
+    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline=""), delimiter="\t",
+                      quoting=csv.QUOTE_NONE)
+    assert pairs == [(en, fr) for en, fr, _ in rows]
 
 
 BAD_TABLES = [

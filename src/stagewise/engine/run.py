@@ -4,6 +4,7 @@ one that was cut off; then the summary and the sample. Setup is engine.prepare's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -72,15 +73,19 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         with StopRequest() as stop:
             held = HeldState()
             pins = pinned_steps(prepared.resolved)
+            placed: dict[str, ResolvedStage] = {}  # each stage on the plan's step axis as it ran
+            ran: dict[str, int] = {}  # the updates each stage made (fewer when it ended early)
             for stage in prepared.stages:
-                setup, cfg = stage.setup, stage.resolved.config
+                numbers = _placed(stage, placed, ran)
+                setup, cfg = stage.setup, numbers.config
                 task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam, tuple(cfg.eval.metrics or ()))
                 if task_key not in tasks:
                     tasks[task_key] = setup.spec.bind(setup, cfg, cfg.data or plan.data, device, run.autocast,
                                                       plan.compile)
-                checkpointer = Checkpointer(run, stage.resolved, setup.model, prepared.store(stage), pins[stage.name],
+                checkpointer = Checkpointer(run, numbers, setup.model, prepared.store(stage), pins[stage.name],
                                             stop, stop_after, hint)
-                summaries.append(_run_stage(run, prepared, stage, tasks[task_key], held, checkpointer))
+                summaries.append(_run_stage(run, prepared, stage, numbers, tasks[task_key], held, checkpointer))
+                placed[stage.name], ran[stage.name] = numbers, summaries[-1].steps
         run.logs.event("plan_end", plan=plan.name)
     except (RunStopped, KeyboardInterrupt) as e:
         run.logs.event("plan_interrupted", plan=plan.name, reason=str(e) or "interrupted")
@@ -94,13 +99,29 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     run.view.summary(summaries)
     last = prepared.stages[-1]
     if plan.sample is not None and last.spec.samples and prepared.data is not None:
-        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data, last.setup.chat)}")
+        text = generate_sample(run, last.model, prepared.data, last.setup.chat)
+        (run_dir / "sample.txt").write_text(text, encoding="utf-8")  # for `stagewise report`
+        run.view.print(f"sample:\n{text}")
     return summaries
 
 
-def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, held: HeldState,
-               checkpointer: Checkpointer) -> StageSummary:
-    store, numbers = checkpointer.store, stage.resolved
+def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int]) -> ResolvedStage:
+    """The stage's numbers with its first step where its parent really ended (or the branch point
+    on the parent's axis): after an early stop the next stage goes on from there, no gap."""
+    numbers, parent = stage.resolved, stage.parent
+    if parent is None:
+        return numbers
+    at = numbers.parent_step if numbers.parent_step is not None else ran[parent.name]
+    start = placed[parent.name].start_step + at
+    if start == numbers.start_step:
+        return numbers
+    tokens = placed[parent.name].start_tokens + at * placed[parent.name].tokens_per_step
+    return dataclasses.replace(numbers, start_step=start, start_tokens=tokens)
+
+
+def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedStage, task: Task,
+               held: HeldState, checkpointer: Checkpointer) -> StageSummary:
+    store = checkpointer.store
     with store.lock():  # a second process training the same stage waits here, then reuses it
         if complete(store, checkpointer.pins):
             manifest = store.final_manifest()
@@ -109,14 +130,14 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, he
             run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step,
                            steps=numbers.steps, tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
             run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
-            _export(run, prepared, stage, store, held)
+            _export(run, prepared, stage, numbers.start_step + summary.steps, store, held)
             return summary
         missing = checkpointer.pins - set(store.steps())
         resume = _resume_point(run, store, task.model, limit=min(missing, default=numbers.steps))
         optimizer = StageOptimizer(numbers, task.model, stage.layers)
         start_lr = None
         if resume is None:
-            load_parent(run, prepared, stage, held)
+            load_parent(run, prepared, stage, numbers.start_step, held)
             start_lr = optimizer.hand_off(held, run.logs)
         resumed_at = resume[0]["progress"]["step"] if resume is not None else 0
         if resume is not None:
@@ -130,9 +151,9 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, he
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
-        run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + numbers.steps,
+        run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
-        _export(run, prepared, stage, store, held)
+        _export(run, prepared, stage, numbers.start_step + summary.steps, store, held)
         return summary
 
 
@@ -163,7 +184,8 @@ def _resume_point(run: RunContext, store: StageStore, model: nn.Module, limit: i
     return None
 
 
-def _export(run: RunContext, prepared: Prepared, stage: Stage, store: StageStore, held: HeldState) -> None:
+def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, store: StageStore,
+            held: HeldState) -> None:
     """The stage's final model as a directory that can be used on its own (tasks.export);
     `stagewise.json`, written last, marks it complete."""
     out = run.run_dir / "stages" / stage.name
@@ -176,7 +198,6 @@ def _export(run: RunContext, prepared: Prepared, stage: Stage, store: StageStore
         held.hold((stage.key, None), stage.resolved, loaded)
     setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
     marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task, "labels": setup.labels}))
-    run.logs.event("stage_saved", stage=stage.name, step=stage.resolved.start_step + stage.resolved.steps,
-                   path=str(out.relative_to(run.run_dir)))
+    run.logs.event("stage_saved", stage=stage.name, step=end_step, path=str(out.relative_to(run.run_dir)))
 
 

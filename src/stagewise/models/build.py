@@ -3,10 +3,10 @@ against the architecture's config class) or loaded from a local directory / hub 
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import inspect
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -21,7 +21,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
     if cfg.pretrained is not None:
         return _load_pretrained(cfg.pretrained, vocab_size, plan_dir)
     config = model_config(cfg, vocab_size, eos_id)
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:  # a config the model's own checks refuse (n_embd not divisible by n_head)
+        raise UserError("model", f"{cfg.arch} refused the config: {str(e).splitlines()[0]}") from None
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
@@ -61,8 +64,10 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
         model = AutoModelForCausalLM.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError("model.pretrained", f"cannot load '{name}': {str(e).splitlines()[0]}") from None
-    if model.get_input_embeddings().num_embeddings < vocab_size:
-        raise UserError("model.pretrained", f"'{name}' has {model.get_input_embeddings().num_embeddings} "
+    embeddings: torch.nn.Embedding = model.get_input_embeddings()  # type: ignore[assignment]
+    embedded = embeddings.num_embeddings
+    if embedded < vocab_size:
+        raise UserError("model.pretrained", f"'{name}' has {embedded} "
                                             f"token embeddings, fewer than the tokenizer's {vocab_size}")
     return model
 
@@ -76,11 +81,13 @@ def set_attention(model: PreTrainedModel, choice: str, compiled: bool, device: t
     return choice
 
 
-def context_length(model: PreTrainedModel) -> int:
+def context_length(model: torch.nn.Module) -> int:
     """The longest sequence the model takes (n_positions / max_position_embeddings)."""
-    length = getattr(model.config, "max_position_embeddings", None)
+    config = getattr(model, "config", None)
+    length = getattr(config, "max_position_embeddings", None)
     if not isinstance(length, int):
-        raise UserError("model", f"{model.config.model_type} config has no max_position_embeddings")
+        raise UserError("model", f"{getattr(config, 'model_type', type(model).__name__)} config has no "
+                                 "max_position_embeddings")
     return length
 
 
@@ -96,17 +103,12 @@ class DropoutControl:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 self._modules.append((module, "p", module.p))
-            elif isinstance(getattr(module, "attention_dropout", None), float):
-                self._modules.append((module, "attention_dropout", module.attention_dropout))
+            elif isinstance(rate := getattr(module, "attention_dropout", None), float):
+                self._modules.append((module, "attention_dropout", rate))
 
     def set(self, rate: float | None) -> None:
         for module, attr, own in self._modules:
             setattr(module, attr, own if rate is None else rate)
 
-    def rates(self) -> set[float]:
+    def rates(self) -> builtins.set[float]:
         return {getattr(m, attr) for m, attr, _ in self._modules}
-
-
-def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "type": type(model).__name__}

@@ -56,6 +56,9 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     # betas/eps are for the AdamW that Muon uses on non-matrix parameters.
     "muon": {"lr": None, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
              "betas": (0.9, 0.95), "eps": 1e-8},
+    # Schedule-free (optim.schedule_free): give them a constant schedule; momentum is SGD's averaging beta.
+    "schedulefree_adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "schedulefree_sgd": {"lr": None, "momentum": 0.9, "weight_decay": 0.0},
 }
 
 
@@ -63,7 +66,7 @@ class OptimizerConfig(Strict):
     """An optimizer. `name` omitted means the parent stage's optimizer; unset settings then come
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
-    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"] | None = None
+    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
     # auto (adam/adamw -> sgd): the SWATS estimate of the LR that matches the parent's Adam steps
     lr: PositiveFloat | Literal["auto"] | None = None
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
@@ -96,9 +99,12 @@ SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
     "wsd": {**_WARMUP, "decay": 0.2, "shape": "1-sqrt", "min_lr": 0.0},
     "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
     "stlr": {"cut_frac": 0.1, "ratio": 32.0},
+    # ReduceLROnPlateau (threshold_mode abs): plan.resolve turns it into `constant` + an
+    # `on_plateau` lr_scale rule, so there is one plateau mechanism (engine.control).
+    "plateau": {**_WARMUP, "factor": 0.1, "patience": 2, "threshold": 0.0, "min_lr": 0.0},
 }
 ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",
-                       "onecycle", "stlr"]
+                       "onecycle", "stlr", "plateau"]
 
 
 class ScheduleConfig(Strict):
@@ -121,6 +127,9 @@ class ScheduleConfig(Strict):
     anneal: Literal["cos", "linear"] | None = None
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     ratio: Annotated[float, Field(ge=1.0)] | None = None
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    patience: Annotated[int, Field(ge=0)] | None = None
+    threshold: NonNegativeFloat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +181,14 @@ class BatchConfig(Strict):
         return self
 
 
+class AverageConfig(Strict):
+    """Weight averaging during the stage (optim.average): `ema` is the decay of an exponential
+    moving average of the weights, updated after every update; evaluations use it, and the stage
+    ends on it (its children and export take the averaged weights)."""
+
+    ema: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
 class EvalConfig(Strict):
     """Validation runs at the end of every stage, and also every N steps / each epoch.
     `batches` limits causal_lm's validation windows; the fine-tuning tasks evaluate every
@@ -207,7 +224,7 @@ class DataConfig(Strict):
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    # Columns: a name, or a 0-based index for a csv/tsv file without a header row.
+    # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
     field: str | int = "text"  # the text (causal_lm, classify)
     label: str | int | None = None  # classify: the label column (default "label")
     source: str | int | None = None  # seq2seq: the source column (default "source")
@@ -261,6 +278,10 @@ class StageConfig(Strict):
     on_plateau: OnPlateauConfig | None = None
     guard: GuardConfig | None = None
     inject: list[InjectConfig] = []
+    # best: the stage ends on (and hands on, and exports) the weights of its best evaluation, by
+    # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
+    end: Literal["best", "last"] = "last"
+    average: AverageConfig | None = None
 
     def all_rules(self) -> list[RuleConfig]:
         """`on_plateau` first, then `rules`, in the order they are checked."""

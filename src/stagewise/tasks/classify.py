@@ -22,19 +22,21 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.data.tokenizers import eos_id, warn_unknown
+from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
 from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import ExampleTask, Task
 from stagewise.tasks.export import TrainedStage, load_transformers, save_builtin, save_transformers, auto_tokenizer
 from stagewise.tasks.lm import save_lm
-from stagewise.tasks.models import check_arch, from_config, is_builtin, root_model
+from stagewise.tasks.models import check_arch, from_config, root_model
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, macro_f1
-from stagewise.tasks.records import Field, read_labeled
+from stagewise.tasks.readers import read_labeled
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
@@ -154,6 +156,7 @@ class ClassifyTask(ExampleTask):
 
 class ClassifySpec(TaskSpec):
     name = "classify"
+    builtin = {"bigru": BiGRUClassifier}
     family = "classify"
     heads_on_lm = True
     metrics = ("val_loss", "train_loss", "val_accuracy", "val_macro_f1")
@@ -197,7 +200,7 @@ class ClassifySpec(TaskSpec):
                                vocab_size=data.tokenizer.get_vocab_size(), num_labels=len(id2label), pad_token_id=PAD_ID,
                                id2label=id2label, label2id={v: i for i, v in id2label.items()})
 
-        return root_model(cfg, self.name, self.sizes(data), sequence_classifier)
+        return root_model(cfg, self, self.sizes(data), sequence_classifier)
 
     @staticmethod
     def sizes(data: ClassifyData) -> dict[str, int]:
@@ -210,6 +213,9 @@ class ClassifySpec(TaskSpec):
     def labels(self, data: Any) -> list[str]:
         return list(data.label_map.labels)
 
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
+
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return ClassifyTask(setup.model, device, autocast, setup.data, tuple(cfg.eval.metrics or SCORES))
@@ -217,7 +223,7 @@ class ClassifySpec(TaskSpec):
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         if setup.lm_based:
             save_lm(setup, lm_tokenizer, out)
-        elif not is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
+        elif not self.is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.tokenizer), out)
         else:
             save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),

@@ -20,7 +20,7 @@ from tokenizers import Encoding, Tokenizer
 from stagewise.data.tokenizers import unk_id, unknown_in
 from stagewise.errors import UserError
 from stagewise.tasks.labels import LabelMap
-from stagewise.tasks.records import Records, where_of
+from stagewise.tasks.readers import Records, where_of
 
 IGNORE = -100
 

@@ -23,17 +23,18 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import from_config, is_builtin, root_model
+from stagewise.tasks.models import from_config, root_model
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
-from stagewise.tasks.records import Field, read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -85,6 +86,7 @@ def prepare_seq2seq(train_path: Path, source_field: Field, target_field: Field, 
         tgt_tok = word_tokenizer((t for _, t in train), vocab_size, lowercase=False)
     tgt_tok.add_special_tokens([BOS, EOS])
     bos, eos = tgt_tok.token_to_id(BOS), tgt_tok.token_to_id(EOS)
+    assert bos is not None and eos is not None, "just added"
 
     def rows(part: list[tuple[str, str]]) -> PairRows:
         tensors = encode_seq2seq(part, src_tok, tgt_tok, max_len, PAD_ID, bos, eos)
@@ -100,7 +102,7 @@ def logits_of(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> torc
                  decoder_attention_mask=tgt_in != PAD_ID, use_cache=False).logits
 
 
-def decode(model: nn.Module, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
+def decode(model: Any, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
     """(B, L) generated tokens, EOS then padding ending each row that finished (greedy when beam
     is 1). A transformers model decodes with its own `generate` (its beam search hands a
     finished hypothesis's slot on, see TransformerSeq2Seq.beam_search)."""
@@ -167,7 +169,7 @@ class Seq2SeqTask(ExampleTask):
         return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
 
     def metrics(self, batch_size: int) -> dict[str, float]:
-        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
+        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,
                                 self.max_len, self.beam, self.text_metrics)
 
 
@@ -176,6 +178,7 @@ SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with 
 
 class Seq2SeqSpec(TaskSpec):
     name = "seq2seq"
+    builtin = {"transformer": TransformerSeq2Seq}
     family = "seq2seq"
     metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
     selectable = TEXT_METRICS
@@ -193,7 +196,7 @@ class Seq2SeqSpec(TaskSpec):
         fmt = self.table_format(inp.config, inp.where)
         # t5 and bart embed both sides with one table: one vocabulary of sources and targets
         data = prepare_seq2seq(train, column(inp.config, "source"), column(inp.config, "target"),
-                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not is_builtin(inp.plan.model),
+                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not self.is_builtin(inp.plan.model),
                                **inp.split_args(val, self.max_len(inp.config)))
         return data, digest.hexdigest()
 
@@ -212,7 +215,7 @@ class Seq2SeqSpec(TaskSpec):
                                pad_token_id=PAD_ID, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
                                decoder_start_token_id=data.bos_id, forced_eos_token_id=None)
 
-        return root_model(cfg, self.name, self.sizes(data), encoder_decoder)
+        return root_model(cfg, self, self.sizes(data), encoder_decoder)
 
     @staticmethod
     def sizes(data: PairData) -> dict[str, int]:
@@ -226,7 +229,7 @@ class Seq2SeqSpec(TaskSpec):
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         data = setup.data
-        if not is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
+        if not self.is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
             save_transformers(setup.model, None, auto_tokenizer(data.tgt_tokenizer, bos_token=BOS, eos_token=EOS), out)
             return
         save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
@@ -240,7 +243,7 @@ class Seq2SeqSpec(TaskSpec):
         checked here so a bad --beam is one line, not beam_search's ValueError."""
         none = torch.zeros(0, 0, dtype=torch.long)
         empty = PairRows(none, none, none, ())
-        model: nn.Module
+        model: Any  # a transformers model or the built-in one
         if stage.is_transformers:  # t5, bart: one vocabulary for both sides
             from transformers import AutoModelForSeq2SeqLM
 

@@ -35,7 +35,7 @@ from stagewise.tasks.encode import IGNORE, encode_sft
 from stagewise.tasks.export import TrainedStage
 from stagewise.tasks.lm import continue_text, lm_stop, load_causal_lm, save_lm, stage_template
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
-from stagewise.tasks.records import Records, read_prompt_completion
+from stagewise.tasks.readers import Records, read_prompt_completion
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, data_files
 
 MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
@@ -213,6 +213,9 @@ class SftSpec(TaskSpec):
                            unknown=unknown, **inp.split_args(val, self.max_len(inp.config)))
         warn_unknown(unknown, inp.where, f"the {len(data.train) + len(data.val)} sft examples")
         return data, digest.hexdigest()
+
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
 
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:

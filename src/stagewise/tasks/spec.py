@@ -113,7 +113,7 @@ class StageInput:
 
 def data_files(cfg: DataConfig, where: str, plan_dir: Path) -> tuple[Path, Path | None]:
     """A fine-tuning task's one training file and optional validation file, relative to the plan."""
-    paths = []
+    paths: list[Path | None] = []
     for key in ("train", "val"):
         value = getattr(cfg, key)
         if value is None:
@@ -173,6 +173,11 @@ class TaskSpec(ABC):
     counts: ClassVar[str] = "examples"  # what `evaluate` counts
     label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
     beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
+    builtin: ClassVar[dict[str, type[nn.Module]]] = {}  # its own models by `model.arch` (tasks.models)
+
+    def is_builtin(self, cfg: ModelConfig) -> bool:
+        """The plan's model is one of this task's own (not a transformers one)."""
+        return cfg.arch in self.builtin
 
     # --- the plan --------------------------------------------------------------------------------
 
@@ -205,11 +210,13 @@ class TaskSpec(ABC):
         return None
 
     def can_follow(self) -> list[str]:
-        """The tasks whose model a stage of this task can train (or put a head on)."""
+        """The tasks whose model a stage of this task can train (its family), then those it can put
+        a head on (heads_on_lm)."""
         from stagewise.tasks.registry import TASKS
 
-        return [t.name for t in TASKS.values() if t.family == self.family or (self.heads_on_lm and
-                                                                              t.family == LM_FAMILY)]
+        own = [t.name for t in TASKS.values() if t.family == self.family]
+        heads = [t.name for t in TASKS.values() if self.heads_on_lm and t.family == LM_FAMILY and t.name not in own]
+        return own + heads
 
     def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
         """Whether the stage reads the plan's tokenizer (trains a causal LM or a head on one)."""
@@ -235,6 +242,10 @@ class TaskSpec(ABC):
     def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
         """A new model of this task on a causal LM's backbone (heads_on_lm)."""
         raise NotImplementedError
+
+    def longest_example(self, data: Any) -> int | None:
+        """Tokens in the longest encoded example, for a task that feeds a causal LM's positions."""
+        return None
 
     def labels(self, data: Any) -> list[str] | None:
         """The classes (classify) or tags (tag) the model predicts, in id order."""

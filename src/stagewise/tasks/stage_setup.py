@@ -19,9 +19,10 @@ from typing import Any
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
-from stagewise.data.sources import Corpus
+from stagewise.data.sources import Corpus, data_file_keys
 from stagewise.errors import UserError
 from stagewise.models.adapters import stage_model
+from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
@@ -50,13 +51,16 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
         if key not in prepared:
             where = f"{node.where}.data" if cfg.data is not None else "data"
-            prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir, lm_data,
-                                                      lm_based, template if lm_based else None))
+            with data_file_keys(data_cfg, plan_dir, where):  # a bad file also names the plan key
+                prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir,
+                                                          lm_data, lm_based, template if lm_based else None))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
         setup = _child(spec, parent, data, fingerprint, lm_based, node, plan, plan_dir)
         _check_labels(setup, parent, node.where)
+        if lm_based:
+            _check_length(spec, data, setup.model, f"{node.where}.data" if cfg.data is not None else "data")
         setups.append(setup)
     return setups
 
@@ -120,9 +124,18 @@ def _check_labels(setup: StageSetup, parent: StageSetup, where: str) -> None:
         raise UserError(f"{where}.data", f"labels {setup.labels} differ from the parent stage's {parent.labels}")
 
 
+def _check_length(spec: TaskSpec, data: Any, model: nn.Module, where: str) -> None:
+    """Examples fed to a causal LM (or a head on one) must fit its positions."""
+    longest = spec.longest_example(data)
+    limit = context_length(model)
+    if longest is not None and longest > limit:
+        raise UserError(f"{where}.max_len", f"examples are up to {longest} tokens, more than the model's context "
+                                            f"length {limit}: set max_len <= {limit}")
+
+
 def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
     """Put the parent LM's backbone weights into the head model (at the stage's start)."""
-    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
+    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[arg-type]
 
 
 def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:
