@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="causal_lm, sft: reply to a conversation, rendered with the stage's chat template: "
                                "the messages of a JSON file, or the --system/--user/--assistant turns")
     for role in ("system", "user", "assistant"):
-        generate.add_argument(f"--{role}", dest="turns", action="append", metavar="TEXT",
-                              type=lambda text, role=role: {"role": role, "content": text},
+        generate.add_argument(f"--{role}", dest="turns", action="append", metavar="TEXT", type=_turn(role),
                               help=f"a {role} turn of the conversation (repeatable, in order; implies --chat)")
 
     evaluate = sub.add_parser("evaluate", help="a trained stage's metrics on a file like its data (columns as "
@@ -136,6 +136,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
+
+
+def _turn(role: str) -> Callable[[str], dict[str, str]]:
+    """A --system/--user/--assistant argument as a chat message."""
+    return lambda text: {"role": role, "content": text}
 
 
 def _cache_arg(p: argparse.ArgumentParser) -> None:

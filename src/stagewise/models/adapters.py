@@ -119,7 +119,7 @@ def attach(plain: nn.Module, lora: LoraSettings, where: str) -> nn.Module:
         raise UserError(where, "adapters go on transformers causal LMs")
     memo: dict[int, Any] = {id(t): t for t in (*plain.parameters(), *plain.buffers())}
     tree = copy.deepcopy(plain, memo)  # new modules, the same parameter and buffer tensors
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]
                         target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
     # peft asks transformers a deprecated question (is_gradient_checkpointing): not the user's to fix.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -127,7 +127,7 @@ def generate_replies(model: nn.Module, data: SftData, rows: SftRows, limit: int 
     tok, template = data.tokenizer, data.template
     stop = lm_stop([data.eos_id], lambda text: tok.encode(text, add_special_tokens=False).ids,
                    lambda ids: tok.decode(ids, skip_special_tokens=True), template, ())
-    context = context_length(model)  # type: ignore[arg-type]
+    context = context_length(model)
     replies = []
     for i in range(len(rows) if limit is None else min(limit, len(rows))):
         prompt = rows.prompt(i) or [data.eos_id]  # an empty prompt: unconditional, as generate starts it
