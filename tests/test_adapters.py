@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_plan
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
-from stagewise.errors import UserError
 from stagewise.models.adapters import merge_into_base, stage_model
 from stagewise.plan.load import load_plan
 from stagewise.plan.schema import AdapterConfig

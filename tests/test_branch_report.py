@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_plan, write_plan
 from matplotlib.figure import Figure
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train

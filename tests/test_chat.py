@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import write_plan
+
 from stagewise.cli import main
 from stagewise.errors import UserError
 from stagewise.tasks.chat import DEFAULT, ChatTemplate, directory_template, plan_template

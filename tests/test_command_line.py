@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import tiny_plan, write_plan
+
 from stagewise.cli import main
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan

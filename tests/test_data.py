@@ -19,8 +19,7 @@ from stagewise.data.cache import token_array
 from stagewise.data.prepare import prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import load_corpus
-from stagewise.data.tokenizers import (EOS, UNK, build_tokenizer, eos_id, save_tokenizer,
-                                       to_transformers)
+from stagewise.data.tokenizers import EOS, UNK, build_tokenizer, eos_id, save_tokenizer, to_transformers
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import tiny_plan, write_plan
+
 from stagewise.cli import main
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.checkpoint import WEIGHTS, StageStore
 from stagewise.engine.prepare import Prepared, prepare

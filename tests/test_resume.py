@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine import checkpoint as checkpoint_module
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify

@@ -7,9 +7,9 @@ import io
 import json
 from pathlib import Path
 
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
 from stagewise.errors import RunStopped

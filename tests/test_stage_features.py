@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
-from conftest import tiny_plan, write_plan
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train

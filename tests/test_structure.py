@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine import trainer
 from stagewise.engine.prepare import prepare

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import SHARED
 from stagewise.cli import main
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.metrics import exact_match, rouge, span_f1

@@ -13,13 +13,18 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED, TAG_NAMES, conll_file, reversal_file, tiny_plan, write_plan
 from rich.console import Console
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from conftest import SHARED, TAG_NAMES, conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train

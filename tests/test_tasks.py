@@ -15,10 +15,10 @@ from tokenizers import Tokenizer, decoders, models
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.seq2seq import TransformerSeq2Seq, sinusoids, until_eos
+from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, bleu, chrf, macro_f1, span_f1, span_scores, spans
-from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.readers import Records, read_conll, read_labeled, read_pairs, read_prompt_completion
 from stagewise.tasks.vocab import PAD_ID, UNK_ID, word_tokenizer, word_vocab
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import write_plan
+
 from stagewise.cli import main
 from stagewise.tasks.metrics import exact_match, normalize_answer, rouge, text_scores, token_f1
 from stagewise.tasks.registry import TASKS

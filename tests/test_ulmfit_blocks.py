@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED
+
 from stagewise.data.tokenizers import build_tokenizer, eos_id
 from stagewise.models.build import build_model
 from stagewise.models.heads import classifier_from_lm

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train

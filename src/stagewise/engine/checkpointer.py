@@ -12,7 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.engine.checkpoint import CheckpointWriteError, InvalidCheckpoint, StageStore, load_checkpoint, save_checkpoint
+from stagewise.engine.checkpoint import (
+    CheckpointWriteError,
+    InvalidCheckpoint,
+    StageStore,
+    load_checkpoint,
+    save_checkpoint,
+)
 from stagewise.engine.context import RunContext
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped

@@ -20,8 +20,8 @@ from stagewise.optim.layers import StageLayers
 from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
 from stagewise.plan.schema import Plan
 from stagewise.plan.tree import StageNode, stage_tree
-from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.chat import plan_template, special_tokens
+from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.stage_setup import plan_corpus, setup_stages
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")

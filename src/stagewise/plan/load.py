@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 from stagewise.errors import UserError
 from stagewise.plan.schema import Plan, StageConfig
 
-
 COMMAND_LINE = "command line"
 
 

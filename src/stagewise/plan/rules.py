@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
 
+
 def _known(value: str, kind: str, names: list[str]) -> str:
     if value not in names:
         raise PydanticCustomError(kind, "input should be {names}", {"names": ", ".join(f"'{n}'" for n in names)})

@@ -16,7 +16,6 @@ from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
 from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, TaskName, UntilConfig
 
 
-
 def _duration(value: Any) -> int | float:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value

@@ -28,15 +28,15 @@ from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
 from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, load_transformers, save_builtin, save_transformers, auto_tokenizer
-from stagewise.tasks.lm import save_lm
-from stagewise.tasks.models import check_arch, from_config, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.lm import save_lm
 from stagewise.tasks.metrics import accuracy, macro_f1
+from stagewise.tasks.models import check_arch, from_config, root_model
 from stagewise.tasks.readers import read_labeled
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels

@@ -28,13 +28,13 @@ from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import from_config, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
+from stagewise.tasks.models import from_config, root_model
 from stagewise.tasks.readers import read_pairs
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"

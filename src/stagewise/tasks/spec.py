@@ -22,8 +22,8 @@ from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig, EvalConfig, ModelConfig, Plan, StageConfig
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
     import torch
     from tokenizers import Tokenizer

@@ -21,15 +21,15 @@ from torch.nn import functional as F
 from stagewise.models.bigru import BiGRUTagger
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import check_arch, from_config, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import span_f1
+from stagewise.tasks.models import check_arch, from_config, root_model
 from stagewise.tasks.readers import read_conll
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.vocab import PAD_ID, word_vocab
 
 MAX_LEN = 128  # words per sentence when the data sets no max_len
