@@ -19,14 +19,14 @@ import torch
 import yaml
 from rich.console import Console
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from stagewise.data.prepare import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id, save_tokenizer
 from stagewise.engine.checkpoint import (CheckpointWriteError, InvalidCheckpoint, StageStore, load_checkpoint,
                                          save_checkpoint)
 from stagewise.engine.context import RunContext
-from stagewise.engine.device import autocast_factory, resolve_device, resolve_precision, seed_everything
+from stagewise.engine.device import (autocast_factory, resolve_compile, resolve_device, resolve_precision,
+                                     resolve_threads, seed_everything, settings_line)
 from stagewise.engine.loop import train_stage
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped, UserError
@@ -40,10 +40,8 @@ from stagewise.plan.schema import ADAM, Plan
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import labels_of, save_stage
 from stagewise.tasks.setup import LM_TASKS, StageSetup, carry_head, make_task, setup_stages
-from stagewise.track.logs import RunLogs
+from stagewise.track.logs import RunLogs, started_threads
 from stagewise.track.progress import ProgressView, StageSummary
-
-hf_logging.disable_progress_bar()  # save_pretrained's shard bars would interleave with ours
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample")
 
@@ -61,6 +59,8 @@ class Prepared:
     layers: list[StageLayers]  # each stage's trainable parameters and LR multiples, by stage index
     root: nn.Module  # the plan's model: what a first or `from: init` stage starts from
     initial: dict[str, torch.Tensor] | None  # its weights as built, when a stage starts `from: init`
+    compiled: bool  # the plan's `compile`, auto settled (engine.device)
+    dtype: torch.dtype | None  # its `precision`: the autocast dtype, None for fp32
 
     def model(self, stage: ResolvedStage) -> nn.Module:
         return self.setups[stage.index].model
@@ -76,18 +76,21 @@ class Prepared:
 def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
         lm_data = lm = None
+        compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
             lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed)
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         device = resolve_device(plan.device)
         if lm_data is not None:
             lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
-            set_attention(lm, plan.model.attention, plan.compile, device)
+            compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
+            set_attention(lm, plan.model.attention, compiled, device)
         setups = setup_stages(plan, lm_data, lm, plan_path.parent)
         _check_handoffs(plan, setups)
+        dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
                     "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
-                    "precision": str(resolve_precision(plan.precision, device))}
+                    "precision": str(dtype)}
         layers = [StageLayers(s.model, c.layers.freeze, c.layers.unfreeze, c.layers.lr_factor, f"stages[{i}]")
                   for i, (c, s) in enumerate(zip(plan.stages, setups, strict=True))]
         sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
@@ -105,7 +108,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     root = lm if lm is not None else setups[0].model
     initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
                if any(c.from_ == "init" for c in plan.stages) else None)
-    return Prepared(plan, plan_path, lm_data, setups, stages, cache_root, layers, root, initial)
+    return Prepared(plan, plan_path, lm_data, setups, stages, cache_root, layers, root, initial, compiled, dtype)
 
 
 def _check_handoffs(plan: Plan, setups: list[StageSetup]) -> None:
@@ -157,7 +160,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         save_tokenizer(prepared.data.tokenizer, run_dir)
 
     device = resolve_device(plan.device)
-    dtype = resolve_precision(plan.precision, device)
+    dtype = prepared.dtype
+    threads = resolve_threads(plan.threads, started_threads(run_dir) if resumed else None)
+    torch.set_num_threads(threads)
     models = list({id(s.model): s.model for s in prepared.setups}.values())
     for model in models:
         model.to(device)
@@ -171,10 +176,11 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in prepared.root.parameters()),
                        attention=getattr(getattr(prepared.root, "config", None), "_attn_implementation", None),
-                       compiled=plan.compile,
+                       compiled=prepared.compiled, threads=threads,
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
                                 "tokens_per_step": s.tokens_per_step, "unit": s.unit, "task": s.config.task,
                                 "key": s.key} for s in prepared.stages])
+        run.view.print(settings_line(device, dtype, prepared.compiled, threads, plan))
         with StopRequest() as stop:
             state = _InMemory()
             pins = pinned_steps(prepared.stages)
@@ -183,7 +189,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                 task_key = (id(setup.model), id(setup.data), setup.task, stage.config.eval.beam)
                 if task_key not in tasks:
                     tasks[task_key] = make_task(setup, stage.config, stage.config.data or plan.data, device,
-                                                run.autocast, plan.compile)
+                                                run.autocast, prepared.compiled)
                 checkpointer = Checkpointer(run, stage, setup.model, prepared.store(stage), pins[stage.name], stop,
                                             stop_after, hint)
                 summaries.append(_run_stage(run, prepared, stage, tasks[task_key], state, checkpointer))
@@ -377,6 +383,9 @@ def _export(run: RunContext, prepared: Prepared, stage: ResolvedStage, store: St
     marker = out / "stagewise.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key:
         return
+    from transformers.utils import logging as hf_logging  # imported when a stage is saved, not with the engine
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would interleave with ours
     setup = prepared.setups[stage.index]
     if state.marker != (stage.key, None):  # a reused stage: its weights come from the store
         loaded, _ = load_checkpoint(store.final_dir, stage.key, setup.model)
