@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 from torch import nn
@@ -18,7 +19,7 @@ from stagewise.data.tokenizers import save_tokenizer
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
-from stagewise.engine.device import autocast_factory, resolve_device, resolve_precision
+from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.handoff import HeldState, StageOptimizer
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
@@ -30,7 +31,7 @@ from stagewise.errors import RunStopped
 from stagewise.plan.resolve import ResolvedStage, pinned_steps
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.track.logs import RunLogs
+from stagewise.track.logs import RunLogs, started_threads
 from stagewise.track.progress import ProgressView, StageSummary
 
 
@@ -52,7 +53,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
         save_tokenizer(prepared.data.tokenizer, run_dir)
 
     device = resolve_device(plan.device)
-    dtype = resolve_precision(plan.precision, device)
+    dtype = prepared.dtype
+    threads = resolve_threads(plan.threads, started_threads(run_dir) if resumed else None)
+    torch.set_num_threads(threads)
     models = list({id(s.model): s.model for s in prepared.stages}.values())
     for model in models:
         model.to(device)
@@ -66,10 +69,11 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in prepared.root.parameters()),
                        attention=getattr(getattr(prepared.root, "config", None), "_attn_implementation", None),
-                       compiled=plan.compile,
+                       compiled=prepared.compiled, threads=threads,
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
                                 "tokens_per_step": s.tokens_per_step, "unit": s.unit, "task": s.config.task,
                                 "key": s.key} for s in prepared.resolved])
+        run.view.print(settings_line(device, dtype, prepared.compiled, threads, plan))
         with StopRequest() as stop:
             held = HeldState()
             pins = pinned_steps(prepared.resolved)
@@ -81,7 +85,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                 task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam, tuple(cfg.eval.metrics or ()))
                 if task_key not in tasks:
                     tasks[task_key] = setup.spec.bind(setup, cfg, cfg.data or plan.data, device, run.autocast,
-                                                      plan.compile)
+                                                      prepared.compiled)
                 checkpointer = Checkpointer(run, numbers, setup.model, prepared.store(stage), pins[stage.name],
                                             stop, stop_after, hint)
                 summaries.append(_run_stage(run, prepared, stage, numbers, tasks[task_key], held, checkpointer))

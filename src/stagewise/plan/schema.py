@@ -25,8 +25,22 @@ def _duration(value: Any) -> int | float:
         "duration", "must be a step count (int >= 0) or a fraction of the stage in [0, 1]")
 
 
+def _threads(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise PydanticCustomError("threads", "must be a positive integer or auto")
+
+
+def _compile(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise PydanticCustomError("compile", "must be true, false or auto")
+
+
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
 Duration = Annotated[int | float, PlainValidator(_duration)]
+Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
+Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -367,8 +381,10 @@ class Plan(Strict):
     name: StageName
     seed: Annotated[int, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: what runs faster on the device for this plan (engine.device; README "What auto picks")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    compile: Compile = "auto"
+    threads: Threads = "auto"  # CPU threads for torch (torch.set_num_threads)
     model: ModelConfig
     tokenizer: TokenizerConfig
     data: DataConfig

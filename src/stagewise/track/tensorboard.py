@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.tensorboard import SummaryWriter
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 # Position fields, not measurements.
 _NOT_SCALARS = {"kind", "step", "stage", "stage_step"}
@@ -33,19 +34,39 @@ def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """Called at log intervals only; SummaryWriter queues and writes from its own thread."""
+    """Called at log intervals only; SummaryWriter queues and writes from its own thread.
+
+    The writer is made at the first metrics line (or at close): importing it (torch.utils.tensorboard
+    pulls in tensorboard) and opening the event file are off the path from the command to the first
+    update. Events logged before then are held and written, in order, when it is made."""
 
     def __init__(self, log_dir: Path) -> None:
-        # flush every 10 s rather than 120: a killed run keeps nearly all of its curves
-        self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        self._log_dir = log_dir
+        self._writer: SummaryWriter | None = None
+        self._held: list[dict[str, Any]] = []
         self._step = 0  # the last global step seen: where an event without its own step goes
 
+    def _open(self) -> SummaryWriter:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # flush every 10 s rather than 120: a killed run keeps nearly all of its curves
+            self._writer = SummaryWriter(log_dir=str(self._log_dir), flush_secs=10)
+            held, self._held = self._held, []
+            for record in held:
+                self.event(record)
+        return self._writer
+
     def metric(self, record: dict[str, Any]) -> None:
+        writer = self._open()
         self._step = int(record.get("step", self._step))
         for tag, value in scalar_tags(record).items():
-            self._writer.add_scalar(tag, value, global_step=self._step)
+            writer.add_scalar(tag, value, global_step=self._step)
 
     def event(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            self._held.append(record)
+            return
         if isinstance(record.get("step"), int):
             self._step = record["step"]
         fields = {k: v for k, v in record.items() if k not in ("event", "time")}
@@ -53,4 +74,4 @@ class TensorBoardLog:
         self._writer.add_text(f"events/{record['event']}", text, global_step=self._step)
 
     def close(self) -> None:
-        self._writer.close()  # flushes
+        self._open().close()  # flushes
