@@ -14,6 +14,11 @@ import yaml
 # Set before transformers / huggingface_hub are imported, which read it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# One thread for every run the tests start, in this process and the ones it spawns: `threads: auto`
+# counts busy cores, and fp32 results depend on the thread count, so runs compared bit for bit
+# across processes must agree on it (and the tiny models here are fastest on one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
