@@ -3,12 +3,16 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from stagewise.engine.prepare import Prepared
 
 # Nothing downloads: pretrained models are saved into temporary directories (examples/tiny_pretrained.py).
 # Set before transformers / huggingface_hub are imported, which read it once.
@@ -71,6 +75,52 @@ def write_plan(directory: Path, plan: dict[str, Any], name: str = "plan.yaml") -
     path = directory / name
     path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
     return path
+
+# --- running a plan in a test and reading what it logged -------------------------------------------
+
+
+def run_plan(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "run", stop_after: int | None = None,
+             **top: Any) -> tuple[Prepared, Path]:
+    """Train a tiny plan (a log line every step) into tmp/<tag>, with its own stage cache."""
+    from stagewise.engine.prepare import prepare  # after the environment above is set
+    from stagewise.engine.run import train
+    from stagewise.plan.load import load_plan
+
+    top = {"log": {"every": 1}, **top}
+    path = write_plan(tmp, tiny_plan(corpus, stages, **top), f"{tag}.yaml")
+    prepared = prepare(load_plan(path), path, tmp / f"{tag}-cache")
+    train(prepared, tmp / tag, stop_after=stop_after)
+    return prepared, tmp / tag
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    from stagewise.track.logs import read_jsonl
+
+    return read_jsonl(path)
+
+
+def events(run: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in _jsonl(run / "events.jsonl") if e["event"] == name]
+
+
+def metrics(run: Path, kind: str, stage: str | None = None) -> list[dict[str, Any]]:
+    return [m for m in _jsonl(run / "metrics.jsonl") if m["kind"] == kind and stage in (None, m["stage"])]
+
+
+def stage_weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "stages" / stage / "model.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: torch's second thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def fit(model: torch.nn.Module, sampler: Any, loss_fn: Any, epochs: int, lr: float) -> None:

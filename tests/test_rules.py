@@ -8,42 +8,22 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import events as _events
+from conftest import metrics as _metrics
+from conftest import run_plan as _run
+from conftest import stage_weights as _weights
 from conftest import tiny_plan, write_plan
-from safetensors.torch import load_file
 
 from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare import prepare
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd
 from stagewise.plan.load import load_plan
 from stagewise.plan.rules import PlateauConfig
-from stagewise.track.logs import read_jsonl
 
 ADAMW = {"name": "adamw", "lr": 3e-3}
-
-
-def _run(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "run", stop_after: int | None = None,
-         **top: Any) -> tuple[Prepared, Path]:
-    top = {"log": {"every": 1}, **top}
-    path = write_plan(tmp, tiny_plan(corpus, stages, **top), f"{tag}.yaml")
-    prepared = prepare(load_plan(path), path, tmp / f"{tag}-cache")
-    train(prepared, tmp / tag, stop_after=stop_after)
-    return prepared, tmp / tag
-
-
-def _events(run: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in read_jsonl(run / "events.jsonl") if e["event"] == name]
-
-
-def _metrics(run: Path, kind: str, stage: str | None = None) -> list[dict[str, Any]]:
-    return [m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == kind and stage in (None, m["stage"])]
-
-
-def _weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
-    return load_file(run / "stages" / stage / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------- until

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from conftest import events as _events
 from conftest import tiny_plan, write_plan
 from rich.console import Console
 
@@ -14,10 +15,6 @@ from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-
-
-def _events(run: Path, kind: str) -> list[dict]:
-    return [e for line in (run / "events.jsonl").read_text().splitlines() if (e := json.loads(line))["event"] == kind]
 
 
 def test_a_resumed_stage_says_where_it_resumes_from(tmp_path: Path, corpus: Path) -> None:

@@ -8,13 +8,11 @@ import json
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-import torch
 import yaml
 from conftest import tiny_plan, write_plan
 from rich.console import Console
@@ -36,14 +34,6 @@ TWO_STAGES = [
      "steps": 6, "eval": {"every": 3}},
 ]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """A model this small trains many times faster on one thread than on contended cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SPACE = {"stages.cooldown.optimizer.lr": {"float": [1e-4, 1e-2], "log": True},

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from stagewise.track.logs import read_jsonl
 QUIET = Console(quiet=True)
 GPT = {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: torch's second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(directory: Path, plan: dict[str, Any]) -> tuple[Path, Prepared]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,9 +146,13 @@ class StageControl:
                 return f.factor
         return None
 
-    def corrupts(self, step: int, sampler_state: dict[str, int]) -> bool:
-        """Whether this update's data is the poisoned batch: the one first drawn at update `at`."""
-        here = {"epoch": sampler_state["epoch"], "position": sampler_state["position"]}
+    def corrupts(self, step: int, sampler_state: Callable[[], dict[str, int]]) -> bool:
+        """Whether this update's data is the poisoned batch: the one first drawn at update `at`.
+        `sampler_state` is asked only when a corrupt_batch fault is planned (not every step)."""
+        if not any(f.kind == "corrupt_batch" for f in self.faults):
+            return False
+        state = sampler_state()
+        here = {"epoch": state["epoch"], "position": state["position"]}
         for i, f in enumerate(self.faults):
             if f.kind == "corrupt_batch":
                 if i not in self.corrupt_at and step == f.at:

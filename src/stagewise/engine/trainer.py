@@ -137,7 +137,7 @@ class StageTrainer:
         lr = control.lr(step)
         self.opt.set_lr(lr)
         epoch = self.sampler.epoch
-        poisoned = control.corrupts(step, self.sampler.state_dict())
+        poisoned = control.corrupts(step, self.sampler.state_dict)
         update_loss = torch.zeros((), device=device)
         for batch, share in micro_batches(self.sampler, self.stage):
             if poisoned:
