@@ -24,6 +24,8 @@ from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
+from stagewise.search import study as study_module
+from stagewise.search.results import trial_rows
 from stagewise.search.run import SearchOptions, prepare_search, search
 from stagewise.search.trial import Pruned, run_trial
 from stagewise.track.logs import read_jsonl
@@ -139,6 +141,26 @@ def test_two_workers_share_one_study_and_train_each_stage_once(tmp_path: Path, c
     assert trained and max(trained.values()) == 1  # no stage key trained twice, across both workers
     assert len(_trained(events, "stable")) == 1
     assert len({e["key"] for e in _trained(events, "cooldown")}) == 4
+
+
+def test_a_worker_that_checked_before_another_began_the_last_trial_runs_no_extra_one(
+        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The race CI met: two workers finish together, both see one trial left, both begin one.
+    # Here the other worker has begun the last trial (running) and this one's view is stale.
+    setup = prepare_search(_plan(tmp_path, corpus), SearchOptions(space=_space(tmp_path, SPACE), trials=2,
+                                                                  out=tmp_path / "search"))
+    study = study_module.open_study(setup)
+    study.enqueue_trial({"stages.cooldown.optimizer.lr": 1e-3, "stages.cooldown.schedule.shape": "linear"})
+    first = study.ask()
+    study.tell(first, 1.0)
+    study.ask()  # the other worker's trial, still running
+    monkeypatch.setattr(study_module, "remaining", lambda study, trials: 1)  # checked before it began
+    study_module.work(setup)
+    study = study_module.open_study(setup)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING", "FAIL"]
+    assert study.trials[2].user_attrs == {"surplus": True} and not study.trials[2].params
+    assert not (tmp_path / "search/trials").exists()  # nothing trained
+    assert [r.number for r in trial_rows(study)] == [0, 1]  # and the table leaves it out
 
 
 def test_the_eval_hook_sees_each_evaluation_and_can_stop_the_run(tmp_path: Path, corpus: Path) -> None:

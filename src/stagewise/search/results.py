@@ -52,6 +52,8 @@ def trial_rows(study: Any) -> list[TrialRow]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
+        if attrs.get("surplus"):  # begun when the study was full (two workers at once): never ran
+            continue
         note = attrs.get("error") or attrs.get("interrupted") or (f"retry of {attrs['retry_of']}"
                                                                   if "retry_of" in attrs else "")
         rows.append(TrialRow(t.number, t.state.name.lower(), t.value, dict(t.params), list(attrs.get("reused", [])),

@@ -82,6 +82,18 @@ def _counted() -> tuple[Any, ...]:
     return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
+def surplus(study: Any, number: int, trials: int) -> bool:
+    """Whether trial `number` is one too many: `trials` counted trials came before it. The check
+    after a trial (MaxTrialsCallback) races with the other workers' -- two can finish together and
+    both start one more -- but the storage numbers trials one at a time, so this one cannot."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=_counted()) if t.number < number]
+    return len(earlier) >= trials
+
+
+class _Full(Exception):
+    """The study held its trials when this worker's next one began: the worker stops."""
+
+
 def retry_interrupted(study: Any) -> int:
     """Queue once more each trial a stop interrupted (not yet queued again): same values."""
     from optuna.trial import TrialState
@@ -115,6 +127,9 @@ def work(setup: SearchSetup, worker: int = 0, console: Console | None = None) ->
         console.print(text, markup=False, highlight=False)
 
     def objective(trial: optuna.Trial) -> float:
+        if surplus(study, trial.number, setup.trials):
+            trial.set_user_attr("surplus", True)
+            raise _Full
         return run_trial(setup, trial, say)
 
     def done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -122,8 +137,11 @@ def work(setup: SearchSetup, worker: int = 0, console: Console | None = None) ->
         reused = ", ".join(trial.user_attrs.get("reused", [])) or "-"
         say(f"trial {trial.number} {trial.state.name.lower()}: {value} (reused: {reused})")
 
-    study.optimize(objective, n_trials=setup.trials, catch=(UserError,),
-                   callbacks=[done, optuna.study.MaxTrialsCallback(setup.trials, states=_counted())])
+    try:
+        study.optimize(objective, n_trials=setup.trials, catch=(UserError,),
+                       callbacks=[done, optuna.study.MaxTrialsCallback(setup.trials, states=_counted())])
+    except _Full:  # Optuna has recorded the surplus trial as failed; the table leaves it out
+        return
 
 
 def _worker_main(setup: SearchSetup, worker: int) -> None:
