@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.cooldown.steps=800")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<plan name>)")
     train.add_argument("--fresh", action="store_true",
-                       help="start over: delete the run directory and this plan's stages from the stage cache")
+                       help="start over: empty the run directory (only a stagewise run) and forget this plan's stages in "
+                            "the stage cache")
     _cache_arg(train)
 
     verify = sub.add_parser("verify-resume", help="train a shortened copy twice, once interrupted; compare")
@@ -99,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, console: Console) -> int:
     from stagewise.engine.prepare import prepare
     from stagewise.engine.run import train
+    from stagewise.engine.rundir import check_run_directory
     from stagewise.plan.load import load_plan
 
     plan = load_plan(args.plan, args.overrides)
     out = args.out or Path("runs") / plan.name
+    check_run_directory(out, args.fresh)  # before the slow part; train checks again under its lock
     prepared = prepare(plan, args.plan, args.cache or out.parent / ".cache")
     train(prepared, out, fresh=args.fresh, console=console)
     console.print(f"run written to {out}")

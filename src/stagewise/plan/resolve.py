@@ -201,6 +201,8 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
     # Evaluation only decides the weights when rules or `until` act on it.
     decides = cfg.until is not None or cfg.all_rules()
     excluded = {"from_"} if decides else {"eval", "from_"}
+    if not cfg.allow_nonfinite:  # unset: the keys of the stages cached before it existed stay the same
+        excluded.add("allow_nonfinite")
     key = stage_key(parent.key if parent else None, parent_step,
                     {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
     return ResolvedStage(
@@ -231,7 +233,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     """The stage's optimizer name, settings and hand-off: the parent's settings when the name is
     unchanged, that optimizer's defaults when it changes; settings the stage gives override either."""
     opt = cfg.optimizer
-    given = {k: getattr(opt, k) for k in opt.model_fields_set - {"name", "handoff"}}
+    # an explicit null is an unset setting (else `lr: null` would pass as an LR of None)
+    given = {k: v for k in opt.model_fields_set - {"name", "handoff"} if (v := getattr(opt, k)) is not None}
     if parent is None and opt.name is None:
         raise fail("optimizer.name", "required in the first stage")
     name = opt.name or parent.optimizer  # type: ignore[union-attr]

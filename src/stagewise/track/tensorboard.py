@@ -13,6 +13,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from stagewise.errors import WriteFailed
+
 # Position fields, not measurements.
 _NOT_SCALARS = {"kind", "step", "stage", "stage_step"}
 
@@ -33,24 +35,32 @@ def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """Called at log intervals only; SummaryWriter queues and writes from its own thread."""
+    """Called at log intervals only; SummaryWriter queues and writes from its own thread, which
+    hands a failed write (a full disk) to the next call: raised here as a WriteFailed."""
 
     def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
         # flush every 10 s rather than 120: a killed run keeps nearly all of its curves
-        self._writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        self._writer = self._guarded(lambda: SummaryWriter(log_dir=str(log_dir), flush_secs=10))
         self._step = 0  # the last global step seen: where an event without its own step goes
 
     def metric(self, record: dict[str, Any]) -> None:
         self._step = int(record.get("step", self._step))
         for tag, value in scalar_tags(record).items():
-            self._writer.add_scalar(tag, value, global_step=self._step)
+            self._guarded(lambda t=tag, v=value: self._writer.add_scalar(t, v, global_step=self._step))
 
     def event(self, record: dict[str, Any]) -> None:
         if isinstance(record.get("step"), int):
             self._step = record["step"]
         fields = {k: v for k, v in record.items() if k not in ("event", "time")}
         text = f"**{record['event']}** `{json.dumps(fields, default=str)}`"
-        self._writer.add_text(f"events/{record['event']}", text, global_step=self._step)
+        self._guarded(lambda: self._writer.add_text(f"events/{record['event']}", text, global_step=self._step))
 
     def close(self) -> None:
-        self._writer.close()  # flushes
+        self._guarded(self._writer.close)  # flushes
+
+    def _guarded(self, call: Any) -> Any:
+        try:
+            return call()
+        except OSError as e:
+            raise WriteFailed(self.log_dir, e) from None
