@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from common import write_results
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
 from stagewise.plan.load import load_plan

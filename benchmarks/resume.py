@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from common import write_results
 from stagewise.engine.checkpoint import load_checkpoint, save_checkpoint
 from stagewise.engine.prepare import prepare
 from stagewise.optim.optimizers import build_optimizer

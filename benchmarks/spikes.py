@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from common import write_results
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
 from stagewise.plan.load import load_plan

@@ -47,12 +47,12 @@ from typing import Any
 
 import torch
 import yaml
+from common import write_results
 from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from common import write_results
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SHARED, fit
 
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.tasks.batches import ExampleSampler
-from stagewise.tasks.classify import (classify_loss, evaluate_classify, majority_accuracy,
-                                      prepare_classify)
-from conftest import SHARED, fit
+from stagewise.tasks.classify import classify_loss, evaluate_classify, majority_accuracy, prepare_classify
 
 SMS = SHARED / "sms_spam.tsv"
 needs_sms = pytest.mark.skipif(not SMS.exists(), reason="shared/data/sms_spam.tsv is not here")

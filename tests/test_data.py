@@ -19,12 +19,11 @@ from stagewise.data.cache import token_array
 from stagewise.data.prepare import prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import load_corpus
-from stagewise.data.tokenizers import (EOS, UNK, build_tokenizer, eos_id, save_tokenizer,
-                                       to_transformers)
+from stagewise.data.tokenizers import EOS, UNK, build_tokenizer, eos_id, save_tokenizer, to_transformers
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records
-from stagewise.tasks.records import read_labeled
+from stagewise.tasks.readers import read_labeled
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -71,17 +70,19 @@ def test_several_patterns_keep_their_order_and_read_a_file_once(tmp_path):
     assert c.train == ["zed", "row one", "row two", "ay"]
 
 
-@pytest.mark.parametrize("name, content, cfg", [
-    ("t.jsonl", jsonl([{"text": "uno", "id": 1}, {"text": "dos\nlines", "id": 2}]), {}),
-    ("t.json", json.dumps([{"body": "uno"}, {"body": "dos\nlines"}]), {"field": "body"}),
-    ("t.csv", 'id,text\n1,uno\n2,"dos\nlines"\n', {}),
-    ("t.tsv", "text\tlabel\nuno\tham\n\"dos\nlines\"\tspam\n", {}),
-    ("t.data", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {"format": "json"}),
+@pytest.mark.parametrize("name, content, cfg, second", [
+    ("t.jsonl", jsonl([{"text": "uno", "id": 1}, {"text": "dos\nlines", "id": 2}]), {}, "dos\nlines"),
+    ("t.json", json.dumps([{"body": "uno"}, {"body": "dos\nlines"}]), {"field": "body"}, "dos\nlines"),
+    ("t.ndjson", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {}, "dos\nlines"),
+    ("t.csv", 'id,text\n1,uno\n2,"dos\nlines"\n', {}, "dos\nlines"),
+    # A TSV has no quoting (data.tables): a cell cannot span lines, and a quote is text.
+    ("t.tsv", 'text\tlabel\nuno\tham\n"dos" lines\tspam\n', {}, '"dos" lines'),
+    ("t.data", jsonl([{"text": "uno"}, {"text": "dos\nlines"}]), {"format": "json"}, "dos\nlines"),
 ])
-def test_tables_give_one_document_per_row(tmp_path, name, content, cfg):
+def test_tables_give_one_document_per_row(tmp_path, name, content, cfg, second):
     write(tmp_path / name, content)
     c = corpus(tmp_path, train=name, val=name, **cfg)
-    assert c.train == ["uno", "dos\nlines"]
+    assert c.train == ["uno", second]
 
 
 def test_parquet(tmp_path):
@@ -165,7 +166,7 @@ def test_hub_names_go_to_load_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", not_found)
     assert bad(tmp_path, train="hub:nobody/nothing") == (
-        "hub:nobody/nothing: cannot load from the hub: Dataset 'nobody/nothing' doesn't exist on the Hub")
+        "data.train: hub:nobody/nothing: cannot load from the hub: Dataset 'nobody/nothing' doesn't exist on the Hub")
 
 
 # --- bad data: one UserError naming the file and the problem ------------------------------
@@ -186,16 +187,18 @@ def test_no_file_matches(tmp_path):
 
 def test_empty_file(tmp_path):
     p = write(tmp_path / "e.txt", "")
-    assert bad(tmp_path, train="e.txt") == f"{p}: empty file"
+    assert bad(tmp_path, train="e.txt") == f"data.train: {p}: empty file"  # and the plan key pointing at it
     p = write(tmp_path / "e.jsonl", "\n  \n")
-    assert bad(tmp_path, train="e.jsonl") == f"{p}: empty file (only whitespace)"
+    assert bad(tmp_path, train="e.jsonl") == f"data.train: {p}: empty file (only whitespace)"
+    write(tmp_path / "t.txt", "some text")
+    assert bad(tmp_path, train="t.txt", val="e.txt") == f"data.val: {tmp_path / 'e.txt'}: empty file"
 
 
 def test_non_utf8_names_the_byte_offset(tmp_path):
     p = tmp_path / "latin1.txt"
     p.write_bytes("caf\u00e9 au lait".encode("latin-1"))
     assert bad(tmp_path, train="latin1.txt") == (
-        f"{p}: not UTF-8: byte 0xe9 at offset 3 (invalid continuation byte)")
+        f"data.train: {p}: not UTF-8: byte 0xe9 at offset 3 (invalid continuation byte)")
 
 
 @pytest.mark.parametrize("name", ["m.jsonl", "m.csv", "m.parquet"])
@@ -207,34 +210,37 @@ def test_missing_column_names_the_columns_present(tmp_path, name):
         write(tmp_path / name, "body,label\nx,a\ny,b\n")
     else:
         write(tmp_path / name, jsonl(table.to_pylist()))
-    assert bad(tmp_path, train=name) == (
-        f"{tmp_path / name}: no column 'text' (columns: body, label); set data.field")
+    expected = {"m.parquet": ": no column 'text' (columns: body, label); set data.field",
+                "m.csv": ":1: no column 'text' (header: body, label)",
+                "m.jsonl": ":1: no field 'text' (fields: body, label)"}[name]
+    assert bad(tmp_path, train=name) == f"data.train: {tmp_path / name}{expected}"
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("n.jsonl", jsonl([{"text": "ok"}, {"text": "ok"}, {"text": 7}]), "row 3: 'text' is not a string but int 7"),
-    ("n.jsonl", jsonl([{"text": "ok"}, {"text": ["a"]}]), "row 2: 'text' is not a string but list ['a']"),
-    ("n.jsonl", jsonl([{"text": "ok"}, {"other": "x"}]), "row 2: 'text' is missing or null"),
-    ("n.csv", "text,label\nok,1\n,2\n", "row 2: 'text' is missing or null"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": "ok"}, {"text": 7}]), "3: text in 'text' is a number (7), not a string"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": ["a"]}]), '2: text in \'text\' is an array (["a"]), not a string'),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"text": None}]), "2: text in 'text' is null, not a string"),
+    ("n.jsonl", jsonl([{"text": "ok"}, {"other": "x"}]), "2: no field 'text' (fields: other)"),
+    ("n.csv", "text,label\nok,1\n,2\n", "3: empty text in 'text'"),
 ])
 def test_non_string_row_names_the_row(tmp_path, name, content, message):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name) == f"{tmp_path / name}: {message}"
+    assert bad(tmp_path, train=name) == f"data.train: {tmp_path / name}:{message}"
 
 
 @pytest.mark.parametrize("name, content, reason", [
-    ("u.jsonl", '{"text": "ok"}\n{"text": \n', "cannot read as json: JSON parse error"),
-    ("u.csv", 'text,label\n"unterminated,1\n', "cannot read as csv: Error tokenizing data"),
-    ("u.csv", "text,label\n", "cannot read as csv: no rows"),
+    ("u.jsonl", '{"text": "ok"}\n{"text": \n', ":2: not valid JSON: Expecting value"),
+    ("u.csv", 'text,label\n"unterminated,1\n', ":2: cannot read as CSV: unexpected end of data"),
+    ("u.csv", "text,label\n", ": no records (only a header)"),
 ])
 def test_unparseable_text_tables(tmp_path, name, content, reason):
     write(tmp_path / name, content)
-    assert bad(tmp_path, train=name).startswith(f"{tmp_path / name}: {reason}")
+    assert bad(tmp_path, train=name).startswith(f"data.train: {tmp_path / name}{reason}")
 
 
 def test_unparseable_parquet(tmp_path):
     (tmp_path / "u.parquet").write_bytes(b"PAR1 this is not parquet")
-    assert bad(tmp_path, train="u.parquet").startswith(f"{tmp_path / 'u.parquet'}: cannot read as parquet: ")
+    assert bad(tmp_path, train="u.parquet").startswith(f"data.train: {tmp_path / 'u.parquet'}: cannot read as parquet: ")
 
 
 def test_too_little_text_to_hold_out(tmp_path):
@@ -243,7 +249,7 @@ def test_too_little_text_to_hold_out(tmp_path):
         "data.val_fraction: too little training text (1 characters) to hold out 0.2 of it")
     p = write(tmp_path / "one.jsonl", jsonl([{"text": "only row"}]))
     assert bad(tmp_path, train="one.jsonl", val_fraction=0.2) == (
-        f"{p}: val_fraction 0.2 of 1 rows leaves none for training")
+        f"data.train: {p}: val_fraction 0.2 of 1 rows leaves none for training")
 
 
 # --- tokenizers ----------------------------------------------------------------------------

@@ -7,16 +7,16 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.data.sampler import WindowSampler
-from stagewise.engine.trainer import micro_batches
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
+from stagewise.engine.trainer import micro_batches
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
 
@@ -94,6 +94,11 @@ def test_run_files_and_exports_load_with_transformers(three_stage_run: tuple[Pat
     ids = tok("To be, or not", return_tensors="pt").input_ids
     assert tok.decode(ids[0]) == "To be, or not"
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+    # the stage's config builds the model its weights fit: every tensor is loaded, none left at
+    # its random init (only the output head may be missing: it is tied to the embeddings)
+    loaded = model.state_dict()
+    assert set(loaded) - set(cool) <= {"lm_head.weight"} and set(cool) <= set(loaded)
+    assert all(torch.equal(loaded[name], weight) for name, weight in cool.items())
 
 
 def test_same_plan_and_seed_give_identical_losses(tmp_path: Path, corpus: Path) -> None:
@@ -106,7 +111,7 @@ def test_same_plan_and_seed_give_identical_losses(tmp_path: Path, corpus: Path) 
               for d in (first, second)]
     assert losses[0] == losses[1]
     other, _ = _run(tmp_path, tiny_plan(corpus, stages, seed=8), "three")
-    assert [m.get("loss") for m in read_jsonl(other / "metrics.jsonl")] != [l for _, l, _ in losses[0]]
+    assert [m.get("loss") for m in read_jsonl(other / "metrics.jsonl")] != [loss for _, loss, _ in losses[0]]
 
 
 def test_gd_makes_exactly_one_update_per_pass(tmp_path: Path, corpus: Path) -> None:

@@ -231,7 +231,7 @@ def test_fuzzed_example_plans_are_accepted_or_refused_in_one_line(tmp_path: Path
     rng = random.Random(14)
     outcomes: dict[str, int] = {"ok": 0, "refused": 0}
     started = time.monotonic()
-    for i in range(600):
+    for _ in range(600):
         plan = _mutate(rng.choice(bases), rng)
         outcome = _accepted_or_one_line(plan, tmp_path / "plan.yaml", None)
         outcomes[outcome] += 1

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_plan, write_plan
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine import checkpoint as checkpoint_module
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify
@@ -286,4 +286,4 @@ def test_bad_from_is_one_line(tmp_path: Path, corpus: Path, capsys: pytest.Captu
     stages[2] = {**stages[2], "from": "later"}
     path = write_plan(tmp_path, _plan(corpus, stages))
     assert main(["check", str(path), "--cache", str(tmp_path / "c")]) == 2
-    assert "stages[2].from: no earlier stage 'later'" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {path}: stages[2].from: no stage 'later'\n"

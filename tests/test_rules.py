@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
-from conftest import tiny_plan, write_plan
 from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
 from stagewise.engine.prepare import Prepared, prepare

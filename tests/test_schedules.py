@@ -24,12 +24,6 @@ def cos_between(lo: float, hi: float, p: float) -> float:
     return lo + (hi - lo) * (1 + math.cos(math.pi * p)) / 2
 
 
-def stlr(t: int, total: int, cut_frac: float, ratio: float, peak: float) -> float:
-    cut = math.floor(total * cut_frac)
-    p = t / cut if t < cut else max(0.0, 1 - (t - cut) / (cut * (1 / cut_frac - 1)))
-    return peak * (1 + p * (ratio - 1)) / ratio
-
-
 PEAK, MIN = 3e-4, 1e-5
 
 # (schedule config, step, total, peak, expected from the closed form)
@@ -92,13 +86,20 @@ CASES = {
         (dict(name="onecycle"), 99, 100, PEAK, PEAK / 25 / 1e4),
         (dict(name="onecycle", div_factor=10.0, final_div_factor=100.0), 100, 100, PEAK, PEAK / 10 / 100),
     ],
+    # Its reductions come from evaluations (an on_plateau rule, tests/test_stage_features.py).
+    "plateau": [
+        (dict(name="plateau", factor=0.5), 60, 100, PEAK, PEAK),
+        (dict(name="plateau", warmup=10), 4, 100, PEAK, warm(4, 10, PEAK)),
+    ],
     "stlr": [
         (dict(name="stlr"), 0, 100, PEAK, PEAK / 32),
         (dict(name="stlr"), 5, 100, PEAK, PEAK * (1 + 0.5 * 31) / 32),
         (dict(name="stlr"), 10, 100, PEAK, PEAK),
         (dict(name="stlr"), 55, 100, PEAK, PEAK * (1 + 0.5 * 31) / 32),
         (dict(name="stlr"), 100, 100, PEAK, PEAK / 32),
-        (dict(name="stlr", cut_frac=0.2, ratio=8.0), 37, 90, PEAK, stlr(37, 90, 0.2, 8.0, PEAK)),
+        # cut = 90 * 0.2 = 18; p = 1 - (37 - 18) / (18 * (1 / 0.2 - 1)) = 1 - 19 / 72 = 53 / 72;
+        # lr = peak * (1 + 53 / 72 * 7) / 8 = peak * 443 / 576.
+        (dict(name="stlr", cut_frac=0.2, ratio=8.0), 37, 90, PEAK, PEAK * 443 / 576),
         # cut = floor(1.5) = 1: the paper's p would go below 0 (the LR negative); it holds at peak/ratio.
         (dict(name="stlr"), 15, 15, PEAK, PEAK / 32),
     ],
@@ -170,6 +171,20 @@ def test_onecycle_is_torch_exactly() -> None:
     assert ours == theirs
 
 
+@pytest.mark.parametrize(("total", "cut_frac", "ratio"), [(120, 0.1, 32.0), (90, 0.2, 8.0), (40, 0.25, 10.0)])
+def test_stlr_is_torch_onecycle_with_linear_phases(total: int, cut_frac: float, ratio: float) -> None:
+    """Where total * cut_frac is whole, ULMFiT's slanted triangle is OneCycleLR's two linear
+    phases: from peak / ratio up to peak at step cut, down to peak / ratio at the stage's end
+    (step total, hence torch's total_steps = total + 1)."""
+    cut = round(total * cut_frac)
+    ours = [lr_at(cfg(name="stlr", cut_frac=cut_frac, ratio=ratio), step, total, PEAK) for step in range(total + 1)]
+    theirs = _torch_lrs(lambda o: lr_scheduler.OneCycleLR(
+        o, max_lr=PEAK, total_steps=total + 1, pct_start=(cut + 1) / (total + 1), div_factor=ratio,
+        final_div_factor=1.0, anneal_strategy="linear", cycle_momentum=False), total + 1, PEAK)
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert max(ours) == ours[cut] == pytest.approx(PEAK) and ours[0] == ours[total] == pytest.approx(PEAK / ratio)
+
+
 @pytest.mark.parametrize("name", ["constant", "cosine", "decay", "wsd", "exponential"])
 @pytest.mark.parametrize("warmup", [1, 7, 0.25])
 def test_warmup_rises_to_peak_at_w(name: str, warmup: int | float) -> None:
@@ -193,7 +208,7 @@ def test_resolve_duration() -> None:
     assert resolve_duration(7, 100) == 7
     assert resolve_duration(0.25, 100) == 25
     assert resolve_duration(1.0, 37) == 37
-    assert resolve_duration(0.5, 3) == round(1.5)
+    assert resolve_duration(0.5, 3) == 2  # 1.5 steps round to 2
     with pytest.raises(ValueError):
         resolve_duration(1.5, 100)
 

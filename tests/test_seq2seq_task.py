@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED, fit
+
 from stagewise.models.seq2seq import TransformerSeq2Seq
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.metrics import bleu, chrf

@@ -7,15 +7,15 @@ import math
 from pathlib import Path
 
 import torch
+from conftest import reversal_file
+from test_tasks import char_tokenizer
 from torch.nn import functional as F
 
-from conftest import reversal_file
 from stagewise.models.build import build_model
 from stagewise.plan.schema import ModelConfig
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import evaluate_sft, prepare_sft, sft_loss
-from test_tasks import char_tokenizer
 
 TOK = char_tokenizer("abcdefghij")
 EOS = TOK.token_to_id("<eos>")

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine import trainer
 from stagewise.engine.prepare import prepare
@@ -136,3 +136,49 @@ def test_a_switch_to_sgd_l1_without_l1_is_a_plan_error(tmp_path: Path, corpus: P
     assert _error(capsys, "check", str(path), "--cache", str(tmp_path / "cache")) == \
         (2, f"error: {path}: stages[0].rules[0].do.switch.to: sgd_l1 needs regularization.l1 > 0 (its proximal "
             "step applies it)\n")
+
+
+def test_a_new_task_needs_only_its_module_and_the_registry(tmp_path: Path, corpus: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task declared outside stagewise's own modules, put in the registry, is validated,
+    resolved, trained and exported like the built-in ones: nothing else names tasks."""
+    from stagewise.tasks.classify import ClassifySpec
+
+    class Sentiment(ClassifySpec):  # a "new task module": a classifier with its own name and metrics
+        name = "sentiment"
+        family = "sentiment"
+        metrics = ("val_loss", "train_loss", "val_accuracy")
+
+    monkeypatch.setitem(TASKS, "sentiment", Sentiment())
+    labeled = tmp_path / "labeled.tsv"
+    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\tthe film was {'good' if i % 2 else 'bad'} {i}\n"
+                               for i in range(60)), encoding="utf-8")
+    plan = {"name": "new-task", "seed": 0, "precision": "fp32", "model": {"arch": "bigru", "embed_dim": 8,
+                                                                         "hidden": 8, "dense": 8},
+            "tokenizer": {"kind": "word"}, "data": {"train": str(labeled), "field": 1, "label": 0},
+            "stages": [{"name": "s", "task": "sentiment", "optimizer": {"name": "adam", "lr": 1e-2}, "epochs": 3,
+                        "batch": {"size": 8}, "until": {"target": {"metric": "val_accuracy", "value": 1.0,
+                                                                   "mode": "max"}}}]}
+    path = write_plan(tmp_path, plan)
+    prepared = prepare(load_plan(path), path, tmp_path / "cache")
+    (summary,) = train(prepared, tmp_path / "run", console=QUIET)
+    assert summary.metrics["val_accuracy"] == 1.0  # the words say the label
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(labeled), "--json"]) == 0
+    bad = {**plan, "stages": [{**plan["stages"][0], "until": {"target": {"metric": "val_macro_f1", "value": 1.0}}}]}
+    with pytest.raises(Exception, match="task sentiment does not report val_macro_f1"):
+        prepare(load_plan(write_plan(tmp_path, bad, "bad.yaml")), tmp_path / "bad.yaml", tmp_path / "cache")
+
+
+def test_lm_examples_longer_than_the_context_are_a_plan_error(tmp_path: Path, corpus: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A classifier head on a 32-position LM used to fail with an IndexError inside the embedding."""
+    labeled = tmp_path / "labeled.tsv"
+    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\t{'a long text ' * 8}{i}\n" for i in range(20)),
+                       encoding="utf-8")
+    plan = tiny_plan(corpus, [STABLE, {"name": "cls", "task": "classify", "steps": 2,
+                                       "optimizer": {"name": "adam", "lr": 1e-3},
+                                       "data": {"train": str(labeled), "field": 1, "label": 0, "max_len": 40}}])
+    path = write_plan(tmp_path, plan)
+    assert _error(capsys, "check", str(path), "--cache", str(tmp_path / "cache")) == \
+        (2, f"error: {path}: stages[1].data.max_len: examples are up to 40 tokens, more than the model's context "
+            "length 32: set max_len <= 32\n")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import conll_file, fit
+
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUTagger
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.metrics import span_f1
 from stagewise.tasks.tag import evaluate_tag, prepare_tag, tag_loss
+
 
 def test_bigru_tagger_finds_spans_by_context(tmp_path: Path) -> None:
     data = prepare_tag(conll_file(tmp_path / "train.conll", 400, 0), val_path=conll_file(tmp_path / "val.conll", 80, 1))

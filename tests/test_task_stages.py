@@ -13,13 +13,18 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED, TAG_NAMES, conll_file, reversal_file, tiny_plan, write_plan
 from rich.console import Console
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from conftest import SHARED, TAG_NAMES, conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train
@@ -30,7 +35,7 @@ from stagewise.plan.load import load_plan
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import majority_accuracy
 from stagewise.tasks.metrics import bleu, chrf, span_f1
-from stagewise.tasks.records import read_pairs
+from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.sft import evaluate_sft
 from stagewise.track.logs import read_jsonl
 
@@ -601,7 +606,8 @@ BAD_TASK_PLANS = {
         "error: {plan}: model.vocab_size: set by the stage's data, not by the plan\n", True),
     "unseen-validation-label": (
         _unseen_val_label,
-        "error: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n", True),
+        "error: {plan}: data.val: {dir}/val.tsv:2: label 'eggs' is not one of the training labels (ham, spam)\n",
+        True),
     "word-tokenizer-gpt2-causal-lm": (_word_tokenizer_gpt2, "error: {plan}: tokenizer.kind: ", False),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,11 +15,11 @@ from tokenizers import Tokenizer, decoders, models
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.seq2seq import TransformerSeq2Seq, sinusoids, until_eos
+from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import accuracy, bleu, chrf, macro_f1, span_f1, span_scores, spans
-from stagewise.tasks.records import (ChatTemplate, Records, read_conll, read_labeled, read_pairs,
-                                     read_prompt_completion)
+from stagewise.tasks.readers import Records, read_conll, read_labeled, read_pairs, read_prompt_completion
 from stagewise.tasks.vocab import PAD_ID, UNK_ID, word_tokenizer, word_vocab
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -85,10 +87,14 @@ def test_shared_sms_spam_loads_every_row():
 
 
 def test_shared_eng_fra_loads_every_pair():
-    pairs = read_pairs(shared("eng_fra.tsv"), 0, 1)
+    path = shared("eng_fra.tsv")
+    pairs = read_pairs(path, 0, 1)
     assert len(pairs) == 5000
     assert pairs[0] == ("Go.", "Va !")
-    assert all(source.strip() and target.strip() for source, target in pairs)
+    # the same pairs as the csv module reads them as TSV without quoting (en, fr, attribution)
+    rows = csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline=""), delimiter="\t",
+                      quoting=csv.QUOTE_NONE)
+    assert pairs == [(en, fr) for en, fr, _ in rows]
 
 
 BAD_TABLES = [
@@ -186,7 +192,9 @@ def test_messages_render_with_the_template_up_to_the_last_assistant_turn(tmp_pat
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}]
     path = write(tmp_path / "d.jsonl", jsonl({"messages": messages}))
-    template = ChatTemplate(system="[S]{content}\n", user="[U]{content}\n", assistant="[A]{content}[END]\n")
+    template = ChatTemplate("{% for m in messages %}{{ '[' + m.role[0] | upper + ']' + m.content }}"
+                            "{% if m.role == 'assistant' %}[END]{% endif %}{{ '\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}[A]{% endif %}")
     [(prompt, completion)] = read_prompt_completion(path, template)
     assert prompt == "[S]Be brief.\n[U]Hi {name}\n[A]Hello.[END]\n[U]2+2?\n[A]"
     assert completion == "4[END]\n"
@@ -215,9 +223,9 @@ def test_bad_prompt_completion_rows(tmp_path, row, message):
         read_prompt_completion(path)
 
 
-def test_chat_template_needs_one_content_placeholder():
-    with pytest.raises(UserError, match=r"^chat_template.user: must contain '\{content\}' exactly once"):
-        ChatTemplate(user="<|user|>\n")
+def test_a_broken_chat_template_is_one_line():
+    with pytest.raises(UserError, match=r"^chat_template: not a valid Jinja template: .* \(line 1\)$"):
+        ChatTemplate("{% for m in messages %}{{ m.content }}")
 
 
 # --- LabelMap ------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED
+
 from stagewise.data.tokenizers import build_tokenizer, eos_id
 from stagewise.models.build import build_model
 from stagewise.models.heads import classifier_from_lm
@@ -16,7 +16,7 @@ from stagewise.optim.layers import discriminative_scales, layer_groups, set_trai
 from stagewise.plan.schema import ModelConfig, TokenizerConfig
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.classify import classify_loss, evaluate_classify, majority_accuracy, prepare_classify
-from stagewise.tasks.records import read_labeled
+from stagewise.tasks.readers import read_labeled
 
 SMS = SHARED / "sms_spam.tsv"
 

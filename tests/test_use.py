@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train

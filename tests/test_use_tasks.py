@@ -5,6 +5,7 @@ back the run's own final validation metrics (the file is encoded as training enc
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from rich.console import Console
 
-from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.engine.prepare import Prepared, prepare
 from stagewise.engine.run import train
 from stagewise.plan.load import load_plan
-from stagewise.tasks.seq2seq import translate
+from stagewise.tasks.seq2seq import detokenize, translate
 from stagewise.track.logs import read_jsonl
 
 QUIET = Console(quiet=True)
@@ -46,6 +47,19 @@ def _final_eval(run: Path, stage: str) -> dict[str, Any]:
     """The stage's last validation metrics as the run logged them, without the `val_` prefix."""
     line = [m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "eval" and m["stage"] == stage][-1]
     return {k.removeprefix("val_"): v for k, v in line.items() if k.startswith("val_")}
+
+
+@torch.no_grad()
+def _softmax_by_hand(model: torch.nn.Module, ids: list[int]) -> list[float]:
+    """The class probabilities of one unpadded text: the model's logits, softmaxed in Python."""
+    out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    logits = getattr(out, "logits", out)[0].tolist()
+    exps = [math.exp(v - max(logits)) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -87,7 +101,7 @@ def _reviews(path: Path, n: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bigru_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bigru_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Prepared]:
     root = tmp_path_factory.mktemp("bigru")
     _reviews(root / "train.tsv", 60, 0)
     _reviews(root / "val.tsv", 24, 1)
@@ -96,8 +110,12 @@ def bigru_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "data": {"train": "train.tsv", "val": "val.tsv", "field": 1, "label": 0, "max_len": 8},
             "stages": [{"name": "adam", "task": "classify", "optimizer": {"name": "adam", "lr": 2e-2},
                         "batch": {"size": 16}, "epochs": 4}]}
-    run, _ = _train(root, plan)
-    return run
+    return _train(root, plan)
+
+
+@pytest.fixture(scope="module")
+def bigru_run(bigru_trained: tuple[Path, Prepared]) -> Path:
+    return bigru_trained[0]
 
 
 def test_classify_evaluate_reproduces_the_runs_final_metrics(bigru_run: Path,
@@ -112,11 +130,16 @@ def test_classify_evaluate_reproduces_the_runs_final_metrics(bigru_run: Path,
                     f"macro_f1 {final['macro_f1']:.4f} (24 examples)")
 
 
-def test_classify_generate_prints_a_label_and_its_probability(bigru_run: Path,
+def test_classify_generate_prints_a_label_and_its_probability(bigru_trained: tuple[Path, Prepared],
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    for prompt in ("the film was lovely", "so grim"):
+    bigru_run, prepared = bigru_trained
+    # the model in memory ends on the stage's weights, the ones generate loads from the run
+    model, data = prepared.stages[0].setup.model.eval(), prepared.stages[0].setup.data
+    for prompt, expected in (("the film was lovely", "pos"), ("so grim", "neg")):
         label, probability = _cli_out(capsys, "generate", str(bigru_run), "--prompt", prompt).split()
-        assert label in ("neg", "pos") and 0.5 <= float(probability.strip("()")) <= 1.0
+        hand = _softmax_by_hand(model, data.tokenizer.encode(prompt).ids[:8])  # the plan's max_len
+        assert label == expected == data.label_map.decode(_argmax(hand))
+        assert probability == f"({max(hand):.3f})"
     assert _cli_error(capsys, "generate", str(bigru_run), "--prompt", " ") == \
         "error: --prompt: a classify stage needs a text to work on"
     assert _cli_error(capsys, "generate", str(bigru_run), "--prompt", "good", "--beam", "2") == \
@@ -157,7 +180,7 @@ def test_export_of_a_builtin_stage_copies_it_without_the_marker(bigru_run: Path,
 
 
 @pytest.fixture(scope="module")
-def gpt_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+def gpt_trained(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, Prepared]:
     root = tmp_path_factory.mktemp("gpt")
     reversal_file(root / "reverse.jsonl", 120)
     reversal_file(root / "reverse_val.jsonl", 30)
@@ -171,12 +194,12 @@ def gpt_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
         {"name": "cls", "task": "classify", "optimizer": {"name": "adamw", "lr": 3e-3}, "batch": {"size": 16},
          "epochs": 2, "data": {"train": "train.tsv", "val": "val.tsv", "field": 1, "label": 0, "max_len": 32}},
     ], model=GPT, defaults={"eval": {"batches": 2}})
-    run, _ = _train(root, plan)
-    return run
+    return _train(root, plan)
 
 
-def test_sft_and_lm_classifier_evaluate_reproduce_the_runs_final_metrics(gpt_run: Path,
+def test_sft_and_lm_classifier_evaluate_reproduce_the_runs_final_metrics(gpt_trained: tuple[Path, Prepared],
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    gpt_run, prepared = gpt_trained
     root = str(gpt_run)
     sft = _cli_json(capsys, "evaluate", root, "--stage", "sft", "--data", str(gpt_run.parent / "reverse_val.jsonl"),
                     "--json")
@@ -187,13 +210,18 @@ def test_sft_and_lm_classifier_evaluate_reproduce_the_runs_final_metrics(gpt_run
     final = _final_eval(gpt_run, "cls")
     assert cls["stage"] == "cls" and cls["accuracy"] == final["accuracy"] and cls["macro_f1"] == final["macro_f1"]
     assert cls["loss"] == pytest.approx(final["loss"], rel=1e-6)
-    label = _cli_out(capsys, "generate", root, "--prompt", "the film was lovely").split()[0]
-    assert label in ("neg", "pos")
+    label, probability = _cli_out(capsys, "generate", root, "--prompt", "the film was lovely").split()
+    cls_setup = prepared.stages[2].setup
+    hand = _softmax_by_hand(cls_setup.model.eval(), cls_setup.data.tokenizer.encode("the film was lovely").ids[:32])
+    assert (label, probability) == (cls_setup.data.label_map.decode(_argmax(hand)), f"({max(hand):.3f})")
     # the causal LM stage as before: a continuation of the prompt, perplexity of a text file
     continued = _cli_out(capsys, "generate", root, "--stage", "sft", "--prompt", "abc", "--max-tokens", "5")
     assert continued.startswith("abc")
+    # a char tokenizer: one token per character (\t too: an unknown one); windows of the model's
+    # 64 positions, each predicting its next 64 characters, the tail that fills none left out
+    characters = len((gpt_run.parent / "val.tsv").read_text(encoding="utf-8"))
     assert _cli_json(capsys, "evaluate", root, "--stage", "lm", "--data", str(gpt_run.parent / "val.tsv"),
-                     "--json")["tokens"] > 0
+                     "--json")["tokens"] == (characters - 1) // 64 * 64
     bad = gpt_run.parent / "bad.jsonl"
     bad.write_text('{"prompt": "ab", "completion": "ba"}\n{"prompt": "ab"}\n', encoding="utf-8")
     assert _cli_error(capsys, "evaluate", root, "--stage", "sft", "--data", str(bad)) == \
@@ -248,6 +276,27 @@ def test_seq2seq_evaluate_reproduces_the_runs_final_metrics(seq2seq_run: tuple[P
         f"error: {wrong}:1: no column 'en' (header: english, french)"
 
 
+@torch.no_grad()
+def _beam_by_hand(model: torch.nn.Module, src: torch.Tensor, k: int, max_len: int, bos: int, eos: int) -> list[int]:
+    """Beam search as TransformerSeq2Seq.beam_search documents it (length_penalty 1), one
+    hypothesis at a time: each step the k best of every extension of an unfinished hypothesis
+    (scored by mean log-probability) and every finished one as it is; the best at the end."""
+    beams: list[tuple[list[int], float, bool]] = [([], 0.0, False)]  # (tokens, total log-prob, finished)
+    for step in range(1, max_len + 1):
+        candidates = []
+        for tokens, total, finished in beams:
+            if finished:
+                candidates.append((total / len(tokens), tokens, total, True))
+                continue
+            log_probs = model(src, torch.tensor([[bos, *tokens]]))[0, -1].log_softmax(dim=-1).tolist()
+            candidates += [((total + lp) / step, [*tokens, t], total + lp, t == eos) for t, lp in enumerate(log_probs)]
+        candidates.sort(key=lambda c: -c[0])
+        beams = [(tokens, total, finished) for _, tokens, total, finished in candidates[:k]]
+        if all(finished for *_, finished in beams):
+            break
+    return max(beams, key=lambda b: b[1] / len(b[0]))[0]
+
+
 def test_seq2seq_generate_translates_and_beam_1_is_greedy(seq2seq_run: tuple[Path, Prepared],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     run, prepared = seq2seq_run
@@ -260,7 +309,9 @@ def test_seq2seq_generate_translates_and_beam_1_is_greedy(seq2seq_run: tuple[Pat
         model.greedy(src, 64, data.bos_id, data.eos_id).tolist()
     out = _cli_out(capsys, "generate", str(run), "--prompt", prompt, "--beam", "1")
     assert out == greedy and out
-    assert _cli_out(capsys, "generate", str(run), "--prompt", prompt, "--beam", "4")
+    beam = _beam_by_hand(model, src, 4, 64, data.bos_id, data.eos_id)
+    assert _cli_out(capsys, "generate", str(run), "--prompt", prompt, "--beam", "4") == \
+        detokenize(data.tgt_tokenizer.decode(beam[:-1] if beam[-1] == data.eos_id else beam, skip_special_tokens=True))
     assert _cli_error(capsys, "generate", str(run), "--prompt", prompt, "--beam", "999") == \
         f"error: --beam: at most the target vocabulary's {data.tgt_tokenizer.get_vocab_size()} tokens (got 999)"
 
@@ -275,16 +326,21 @@ def test_tag_evaluate_reproduces_the_runs_metrics_and_generate_tags_words(tmp_pa
     plan = {"name": "ner", "seed": 0, "precision": "fp32", "model": {"arch": "bigru", "embed_dim": 8, "hidden": 8},
             "tokenizer": {"kind": "word"}, "data": {"train": "train.conll", "val": "val.conll"},
             "stages": [{"name": "adam", "task": "tag", "optimizer": {"name": "adam", "lr": 2e-2},
-                        "batch": {"size": 16}, "epochs": 3}]}
+                        "batch": {"size": 16}, "epochs": 6}]}  # 3 learn no spans yet (span F1 0)
     run, prepared = _train(tmp_path, plan)
     metrics = _cli_json(capsys, "evaluate", str(run), "--data", str(tmp_path / "val.conll"), "--json")
     final = _final_eval(run, "adam")
-    assert set(final) == {"loss", "span_f1"} and metrics["sentences"] == 20
+    assert set(final) == {"loss", "span_f1"} and metrics["sentences"] == 20 and final["span_f1"] > 0.5
     assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-6) and metrics["span_f1"] == final["span_f1"]
-    pairs = _cli_out(capsys, "generate", str(run), "--prompt", "we saw Mr Bob in Paris").split()
-    tags = prepared.stages[0].setup.data.tag_map.labels
-    assert [p.rsplit("/", 1)[0] for p in pairs] == "we saw Mr Bob in Paris".split()
-    assert all(p.rsplit("/", 1)[1] in tags for p in pairs)
+    words = "we saw Mr Bob in Paris".split()
+    pairs = _cli_out(capsys, "generate", str(run), "--prompt", " ".join(words)).split()
+    model, data = prepared.stages[0].setup.model.eval(), prepared.stages[0].setup.data
+    ids = data.vocab.encode(words, is_pretokenized=True, add_special_tokens=False).ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0]
+    by_hand = [data.tag_map.decode(_argmax(row)) for row in logits.tolist()]  # the model's own argmax
+    assert pairs == [f"{word}/{tag}" for word, tag in zip(words, by_hand, strict=True)]
+    assert by_hand == ["O", "O", "O", "B-PER", "O", "B-LOC"]  # 'Mr X' is a person, 'in X' a place
     bad = tmp_path / "bad.conll"
     bad.write_text("Mr O\nBob B-ORG\n", encoding="utf-8")
     assert _cli_error(capsys, "evaluate", str(run), "--data", str(bad)).startswith(

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from stagewise.errors import RunStopped, UserError
+
+if TYPE_CHECKING:
+    from stagewise.engine.prepare import Prepared
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,14 +38,52 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("plan", type=Path)
     check.add_argument("overrides", nargs="*")
     check.add_argument("--plot", type=Path, metavar="PNG", help="also write the planned LR curve as a PNG")
+    check.add_argument("--out", type=Path, help="the run directory train will use (default: runs/<plan name>): "
+                                                "its stage cache is the one checked")
     _cache_arg(check)
 
-    report = sub.add_parser("report", help="plots and an HTML page of a run; of several runs, compared")
+    lr_find = sub.add_parser("lr-find", help="LR range test of a stage: loss against an exponential LR sweep "
+                                             "from the stage's starting weights; suggested LRs")
+    lr_find.add_argument("plan", type=Path)
+    lr_find.add_argument("overrides", nargs="*")
+    lr_find.add_argument("--stage", required=True)
+    lr_find.add_argument("--start", type=float, default=1e-7, help="first LR")
+    lr_find.add_argument("--end", type=float, default=10.0, help="last LR")
+    lr_find.add_argument("--steps", type=int, default=100, help="updates of the sweep")
+    lr_find.add_argument("--write", type=Path, metavar="OUT.yaml",
+                         help="also write the plan with the stage's optimizer.lr set to the suggestion")
+    lr_find.add_argument("--suggestion", choices=("minimum", "steep"), default="minimum",
+                         help="what --write puts in: the LR of the loss's minimum / 10, or of its steepest descent")
+    lr_find.add_argument("--out", type=Path, help="where the plot goes (default: runs/<plan name>-lr-find)")
+    _cache_arg(lr_find)
+
+    search = sub.add_parser("search", help="hyperparameter search over plan keys (Optuna); trials share the "
+                                           "stages they have in common through the stage cache")
+    search.add_argument("plan", type=Path)
+    search.add_argument("--space", type=Path, required=True, metavar="SPACE.yaml",
+                        help="plan key paths -> {float: [lo, hi], log: true} | {int: [lo, hi]} | {choice: [...]}")
+    search.add_argument("--trials", type=int, required=True, help="trials in the study (a resumed one counts its own)")
+    search.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    search.add_argument("--storage", help="database URL (default: sqlite:///DIR/study.db)")
+    search.add_argument("--study", help="study name (default: the plan's name)")
+    search.add_argument("--out", type=Path, help="search directory (default: runs/<plan name>-search)")
+    search.add_argument("--metric", help="STAGE.METRIC to optimize (default: the last stage's val_loss)")
+    search.add_argument("--direction", choices=("minimize", "maximize"),
+                        help="default: minimize a loss or perplexity, maximize anything else")
+    search.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    search.add_argument("--cv", type=int, metavar="K", help="score each trial by K-fold stratified cross-validation "
+                                                           "of the metric's stage")
+
+    report = sub.add_parser("report", help="plots and an HTML page of a run (or a search); of several runs, compared")
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN")
     report.add_argument("--out", type=Path, help="output directory (default: the first run's directory)")
 
     runs = sub.add_parser("runs", help="list the runs in a directory")
     runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
+    runs.add_argument("--metric", metavar="NAME", help="also show each run's best value of this evaluation metric "
+                                                       "(e.g. val_accuracy, val_bleu: the highest; *loss, *ppl: "
+                                                       "the lowest)")
 
     generate = sub.add_parser("generate", help="run a trained stage on a prompt: continue it (causal_lm, sft), "
                                                "classify, translate (seq2seq) or tag it")
@@ -54,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--beam", type=int, default=1, help="seq2seq: beam width (1: greedy)")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="causal_lm, sft: end the continuation at TEXT (repeatable; EOS and the chat "
+                               "template's end marker always end it)")
+    generate.add_argument("--chat", nargs="?", const="", metavar="JSON",
+                          help="causal_lm, sft: reply to a conversation, rendered with the stage's chat template: "
+                               "the messages of a JSON file, or the --system/--user/--assistant turns")
+    for role in ("system", "user", "assistant"):
+        generate.add_argument(f"--{role}", dest="turns", action="append", metavar="TEXT", type=_turn(role),
+                              help=f"a {role} turn of the conversation (repeatable, in order; implies --chat)")
 
     evaluate = sub.add_parser("evaluate", help="a trained stage's metrics on a file like its data (columns as "
                                                "the plan names them)")
@@ -73,17 +125,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may stand anywhere after the plan (`train PLAN --out DIR key=v`). argparse takes the
+    positionals only up to the first option, and its parse_intermixed_args refuses subcommands: the
+    `key=value` words left over are the overrides that follow an option, in command-line order."""
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        moved = [word for word in rest if "=" in word and not word.startswith("-")]
+        args.overrides += moved
+        rest = [word for word in rest if word not in moved]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def _turn(role: str) -> Callable[[str], dict[str, str]]:
+    """A --system/--user/--assistant argument as a chat message."""
+    return lambda text: {"role": role, "content": text}
+
+
 def _cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, default=None,
-                   help="token/tokenizer cache (default: .cache beside the runs directory)")
+                   help="token and stage cache (default: .cache beside the run directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(_parser(), argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs,
-                "generate": _generate, "evaluate": _evaluate, "export": _export}
+                "generate": _generate, "evaluate": _evaluate, "export": _export, "lr-find": _lr_find,
+                "search": _search}
     try:
         return commands[args.command](args, console)
     except UserError as e:
@@ -98,27 +170,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.prepare import prepare
     from stagewise.engine.run import train
-    from stagewise.engine.rundir import check_run_directory
-    from stagewise.plan.load import load_plan
 
-    plan = load_plan(args.plan, args.overrides)
-    out = args.out or Path("runs") / plan.name
-    check_run_directory(out, args.fresh)  # before the slow part; train checks again under its lock
-    prepared = prepare(plan, args.plan, args.cache or out.parent / ".cache")
+    prepared, out = _prepare(args, fresh=args.fresh)
     train(prepared, out, fresh=args.fresh, console=console)
     console.print(f"run written to {out}")
     return 0
 
 
-def _check(args: argparse.Namespace, console: Console) -> int:
+def _prepare(args: argparse.Namespace, fresh: bool | None = None) -> tuple[Prepared, Path]:
+    """The plan with its overrides, prepared, and the run directory. train and check agree on the
+    cache: --cache, else .cache beside the run directory (--out, else runs/<plan name>). A problem
+    in what an override set names the command line. `fresh` (train): the run directory is checked
+    first, before the slow part (train checks again under its lock)."""
     from stagewise.engine.prepare import prepare
+    from stagewise.engine.rundir import check_run_directory
+    from stagewise.plan.load import blame_overrides, load_plan, override_keys
+
+    plan = load_plan(args.plan, args.overrides)
+    out = args.out or Path("runs") / plan.name
+    if fresh is not None:
+        check_run_directory(out, fresh)
+    try:
+        return prepare(plan, args.plan, args.cache or out.parent / ".cache"), out
+    except UserError as e:
+        raise blame_overrides(e, str(args.plan), override_keys(args.plan, args.overrides)) from None
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
     from stagewise.engine.status import stage_status
-    from stagewise.plan.load import load_plan
     from stagewise.track.plan_view import print_plan
 
-    prepared = prepare(load_plan(args.plan, args.overrides), args.plan, args.cache or Path("runs/.cache"))
+    prepared, _ = _prepare(args)
     print_plan(console, prepared.plan.name, prepared.resolved, stage_status(prepared))
     if args.plot is not None:
         from stagewise.track.plots import plan_lr_figure, save_png
@@ -158,7 +241,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def _runs(args: argparse.Namespace, console: Console) -> int:
     from stagewise.track.runs import find_runs, print_runs
 
-    print_runs(console, args.dir, find_runs(args.dir))
+    print_runs(console, args.dir, find_runs(args.dir), args.metric)
     return 0
 
 
@@ -172,10 +255,37 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
         raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
                                     "--beam >= 1")
     options = GenerateOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, beam=args.beam)
+                              top_p=args.top_p, seed=args.seed, beam=args.beam, stop=tuple(args.stop),
+                              messages=_conversation(args))
     text = generate(open_stage(args.run, args.stage), args.prompt, options)
     console.print(text, markup=False, highlight=False)
     return 0
+
+
+def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None:
+    """generate's conversation: a JSON file's messages (--chat FILE) or the --system/--user/--assistant turns."""
+    import json
+
+    from stagewise.tasks.chat import read_messages
+
+    if args.chat is None and args.turns is None:
+        return None
+    if args.prompt:
+        raise UserError("--prompt", "a conversation (--chat, --user, ...) takes the place of the prompt")
+    if args.chat and args.turns:
+        raise UserError("--chat", "give a JSON file or --system/--user/--assistant turns, not both")
+    if not args.chat:
+        if not args.turns:
+            raise UserError("--chat", "give a JSON file of messages or --user TEXT")
+        return tuple(args.turns)
+    path = Path(args.chat)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(str(path), f"cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"not a JSON file: {e}") from None
+    return tuple(read_messages(value, str(path)))
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
@@ -201,4 +311,29 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
     name, to = export(args.run, args.stage, args.to)
     console.print(f"stage '{name}' exported to {to}")
+    return 0
+
+
+def _lr_find(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.search.lr_find import lr_find
+
+    found = lr_find(args.plan, args.overrides, args.stage, start=args.start, end=args.end, steps=args.steps,
+                    out=args.out, cache=args.cache, write=args.write, suggestion=args.suggestion,
+                    console=console)
+    shown = {"steepest descent": found.steep, "minimum / 10": found.minimum}
+    console.print(f"lr-find of stage '{found.stage}': {len(found.lrs)} updates, {found.stopped}; suggested LR: "
+                  + ", ".join(f"{k} {'-' if v is None else f'{v:.2e}'}" for k, v in shown.items()),
+                  markup=False, highlight=False)
+    console.print(f"plot written to {found.plot}" + (f"; plan written to {found.written}" if found.written else ""))
+    return 0
+
+
+def _search(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.search.run import SearchOptions, search
+
+    options = SearchOptions(space=args.space, trials=args.trials, workers=args.workers, storage=args.storage,
+                            study=args.study, out=args.out, metric=args.metric, direction=args.direction,
+                            pruner=args.pruner, sampler=args.sampler, cv=args.cv)
+    result = search(args.plan, options, console)
+    console.print(f"search written to {result.out}")
     return 0

@@ -62,7 +62,8 @@ def open_stage(run: Path, stage: str | None) -> TrainedStage:
     labels = None
     if marker.get("labels") is not None:
         labels = LabelMap.from_state_dict({"labels": marker["labels"], "kind": spec.label_kind}, str(directory / MARKER))
-    return TrainedStage(directory, spec, labels, data, config["batch"]["size"], config["eval"]["beam"])
+    return TrainedStage(directory, spec, labels, data, config["batch"]["size"], config["eval"]["beam"],
+                        tuple(config["eval"].get("metrics") or ()))
 
 
 def export(run: Path, stage: str | None, to: Path) -> tuple[str, Path]:
@@ -86,6 +87,10 @@ def generate(stage: TrainedStage, prompt: str, opts: GenerateOptions = GenerateO
     predicted label and its probability (classify), a translation (seq2seq, greedy when beam is
     1) or word/TAG pairs (tag)."""
     _check_beam(stage, opts.beam != 1)
+    if not stage.spec.samples and (opts.messages is not None or opts.stop):
+        which = " and ".join(t.name for t in TASKS.values() if t.samples)
+        raise UserError("--chat" if opts.messages is not None else "--stop",
+                        f"only {which} stages continue text ('{stage.name}' is {stage.task})")
     if not stage.spec.samples and not prompt.strip():
         raise UserError("--prompt", f"a {stage.task} stage needs a text to work on")
     return stage.spec.generate(stage, prompt, opts)

@@ -38,12 +38,15 @@ class PreparedData:
 
 
 def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
-                 cache_root: Path, *, seed: int) -> PreparedData:
-    """`seed` draws the validation rows of a table without `data.val` (data.sources)."""
-    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed)
+                 cache_root: Path, *, seed: int, corpus: Corpus | None = None) -> PreparedData:
+    """`seed` draws the validation rows of a table without `data.val` (data.sources). `corpus`:
+    the texts, when a task reads the files (tasks.spec.TaskSpec.plan_corpus); else `data.field`
+    of the files is read as text."""
+    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed) if corpus is None else None
     if entry is not None and (warm := _open_entry(entry, cache_root / "tokens")) is not None:
         return warm
-    corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
+    if corpus is None:
+        corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
     tok = _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
     fingerprint = hashlib.sha256(
         f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()

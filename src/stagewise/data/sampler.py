@@ -97,5 +97,5 @@ class WindowSampler:
         """x, y of the windows, by one fancy index (a memmap reads only those rows)."""
         starts = windows * self.block_size
         rows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
-        rows = torch.from_numpy(rows.astype(np.int64))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        ids = torch.from_numpy(rows.astype(np.int64))
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()

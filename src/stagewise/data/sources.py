@@ -1,18 +1,20 @@
 """The training text: `data.train`/`data.val` files (or a hub dataset) read into documents.
 
-Files go through the `datasets` library's local builders. Problems a user can fix (no file
-matches, empty file, bad UTF-8, missing column, non-string row, unparseable file) are raised as
-one-line `UserError`s naming the file, before any training starts.
+Tables (csv, tsv, jsonl) are read by data.tables, the reader task stages use: the same rows,
+so the same held-out rows (data.split), and no `datasets` import. Text and parquet files go
+through the `datasets` library's local builders. Problems a user can fix (no file matches, empty
+file, bad UTF-8, missing column, non-string row, unparseable file) are raised as one-line
+`UserError`s naming the file (and the line, for tables), before any training starts.
 """
 
 from __future__ import annotations
 
-import csv
-
+import fnmatch
 import glob
 import hashlib
 import itertools
 import json
+import re
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.data import tables
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
 from stagewise.plan.schema import DataConfig
@@ -30,18 +33,17 @@ if TYPE_CHECKING:  # `datasets` takes a second to import: only runs that parse f
 
 HUB_PREFIX = "hub:"
 
-# Formats by file extension under `format: auto`; any other extension (.py, .md, ...) is text.
-_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-               ".parquet": "parquet"}
+# Plan format -> its data.tables format (the plan says json for JSON Lines).
+_TABLES = {"json": "jsonl", "csv": "csv", "tsv": "tsv"}
+# Formats by file extension under `format: auto`: the tables' as data.tables tells them; any other
+# extension (.py, .md, ...) is text.
+_EXTENSIONS = {".txt": "text", ".parquet": "parquet",
+               **{suffix: "json" if fmt == "jsonl" else fmt for suffix, fmt in tables.SUFFIXES.items()}}
 # Plan format -> (datasets builder, builder options). A text file is one document.
 _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "text": ("text", {"sample_by": "document"}),
-    "json": ("json", {}),
-    "csv": ("csv", {}),
-    "tsv": ("csv", {"delimiter": "\t"}),
     "parquet": ("parquet", {}),
 }
-_TEXT_LIKE = {"text", "json", "csv", "tsv"}  # checked for strict UTF-8 before datasets reads them
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,40 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
     holds out); else the last `val_fraction` of the characters.
 
     `cache_dir` is where `datasets` keeps hub downloads (None: its default, under HF_HOME).
-    Local files are parsed in a scratch directory and not cached: `datasets` would key that
-    cache on file mtimes, and a stale copy under a new content fingerprint would poison the
-    token cache; callers cache the tokens instead.
+    Local text and parquet files are parsed in a scratch directory and not cached: `datasets`
+    would key that cache on file mtimes, and a stale copy under a new content fingerprint would
+    poison the token cache; callers cache the tokens instead.
     """
+    with data_file_keys(cfg, plan_dir):
+        return _load_corpus(cfg, plan_dir, seed, cache_dir)
+
+
+@contextmanager
+def data_file_keys(cfg: DataConfig, plan_dir: Path, where: str = "data") -> Iterator[None]:
+    """An error about a data file (named by its path, perhaps with a line number) also names the
+    plan key that points at the file: `data.train: /x/y.csv:12: ...`; `where`: the data's key."""
+    try:
+        yield
+    except UserError as e:
+        key = _key_of(e.where, cfg, plan_dir)
+        if key is None:
+            raise
+        raise UserError(f"{where}.{key}: {e.where}", e.message) from None
+
+
+def _key_of(file_where: str, cfg: DataConfig, plan_dir: Path) -> str | None:
+    """`train` or `val`: the key whose path or glob names the file in `file_where`; else None."""
+    path = re.sub(r":\d+$", "", file_where)
+    for key in ("train", "val"):
+        value = getattr(cfg, key)
+        for pattern in [value] if isinstance(value, str) else value or []:
+            full = pattern if pattern.startswith(HUB_PREFIX) else str(_full_path(pattern, plan_dir))
+            if path == full or fnmatch.fnmatchcase(path, full):
+                return key
+    return None
+
+
+def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None) -> Corpus:
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
     split = _split(train_sources, cfg, seed)
@@ -78,10 +110,17 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
         if not any(docs):
             raise UserError(where, "no text (every document is empty)")
 
-    settings = {"format": cfg.format, "field": cfg.field, "split": split}
+    settings = {"format": cfg.format, "field": cfg.field, "split": split,
+                **_table_reader([*train_sources, *val_sources], cfg)}
     fingerprint = _digest(json.dumps(settings).encode(), _digest(*train_digests), _digest(*val_digests))
     files = [s for s in (*train_sources, *val_sources) if isinstance(s, Path)]
     return Corpus(train=train, val=val, files=files, fingerprint=fingerprint.hex())
+
+
+def _table_reader(sources: list[Path | str], cfg: DataConfig) -> dict[str, int]:
+    """data.tables' version when a table is among `sources`, for the fingerprints: no cache then
+    serves the tokens of rows an older reader parsed (and text-only corpora keep theirs)."""
+    return {"tables": tables.VERSION} if any(_format_of(s, cfg.format) in _TABLES for s in sources) else {}
 
 
 def _split(sources: list[Path | str], cfg: DataConfig, seed: int) -> dict[str, Any] | None:
@@ -125,7 +164,10 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
     val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):
         return None
-    parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(), b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
+    reader = _table_reader([*train, *val], cfg)
+    parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(),
+             *([json.dumps(reader).encode()] if reader else []),
+             b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
              b"val", *(_digest(p.read_bytes()) for p in val)]  # type: ignore[union-attr]
     return _digest(*parts).hex()
 
@@ -133,18 +175,21 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
 def _resolve(patterns: str | list[str], plan_dir: Path, where: str) -> list[Path | str]:
     """Paths and globs (relative to the plan) to existing files, in order, without repeats;
     hub names pass through."""
-    stdlib = sysconfig.get_paths()["stdlib"]
     sources: dict[Path | str, None] = {}  # an ordered set: overlapping globs read a file once
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
         if pattern.startswith(HUB_PREFIX):
             sources[pattern] = None
             continue
-        full = plan_dir / Path(pattern.replace("{stdlib}", stdlib)).expanduser()
+        full = _full_path(pattern, plan_dir)
         matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(where, f"no file matches '{pattern}'")
         sources.update(dict.fromkeys(matches))
     return list(sources)
+
+
+def _full_path(pattern: str, plan_dir: Path) -> Path:
+    return plan_dir / Path(pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()
 
 
 def _format_of(source: Path | str, forced: str) -> str:
@@ -169,6 +214,12 @@ def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | Non
                 docs += hub_docs
             continue
         paths = [p for p in run if isinstance(p, Path)]
+        if fmt in _TABLES:
+            for path in paths:
+                text = tables.read_text(path)
+                digests.append(_digest(text.encode()))  # the rows are a function of the decoded text
+                docs += _table_documents(path, text, _TABLES[fmt], cfg.field)
+            continue
         digests += [_digest(_checked_bytes(path, fmt)) for path in paths]
         if fmt == "text":
             docs += _load(paths, "text", "text", where=str(paths[0]))
@@ -186,19 +237,23 @@ def _digest(*parts: bytes) -> bytes:
     return h.digest()
 
 
+def _table_documents(path: Path, text: str, fmt: str, field: str | int) -> list[str]:
+    """One document per row of a table: its `field`."""
+    return [tables.cell_text(value, "text", field, f"{path}:{line}")
+            for line, [value] in tables.table_rows(path, text, fmt, (field,))]
+
+
 def _checked_bytes(path: Path, fmt: str) -> bytes:
-    """The file's bytes, after the checks `datasets` would report badly or not at all."""
+    """A text or parquet file's bytes, after the checks `datasets` would report badly or not at all."""
     data = path.read_bytes()
     if not data:
         raise UserError(str(path), "empty file")
-    if fmt in _TEXT_LIKE:
+    if fmt == "text":
         try:
-            text = data.decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
                                        f"({e.reason})") from None
-        if fmt != "text" and not text.strip():
-            raise UserError(str(path), "empty file (only whitespace)")
     return data
 
 
@@ -208,12 +263,9 @@ def _load(paths: list[Path], fmt: str, field: str | int, where: str) -> list[str
     from datasets.exceptions import DatasetGenerationError
 
     builder, options = _BUILDERS[fmt]
-    if isinstance(field, int):  # a column index: a csv/tsv file without a header row
-        if fmt not in ("csv", "tsv"):
-            raise UserError(where, f"a column index (field: {field}) is for csv/tsv files without a header")
-        # Read as the task readers read such files (tasks.records): no quoting, a " is text.
-        options = {**options, "header": None, **({"quoting": csv.QUOTE_NONE} if fmt == "tsv" else {})}
-        field = str(field)
+    if isinstance(field, int):
+        raise UserError(where, f"a column index (field: {field}) is for csv/tsv files without a header "
+                               "or JSON Lines of arrays")
     # keep_in_memory: the dataset must not point into the scratch directory once it is gone.
     with tempfile.TemporaryDirectory(prefix="stagewise-datasets-") as scratch:
         try:

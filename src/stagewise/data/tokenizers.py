@@ -5,10 +5,13 @@ Every tokenizer built here has `<|endoftext|>`, which separates documents in the
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stagewise.errors import UserError
 from stagewise.plan.schema import TokenizerConfig
@@ -106,3 +109,48 @@ def to_transformers(tok: Tokenizer) -> PreTrainedTokenizerFast:
     eos = tok.id_to_token(eos_id(tok))
     unk = UNK if tok.token_to_id(UNK) is not None else None
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, unk_token=unk)
+
+
+# --- symbols the tokenizer does not know --------------------------------------------------------
+
+
+def unk_id(tok: Tokenizer) -> int | None:
+    """The id unknown symbols become (None: the tokenizer has no unknown token, e.g. byte-level)."""
+    unk = getattr(tok.model, "unk_token", None)
+    return tok.token_to_id(unk) if isinstance(unk, str) else None
+
+
+def unknown_in(encodings: Iterable[Encoding], texts: Sequence[str], unk: int | None) -> Counter[str]:
+    """The symbols of `texts` that their encodings map to the unknown token, by count. Nothing is
+    dropped from the ids (the unknown token stands in for each), but decoding skips it, and the
+    model learns nothing of what it was: so preparation reports them (`unknown_report`)."""
+    found: Counter[str] = Counter()
+    if unk is None:
+        return found
+    for encoding, text in zip(encodings, texts, strict=True):
+        for i, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if i == unk:
+                found[text[start:end]] += 1
+    return found
+
+
+def count_unknown(tok: Tokenizer, texts: Sequence[str]) -> Counter[str]:
+    return unknown_in(tok.encode_batch(list(texts), add_special_tokens=False), texts, unk_id(tok))
+
+
+def unknown_report(found: Counter[str], what: str) -> str | None:
+    """One line on the unknown symbols of `what` ("12 training examples", "the prompt"), or None."""
+    if not found:
+        return None
+    total = sum(found.values())
+    shown = ", ".join(f"{symbol!r} x{n}" for symbol, n in found.most_common(5))
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return (f"{total} symbol{'s' if total > 1 else ''} of {what} unknown to the tokenizer, encoded as its "
+            f"unknown token ({shown}{more})")
+
+
+def warn_unknown(found: Counter[str], where: str, what: str) -> None:
+    """The report of `unknown_report` as a one-line warning on stderr."""
+    line = unknown_report(found, what)
+    if line is not None:
+        print(f"warning: {where}: {line}", file=sys.stderr)

@@ -67,6 +67,14 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return self.store.steps()
 
+    def load(self, step: int, restore: Callable[[dict[str, Any]], None]) -> None:
+        """Restore exactly that checkpoint (the best evaluation's, which no other stands in for)."""
+        try:
+            load_checkpoint(self.store.step_dir(step), self.store.key, self.model, apply=restore)
+        except InvalidCheckpoint as e:
+            self.invalid(step, e, "the stage cannot end on it")
+            raise RunStopped(f"stage '{self.stage.name}' cannot end on its best evaluation: {e}", code=1) from None
+
     def go_back(self, step: int, restore: Callable[[dict[str, Any]], None]) -> int:
         """Restore the newest valid checkpoint at or before `step` (its state through `restore`,
         its weights into the model); returns its step. An invalid one is reported and skipped."""

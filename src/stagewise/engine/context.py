@@ -1,10 +1,12 @@
-"""What every stage of one run shares: where it runs, at what precision, the logs; and one
-dropout control per model (it remembers the model's own rates, so it must outlive the stages)."""
+"""What every stage of one run shares: where it runs, at what precision, the logs; one dropout
+control per model (it remembers the model's own rates, so it must outlive the stages); and an
+optional hook on evaluations (a search reports them to its pruner)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,21 @@ from stagewise.plan.schema import Plan
 from stagewise.track.logs import RunLogs
 from stagewise.track.progress import ProgressView
 
+# (stage name, stage step, metrics) after each mid-stage evaluation; it may raise to stop the run.
+EvalHook = Callable[[str, int, dict[str, float]], None]
+# Whoever starts a run sets the hook here (`on_eval`) rather than through every call in between.
+_EVAL_HOOK: ContextVar[EvalHook | None] = ContextVar("stagewise_eval_hook", default=None)
+
+
+@contextmanager
+def on_eval(hook: EvalHook) -> Iterator[None]:
+    """Runs started inside this block call `hook` after each mid-stage evaluation."""
+    token = _EVAL_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _EVAL_HOOK.reset(token)
+
 
 @dataclass
 class RunContext:
@@ -24,6 +41,7 @@ class RunContext:
     autocast: Callable[[], AbstractContextManager[None]]
     logs: RunLogs
     view: ProgressView
+    on_eval: EvalHook | None = field(default_factory=_EVAL_HOOK.get)
     _dropouts: dict[int, DropoutControl] = field(default_factory=dict)
 
     def dropout_of(self, model: torch.nn.Module) -> DropoutControl:

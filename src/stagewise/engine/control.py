@@ -110,7 +110,8 @@ class StageControl:
         self.until_plateau = Plateau(self.until.plateau) if self.until and self.until.plateau else None
         self.fires = [0] * len(self.rules)
         self.lr_factor = 1.0
-        self.best: dict[str, Any] | None = None  # {"value", "step"} of the best evaluation (rollback rules)
+        self.best: dict[str, Any] | None = None  # {"value", "metric", "step", "metrics"} of the best evaluation
+        self.best_by = self._best_by(stage)
         self.attempt = 0  # rollbacks so far; metrics lines after one say which attempt they belong to
         self.retries = 0  # guard actions so far
         self.fault_attempt: dict[int, int] = {}  # one-time faults: the attempt they happened in
@@ -203,16 +204,19 @@ class StageControl:
                 end = f"plateau of {self.until.plateau.metric} (best {self.until_plateau.best:.4g})"  # type: ignore[union-attr]
             elif self.until.target is not None and reached(self.until.target, metrics):
                 end = f"target {self.until.target.metric} {metrics[self.until.target.metric]:.4g} reached"
-        new_best = False
-        if self.rollback_rules:
-            rule = next(r for r in self.rules if r.do.rollback is not None)
-            condition = rule.when.plateau or rule.when.target
-            metric, mode = (condition.metric, condition.mode) if condition else ("val_loss", "min")
-            value = metrics[metric]
-            better = self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"])
-            if better:
-                self.best, new_best = {"value": value, "metric": metric, "step": step}, True
-        return fired, end, new_best
+        return fired, end, self.judge_best(step, metrics)
+
+    def judge_best(self, step: int, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation is the best so far (then remembered), when something needs the
+        best one: a rollback rule goes back to it, `end: best` ends on it."""
+        if self.best_by is None:
+            return False
+        metric, mode = self.best_by
+        value = metrics[metric]
+        better = self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"])
+        if better:
+            self.best = {"value": value, "metric": metric, "step": step, "metrics": dict(metrics)}
+        return better
 
     def scale_lr(self, step: int, factor: float, min_lr: float = 0.0) -> tuple[float, float] | None:
         """ReduceLROnPlateau's reduction of the current LR; (old, new), or None when below eps."""
@@ -228,6 +232,20 @@ class StageControl:
         """Make the LR at `step` equal `lr`; the schedule's shape goes on from there."""
         base = self.stage.lr(step)
         self.lr_factor = lr / base if base > 0.0 else 1.0
+
+    def _best_by(self, stage: ResolvedStage) -> tuple[str, str] | None:
+        """(metric, mode) the best evaluation is judged by: a rollback rule's condition; for `end:
+        best` the metric its `until` or a plateau/target rule names, else val_loss; None: unused."""
+        rollback = next((r for r in self.rules if r.do.rollback is not None), None)
+        if rollback is not None:
+            conditions = [rollback.when.plateau or rollback.when.target]
+        elif stage.config.end == "best":
+            conditions = [self.until.plateau or self.until.target] if self.until else []
+            conditions += [r.when.plateau or r.when.target for r in self.rules]
+        else:
+            return None
+        condition = next((c for c in conditions if c is not None), None)
+        return (condition.metric, condition.mode) if condition else ("val_loss", "min")
 
     # ------------------------------------------------------------------ state
 

@@ -121,6 +121,13 @@ class StageOptimizer:
         self.optimizer, self.spec = new, {"name": name, "settings": settings}
         return converted
 
+    def reset_moments(self) -> int:
+        """The guard's `reset_moments`: every parameter's state starts afresh at the next step (Adam
+        counts from step 1 again, so its bias correction holds). Returns how many had state."""
+        held = len(self.optimizer.state)
+        self.optimizer.state.clear()  # muon's two halves share this dict
+        return held
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]

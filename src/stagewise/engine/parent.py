@@ -1,10 +1,12 @@
 """What a stage starts from: its parent's state (its end, or the step a branch starts from), or
-for a root the plan's model as built; a new head gets the parent LM's backbone."""
+for a root the plan's model as built; a new head gets the parent LM's backbone; an adapter stage
+prepares its adapter (models.adapters: merge the parent's, start a new one)."""
 
 from __future__ import annotations
 
 from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
 from stagewise.engine.context import RunContext
+from stagewise.engine.device import derive_seed
 from stagewise.engine.handoff import HeldState
 from stagewise.engine.prepare import Prepared, Stage
 from stagewise.engine.status import handoff_probe
@@ -12,8 +14,9 @@ from stagewise.errors import RunStopped
 from stagewise.tasks.stage_setup import carry_head
 
 
-def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -> None:
-    """Put the parent's state into the model (from memory when `held` has it, else the store)."""
+def load_parent(run: RunContext, prepared: Prepared, stage: Stage, step: int, held: HeldState) -> None:
+    """Put the parent's state into the model (from memory when `held` has it, else the store).
+    `step`: the plan step the stage starts at, for the log."""
     if stage.parent is None:  # the plan's model as built (or loaded) by `prepare`
         parent_model = prepared.root
         if held.marker is not None:  # a `from: init` stage after others have trained it
@@ -34,7 +37,12 @@ def load_parent(run: RunContext, prepared: Prepared, stage: Stage, held: HeldSta
                                  f"run went on: {e}; run again to retrain the parent from its last good step",
                                  code=1) from None
             held.hold(marker, parent.resolved, loaded)
+    adapter = stage.setup.adapter
+    if adapter is not None:
+        done = adapter.start(parent_model, stage.model, derive_seed(run.plan.seed, stage.name, "adapter"))
+        if done:
+            run.logs.event("adapter_start", stage=stage.name, step=step, **done)
     if stage.setup.head:
         carried = carry_head(stage.setup, parent_model, f"{stage.resolved.node.where}.task")
-        run.logs.event("head_attached", stage=stage.name, step=stage.resolved.start_step, carried_tensors=carried,
+        run.logs.event("head_attached", stage=stage.name, step=step, carried_tensors=carried,
                        classes=len(stage.setup.labels or ()))

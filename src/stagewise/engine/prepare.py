@@ -21,10 +21,11 @@ from stagewise.optim.layers import StageLayers
 from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
 from stagewise.plan.schema import Plan
 from stagewise.plan.tree import StageNode, stage_tree
+from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.spec import StageSetup, TaskSpec
-from stagewise.tasks.stage_setup import setup_stages
+from stagewise.tasks.stage_setup import plan_corpus, setup_stages
 
-_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample")
+_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,21 +81,26 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
         nodes = stage_tree(plan)
         check_model_keys(plan)  # before any data is read or model built
-        lm_data = lm = None
+        lm_data = lm = template = None
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
-            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed)
+            tok = plan.tokenizer
+            template = plan_template(plan.chat_template, plan_path.parent, tok.path,
+                                     special_tokens(tok.kind, tok.path, plan_path.parent))
+            lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed,
+                                   corpus=plan_corpus(plan, nodes, template, plan_path.parent))
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         device = resolve_device(plan.device)
         if lm_data is not None:
             lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
             set_attention(lm, plan.model.attention, plan.compile, device)
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template)
         _check_handoffs(nodes, setups)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
                     "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
                     "precision": str(resolve_precision(plan.precision, device))}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
-                              n.where) for n, s in zip(nodes, setups, strict=True)]
+                              n.where, s.adapter.trainable(s.model) if s.adapter is not None else None)
+                  for n, s in zip(nodes, setups, strict=True)]
         sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
         resolved = resolve_stages(nodes, sizes, context_length(lm) if lm is not None else None, identity,
                                   where=str(plan_path))
@@ -125,8 +131,9 @@ def _check_handoffs(nodes: list[StageNode], setups: list[StageSetup]) -> None:
             continue
         parent = setups[node.parent.index]
         if setup.model is not parent.model:
+            trains = "a new head" if setup.head else "other parameters (a new adapter, or merged weights)"
             raise UserError(f"{node.where}.optimizer.handoff", f"{handoff} needs the parent's model; this stage "
-                                                               "trains a new head (use reset)")
+                                                               f"trains {trains} (use reset)")
         if handoff == "carry" and node.config.layers != node.parent.config.layers:
             raise UserError(f"{node.where}.optimizer.handoff", "carry needs the parent's layers settings (the "
                                                                "optimizer's parameter groups); use reset or convert")

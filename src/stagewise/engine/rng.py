@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 
 def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # the legacy tuple form
+    kind, keys, pos, has_gauss, cached = state
     return {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],

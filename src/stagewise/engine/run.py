@@ -4,6 +4,7 @@ one that was cut off; then the summary and the sample. Setup is engine.prepare's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,7 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
                      logs=RunLogs(run_dir), view=ProgressView(prepared.total_steps, console))
-    tasks: dict[tuple[int, int, str, int], Task] = {}  # one per model and data: a compiled loss is compiled once
+    tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
         run.logs.event("plan_start", plan=plan.name, device=str(device), resumed=resumed,
@@ -82,15 +83,19 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         with StopRequest() as stop:
             held = HeldState()
             pins = pinned_steps(prepared.resolved)
+            placed: dict[str, ResolvedStage] = {}  # each stage on the plan's step axis as it ran
+            ran: dict[str, int] = {}  # the updates each stage made (fewer when it ended early)
             for stage in prepared.stages:
-                setup, cfg = stage.setup, stage.resolved.config
-                task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam)
+                numbers = _placed(stage, placed, ran)
+                setup, cfg = stage.setup, numbers.config
+                task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam, tuple(cfg.eval.metrics or ()))
                 if task_key not in tasks:
                     tasks[task_key] = setup.spec.bind(setup, cfg, cfg.data or plan.data, device, run.autocast,
                                                       plan.compile)
-                checkpointer = Checkpointer(run, stage.resolved, setup.model, prepared.store(stage), pins[stage.name],
+                checkpointer = Checkpointer(run, numbers, setup.model, prepared.store(stage), pins[stage.name],
                                             stop, stop_after, hint)
-                summaries.append(_run_stage(run, prepared, stage, tasks[task_key], held, checkpointer))
+                summaries.append(_run_stage(run, prepared, stage, numbers, tasks[task_key], held, checkpointer))
+                placed[stage.name], ran[stage.name] = numbers, summaries[-1].steps
         run.logs.event("plan_end", plan=plan.name)
     except BaseException as e:
         stopped = isinstance(e, (RunStopped, KeyboardInterrupt))
@@ -104,15 +109,31 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     run.view.summary(summaries)
     last = prepared.stages[-1]
     if plan.sample is not None and last.spec.samples and prepared.data is not None:
-        run.view.print(f"sample:\n{generate_sample(run, last.model, prepared.data)}")
+        text = generate_sample(run, last.model, prepared.data, last.setup.chat)
+        _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
+        run.view.print(f"sample:\n{text}")
     return summaries
 
 
-def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, held: HeldState,
-               checkpointer: Checkpointer) -> StageSummary:
+def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int]) -> ResolvedStage:
+    """The stage's numbers with its first step where its parent really ended (or the branch point
+    on the parent's axis): after an early stop the next stage goes on from there, no gap."""
+    numbers, parent = stage.resolved, stage.parent
+    if parent is None:
+        return numbers
+    at = numbers.parent_step if numbers.parent_step is not None else ran[parent.name]
+    start = placed[parent.name].start_step + at
+    if start == numbers.start_step:
+        return numbers
+    tokens = placed[parent.name].start_tokens + at * placed[parent.name].tokens_per_step
+    return dataclasses.replace(numbers, start_step=start, start_tokens=tokens)
+
+
+def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedStage, task: Task,
+               held: HeldState, checkpointer: Checkpointer) -> StageSummary:
     """Reuse the stage when the store holds its end (and it reads back), else resume it from its
     newest valid checkpoint, else train it from its parent's state; then save its end and export."""
-    store, numbers = checkpointer.store, stage.resolved
+    store = checkpointer.store
     with store.lock():  # a second process training the same stage waits here, then reuses it
         limit = min(checkpointer.pins - set(store.steps()), default=numbers.steps)  # resume before a missing pin
         broken: tuple[int | None, InvalidCheckpoint] | None = None
@@ -122,10 +143,10 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, he
                 limit = min(limit, broken[0] - 1)  # train through the branch point again
             else:
                 try:
-                    return _reuse(run, prepared, stage, held)
+                    return _reuse(run, prepared, stage, numbers, held)
                 except InvalidCheckpoint as e:
                     broken = (None, e)
-        trainer = _resume(run, stage, task, checkpointer, limit)
+        trainer = _resume(run, stage, numbers, task, checkpointer, limit)
         if broken is not None:
             then = (f"stage '{stage.name}' resumes from step {trainer.progress.step}" if trainer is not None
                     else f"stage '{stage.name}' is trained again from its start")
@@ -133,7 +154,7 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, he
         start_lr = None
         if trainer is None:
             optimizer = StageOptimizer(numbers, task.model, stage.layers)
-            load_parent(run, prepared, stage, held)
+            load_parent(run, prepared, stage, numbers.start_step, held)
             start_lr = optimizer.hand_off(held, run.logs)
             trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
         resumed_at = trainer.progress.step
@@ -142,16 +163,16 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, task: Task, he
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
-        run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + numbers.steps,
+        run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
-        _export(run, prepared, stage, held)
+        _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 
 
-def _reuse(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -> StageSummary:
+def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedStage, held: HeldState) -> StageSummary:
     """The stage's end from the store: its weights into the model, its state held for the
     children; InvalidCheckpoint when it does not read back."""
-    store, numbers = prepared.store(stage), stage.resolved
+    store = prepared.store(stage)
     manifest = store.final_manifest()
     assert manifest is not None
     try:
@@ -164,14 +185,15 @@ def _reuse(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -
     run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
                    tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
     run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
-    _export(run, prepared, stage, held)
+    _export(run, prepared, stage, numbers.start_step + summary.steps, held)
     return summary
 
 
-def _resume(run: RunContext, stage: Stage, task: Task, checkpointer: Checkpointer, limit: int) -> StageTrainer | None:
+def _resume(run: RunContext, stage: Stage, numbers: ResolvedStage, task: Task, checkpointer: Checkpointer,
+            limit: int) -> StageTrainer | None:
     """A trainer continuing from the newest valid checkpoint at or before `limit` (its weights in
     the model); None when there is none. An invalid one is reported and the one before it tried."""
-    store, numbers = checkpointer.store, stage.resolved
+    store = checkpointer.store
     steps = [s for s in reversed(store.steps()) if s <= limit]
     for i, step in enumerate(steps):
         trainer = StageTrainer(run, numbers, task, stage.layers, StageOptimizer(numbers, task.model, stage.layers),
@@ -201,7 +223,7 @@ def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int
     return record.get("stage_step", 0) <= resumed_at and not final_eval
 
 
-def _export(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) -> None:
+def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, held: HeldState) -> None:
     """The stage's final model (held in memory: trained or reused) as a directory that can be
     used on its own (tasks.export); `stagewise.json`, written last, marks it complete."""
     assert held.marker == (stage.key, None)
@@ -220,8 +242,7 @@ def _export(run: RunContext, prepared: Prepared, stage: Stage, held: HeldState) 
                                       "labels": setup.labels}))
 
     _write(out, save)
-    run.logs.event("stage_saved", stage=stage.name, step=stage.resolved.start_step + stage.resolved.steps,
-                   path=str(out.relative_to(run.run_dir)))
+    run.logs.event("stage_saved", stage=stage.name, step=end_step, path=str(out.relative_to(run.run_dir)))
 
 
 def _write(path: Path, write: Callable[[Path], Any]) -> None:

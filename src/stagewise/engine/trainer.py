@@ -6,6 +6,7 @@ and RNG states (`capture`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -22,9 +23,11 @@ from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_fini
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import rng_state, set_rng_state
 from stagewise.errors import RunStopped
+from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
+from stagewise.optim.schedule_free import averaged, is_schedule_free
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.tasks.base import Batch, BatchSource, Task
@@ -97,6 +100,8 @@ class StageTrainer:
         self.progress = StageProgress(window_loss=torch.zeros((), device=run.device))
         self.control = StageControl(stage, stage.track_swats)
         self.params = [p for n, p in self.model.named_parameters() if n in layers.held]  # what the optimizer holds
+        average = stage.config.average
+        self.average = WeightEMA(self.model, average.ema) if average is not None else None  # from the first weights
         self.started = self.window_started = time.perf_counter()
         self.timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
         self.resumed = False
@@ -120,11 +125,18 @@ class StageTrainer:
             update = self.train_step()
             if update is not None:
                 self._after_update(update)
-        if self.progress.eval_step != self.progress.step:  # an evaluation that ended the stage is not repeated
-            self.progress.metrics = self._evaluate()
-            self.progress.val_loss = self.progress.metrics["val_loss"]
-        self._check_end()
         p = self.progress
+        if p.eval_step != p.step:  # an evaluation that ended the stage is not repeated
+            p.metrics = self._evaluate()
+            p.val_loss = p.metrics["val_loss"]
+            self.control.judge_best(p.step, {**p.metrics, "train_loss": p.train_loss if p.train_loss is not None else math.nan})
+        if self.stage.config.end == "best":
+            self._end_on_best()
+        if self.average is not None:
+            self.average.copy_to_model()  # the stage ends on the average: final checkpoint, children, export
+        if is_schedule_free(self.opt.optimizer):
+            self.opt.optimizer.eval()  # type: ignore[attr-defined]  # likewise on its averaged weights x
+        self._check_end()  # the weights and metrics the stage ends on
         summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
                                tokens=p.step * self.stage.tokens_per_step, seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
@@ -159,10 +171,9 @@ class StageTrainer:
             self.watch.note(step + 1, update_loss, grad_norm)
         # The guard looks before the optimizer steps: a bad update never reaches the weights.
         if control.checks_updates:
-            why = control.check_update(step, update_loss.item(), float(grad_norm))  # type: ignore[arg-type]
-            if why is not None:
-                self.opt.optimizer.zero_grad(set_to_none=True)
-                self._guard_acts(why)
+            loss_value, norm = update_loss.item(), float(grad_norm)  # type: ignore[arg-type]
+            why = control.check_update(step, loss_value, norm)
+            if why is not None and not self._guard_acts(why, spike=math.isfinite(loss_value) and math.isfinite(norm)):
                 return None
         swats = control.swats if self.opt.follows_adam else None  # only Adam's steps estimate SGD's LR
         if swats is not None:
@@ -170,6 +181,8 @@ class StageTrainer:
         self.opt.optimizer.step()
         if swats is not None:
             swats.after(self.params)
+        if self.average is not None:
+            self.average.update()
         self.opt.optimizer.zero_grad(set_to_none=True)
         self.progress.window_loss += update_loss
         return Update(lr, grad_norm, epoch)
@@ -201,6 +214,25 @@ class StageTrainer:
                                 stage_step=p.step, reason=ended)
             self.run.view.print(f"[{stage.name}] ends early at step {p.step}: {ended}")
         self.checkpoints(p.step, self.capture)
+
+    def _end_on_best(self) -> None:
+        """`end: best`: the model and optimizer go back to the best evaluation's checkpoint, so the
+        final checkpoint, the children and the export all hold those weights."""
+        best, p = self.control.best, self.progress
+        assert best is not None  # resolve requires evaluations during the stage
+        if best["step"] != p.step:
+            def take(state: dict[str, Any]) -> None:
+                self.opt.load_state_dict(state)
+                if self.average is not None:
+                    self.average.load_state_dict(state["average"])
+
+            self.checkpoints.load(best["step"], take)
+            p.metrics = {k: v for k, v in best["metrics"].items() if k != "train_loss"}
+            p.val_loss = p.metrics["val_loss"]
+        self.run.logs.event("stage_end_best", **self._where(best["step"]), metric=best["metric"], value=best["value"],
+                            last_step=self.stage.start_step + p.step)
+        self.run.view.print(f"[{self.stage.name}] ends on its best evaluation: step {best['step']} "
+                            f"({best['metric']} {best['value']:.4f})")
 
     def _logging(self, stage_step: int) -> bool:
         return stage_step % self.run.plan.log.every == 0 or stage_step == self.stage.steps
@@ -243,7 +275,8 @@ class StageTrainer:
             why = self.watch.problem() if self.watch is not None else None
             self._stop_nonfinite(why or (None if weights_finite(self.model) else "non-finite weights"))
         return {**self.handoff_state(), "sampler": self.sampler.state_dict(), "progress": self.progress.state_dict(),
-                "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started)}
+                "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started),
+                "average": self.average.state_dict() if self.average is not None else None}
 
     def restore(self, state: dict[str, Any], rollback: bool) -> None:
         """Continue from a checkpoint's state: everything the steps so far changed, exactly.
@@ -253,6 +286,8 @@ class StageTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.progress.load_state_dict(state["progress"], self.run.device)
         set_rng_state(state["rng"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.layers.apply(self.sampler.epoch)
 
     # --- reacting -------------------------------------------------------------------------------------
@@ -272,12 +307,15 @@ class StageTrainer:
         """The start of a metrics line: the plan's step first."""
         return {"step": self.stage.start_step + step, "stage": self.stage.name, "stage_step": step}
 
-    def _guard_acts(self, why: str) -> None:
-        """Skip the update, or go back to a good checkpoint; stop when the retry budget is spent."""
+    def _guard_acts(self, why: str, spike: bool) -> bool:
+        """Skip the update, go back to a good checkpoint, or (a finite spike, `reset_moments`) let it
+        go ahead clipped with fresh optimizer moments: True then. Stop when the retry budget is spent."""
         guard, control, stage = self.control.guard, self.control, self.stage
         assert guard is not None
         step = self.progress.step
         where = self._where(step + 1)
+        if not (guard.action == "reset_moments" and spike and control.retries < guard.max_retries):
+            self.opt.optimizer.zero_grad(set_to_none=True)
         if control.retries >= guard.max_retries:
             control.retries = 0  # a resumed run gets a new budget: resuming is the user's decision
             self.checkpoints.save(step, self.capture)
@@ -286,17 +324,27 @@ class StageTrainer:
                              f"{guard.max_retries} retries are spent. Checkpoint saved at step {step}; resume to "
                              f"try again, or change the guard or the data", code=3)
         control.retries += 1
-        if guard.action == "skip":
+        if guard.action == "reset_moments" and spike:
+            clip = guard.reset_settings().clip
+            held = self.opt.reset_moments()
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.run.logs.event("guard_reset_moments", reason=why, retry=control.retries, reset_parameters=held,
+                                clip=clip, **where)
+            self.run.view.print(f"[{stage.name}] update {step + 1}: {why}; optimizer moments reset, gradient "
+                                f"clipped to {clip:g}")
+            return True
+        if guard.action != "rollback":  # skip, and reset_moments on a non-finite update
             self.progress.step += 1  # the update is spent: the batch is dropped, the schedule goes on
             self.run.logs.event("guard_skip", reason=why, retry=control.retries, **where)
             self.run.view.print(f"[{stage.name}] update {step + 1} skipped: {why}")
-            return
+            return False
         back = guard.rollback_settings()
         target = self._go_back(max(0, step - back.steps_back), back.skip_batches, back.lr_scale)
         self.run.logs.event("guard_rollback", reason=why, retry=control.retries, to_step=stage.start_step + target,
                             to_stage_step=target, skip_batches=back.skip_batches, lr_scale=back.lr_scale, **where)
         self.run.view.print(f"[{stage.name}] update {step + 1} refused ({why}): back to step {target}, "
                             f"skipping {back.skip_batches} batches, LR x{back.lr_scale:g}")
+        return False
 
     def _go_back(self, step: int, skip_batches: int, lr_scale: float) -> int:
         """Restore the newest valid checkpoint at or before `step`; returns its step."""
@@ -397,6 +445,8 @@ class StageTrainer:
             self._stop_nonfinite(f"non-finite {', '.join(bad)} at the evaluation")
         p.val_loss, p.eval_step, p.metrics = metrics["val_loss"], p.step, dict(metrics)
         metrics["train_loss"] = p.train_loss if p.train_loss is not None else math.nan
+        if self.run.on_eval is not None:  # e.g. a search's pruner, which may stop the run here
+            self.run.on_eval(self.stage.name, p.step, dict(metrics))
         fired, end, best = self.control.after_eval(p.step, metrics)
         if best:
             self.checkpoints.save(p.step, self.capture, keep="best")
@@ -405,7 +455,12 @@ class StageTrainer:
     def _evaluate(self) -> dict[str, float]:
         stage, step = self.stage, self.progress.step
         limit = stage.config.eval.batches
-        metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
+        with contextlib.ExitStack() as weights:  # evaluated: the averaged weights, when the stage averages
+            if self.average is not None:
+                weights.enter_context(self.average.applied())
+            if is_schedule_free(self.opt.optimizer):
+                weights.enter_context(averaged(self.opt.optimizer))
+            metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)
                   for k, v in metrics.items()}  # JSON has no infinity

@@ -3,10 +3,10 @@ against the architecture's config class) or loaded from a local directory / hub 
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import inspect
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -25,7 +25,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
         return AutoModelForCausalLM.from_config(config)
     except Exception as e:  # noqa: BLE001 - keys past models.keys' checks that the architecture refuses
         raise UserError("model", f"{cfg.arch} cannot be built from these keys: {type(e).__name__}: "
-                                 f"{str(e)[:100]}") from None
+                                 f"{str(e).splitlines()[0][:100] if str(e) else ''}") from None
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
@@ -65,8 +65,10 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
         model = AutoModelForCausalLM.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError("model.pretrained", f"cannot load '{name}': {str(e).splitlines()[0]}") from None
-    if model.get_input_embeddings().num_embeddings < vocab_size:
-        raise UserError("model.pretrained", f"'{name}' has {model.get_input_embeddings().num_embeddings} "
+    embeddings: torch.nn.Embedding = model.get_input_embeddings()  # type: ignore[assignment]
+    embedded = embeddings.num_embeddings
+    if embedded < vocab_size:
+        raise UserError("model.pretrained", f"'{name}' has {embedded} "
                                             f"token embeddings, fewer than the tokenizer's {vocab_size}")
     return model
 
@@ -80,11 +82,13 @@ def set_attention(model: PreTrainedModel, choice: str, compiled: bool, device: t
     return choice
 
 
-def context_length(model: PreTrainedModel) -> int:
+def context_length(model: torch.nn.Module) -> int:
     """The longest sequence the model takes (n_positions / max_position_embeddings)."""
-    length = getattr(model.config, "max_position_embeddings", None)
+    config = getattr(model, "config", None)
+    length = getattr(config, "max_position_embeddings", None)
     if not isinstance(length, int):
-        raise UserError("model", f"{model.config.model_type} config has no max_position_embeddings")
+        raise UserError("model", f"{getattr(config, 'model_type', type(model).__name__)} config has no "
+                                 "max_position_embeddings")
     return length
 
 
@@ -100,17 +104,12 @@ class DropoutControl:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 self._modules.append((module, "p", module.p))
-            elif isinstance(getattr(module, "attention_dropout", None), float):
-                self._modules.append((module, "attention_dropout", module.attention_dropout))
+            elif isinstance(rate := getattr(module, "attention_dropout", None), float):
+                self._modules.append((module, "attention_dropout", rate))
 
     def set(self, rate: float | None) -> None:
         for module, attr, own in self._modules:
             setattr(module, attr, own if rate is None else rate)
 
-    def rates(self) -> set[float]:
+    def rates(self) -> builtins.set[float]:
         return {getattr(m, attr) for m, attr, _ in self._modules}
-
-
-def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "type": type(model).__name__}

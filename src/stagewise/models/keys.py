@@ -31,12 +31,12 @@ def check_model_keys(plan: Plan) -> None:
     cfg = plan.model
     if cfg.arch is None:  # pretrained: what it loads is checked as it loads
         return
-    from stagewise.tasks.models import BUILTIN
+    from stagewise.tasks.registry import TASKS, task_spec
 
     keys = cfg.size_keys()
     vocab = keys.get("vocab_size") or plan.tokenizer.vocab_size or 256
-    if cfg.arch in BUILTIN:
-        cls = BUILTIN[cfg.arch].get(plan.stages[0].task)
+    if any(cfg.arch in spec.builtin for spec in TASKS.values()):
+        cls = task_spec(plan.stages[0].task).builtin.get(cfg.arch)  # the first stage's task builds it
         if cls is None:  # not a model of that task: said by the task when it builds
             return
         defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()

@@ -29,6 +29,7 @@ class TransformerSeq2Seq(nn.Module):
         self.d_model = d_model
         self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        self.positions: torch.Tensor
         self.register_buffer("positions", sinusoids(max_positions, d_model), persistent=False)
         self.dropout = nn.Dropout(dropout)
 

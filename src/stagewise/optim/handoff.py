@@ -3,6 +3,7 @@ SWATS estimate of the SGD learning rate that matches Adam's steps (Keskar & Soch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,11 +51,11 @@ class SwatsEstimate:
         c = self.corrected
         return self.k >= min_steps and c is not None and self.gamma is not None and abs(c - self.gamma) < tolerance
 
-    def before(self, params: list[torch.Tensor]) -> None:
+    def before(self, params: Sequence[torch.Tensor]) -> None:
         self._before = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def after(self, params: list[torch.Tensor]) -> None:
+    def after(self, params: Sequence[torch.Tensor]) -> None:
         pp = torch.zeros((), dtype=torch.float64, device=params[0].device)
         pg = torch.zeros_like(pp)
         for p, old in zip(params, self._before, strict=True):

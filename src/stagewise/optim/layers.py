@@ -76,11 +76,15 @@ class StageLayers:
     but the frozen ones, so gradual unfreezing can hand more of them gradients later), which
     receive gradients in a given epoch, and each one's LR multiple."""
 
-    def __init__(self, model: nn.Module, freeze: list[str], unfreeze: str, lr_factor: float, where: str) -> None:
+    def __init__(self, model: nn.Module, freeze: list[str], unfreeze: str, lr_factor: float, where: str,
+                 only: set[str] | None = None) -> None:
+        """`only`: the parameters the stage may train at all (an adapter's; None: every one)."""
         self.model = model
         self.groups = layer_groups(model)
         frozen = matching(model, freeze, f"{where}.layers.freeze") if freeze else set()
         self.held = {name for group in self.groups for name in group} - frozen
+        if only is not None:
+            self.held &= only
         if not self.held:
             raise UserError(f"{where}.layers.freeze", "freezes every parameter: nothing would train")
         self.gradual = unfreeze == "gradual"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stagewise.optim.regularizers import is_decayed
+from stagewise.optim.schedule_free import SCHEDULE_FREE, build_schedule_free
 from stagewise.plan.schema import OPTIMIZER_SETTINGS
 
 # Groups whose parameters take the stage's weight_decay (and sgd_l1's shrinkage).
@@ -147,7 +148,8 @@ def _muon_params(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Par
     """Hidden-layer matrices: 2-D weights that are neither embeddings nor the output head (Muon
     orthogonalizes whole matrices, which suits neither a lookup table nor the logits layer)."""
     excluded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    getter = getattr(model, "get_output_embeddings", None)  # transformers models name their head
+    head = getter() if callable(getter) else None
     if head is not None:
         excluded |= {id(p) for p in head.parameters()}
     return [p for p in trainable if p.dim() == 2 and id(p) not in excluded]
@@ -197,6 +199,8 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
         # gd differs from sgd only in batching (the engine feeds the whole set), not in the update.
         return torch.optim.SGD(groups, lr=lr, momentum=settings["momentum"], nesterov=settings["nesterov"],
                                fused=fused)
+    if name in SCHEDULE_FREE:
+        return build_schedule_free(name, groups, settings)
     optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     return optimizer_class(groups, lr=lr, betas=tuple(settings["betas"]), eps=settings["eps"], fused=fused)
 

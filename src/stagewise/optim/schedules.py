@@ -27,6 +27,8 @@ on t = step - W over T = total - W steps:
     onecycle     torch OneCycleLR(max_lr=peak, total_steps=total, pct_start, div_factor,
                  final_div_factor, anneal_strategy=anneal, three_phase=False) for step < total;
                  its final LR, peak / div_factor / final_div_factor, at step == total
+    plateau      peak until evaluations plateau: plan.resolve makes it `constant` plus an on_plateau
+                 lr_scale rule (ReduceLROnPlateau), so the curve planned here is constant
     stlr         ULMFiT's slanted triangle (Howard & Ruder 2018, eq. 3), cut = floor(T * cut_frac):
                  p = t / cut if t < cut else max(0, 1 - (t - cut) / (cut * (1 / cut_frac - 1))),
                  lr = peak * (1 + p * (ratio - 1)) / ratio
@@ -146,7 +148,7 @@ def lr_at(schedule: ScheduleConfig, step: int, total: int, peak: float) -> float
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     t, span = step - warmup, total - warmup
-    if name == "constant":
+    if name in ("constant", "plateau"):
         return peak
     if name == "step":
         return peak * s["gamma"] ** (step // resolve_duration(s["step_size"], total))

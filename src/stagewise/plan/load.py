@@ -20,12 +20,51 @@ from pydantic import BaseModel, ValidationError
 from stagewise.errors import UserError
 from stagewise.plan.schema import Plan, StageConfig
 
+COMMAND_LINE = "command line"
+
 
 def load_plan(path: Path, overrides: list[str] | None = None) -> Plan:
     raw = read_yaml(path)
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate_plan(raw, where=str(path))
+    typed = _apply_overrides(raw, overrides or [])
+    try:
+        return validate_plan(raw, where=str(path))
+    except UserError as e:
+        raise blame_overrides(e, str(path), typed) from None
+
+
+def override_keys(path: Path, overrides: list[str]) -> dict[str, str]:
+    """What `blame_overrides` needs of a plan loaded with `overrides` (for errors found later, in
+    the data or the model the plan names)."""
+    return _apply_overrides(read_yaml(path), overrides)
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    return {apply_override(raw, item): item.partition("=")[0] for item in overrides}
+
+
+def blame_overrides(error: UserError, plan_where: str, typed: dict[str, str]) -> UserError:
+    """The error, naming the command line instead of the plan file when its key path is one an
+    override set (or lies inside or above one); the key as the user typed it. `typed`: resolved
+    key path (`stages[0].steps`) -> the override's key (`stages.stable.steps`)."""
+    if error.where == plan_where:  # a validation error: the key path leads the message
+        key, _, message = error.message.partition(": ")
+        rest = ""
+    elif error.where.startswith(f"{plan_where}: "):  # found later: the key path (and a file) lead `where`
+        key, _, rest = error.where.removeprefix(f"{plan_where}: ").partition(": ")
+        message = error.message
+    else:
+        return error
+    after = f": {rest}" if rest else ""
+    for resolved, key_typed in typed.items():
+        if _within(key, resolved):
+            return UserError(f"{COMMAND_LINE}: {key_typed}{key[len(resolved):]}{after}", message)
+        if _within(resolved, key):  # a check of the mapping the override changed a key of
+            return UserError(f"{COMMAND_LINE}: {key}{after}", message)
+    return error
+
+
+def _within(key: str, prefix: str) -> bool:
+    return key == prefix or (key.startswith(prefix) and key[len(prefix)] in ".[")
 
 
 MAX_PLAN_BYTES = 1_000_000
@@ -79,7 +118,7 @@ class _PyParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
 _Parser: Any = getattr(getattr(yaml, "cyaml", None), "CParser", None) or _PyParser
 
 
-class _BoundedLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor,  # type: ignore[misc]
+class _BoundedLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor,
                      yaml.resolver.Resolver):
     """A safe loader that measures each node as it is composed: its nesting depth on the way
     down, and its size and height with aliases expanded on the way up (an alias adds the measures
@@ -190,45 +229,54 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> str:
     """`key.path=value`; a stage is addressed by name or index: `stages.cooldown.steps=800`.
-    The value is parsed as a YAML scalar/flow value (`0.1`, `true`, `[0.9, 0.95]`)."""
+    The value is parsed as a YAML scalar/flow value (`0.1`, `true`, `[0.9, 0.95]`). Returns the
+    key path it set, as error messages write it (`stages[1].steps`)."""
     key, sep, text = item.partition("=")
+    where = f"{COMMAND_LINE}: {_cut(item)}"
     if not sep or not key:
-        raise UserError(f"override '{_cut(item)}'", "expected key.path=value")
+        raise UserError(where, "expected key.path=value")
     try:
         value = load_yaml(text)
     except yaml.YAMLError as e:
-        raise UserError(f"override '{_cut(item)}'", f"value is not valid YAML ({_yaml_problem(e)})") from None
+        raise UserError(where, f"value is not valid YAML ({_yaml_problem(e)})") from None
     parts = key.split(".")
     node: Any = raw
+    resolved: list[str | int] = []
     for i, part in enumerate(parts[:-1]):
-        node = _child(node, part, parts[: i + 1], item)
+        node, step = _child(node, part, parts[: i + 1], where)
+        resolved.append(step)
     last = parts[-1]
     if isinstance(node, list):
-        node[_stage_index(node, last, item)] = value
+        index = _stage_index(node, last, where)
+        node[index] = value
+        resolved.append(index)
     elif isinstance(node, dict):
         node[last] = value
+        resolved.append(last)
     else:
-        raise UserError(f"override '{_cut(item)}'", f"{'.'.join(parts[:-1])} is not a mapping")
+        raise UserError(where, f"{'.'.join(parts[:-1])} is not a mapping")
+    return format_path(resolved)
 
 
-def _child(node: Any, part: str, path: list[str], item: str) -> Any:
+def _child(node: Any, part: str, path: list[str], where: str) -> tuple[Any, str | int]:
     if isinstance(node, list):
-        return node[_stage_index(node, part, item)]
+        index = _stage_index(node, part, where)
+        return node[index], index
     if not isinstance(node, dict):
-        raise UserError(f"override '{_cut(item)}'", f"{'.'.join(path[:-1])} is not a mapping")
-    return node.setdefault(part, {})
+        raise UserError(where, f"{'.'.join(path[:-1])} is not a mapping")
+    return node.setdefault(part, {}), part
 
 
-def _stage_index(stages: list[Any], part: str, item: str) -> int:
+def _stage_index(stages: list[Any], part: str, where: str) -> int:
     names = [s.get("name") for s in stages if isinstance(s, dict)]
     if part in names:
         return names.index(part)
     if part.isdigit() and int(part) < len(stages):
         return int(part)
     hint = _suggest(part, [n for n in names if isinstance(n, str)])
-    raise UserError(f"override '{_cut(item)}'", f"no stage '{part}'{hint}")
+    raise UserError(where, f"no stage '{part}'{hint}")
 
 
 def describe_error(e: ValidationError, model: type[BaseModel], raw: dict[str, Any]) -> str:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from stagewise.errors import UserError
+from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
-from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, StageConfig
+from stagewise.plan.rules import ActionConfig, LrScaleAction, OnPlateauConfig
+from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, ScheduleConfig, StageConfig
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.registry import task_spec
 
@@ -121,6 +123,9 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
     def fail(key: str, message: str) -> UserError:
         return UserError(where, f"{node.where}.{key}: {message}")
 
+    if cfg.schedule.name == "plateau":
+        cfg = _plateau_as_rule(cfg, fail)
+
     parent, parent_step = _parent(node, earlier, fail)
     branch_at = parent.steps if parent and parent_step is None else parent_step
 
@@ -161,10 +166,17 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         steps = math.ceil(cfg.tokens / tokens_per_step)
 
     for key, metric in _metrics_used(cfg):
-        if metric not in spec.metrics:
-            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.metrics)})")
+        if metric not in spec.reported(cfg.eval):
+            raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.reported(cfg.eval))})")
+    if cfg.end == "best" and not _evaluates_midway(cfg):
+        raise fail("end", "best needs evaluations during the stage (eval.every or eval.each_epoch)")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
+    if name in SCHEDULE_FREE:
+        if cfg.average is not None:
+            raise fail("average", f"{name} averages its weights already (evaluated and handed on)")
+        if settings.get("momentum", 1.0) == 0.0:
+            raise fail("optimizer.momentum", "schedulefree_sgd needs momentum > 0 (its averaging)")
     if name == "sgd_l1" and cfg.regularization.l1 == 0.0:
         raise fail("regularization.l1", "optimizer sgd_l1 needs l1 > 0 (its proximal step applies it)")
     switches = [("on_plateau.do.switch", cfg.on_plateau.do.switch)] if cfg.on_plateau is not None else []
@@ -186,6 +198,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         if parent is None or parent.optimizer not in ADAM or name not in ("sgd", "gd"):
             raise fail("optimizer.lr", "auto (the SWATS estimate) is for a switch from adam/adamw to sgd/gd"
                                        + (f" (got {parent.optimizer} -> {name})" if parent else ""))
+        assert branch_at is not None  # a parent is there
         settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
     if "lr" not in settings:
         settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)
@@ -198,11 +211,9 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
         numbers["track_swats"] = True
-    # Evaluation only decides the weights when rules or `until` act on it.
-    decides = cfg.until is not None or cfg.all_rules()
-    excluded = {"from_"} if decides else {"eval", "from_"}
-    if not cfg.allow_nonfinite:  # unset: the keys of the stages cached before it existed stay the same
-        excluded.add("allow_nonfinite")
+    # Evaluation only decides the weights when rules, `until` or `end: best` act on it.
+    decides = cfg.until is not None or cfg.all_rules() or cfg.end == "best"
+    excluded = ({"from_"} if decides else {"eval", "from_"}) | _unset_new_keys(cfg)
     key = stage_key(parent.key if parent else None, parent_step,
                     {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
     return ResolvedStage(
@@ -213,6 +224,35 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
         windows_per_epoch=windows, unit=data.unit)
+
+
+# Keys added after stage keys were first written: at their default they stay out of the key, so
+# the stages of existing plans keep their cache.
+_NEW_KEYS = ("end", "average", "allow_nonfinite")
+
+
+def _unset_new_keys(cfg: StageConfig) -> set[str]:
+    return {k for k in _NEW_KEYS if getattr(cfg, k) == StageConfig.model_fields[k].default}
+
+
+def _evaluates_midway(cfg: StageConfig) -> bool:
+    return cfg.eval.every is not None or cfg.eval.each_epoch
+
+
+def _plateau_as_rule(cfg: StageConfig, fail: Any) -> StageConfig:
+    """`schedule: plateau` is ReduceLROnPlateau: a constant schedule (its warmup kept) and the
+    on_plateau rule that scales the LR by `factor` down to `min_lr`; the stage then trains (and is
+    keyed) exactly as one written that way."""
+    if cfg.on_plateau is not None:
+        raise fail("schedule.name", "plateau is an on_plateau lr_scale rule, and the stage has on_plateau already")
+    if not _evaluates_midway(cfg):
+        raise fail("schedule.name", "plateau reacts to evaluations: give eval.every or eval.each_epoch")
+    s = cfg.schedule.settings()
+    rule = OnPlateauConfig(patience=s["patience"], min_delta=s["threshold"],
+                           do=ActionConfig(lr_scale=LrScaleAction(factor=s["factor"], min_lr=s["min_lr"])))
+    constant = ScheduleConfig.model_validate({"name": "constant", **({"warmup": cfg.schedule.warmup}
+                                                                      if cfg.schedule.warmup is not None else {})})
+    return cfg.model_copy(update={"schedule": constant, "on_plateau": rule})
 
 
 def _metrics_used(cfg: StageConfig) -> list[tuple[str, str]]:
@@ -251,6 +291,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     if opt.handoff != "reset" and parent is None:
         raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this one starts from the model "
                                         "as built)")
+    if opt.handoff != "reset" and (name in SCHEDULE_FREE or parent.optimizer in SCHEDULE_FREE):  # type: ignore[union-attr]
+        raise fail("optimizer.handoff", "a schedule-free optimizer hands on its averaged weights only: use reset")
     if opt.handoff == "carry" and not same:
         raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
                                         f"{name} can reset, or convert (adam/adamw -> sgd)")

@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
 
+
 def _known(value: str, kind: str, names: list[str]) -> str:
     if value not in names:
         raise PydanticCustomError(kind, "input should be {names}", {"names": ", ".join(f"'{n}'" for n in names)})
@@ -24,7 +25,8 @@ def _known_metric(value: str) -> str:
     validation metrics, and the mean training loss since the previous log line."""
     from stagewise.tasks.registry import TASKS
 
-    return _known(value, "metric", list(dict.fromkeys(m for spec in TASKS.values() for m in spec.metrics)))
+    metrics = [m for spec in TASKS.values() for m in (*spec.metrics, *(f"val_{s}" for s in spec.selectable))]
+    return _known(value, "metric", list(dict.fromkeys(metrics)))
 
 
 def _known_task(value: str) -> str:
@@ -225,21 +227,36 @@ class GuardRollbackConfig(Strict):
     lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
+class GuardResetConfig(Strict):
+    """`reset_moments` (SPAM, Huang et al., ICLR 2025): the spiking update's gradient is clipped to
+    norm `clip` and applied with the optimizer's state started afresh (Adam's moments and step
+    count, SGD's momentum), so the spike does not linger in the moments."""
+
+    clip: PositiveFloat = 1.0
+
+
 class GuardConfig(Strict):
     """Checked on every update before the optimizer steps: a non-finite loss or gradient norm, and
-    a spike when `spike` is set. `skip` drops the update; `rollback` goes back (see above). After
-    `max_retries` actions the run stops, resumable, with a message."""
+    a spike when `spike` is set. `skip` drops the update; `rollback` goes back (see above);
+    `reset_moments` applies a spiking update clipped, with fresh optimizer moments (a non-finite
+    one is skipped). After `max_retries` actions the run stops, resumable, with a message."""
 
     spike: SpikeConfig | None = None
-    action: Literal["skip", "rollback"] = "skip"
+    action: Literal["skip", "rollback", "reset_moments"] = "skip"
     rollback: GuardRollbackConfig | None = None
+    reset: GuardResetConfig | None = None
     max_retries: Count = 3
 
     @model_validator(mode="after")
     def _rollback_settings(self) -> GuardConfig:
         if self.rollback is not None and self.action != "rollback":
             raise PydanticCustomError("setting_error", "only with action: rollback", {"key": "rollback"})
+        if self.reset is not None and self.action != "reset_moments":
+            raise PydanticCustomError("setting_error", "only with action: reset_moments", {"key": "reset"})
         return self
+
+    def reset_settings(self) -> GuardResetConfig:
+        return self.reset or GuardResetConfig()
 
     def rollback_settings(self) -> GuardRollbackConfig:
         return self.rollback or GuardRollbackConfig()

@@ -16,7 +16,6 @@ from stagewise.plan.base import MAX_STEPS, SEED_MAX, Name, NonNegativeFloat, Pat
 from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, TaskName, UntilConfig
 
 
-
 def _duration(value: Any) -> int | float:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEPS:
         return value
@@ -57,6 +56,9 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
     # betas/eps are for the AdamW that Muon uses on non-matrix parameters.
     "muon": {"lr": None, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
              "betas": (0.9, 0.95), "eps": 1e-8},
+    # Schedule-free (optim.schedule_free): give them a constant schedule; momentum is SGD's averaging beta.
+    "schedulefree_adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "schedulefree_sgd": {"lr": None, "momentum": 0.9, "weight_decay": 0.0},
 }
 
 
@@ -64,7 +66,7 @@ class OptimizerConfig(Strict):
     """An optimizer. `name` omitted means the parent stage's optimizer; unset settings then come
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
-    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"] | None = None
+    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
     # auto (adam/adamw -> sgd): the SWATS estimate of the LR that matches the parent's Adam steps
     lr: PositiveFloat | Literal["auto"] | None = None
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
@@ -97,9 +99,12 @@ SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
     "wsd": {**_WARMUP, "decay": 0.2, "shape": "1-sqrt", "min_lr": 0.0},
     "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
     "stlr": {"cut_frac": 0.1, "ratio": 32.0},
+    # ReduceLROnPlateau (threshold_mode abs): plan.resolve turns it into `constant` + an
+    # `on_plateau` lr_scale rule, so there is one plateau mechanism (engine.control).
+    "plateau": {**_WARMUP, "factor": 0.1, "patience": 2, "threshold": 0.0, "min_lr": 0.0},
 }
 ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",
-                       "onecycle", "stlr"]
+                       "onecycle", "stlr", "plateau"]
 
 
 class ScheduleConfig(Strict):
@@ -122,6 +127,9 @@ class ScheduleConfig(Strict):
     anneal: Literal["cos", "linear"] | None = None
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     ratio: Annotated[float, Field(ge=1.0)] | None = None
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    patience: Annotated[int, Field(ge=0)] | None = None
+    threshold: NonNegativeFloat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -173,6 +181,14 @@ class BatchConfig(Strict):
         return self
 
 
+class AverageConfig(Strict):
+    """Weight averaging during the stage (optim.average): `ema` is the decay of an exponential
+    moving average of the weights, updated after every update; evaluations use it, and the stage
+    ends on it (its children and export take the averaged weights)."""
+
+    ema: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
 class EvalConfig(Strict):
     """Validation runs at the end of every stage, and also every N steps / each epoch.
     `batches` limits causal_lm's validation windows; the fine-tuning tasks evaluate every
@@ -182,6 +198,10 @@ class EvalConfig(Strict):
     each_epoch: bool = False
     batches: Annotated[int, Field(ge=1, le=10**7)] | Literal["all"] = 50
     beam: Annotated[int, Field(ge=1, le=16)] = 1
+    # The metrics of decoded outputs to compute (without `val_`: rouge1, exact_match, ...), instead
+    # of the task's own; what each task can compute is its spec's (tasks.spec). sft decodes the
+    # first `batches` x batch.size validation prompts for them.
+    metrics: Annotated[list[str], Field(min_length=1)] | None = None
 
 
 class LayersConfig(Strict):
@@ -204,7 +224,7 @@ class DataConfig(Strict):
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    # Columns: a name, or a 0-based index for a csv/tsv file without a header row.
+    # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
     field: Name | Column = "text"  # the text (causal_lm, classify)
     label: Name | Column | None = None  # classify: the label column (default "label")
     source: Name | Column | None = None  # seq2seq: the source column (default "source")
@@ -212,6 +232,26 @@ class DataConfig(Strict):
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
     max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
     pack: bool = False  # sft: pack several examples into one row
+
+
+class LoraSettings(Strict):
+    """A LoRA adapter (peft's LoraConfig): rank `r`, scale `alpha / r`, dropout on its input, and
+    the modules it adapts (names or "all-linear"; unset: peft's default for the architecture)."""
+
+    r: Annotated[int, Field(ge=1)] = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
+
+
+class AdapterConfig(Strict):
+    """A stage that trains an adapter on its parent's model, the base weights frozen
+    (models.adapters). `from_parent`, when the parent stage has an adapter too: `keep` trains that
+    adapter on (its settings; `lora` may be left out), `merge` folds it into the weights and starts
+    this stage's, `new` leaves it out (the parent's base weights) and starts this stage's."""
+
+    lora: LoraSettings | None = None
+    from_parent: Literal["keep", "merge", "new"] = "keep"
 
 
 class StageConfig(Strict):
@@ -224,6 +264,7 @@ class StageConfig(Strict):
                                      max_length=100)] | None = Field(None, alias="from")
     task: TaskName = "causal_lm"
     data: DataConfig | None = None  # None: the plan's `data`
+    adapter: AdapterConfig | None = None  # None: the stage trains the model's own weights
     layers: LayersConfig = LayersConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -238,6 +279,10 @@ class StageConfig(Strict):
     on_plateau: OnPlateauConfig | None = None
     guard: GuardConfig | None = None
     inject: Annotated[list[InjectConfig], Field(max_length=64)] = []
+    # best: the stage ends on (and hands on, and exports) the weights of its best evaluation, by
+    # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
+    end: Literal["best", "last"] = "last"
+    average: AverageConfig | None = None
     # A non-finite loss or gradient norm stops a stage without a guard; true: train on (the
     # stage's end is still checked: non-finite weights or metrics are never saved as complete).
     allow_nonfinite: bool = False
@@ -307,6 +352,8 @@ class SampleConfig(Strict):
     max_tokens: Annotated[int, Field(ge=1, le=10**5)] = 200
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
     top_k: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    # texts that end it (besides EOS and the end marker)
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=64)] = []
 
 
 class CheckpointConfig(Strict):
@@ -333,6 +380,9 @@ class Plan(Strict):
     data: DataConfig
     stages: Annotated[list[StageConfig], Field(min_length=1, max_length=1000)]
     sample: SampleConfig | None = None
+    # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
+    # pretrained tokenizer's own); unset: the built-in template.
+    chat_template: Annotated[str, Field(min_length=1)] | None = None
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

@@ -11,7 +11,7 @@ import torch
 
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
-from stagewise.tasks.records import Records
+from stagewise.tasks.readers import Records
 
 T = TypeVar("T")
 

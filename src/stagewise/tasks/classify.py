@@ -10,6 +10,7 @@ backbone (models.heads.classifier_from_lm).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -21,23 +22,26 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
-from stagewise.data.tokenizers import eos_id
+from stagewise.data.tables import Field
+from stagewise.data.tokenizers import eos_id, warn_unknown
+from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
 from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, load_transformers, save_builtin, save_transformers, auto_tokenizer
-from stagewise.tasks.lm import save_lm
-from stagewise.tasks.models import check_arch, from_config, is_builtin, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.lm import save_lm
 from stagewise.tasks.metrics import accuracy, macro_f1
-from stagewise.tasks.records import Field, read_labeled
+from stagewise.tasks.models import check_arch, from_config, root_model
+from stagewise.tasks.readers import read_labeled
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
 MAX_LEN = 128  # tokens per text when the data sets no max_len
+SCORES = ("accuracy", "macro_f1")
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,14 @@ class ClassifyData:
 def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
                      val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = MAX_LEN,
                      seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID,
-                     fmt: str | None = None) -> ClassifyData:
+                     fmt: str | None = None, unknown: Counter[str] | None = None) -> ClassifyData:
     """Read and encode the records. Without `val_path`, a seeded shuffle holds out `val_fraction`
     of the training file (SMS spam is ordered by nothing, but other files are often sorted by
     label, so a tail split would be one class). `tokenizer` None: a word vocabulary built from
     the training texts (the BiGRU recipe); a backbone's own tokenizer otherwise, with `pad_id`
     its EOS (the GPT-2 head finds each row's last token by it: see models.heads). `fmt`: csv,
-    tsv or jsonl for both files (None: told by their extensions)."""
+    tsv or jsonl for both files (None: told by their extensions). `unknown`: counts the symbols
+    the tokenizer does not know (tasks.encode)."""
     records = read_labeled(train_path, text_field, label_field, fmt)
     if val_path is not None:
         train, val = records, read_labeled(val_path, text_field, label_field, fmt)
@@ -84,7 +89,7 @@ def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *,
         train, val = split_records(records, val_fraction, seed)
     tok = tokenizer if tokenizer is not None else word_tokenizer((t for t, _ in train), vocab_size)
     label_map = LabelMap.from_labels(label for _, label in train)
-    encoded = [Encoded(*encode_classification(part, tok, label_map, max_len, pad_id)) for part in (train, val)]
+    encoded = [Encoded(*encode_classification(part, tok, label_map, max_len, pad_id, unknown)) for part in (train, val)]
     digest = hashlib.sha256()
     for part in (train, val):
         for text, label in part:
@@ -135,22 +140,27 @@ def majority_accuracy(data: ClassifyData) -> float:
 class ClassifyTask(ExampleTask):
     kind = "classify"
 
-    def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: ClassifyData) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: ClassifyData,
+                 scores: tuple[str, ...] = SCORES) -> None:
         super().__init__(model, device, autocast, data.train, data.tokenizer.get_vocab_size())
-        self.data = data
+        self.data, self.scores = data, scores
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
         return classify_loss(self.model, batch)
 
     def metrics(self, batch_size: int) -> dict[str, float]:
-        return evaluate_classify(self.model, self.data.val, batch_size, self.device)
+        """val_loss and the scores `eval.metrics` selects (both, unless told)."""
+        metrics = evaluate_classify(self.model, self.data.val, batch_size, self.device)
+        return {k: v for k, v in metrics.items() if k == "val_loss" or k.removeprefix("val_") in self.scores}
 
 
 class ClassifySpec(TaskSpec):
     name = "classify"
+    builtin = {"bigru": BiGRUClassifier}
     family = "classify"
     heads_on_lm = True
     metrics = ("val_loss", "train_loss", "val_accuracy", "val_macro_f1")
+    selectable = decoded = SCORES
     data_keys = frozenset({"field", "label", "max_len"})
     formats = ("auto", "csv", "tsv", "json")
     table_files = True
@@ -170,8 +180,10 @@ class ClassifySpec(TaskSpec):
         if inp.lm_based:
             lm = inp.lm_data
             digest.update(lm.fingerprint.encode())
+            unknown: Counter[str] = Counter()
             data = prepare_classify(train, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer),
-                                    fmt=fmt, **common)
+                                    fmt=fmt, unknown=unknown, **common)
+            warn_unknown(unknown, inp.where, f"the {len(data.train) + len(data.val)} texts")
         else:
             data = prepare_classify(train, text, label, vocab_size=inp.word_vocab_size, fmt=fmt, **common)
         return data, digest.hexdigest()
@@ -188,7 +200,7 @@ class ClassifySpec(TaskSpec):
                                vocab_size=data.tokenizer.get_vocab_size(), num_labels=len(id2label), pad_token_id=PAD_ID,
                                id2label=id2label, label2id={v: i for i, v in id2label.items()})
 
-        return root_model(cfg, self.name, self.sizes(data), sequence_classifier)
+        return root_model(cfg, self, self.sizes(data), sequence_classifier)
 
     @staticmethod
     def sizes(data: ClassifyData) -> dict[str, int]:
@@ -201,14 +213,17 @@ class ClassifySpec(TaskSpec):
     def labels(self, data: Any) -> list[str]:
         return list(data.label_map.labels)
 
+    def longest_example(self, data: Any) -> int:
+        return max(part.input_ids.size(1) for part in (data.train, data.val))
+
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
-        return ClassifyTask(setup.model, device, autocast, setup.data)
+        return ClassifyTask(setup.model, device, autocast, setup.data, tuple(cfg.eval.metrics or SCORES))
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         if setup.lm_based:
             save_lm(setup, lm_tokenizer, out)
-        elif not is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
+        elif not self.is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.tokenizer), out)
         else:
             save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),

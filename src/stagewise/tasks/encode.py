@@ -9,6 +9,7 @@ ignores it by default, and transformers' models expect it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import chain
 
@@ -16,15 +17,16 @@ import numpy as np
 import torch
 from tokenizers import Encoding, Tokenizer
 
+from stagewise.data.tokenizers import unk_id, unknown_in
 from stagewise.errors import UserError
 from stagewise.tasks.labels import LabelMap
-from stagewise.tasks.records import Records, where_of
+from stagewise.tasks.readers import Records, where_of
 
 IGNORE = -100
 
 
 def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: int, max_len: int,
-               pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               pack: bool, unknown: Counter[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) for supervised fine-tuning of a causal LM on (prompt, completion).
 
     Each example is prompt tokens + completion tokens + EOS; labels equal input_ids on the
@@ -43,12 +45,18 @@ def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: i
     straddles two rows, so every completion token keeps its label. Examples in a row attend to
     the ones before them in that row (plain packing, no block-diagonal mask; the EOS between
     them marks the boundary).
+
+    `unknown`: counts the symbols the tokenizer maps to its unknown token (data.tokenizers).
     """
     _check_len(max_len, 2)
     _check_records(pairs)
     tok = _plain(tokenizer)
-    prompts = tok.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-    completions = tok.encode_batch([c for _, c in pairs], add_special_tokens=False)
+    prompt_texts, completion_texts = [p for p, _ in pairs], [c for _, c in pairs]
+    prompts = tok.encode_batch(prompt_texts, add_special_tokens=False)
+    completions = tok.encode_batch(completion_texts, add_special_tokens=False)
+    if unknown is not None:
+        unknown.update(unknown_in(prompts, prompt_texts, unk_id(tok)))
+        unknown.update(unknown_in(completions, completion_texts, unk_id(tok)))
     examples: list[list[int]] = []
     prompt_lens: list[int] = []
     half = max_len // 2
@@ -92,15 +100,20 @@ def _pack(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_classification(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, label_map: LabelMap,
-                          max_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          max_len: int, pad_id: int,
+                          unknown: Counter[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) for (text, label) records: the first max_len tokens
     of each text (with the tokenizer's own special tokens, e.g. BERT's [CLS]/[SEP]), right-padded
     with pad_id; labels are label_map ids, shape (N,). An unseen label or a text with no tokens
-    is a UserError naming the record's file and row."""
+    is a UserError naming the record's file and row. `unknown`: as encode_sft's."""
     _check_len(max_len, 1)
     _check_records(pairs)
     where = where_of(pairs)
-    encodings = _plain(tokenizer).encode_batch([text for text, _ in pairs])
+    texts = [text for text, _ in pairs]
+    tok = _plain(tokenizer)
+    encodings = tok.encode_batch(texts)
+    if unknown is not None:
+        unknown.update(unknown_in(encodings, texts, unk_id(tok)))
     ids = _truncated(encodings, max_len, where, "text")
     labels = label_map.encode_many([label for _, label in pairs], where)
     input_ids, mask = _padded(ids, pad_id)

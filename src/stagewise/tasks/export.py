@@ -42,6 +42,7 @@ class TrainedStage:
     data: DataConfig  # the stage's own data, or the plan's
     batch_size: int  # what its validation was evaluated in
     beam: int  # seq2seq: the decoding of its validation BLEU / chrF
+    metrics: tuple[str, ...] = ()  # its `eval.metrics`: the text metrics it computes instead of the task's own
 
     @property
     def name(self) -> str:

@@ -4,7 +4,7 @@ counted in tokens; validation is the token-weighted mean loss over the first val
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,13 @@ from torch.nn import functional as F
 
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
-from stagewise.data.tokenizers import to_transformers
+from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
 from stagewise.errors import UserError
-from stagewise.models.generate import sample
+from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
+from stagewise.models.generate import Stop, sample
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
+from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import TrainedStage, load_transformers, save_transformers
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 
@@ -89,13 +91,50 @@ def load_causal_lm(stage: TrainedStage) -> tuple[Any, Any]:
 
 
 def continue_text(stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
-    """A sampled continuation of `prompt` (causal_lm, sft); 200 tokens unless told."""
+    """A sampled continuation of `prompt` (causal_lm, sft), 200 tokens at most unless told, ending
+    at EOS, the chat template's end marker or a stop string: the prompt and its continuation;
+    of a conversation (`opts.messages`, rendered with the stage's chat template), the reply."""
     model, tok = load_causal_lm(stage)
-    ids = tok.encode(prompt) if prompt else [tok.eos_token_id]
-    context = model.config.max_position_embeddings
-    out = sample(model, torch.tensor([ids]), opts.max_tokens or 200, context, opts.temperature, opts.top_k,
-                 opts.top_p, generator=torch.Generator().manual_seed(opts.seed))
-    return tok.decode(out[0].tolist(), skip_special_tokens=True)
+    template = stage_template(stage.directory)
+    if opts.messages is not None:
+        prompt = template.render(opts.messages, add_generation_prompt=True, where="--chat")
+    # A rendered conversation has the special tokens its template gives it; a plain prompt the tokenizer's.
+    ids = tok.encode(prompt, add_special_tokens=opts.messages is None) if prompt else [tok.eos_token_id]
+    warn_unknown(count_unknown(tok.backend_tokenizer, [prompt]), "--chat" if opts.messages is not None else "--prompt",
+                 "the prompt")
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = lm_stop([tok.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])],
+                   lambda text: tok.encode(text, add_special_tokens=False),
+                   lambda generated: tok.decode(generated, skip_special_tokens=True), template, opts.stop)
+    out = sample(model, torch.tensor([ids]), opts.max_tokens or 200, model.config.max_position_embeddings,
+                 opts.temperature, opts.top_k, opts.top_p, generator=torch.Generator().manual_seed(opts.seed), stop=stop)
+    generated, text = stop.cut(out[0, len(ids):].tolist())
+    if opts.messages is not None:
+        return (text if text is not None else tok.decode(generated, skip_special_tokens=True)).strip()
+    if text is None:
+        return tok.decode([*ids, *generated] if prompt else generated, skip_special_tokens=True)
+    return (prompt + text) if prompt else text
+
+
+def stage_template(directory: Path) -> ChatTemplate:
+    """The chat template an export holds (tasks.chat), else the built-in one."""
+    source = directory_template(directory)
+    return ChatTemplate() if source is None else ChatTemplate(source, str(directory / "chat_template.jinja"))
+
+
+def lm_stop(eos_ids: Iterable[int | None], encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+            template: ChatTemplate | None, strings: tuple[str, ...]) -> Stop:
+    """Where a causal LM's continuation ends: its EOS tokens, the chat template's end marker (its
+    token, when it is one, else the text) and the stop `strings`."""
+    ids = {i for i in eos_ids if i is not None}
+    marker = template.end_marker if template is not None else None
+    if marker is not None:
+        marker_ids = encode(marker)
+        if len(marker_ids) == 1:
+            ids.add(marker_ids[0])
+        else:
+            strings = (marker, *strings)
+    return Stop(frozenset(ids), strings, decode)
 
 
 @torch.no_grad()
@@ -132,6 +171,7 @@ class CausalLMSpec(TaskSpec):
     family = LM_FAMILY
     samples = True
     metrics = ("val_loss", "val_ppl", "train_loss")
+    takes_adapters = True
     data_keys = frozenset({"field"})
     formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
     reads = "text files"
@@ -157,6 +197,13 @@ class CausalLMSpec(TaskSpec):
 
 
 def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> None:
-    """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them."""
+    """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them; a
+    causal LM's tokenizer with the plan's chat template (`apply_chat_template` renders
+    conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`."""
     assert lm_tokenizer is not None, "an LM-based stage has the plan's tokenizer"
-    save_transformers(setup.model, setup.labels, to_transformers(lm_tokenizer), out)
+    tok = to_transformers(lm_tokenizer)
+    if setup.chat is not None:
+        tok.chat_template = setup.chat.source
+    save_transformers(merged(setup.model), setup.labels, tok, out)
+    if setup.adapter is not None and setup.adapter.lora is not None:  # and the adapter on its own (models.adapters)
+        save_adapter(setup.model, out / ADAPTER_DIR, setup.adapter.base)

@@ -2,11 +2,15 @@
 
 Arguments are always `(predictions, references)`, in that order (sacrebleu's and HF evaluate's
 order; sklearn's is the reverse). Classification and tagging scores are fractions in [0, 1];
-BLEU and chrF are on sacrebleu's 0-100 scale, as they are everywhere reported.
+the scores of decoded texts (BLEU, chrF, ROUGE, exact match, token F1) are on a 0-100 scale, as
+they are everywhere reported (sacrebleu, summarization papers, SQuAD's script).
 """
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,3 +144,74 @@ def _check_texts(predictions: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
+
+
+# --- summaries and answers ---------------------------------------------------------------------
+
+ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str],
+          kinds: Sequence[str] = ROUGE) -> dict[str, float]:
+    """Mean ROUGE F-measures (the rouge-score package: Google's reimplementation of ROUGE-1.5.5,
+    with its Porter stemmer, as HF evaluate's `rouge` calls it), on a 0-100 scale as summarization
+    papers report them. Its tokenizer keeps ASCII letters and digits only: a text of other
+    scripts scores 0."""
+    from rouge_score import rouge_scorer  # imported on use: only summarization needs it
+
+    _check_texts(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+    totals = dict.fromkeys(kinds, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # rouge-score's order: (target, prediction)
+        for kind in kinds:
+            totals[kind] += scores[kind].fmeasure
+    return {kind: 100.0 * total / len(predictions) for kind, total in totals.items()}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percentage of answers equal to their reference after SQuAD's normalization (0-100)."""
+    _check_texts(predictions, references)
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
+    return 100.0 * hits / len(predictions)
+
+
+def token_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean token-overlap F1 of answers and references after SQuAD's normalization (0-100), as
+    SQuAD v1.1's evaluation script computes it: an empty answer and an empty reference agree."""
+    _check_texts(predictions, references)
+    total = 0.0
+    for prediction, reference in zip(predictions, references, strict=True):
+        pred, gold = normalize_answer(prediction).split(), normalize_answer(reference).split()
+        if not pred or not gold:
+            total += float(pred == gold)
+            continue
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(gold)
+            total += 2 * precision * recall / (precision + recall)
+    return 100.0 * total / len(predictions)
+
+
+# The metrics of decoded texts a task may compute (`eval.metrics`), by name.
+TEXT_METRICS = ("bleu", "chrf", *ROUGE, "exact_match", "token_f1")
+
+
+def text_scores(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The named metrics (of TEXT_METRICS) of decoded texts, as `val_<name>`."""
+    single = {"bleu": bleu, "chrf": chrf, "exact_match": exact_match, "token_f1": token_f1}
+    kinds = [n for n in names if n in ROUGE]
+    rouges = rouge(predictions, references, kinds) if kinds else {}
+    return {f"val_{n}": rouges[n] if n in ROUGE else single[n](predictions, references) for n in names}

@@ -6,41 +6,36 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from stagewise.errors import UserError
-from stagewise.models.bigru import BiGRUClassifier, BiGRUTagger
-from stagewise.models.seq2seq import TransformerSeq2Seq
 from stagewise.plan.schema import ModelConfig
 
-# arch -> task -> class of the built-in models.
-BUILTIN: dict[str, dict[str, type[nn.Module]]] = {
-    "bigru": {"classify": BiGRUClassifier, "tag": BiGRUTagger},
-    "transformer": {"seq2seq": TransformerSeq2Seq},
-}
+if TYPE_CHECKING:
+    from stagewise.tasks.spec import TaskSpec
+
 # Constructor arguments the data sets, which the plan may not.
 _SET_BY_DATA = {"num_classes", "num_tags", "vocab_size", "src_vocab_size", "tgt_vocab_size", "pad_id"}
 
 
-def is_builtin(cfg: ModelConfig) -> bool:
-    return cfg.arch in BUILTIN
-
-
-def root_model(cfg: ModelConfig, task: str, sizes: dict[str, int],
+def root_model(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int],
                transformers_model: Callable[[str, dict[str, Any]], nn.Module]) -> nn.Module:
-    """The plan's model for a first stage of `task`: a built-in model given its data `sizes`,
-    else `transformers_model(arch, size keys)`."""
+    """The plan's model for a first stage of `task`: one of the task's built-in models given its
+    data `sizes`, else `transformers_model(arch, size keys)`."""
+    from stagewise.tasks.registry import TASKS
+
     arch = cfg.arch
     if cfg.pretrained is not None or arch is None:
-        raise UserError("model.pretrained", f"a first {task} stage builds its model from arch (pretrained "
+        raise UserError("model.pretrained", f"a first {task.name} stage builds its model from arch (pretrained "
                                             "loads causal LMs)")
-    if arch not in BUILTIN:
+    if arch not in task.builtin:
+        others = [t.name for t in TASKS.values() if arch in t.builtin]
+        if others:
+            raise UserError("model.arch", f"'{arch}' is a model for {' and '.join(others)}, not {task.name}")
         return transformers_model(arch, cfg.size_keys())
-    if task not in BUILTIN[arch]:
-        raise UserError("model.arch", f"'{arch}' is a model for {' and '.join(BUILTIN[arch])}, not {task}")
-    cls = BUILTIN[arch][task]
+    cls = task.builtin[arch]
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"} - _SET_BY_DATA
     for key in sorted(cfg.size_keys()):
         if key not in allowed:
@@ -53,7 +48,9 @@ def root_model(cfg: ModelConfig, task: str, sizes: dict[str, int],
 
 def builtin_model(arch: str, task: str, sizes: dict[str, int], settings: dict[str, Any]) -> nn.Module:
     """A built-in model rebuilt from an export's model.json."""
-    return BUILTIN[arch][task](**sizes, **settings)
+    from stagewise.tasks.registry import task_spec
+
+    return task_spec(task).builtin[arch](**sizes, **settings)
 
 
 def from_config(auto: Any, arch: str, keys: dict[str, Any], **set_by_data: Any) -> nn.Module:

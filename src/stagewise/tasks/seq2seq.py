@@ -1,7 +1,8 @@
 """The `seq2seq` task for the built-in encoder-decoder (models.seq2seq.TransformerSeq2Seq) and
 transformers' t5 / bart built from config: (source, target) files -> word vocabularies (one per
 side; one for both for t5 / bart, whose embeddings are shared) -> teacher-forced batches, their
-loss, and validation BLEU / chrF (sacrebleu) with greedy or beam decoding.
+loss, and validation BLEU / chrF (sacrebleu), or the `eval.metrics` asked for (ROUGE for
+summaries, exact match and token F1 for answers), with greedy or beam decoding.
 
 The target vocabulary keeps case (BLEU is case-sensitive); both sides split
 off punctuation; a decoded target is joined with spaces and then `detokenize`d (sacrebleu
@@ -22,17 +23,18 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.tables import Field
 from stagewise.errors import UserError
 from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import from_config, is_builtin, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq
-from stagewise.tasks.metrics import bleu, chrf
-from stagewise.tasks.records import Field, read_pairs
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
+from stagewise.tasks.metrics import TEXT_METRICS, text_scores
+from stagewise.tasks.models import from_config, root_model
+from stagewise.tasks.readers import read_pairs
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -84,6 +86,7 @@ def prepare_seq2seq(train_path: Path, source_field: Field, target_field: Field, 
         tgt_tok = word_tokenizer((t for _, t in train), vocab_size, lowercase=False)
     tgt_tok.add_special_tokens([BOS, EOS])
     bos, eos = tgt_tok.token_to_id(BOS), tgt_tok.token_to_id(EOS)
+    assert bos is not None and eos is not None, "just added"
 
     def rows(part: list[tuple[str, str]]) -> PairRows:
         tensors = encode_seq2seq(part, src_tok, tgt_tok, max_len, PAD_ID, bos, eos)
@@ -99,7 +102,7 @@ def logits_of(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> torc
                  decoder_attention_mask=tgt_in != PAD_ID, use_cache=False).logits
 
 
-def decode(model: nn.Module, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
+def decode(model: Any, src: torch.Tensor, max_len: int, bos: int, eos: int, beam: int = 1) -> torch.Tensor:
     """(B, L) generated tokens, EOS then padding ending each row that finished (greedy when beam
     is 1). A transformers model decodes with its own `generate` (its beam search hands a
     finished hypothesis's slot on, see TransformerSeq2Seq.beam_search)."""
@@ -132,10 +135,14 @@ def detokenize(text: str) -> str:
     return _APOSTROPHE.sub("'", _BEFORE.sub(r"\1", text))
 
 
+DECODED = ("bleu", "chrf")  # what validation scores decoded targets by unless eval.metrics says otherwise
+
+
 @torch.no_grad()
 def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: torch.device,
-                     max_len: int = MAX_LEN, beam: int = 1) -> dict[str, float]:
-    """val_loss (token-weighted), val_bleu and val_chrf of decoded validation sources."""
+                     max_len: int = MAX_LEN, beam: int = 1, metrics: tuple[str, ...] = DECODED) -> dict[str, float]:
+    """val_loss (token-weighted) and the text metrics (val_bleu and val_chrf unless told; ROUGE for
+    summaries, exact match and token F1 for answers) of decoded validation sources."""
     was_training = model.training
     model.eval()
     total, count, hypotheses = 0.0, 0, []
@@ -147,24 +154,23 @@ def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: 
         hypotheses += translate(model, data, src, max_len, beam)
     model.train(was_training)
     references = list(data.val.references)
-    return {"val_loss": total / count, "val_bleu": bleu(hypotheses, references),
-            "val_chrf": chrf(hypotheses, references)}
+    return {"val_loss": total / count, **text_scores(metrics, hypotheses, references)}
 
 
 class Seq2SeqTask(ExampleTask):
     kind = "seq2seq"
 
     def __init__(self, model: nn.Module, device: torch.device, autocast: Any, data: PairData,
-                 beam: int, max_len: int) -> None:
+                 beam: int, max_len: int, metrics: tuple[str, ...]) -> None:
         super().__init__(model, device, autocast, data.train, data.src_tokenizer.get_vocab_size())
-        self.data, self.beam, self.max_len = data, beam, max_len
+        self.data, self.beam, self.max_len, self.text_metrics = data, beam, max_len, metrics
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
 
     def metrics(self, batch_size: int) -> dict[str, float]:
-        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,  # type: ignore[arg-type]
-                                self.max_len, self.beam)
+        return evaluate_seq2seq(self.model, self.data, batch_size, self.device,
+                                self.max_len, self.beam, self.text_metrics)
 
 
 SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with the seq2seq task
@@ -172,8 +178,11 @@ SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with 
 
 class Seq2SeqSpec(TaskSpec):
     name = "seq2seq"
+    builtin = {"transformer": TransformerSeq2Seq}
     family = "seq2seq"
     metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
+    selectable = TEXT_METRICS
+    decoded = DECODED
     data_keys = frozenset({"source", "target", "max_len"})
     formats = ("auto", "csv", "tsv", "json")
     table_files = True
@@ -187,7 +196,7 @@ class Seq2SeqSpec(TaskSpec):
         fmt = self.table_format(inp.config, inp.where)
         # t5 and bart embed both sides with one table: one vocabulary of sources and targets
         data = prepare_seq2seq(train, column(inp.config, "source"), column(inp.config, "target"),
-                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not is_builtin(inp.plan.model),
+                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not self.is_builtin(inp.plan.model),
                                **inp.split_args(val, self.max_len(inp.config)))
         return data, digest.hexdigest()
 
@@ -206,7 +215,7 @@ class Seq2SeqSpec(TaskSpec):
                                pad_token_id=PAD_ID, bos_token_id=data.bos_id, eos_token_id=data.eos_id,
                                decoder_start_token_id=data.bos_id, forced_eos_token_id=None)
 
-        return root_model(cfg, self.name, self.sizes(data), encoder_decoder)
+        return root_model(cfg, self, self.sizes(data), encoder_decoder)
 
     @staticmethod
     def sizes(data: PairData) -> dict[str, int]:
@@ -215,11 +224,12 @@ class Seq2SeqSpec(TaskSpec):
 
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
-        return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg))
+        return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg),
+                           tuple(cfg.eval.metrics or DECODED))
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         data = setup.data
-        if not is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
+        if not self.is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
             save_transformers(setup.model, None, auto_tokenizer(data.tgt_tokenizer, bos_token=BOS, eos_token=EOS), out)
             return
         save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),
@@ -233,7 +243,7 @@ class Seq2SeqSpec(TaskSpec):
         checked here so a bad --beam is one line, not beam_search's ValueError."""
         none = torch.zeros(0, 0, dtype=torch.long)
         empty = PairRows(none, none, none, ())
-        model: nn.Module
+        model: Any  # a transformers model or the built-in one
         if stage.is_transformers:  # t5, bart: one vocabulary for both sides
             from transformers import AutoModelForSeq2SeqLM
 
@@ -263,5 +273,5 @@ class Seq2SeqSpec(TaskSpec):
         rows = PairRows(*encode_seq2seq(records, pairs.src_tokenizer, pairs.tgt_tokenizer, stage.max_len, PAD_ID,
                                         pairs.bos_id, pairs.eos_id), tuple(t for _, t in records))
         metrics = evaluate_seq2seq(model, replace(pairs, val=rows), stage.batch_size, torch.device("cpu"),
-                                   stage.max_len, beam)
+                                   stage.max_len, beam, stage.metrics or DECODED)
         return metrics, len(rows)

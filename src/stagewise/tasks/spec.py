@@ -19,17 +19,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import nn
 
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
+from stagewise.plan.schema import DataConfig, EvalConfig, ModelConfig, Plan, StageConfig
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
 
     import torch
     from tokenizers import Tokenizer
 
     from stagewise.data.prepare import PreparedData
+    from stagewise.data.sources import Corpus
+    from stagewise.models.adapters import AdapterStep
     from stagewise.tasks.base import Task
+    from stagewise.tasks.chat import ChatTemplate
     from stagewise.tasks.export import TrainedStage
 
 LM_FAMILY = "causal_lm"  # the tasks that train a transformers causal LM (causal_lm, sft)
@@ -47,6 +50,8 @@ class StageSetup:
     model: nn.Module
     lm_based: bool
     head: bool = False
+    chat: ChatTemplate | None = None  # a causal LM's: how conversations become its text (kept with its export)
+    adapter: AdapterStep | None = None  # what the stage does with adapters at its start (models.adapters)
 
     @property
     def task(self) -> str:
@@ -77,6 +82,7 @@ class StageInput:
     plan_dir: Path
     lm: PreparedData | None  # the plan's token streams and tokenizer (None with a word tokenizer)
     lm_based: bool  # the stage reads the plan's tokenizer
+    template: ChatTemplate | None = None  # the plan's chat template (with the plan's tokenizer)
 
     @property
     def word_vocab_size(self) -> int:
@@ -85,21 +91,7 @@ class StageInput:
 
     def files(self) -> tuple[Path, Path | None]:
         """The task's one training file and optional validation file, relative to the plan."""
-        paths = []
-        for key in ("train", "val"):
-            value = getattr(self.config, key)
-            if value is None:
-                paths.append(None)
-                continue
-            if not isinstance(value, str) or any(c in value for c in "*?[") or value.startswith("hub:"):
-                raise UserError(f"{self.where}.{key}", "fine-tuning tasks read one local file (no list, glob or "
-                                                       "hub name)")
-            path = (self.plan_dir / value).expanduser()
-            if not path.is_file():
-                raise UserError(f"{self.where}.{key}", f"no such file: {path}")
-            paths.append(path)
-        assert paths[0] is not None
-        return paths[0], paths[1]
+        return data_files(self.config, self.where, self.plan_dir)
 
     def digest(self, task: str, files: tuple[Path, Path | None]) -> hashlib._Hash:
         """The fingerprint so far of data read from `files`: the settings and the bytes."""
@@ -119,6 +111,24 @@ class StageInput:
         return self.lm
 
 
+def data_files(cfg: DataConfig, where: str, plan_dir: Path) -> tuple[Path, Path | None]:
+    """A fine-tuning task's one training file and optional validation file, relative to the plan."""
+    paths: list[Path | None] = []
+    for key in ("train", "val"):
+        value = getattr(cfg, key)
+        if value is None:
+            paths.append(None)
+            continue
+        if not isinstance(value, str) or any(c in value for c in "*?[") or value.startswith("hub:"):
+            raise UserError(f"{where}.{key}", "fine-tuning tasks read one local file (no list, glob or hub name)")
+        path = (plan_dir / value).expanduser()
+        if not path.is_file():
+            raise UserError(f"{where}.{key}", f"no such file: {path}")
+        paths.append(path)
+    assert paths[0] is not None
+    return paths[0], paths[1]
+
+
 @dataclass(frozen=True)
 class GenerateOptions:
     max_tokens: int | None = None  # None: the task's default
@@ -127,6 +137,8 @@ class GenerateOptions:
     top_p: float | None = None
     seed: int = 0
     beam: int = 1
+    stop: tuple[str, ...] = ()  # causal_lm, sft: texts that end a continuation (EOS and end markers always do)
+    messages: tuple[dict[str, str], ...] | None = None  # causal_lm, sft: a conversation to reply to
 
 
 # Data keys that name columns, and the column each reads when unset.
@@ -147,7 +159,12 @@ class TaskSpec(ABC):
     family: ClassVar[str]
     heads_on_lm: ClassVar[bool] = False  # can put a new head on a causal LM (classify: ULMFiT)
     samples: ClassVar[bool] = False  # the plan's `sample` continues a prompt with its model
-    metrics: ClassVar[tuple[str, ...]]  # what rules, `until` and the search may read
+    metrics: ClassVar[tuple[str, ...]]  # what it reports unless `eval.metrics` says otherwise
+    # What `eval.metrics` may select (without `val_`), in place of the task's own scores of
+    # decoded outputs (`decoded`: those of `metrics` it replaces).
+    selectable: ClassVar[tuple[str, ...]] = ()
+    decoded: ClassVar[tuple[str, ...]] = ()
+    takes_adapters: ClassVar[bool] = False  # its stages may train an adapter (models.adapters)
     data_keys: ClassVar[frozenset[str]]  # of TASK_DATA_KEYS, those it reads
     formats: ClassVar[tuple[str, ...]] = ("auto",)  # the data.format values it reads
     table_files: ClassVar[bool] = False  # reads csv/tsv/jsonl tables (data.format, evaluate --format)
@@ -156,6 +173,11 @@ class TaskSpec(ABC):
     counts: ClassVar[str] = "examples"  # what `evaluate` counts
     label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
     beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
+    builtin: ClassVar[dict[str, type[nn.Module]]] = {}  # its own models by `model.arch` (tasks.models)
+
+    def is_builtin(self, cfg: ModelConfig) -> bool:
+        """The plan's model is one of this task's own (not a transformers one)."""
+        return cfg.arch in self.builtin
 
     # --- the plan --------------------------------------------------------------------------------
 
@@ -164,12 +186,37 @@ class TaskSpec(ABC):
         assert self.default_max_len is not None, f"{self.name} has no examples to cut"
         return cfg.max_len or self.default_max_len
 
+    def reported(self, cfg: EvalConfig) -> tuple[str, ...]:
+        """The metrics a stage of this task reports with evaluation `cfg`: what rules, `until` and
+        the search may read."""
+        if cfg.metrics is None:
+            return self.metrics
+        kept = tuple(m for m in self.metrics if m.removeprefix("val_") not in self.decoded)
+        return (*kept, *(f"val_{name}" for name in cfg.metrics))
+
+    def check_metrics(self, cfg: EvalConfig, where: str) -> None:
+        """`eval.metrics` names metrics this task can compute, each once."""
+        for i, name in enumerate(cfg.metrics or ()):
+            if name not in self.selectable:
+                can = f"it can compute: {', '.join(self.selectable)}" if self.selectable else "it computes none"
+                raise UserError(f"{where}.eval.metrics[{i}]", f"task {self.name} cannot compute '{name}' ({can})")
+            if cfg.metrics.index(name) != i:  # type: ignore[union-attr]
+                raise UserError(f"{where}.eval.metrics[{i}]", f"'{name}' is listed twice")
+
+    def plan_corpus(self, cfg: DataConfig, plan_dir: Path, seed: int, template: ChatTemplate) -> Corpus | None:
+        """The texts the plan's tokenizer is built from and its token streams hold, when this task
+        is the first to read the plan's data and its files are not text (None: `field` is read as
+        text, data.sources)."""
+        return None
+
     def can_follow(self) -> list[str]:
-        """The tasks whose model a stage of this task can train (or put a head on)."""
+        """The tasks whose model a stage of this task can train (its family), then those it can put
+        a head on (heads_on_lm)."""
         from stagewise.tasks.registry import TASKS
 
-        return [t.name for t in TASKS.values() if t.family == self.family or (self.heads_on_lm and
-                                                                              t.family == LM_FAMILY)]
+        own = [t.name for t in TASKS.values() if t.family == self.family]
+        heads = [t.name for t in TASKS.values() if self.heads_on_lm and t.family == LM_FAMILY and t.name not in own]
+        return own + heads
 
     def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
         """Whether the stage reads the plan's tokenizer (trains a causal LM or a head on one)."""
@@ -195,6 +242,10 @@ class TaskSpec(ABC):
     def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
         """A new model of this task on a causal LM's backbone (heads_on_lm)."""
         raise NotImplementedError
+
+    def longest_example(self, data: Any) -> int | None:
+        """Tokens in the longest encoded example, for a task that feeds a causal LM's positions."""
+        return None
 
     def labels(self, data: Any) -> list[str] | None:
         """The classes (classify) or tags (tag) the model predicts, in id order."""

@@ -19,41 +19,59 @@ from typing import Any
 from torch import nn
 
 from stagewise.data.prepare import PreparedData
+from stagewise.data.sources import Corpus, data_file_keys
 from stagewise.errors import UserError
+from stagewise.models.adapters import stage_model
+from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
 from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
-from stagewise.tasks.registry import task_spec
+from stagewise.tasks.chat import ChatTemplate
+from stagewise.tasks.registry import TASKS, task_spec
 from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
 
 
 def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,
-                 plan_dir: Path) -> list[StageSetup]:
+                 plan_dir: Path, template: ChatTemplate | None = None) -> list[StageSetup]:
     """Every stage's data and model, in plan order. `lm_data`/`lm`: the plan's token streams and
-    causal LM, when its tokenizer is not `word`; the plan's model is then that LM."""
+    causal LM, when its tokenizer is not `word`; the plan's model is then that LM, and `template`
+    its chat template (tasks.chat)."""
     _check_fields({task_spec(n.config.task) for n in nodes if n.config.data is None} or {task_spec("causal_lm")},
                   plan.data, "data")
     setups: list[StageSetup] = []
     prepared: dict[str, tuple[Any, str]] = {}  # data of equal (task, data config), prepared once
     # The stage before the first: what a root stage starts from.
-    root = None if lm is None else StageSetup(task_spec("causal_lm"), lm_data, "", lm, lm_based=True)
+    root = None if lm is None else StageSetup(task_spec("causal_lm"), lm_data, "", lm, lm_based=True, chat=template)
     for node in nodes:
         cfg, spec = node.config, task_spec(node.config.task)
+        spec.check_metrics(cfg.eval, node.where)
         parent = setups[node.parent.index] if node.parent is not None else root
         lm_based = spec.uses_lm_tokenizer(parent, plan)
         data_cfg = cfg.data or plan.data
         key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
         if key not in prepared:
             where = f"{node.where}.data" if cfg.data is not None else "data"
-            prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir, lm_data,
-                                                      lm_based))
+            with data_file_keys(data_cfg, plan_dir, where):  # a bad file also names the plan key
+                prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir,
+                                                          lm_data, lm_based, template if lm_based else None))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
-        setup = _child(spec, parent, data, fingerprint, lm_based, node.where)
+        setup = _child(spec, parent, data, fingerprint, lm_based, node, plan, plan_dir)
         _check_labels(setup, parent, node.where)
+        if lm_based:
+            _check_length(spec, data, setup.model, f"{node.where}.data" if cfg.data is not None else "data")
         setups.append(setup)
     return setups
+
+
+def plan_corpus(plan: Plan, nodes: list[StageNode], template: ChatTemplate, plan_dir: Path) -> Corpus | None:
+    """The texts of the plan's data for its tokenizer and token streams, as the first stage that
+    reads the plan's data reads them (None: as text, data.sources)."""
+    first = next((n for n in nodes if n.config.data is None), None)
+    if first is None:
+        return None
+    return task_spec(first.config.task).plan_corpus(plan.data, plan_dir, plan.seed, template)
 
 
 def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
@@ -67,10 +85,30 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
     return spec.prepare(inp)
 
 
-def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool,
-           where: str) -> StageSetup:
+def _pretrained_name(plan: Plan, plan_dir: Path) -> str | None:
+    """The plan's pretrained model as an adapter's config names its base: a local directory's full path."""
+    name = plan.model.pretrained
+    if name is None:
+        return None
+    local = (plan_dir / name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
+def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool, node: StageNode,
+           plan: Plan, plan_dir: Path) -> StageSetup:
+    where, adapter = node.where, node.config.adapter
+    if adapter is not None and not spec.takes_adapters:
+        which = ", ".join(t.name for t in TASKS.values() if t.takes_adapters)
+        raise UserError(f"{where}.adapter", f"a {spec.name} stage trains no adapter (stages of {which} do)")
     if spec.family == parent.spec.family:
-        return StageSetup(spec, data, fingerprint, parent.model, lm_based)
+        if not spec.takes_adapters:
+            return StageSetup(spec, data, fingerprint, parent.model, lm_based, chat=parent.chat)
+        model, step = stage_model(parent.model, parent.adapter, node.parent.name if node.parent else None,
+                                  _pretrained_name(plan, plan_dir), adapter, where)
+        return StageSetup(spec, data, fingerprint, model, lm_based, chat=parent.chat, adapter=step)
+    if parent.adapter is not None and parent.adapter.lora is not None:
+        raise UserError(f"{where}.task", f"a {spec.name} stage cannot follow an adapter stage: a stage without "
+                                         "adapter between them merges it")
     if spec.heads_on_lm and parent.spec.family == LM_FAMILY:
         return StageSetup(spec, data, fingerprint, spec.head_model(parent.model, data, f"{where}.task"), lm_based,
                           head=True)
@@ -86,9 +124,18 @@ def _check_labels(setup: StageSetup, parent: StageSetup, where: str) -> None:
         raise UserError(f"{where}.data", f"labels {setup.labels} differ from the parent stage's {parent.labels}")
 
 
+def _check_length(spec: TaskSpec, data: Any, model: nn.Module, where: str) -> None:
+    """Examples fed to a causal LM (or a head on one) must fit its positions."""
+    longest = spec.longest_example(data)
+    limit = context_length(model)
+    if longest is not None and longest > limit:
+        raise UserError(f"{where}.max_len", f"examples are up to {longest} tokens, more than the model's context "
+                                            f"length {limit}: set max_len <= {limit}")
+
+
 def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
     """Put the parent LM's backbone weights into the head model (at the stage's start)."""
-    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[union-attr, arg-type]
+    return carry_weights(parent_model.base_model, setup.model.base_model, where)  # type: ignore[arg-type]
 
 
 def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:

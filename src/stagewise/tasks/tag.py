@@ -18,17 +18,18 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.models.bigru import BiGRUTagger
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import check_arch, from_config, is_builtin, root_model
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging
+from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import span_f1
-from stagewise.tasks.records import read_conll
+from stagewise.tasks.models import check_arch, from_config, root_model
+from stagewise.tasks.readers import read_conll
+from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
 from stagewise.tasks.vocab import PAD_ID, word_vocab
 
 MAX_LEN = 128  # words per sentence when the data sets no max_len
@@ -117,8 +118,10 @@ class TagTask(ExampleTask):
 
 class TagSpec(TaskSpec):
     name = "tag"
+    builtin = {"bigru": BiGRUTagger}
     family = "tag"
     metrics = ("val_loss", "train_loss", "val_span_f1")
+    selectable = decoded = ("span_f1",)
     data_keys = frozenset({"max_len"})
     reads = "CoNLL files"
     default_max_len = MAX_LEN
@@ -144,7 +147,7 @@ class TagSpec(TaskSpec):
                                num_labels=len(id2label), pad_token_id=PAD_ID, id2label=id2label,
                                label2id={v: i for i, v in id2label.items()})
 
-        return root_model(cfg, self.name, self.sizes(data), token_classifier)
+        return root_model(cfg, self, self.sizes(data), token_classifier)
 
     @staticmethod
     def sizes(data: TagData) -> dict[str, int]:
@@ -158,7 +161,7 @@ class TagSpec(TaskSpec):
         return TagTask(setup.model, device, autocast, setup.data)
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
-        if not is_builtin(model_cfg):  # a token classifier from config (bert): its word vocabulary
+        if not self.is_builtin(model_cfg):  # a token classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.vocab), out)
             return
         save_builtin(setup.model, {"task": self.name, "arch": model_cfg.arch, "settings": model_cfg.size_keys(),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.table import Table
 
@@ -11,6 +14,13 @@ from stagewise.plan.resolve import ResolvedStage
 def plan_lr_curve(stages: list[ResolvedStage]) -> list[float]:
     """The LR of every global step of the plan (the base LR, before per-group scales)."""
     return [s.lr(step) for s in stages for step in range(s.steps)]
+
+
+def wide(values: Sequence[float]) -> bool:
+    """Whether the positive values span more than 30x: a log axis then (AdamW at 1e-3 beside SGD
+    at 0.3 would be a flat zero on a linear one). Zeros (a decay's end) do not count."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 30
 
 
 def print_plan(console: Console, name: str, stages: list[ResolvedStage], status: dict[str, str],
@@ -26,13 +36,17 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
         table.add_row(s.name, parent, cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
                       _regularization(s), _rules(s), status[s.name])
     console.print(table)
-    console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(plan_lr_curve(stages)):.2e}):")
+    curve = plan_lr_curve(stages)
+    scale = ", log scale" if wide(curve) else ""
+    console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(curve):.2e}{scale}):")
     for line in lr_chart(stages, width, height):
         console.print(line, highlight=False)
 
 
 def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
-    """A block chart: each column the mean LR of its slice of steps; `|` marks stage starts."""
+    """A block chart: each column the mean LR of its slice of steps; `|` marks stage starts. On a
+    log scale when the LRs span more than 30x (as the PNG of `check --plot`), from the smallest
+    column (at most 4 decades below the peak) up to the peak."""
     curve = plan_lr_curve(stages)
     top = max(curve) or 1.0
     n = len(curve)
@@ -43,11 +57,19 @@ def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
         means.append(sum(chunk) / len(chunk))
     offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]  # the curve's order, not the plan's axis
     starts = {o * cols // n for o in offsets[1:]}
+    if wide(curve):
+        low = max(min(m for m in means if m > 0), top * 1e-4)
+        span = math.log(top / low) if top > low else 1.0
+        # the smallest column fills the bottom row, the peak the top one
+        heights = [1 + (height - 1) * math.log(m / low) / span if m >= low else 0.0 for m in means]
+        labels = [low * (top / low) ** ((r - 1) / max(height - 1, 1)) for r in range(height, 0, -1)]
+    else:
+        heights = [m / top * height for m in means]
+        labels = [top * r / height for r in range(height, 0, -1)]
     rows = []
-    for r in range(height, 0, -1):
-        line = "".join("█" if m / top * height >= r - 0.5 else ("|" if c in starts else " ")
-                       for c, m in enumerate(means))
-        rows.append(f"{top * r / height:9.2e} {line}")
+    for r, label in zip(range(height, 0, -1), labels, strict=True):
+        line = "".join("█" if h >= r - 0.5 else ("|" if c in starts else " ") for c, h in enumerate(heights))
+        rows.append(f"{label:9.2e} {line}")
     labels = [" "] * cols
     for s, offset in zip(stages, offsets, strict=True):
         c = offset * cols // n
@@ -76,11 +98,13 @@ def _rules(s: ResolvedStage) -> str:
     if cfg.guard is not None:
         lines.append(f"guard {'spike+' if cfg.guard.spike else ''}nan -> {cfg.guard.action}")
     lines += [f"inject {f.kind}@{f.at}" for f in cfg.inject]
+    if cfg.end == "best":
+        lines.append("end on best eval")
     return "\n".join(lines) or "-"
 
 
 def _schedule(s: ResolvedStage) -> str:
-    sched = s.config.schedule
+    sched = s.node.config.schedule  # as planned: a plateau schedule runs as constant + its on_plateau rule
     settings = " ".join(f"{k}={v}" for k, v in sched.settings().items() if v not in (0, None) or k == "min_lr")
     return f"{sched.name} {settings}".strip()
 
@@ -116,4 +140,6 @@ def _regularization(s: ResolvedStage) -> str:
         lines.append("unfreeze gradual (+1 group/epoch)")
     if layers.lr_factor != 1.0:
         lines.append(f"lr /{layers.lr_factor:g} per group down")
+    if s.config.average is not None:
+        lines.append(f"ema {s.config.average.ema:g} (evaluated, handed on)")
     return "\n".join(lines) or "-"

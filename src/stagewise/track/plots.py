@@ -2,7 +2,8 @@
 
 Figures are built with the Agg canvas directly (no pyplot): no global state, no display needed.
 Artists a reader (or a test) looks for carry a gid: `stage:<name>` on each stage's band,
-`event:<name>` on each marked event.
+`event:<name>` on each marked event, `series:<branch>` on each plotted line (`series:` when the
+plan does not branch), `abandoned` on what a rollback went back over.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.axes import Axes
@@ -17,7 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stagewise.plan.resolve import ResolvedStage
-from stagewise.track.plan_view import plan_lr_curve
+from stagewise.track.branches import Line, lanes, lines
+from stagewise.track.plan_view import plan_lr_curve, wide
 from stagewise.track.runs import Run, StageSpan
 
 # Routine events are shown otherwise (stage start/end by the bands, eval by the val curve) or are
@@ -59,13 +62,18 @@ def save_png(fig: Figure, path: Path) -> None:
 
 
 def stage_bands(ax: Axes, spans: Sequence[StageSpan]) -> None:
-    """Each stage a shaded band over its steps, named at the top."""
+    """Each stage a shaded band over its steps, named at its top. When the plan branches, each
+    path through the stage tree has a lane (a horizontal strip), top to bottom in plan order: a
+    branch's band lies beside the stages it runs alongside, not over them."""
     palette = colormaps["Pastel1"]
     top = ax.get_xaxis_transform()  # x in steps, y in axes fractions
+    lane_of = lanes(spans)
     for i, span in enumerate(spans):
-        ax.axvspan(span.start, span.end, color=palette(i % palette.N), alpha=0.45, lw=0, zorder=0,
-                   gid=f"stage:{span.name}")
-        ax.text((span.start + span.end) / 2, 0.98, span.name, transform=top, ha="center", va="top",
+        lane, n = lane_of[span.name]
+        low, high = 1 - (lane + 1) / n, 1 - lane / n
+        ax.axvspan(span.start, span.end, ymin=low, ymax=high, color=palette(i % palette.N), alpha=0.45, lw=0,
+                   zorder=0, gid=f"stage:{span.name}")
+        ax.text((span.start + span.end) / 2, high - 0.02, span.name, transform=top, ha="center", va="top",
                 fontsize=8, bbox={"fc": "white", "alpha": 0.6, "lw": 0, "pad": 1})
 
 
@@ -87,16 +95,39 @@ def event_markers(ax: Axes, run: Run) -> None:
         seen.add(name)
 
 
-def _series(run: Run, kind: str, key: str) -> tuple[list[int], list[float]]:
-    rows = [m for m in run.metrics if m.get("kind") == kind and isinstance(m.get(key), (int, float))]
-    return [m["step"] for m in rows], [float(m[key]) for m in rows]
+def run_lines(run: Run, kind: str, key: str) -> list[Line]:
+    """A train (kind "train") or eval field of the run: one line per path through its stage tree."""
+    def points(stage: str) -> list[tuple[int, float]]:
+        return [(m["step"], float(m[key])) for m in run.metrics if m.get("kind") == kind and m.get("stage") == stage
+                and isinstance(m.get(key), (int, float)) and isinstance(m.get("step"), int)]
+
+    return lines(run.spans, points)
+
+
+def _draw(ax: Axes, line: Line, label: str, **style: Any) -> None:
+    ax.plot(line.steps, line.values, label=label, gid=f"series:{line.label or ''}", **style)
+    for steps, values in line.abandoned:  # what a rollback went back over: faint, not joined to the rest
+        ax.plot(steps, values, color=style.get("color"), lw=0.8, ls=":", alpha=0.6, label="_nolegend_",
+                gid="abandoned")
+
+
+def _path_zorder(i: int) -> float:
+    """The first path on top: where branches share their parent's curve, it shows the parent's colour."""
+    return 2.5 - i / 100
 
 
 def loss_figure(run: Run) -> Figure:
     fig, (ax,) = _figure()
     stage_bands(ax, run.spans)
-    ax.plot(*_series(run, "train", "loss"), color="tab:blue", lw=1.2, label="train loss")
-    ax.plot(*_series(run, "eval", "val_loss"), color="tab:red", marker="o", ms=4, lw=1.2, label="val loss")
+    train, val = run_lines(run, "train", "loss"), run_lines(run, "eval", "val_loss")
+    for i, (t, v) in enumerate(zip(train, val, strict=True)):
+        if t.label is None:  # one line: the colours say train or validation
+            _draw(ax, t, "train loss", color="tab:blue", lw=1.2)
+            _draw(ax, v, "val loss", color="tab:red", marker="o", ms=4, lw=1.2)
+        else:  # a line per branch: the colour says which, the style train or validation
+            _draw(ax, t, f"{t.label}: train loss", color=f"C{i % 10}", lw=1.2, zorder=_path_zorder(i))
+            _draw(ax, v, f"{v.label}: val loss", color=f"C{i % 10}", marker="o", ms=4, lw=1.0, ls="--",
+                  zorder=_path_zorder(i))
     event_markers(ax, run)
     ax.set(title=f"{run.name}: loss", xlabel="global step", ylabel="loss")
     _legend_outside(ax)
@@ -107,20 +138,36 @@ def series_figure(run: Run, key: str, ylabel: str) -> Figure:
     """One train-metrics field (lr, tok_per_s, grad_norm) over the plan, with the stage bands."""
     fig, (ax,) = _figure(height=2.8)
     stage_bands(ax, run.spans)
-    steps, values = _series(run, "train", key)
-    ax.plot(steps, values, color="tab:blue", lw=1.2)
+    found = run_lines(run, "train", key)
+    _draw_paths(ax, found)
     ax.set(title=f"{run.name}: {ylabel}", xlabel="global step", ylabel=ylabel)
     if key == "lr":
-        _log_if_wide(ax, values)
+        _log_if_wide(ax, [v for line in found for v in line.values])
     return fig
 
 
+def _draw_paths(ax: Axes, found: list[Line]) -> None:
+    """One field's lines: blue without a legend when the plan does not branch, else a colour and
+    a legend entry per path."""
+    for i, line in enumerate(found):
+        _draw(ax, line, line.label or "_nolegend_", color=f"C{i % 10}" if line.label else "tab:blue", lw=1.2,
+              zorder=_path_zorder(i))
+    if len(found) > 1:
+        _legend_outside(ax)
+
+
 def compare_figure(runs: Sequence[Run]) -> Figure:
-    """Train loss (top) and validation loss (bottom) of several runs overlaid, a line per run each."""
+    """Train loss (top) and validation loss (bottom) of several runs overlaid: a colour per run, a
+    line style per branch."""
     fig, (train_ax, val_ax) = _figure(rows=2)
+    styles = ("-", "--", ":", "-.")
+    panels: tuple[tuple[Axes, str, str, dict[str, Any]], ...] = (
+        (train_ax, "train", "loss", {}), (val_ax, "eval", "val_loss", {"marker": "o", "ms": 4}))
     for i, run in enumerate(runs):
-        train_ax.plot(*_series(run, "train", "loss"), color=f"C{i % 10}", lw=1.2, label=run.name)
-        val_ax.plot(*_series(run, "eval", "val_loss"), color=f"C{i % 10}", marker="o", ms=4, lw=1.2, label=run.name)
+        for ax, kind, key, extra in panels:
+            for j, line in enumerate(run_lines(run, kind, key)):
+                label = run.name if line.label is None else f"{run.name}: {line.label}"
+                _draw(ax, line, label, color=f"C{i % 10}", lw=1.2, ls=styles[j % len(styles)], **extra)
     train_ax.set(title="train loss", ylabel="loss")
     val_ax.set(title="validation loss", xlabel="global step", ylabel="loss")
     for ax in (train_ax, val_ax):
@@ -129,13 +176,20 @@ def compare_figure(runs: Sequence[Run]) -> Figure:
 
 
 def plan_lr_figure(stages: Sequence[ResolvedStage]) -> Figure:
-    """The planned LR of every update, before training; x matches a run's metrics (update k at step k)."""
-    curve = plan_lr_curve(list(stages))
+    """The planned LR of every update, before training; x matches a run's metrics (update k at
+    step k), a line per branch."""
+    by_name = {s.name: s for s in stages}
+    spans = [StageSpan(s.name, s.start_step, s.start_step + s.steps, s.parent) for s in stages]
+
+    def points(name: str) -> list[tuple[int, float]]:
+        stage = by_name[name]
+        return [(stage.start_step + k + 1, stage.lr(k)) for k in range(stage.steps)]
+
     fig, (ax,) = _figure(height=3.0)
-    stage_bands(ax, [StageSpan(s.name, s.start_step, s.start_step + s.steps) for s in stages])
-    ax.plot(range(1, len(curve) + 1), curve, color="tab:blue", lw=1.2)
+    stage_bands(ax, spans)
+    _draw_paths(ax, lines(spans, points))
     ax.set(title="planned learning rate", xlabel="global step", ylabel="lr")
-    _log_if_wide(ax, curve)
+    _log_if_wide(ax, plan_lr_curve(list(stages)))
     return fig
 
 
@@ -146,6 +200,6 @@ def _legend_outside(ax: Axes) -> None:
 
 def _log_if_wide(ax: Axes, values: Sequence[float]) -> None:
     """Stages' LRs can differ by orders of magnitude (AdamW 1e-3, SGD 0.1): a linear axis would
-    flatten the small ones to zero."""
-    if values and min(values) > 0 and max(values) / min(values) > 30:
+    flatten the small ones to zero (the terminal chart decides alike)."""
+    if wide(values):
         ax.set_yscale("log")

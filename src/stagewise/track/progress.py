@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -42,7 +42,8 @@ class ProgressView:
         self.console = console or Console()
         self.live = self.console.is_terminal
         self._progress: Progress | None = None
-        self._plan_task = self._stage_task = None
+        self._plan_task: TaskID | None = None
+        self._stage_task: TaskID | None = None
         self.total_steps = total_steps
         if self.live:
             self._progress = Progress(
@@ -68,6 +69,7 @@ class ProgressView:
         """Called once per logged step (not every step: the console is not free)."""
         text = _format_info(info)
         if self._progress is not None:
+            assert self._stage_task is not None and self._plan_task is not None
             self._progress.update(self._stage_task, completed=stage_step, info=text)
             self._progress.update(self._plan_task, completed=global_step)
         else:
@@ -79,16 +81,25 @@ class ProgressView:
 
     def summary(self, rows: list[StageSummary]) -> None:
         table = Table(title="stages")
-        tasks = any(r.metrics.keys() - {"val_loss", "val_ppl"} for r in rows)
-        columns = ("stage", "optimizer", "steps", "seen", "time", "train loss", "val loss", "val ppl")
-        for col in columns + (("val metrics",) if tasks else ()):
-            table.add_column(col, justify="left" if col in ("stage", "optimizer", "val metrics") else "right")
-        for r in rows:
-            cells = [r.stage, r.optimizer, str(r.steps), f"{r.tokens:,} {'tok' if r.unit == 'tokens' else 'ex'}",
-                     "reused" if r.reused else f"{r.seconds:.1f}s",
-                     _num(r.train_loss), _num(r.val_loss), _num(r.perplexity, 2)]
-            table.add_row(*cells, *((r.task_metrics(),) if tasks else ()))
+        columns, cells = summary_table(rows)
+        for col in columns:
+            table.add_column(col, justify="left" if col in SUMMARY_TEXT_COLUMNS else "right")
+        for row in cells:
+            table.add_row(*row)
         self.console.print(table)
+
+
+SUMMARY_TEXT_COLUMNS = ("stage", "optimizer", "val metrics")  # the others are numbers, right-aligned
+
+
+def summary_table(rows: list[StageSummary]) -> tuple[list[str], list[list[str]]]:
+    """The end-of-run table (the console's, and the report's): column names and cells."""
+    tasks = any(r.metrics.keys() - {"val_loss", "val_ppl"} for r in rows)
+    columns = ["stage", "optimizer", "steps", "seen", "time", "train loss", "val loss", "val ppl"]
+    cells = [[r.stage, r.optimizer, str(r.steps), f"{r.tokens:,} {'tok' if r.unit == 'tokens' else 'ex'}",
+              "reused" if r.reused else f"{r.seconds:.1f}s", _num(r.train_loss), _num(r.val_loss),
+              _num(r.perplexity, 2), *((r.task_metrics(),) if tasks else ())] for r in rows]
+    return columns + (["val metrics"] if tasks else []), cells
 
 
 def _num(x: float | None, digits: int = 4) -> str:

@@ -15,7 +15,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from stagewise.errors import UserError
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
+from stagewise.track.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.track.runs import Run, StageRow, load_run, when
 
 _STYLE = """
@@ -31,6 +33,8 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 
 def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     """report.html and its PNGs in `out` (default: the first run's directory); returns the page."""
+    if len(run_dirs) == 1 and _is_search(run_dirs[0]):
+        return write_search_report(run_dirs[0], out)
     runs = [load_run(path) for path in run_dirs]
     out = out or run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +54,51 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     return page
 
 
+def _is_search(directory: Path) -> bool:
+    from stagewise.search.results import SETTINGS
+
+    return (directory / SETTINGS).is_file()
+
+
+def write_search_report(directory: Path, out: Path | None = None) -> Path:
+    """A search directory's page: its trials, the best plan, Optuna's history and importance plots."""
+    import optuna
+
+    from stagewise.search.results import BEST, HEADERS, load_settings, trial_rows, write_plots
+    from stagewise.search.study import storage_of
+
+    settings = load_settings(directory)
+    assert settings is not None
+    out = out or directory
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name=settings["study"], storage=storage_of(settings["storage"]))
+    except KeyError:
+        raise UserError(str(directory), f"no study '{settings['study']}' in {settings['storage']}") from None
+    rows = trial_rows(study)
+    plots, notes = write_plots(study, out)
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row.state] = states.get(row.state, 0) + 1
+    facts = [f"objective {settings['metric']} ({settings['direction']})", f"{len(rows)} trials: "
+             + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))]
+    if settings.get("cv"):
+        facts.append(f"{settings['cv']}-fold cross-validation")
+    best = directory / BEST
+    parts = [f"<h1>search {_e(settings['study'])}</h1>", f"<p>{_e(' · '.join(facts))}</p>"]
+    parts += [_img(path.read_bytes(), name) for name, path in plots.items()]
+    parts += [f"<p>note: {_e(note)}</p>" for note in notes]
+    parts += ["<h2>Trials</h2>", _table(HEADERS, [row.cells() for row in rows], numeric={0, 2})]
+    parts += ["<h2>Best plan</h2>", f"<pre>{_e(best.read_text(encoding='utf-8'))}</pre>" if best.is_file()
+              else "<p>no trial has completed yet</p>"]
+    page = out / "report.html"
+    page.write_text(f"<!doctype html>\n<html><head><meta charset='utf-8'><title>search {_e(settings['study'])}</title>"
+                    f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n",
+                    encoding="utf-8")
+    return page
+
+
 def run_figures(run: Run) -> dict[str, Figure]:
     return {"loss": loss_figure(run), "lr": series_figure(run, "lr", "learning rate"),
             "throughput": series_figure(run, "tok_per_s", "tokens/s"),
@@ -60,6 +109,13 @@ def _run_body(run: Run, images: dict[str, bytes]) -> str:
     parts = [f"<h1>{_e(run.name)}</h1>", _status(run)]
     parts += [_img(data, name) for name, data in images.items()]
     parts += ["<h2>Stages</h2>", _stage_table(run.stage_rows())]
+    summaries = run.summaries()
+    if summaries:
+        columns, cells = summary_table(summaries)
+        parts += ["<h2>Summary</h2>", _table(columns, cells, numeric={i for i, c in enumerate(columns)
+                                                                      if c not in SUMMARY_TEXT_COLUMNS})]
+    if run.sample is not None:
+        parts += [f"<h2>Sample</h2>{_sample_note(run)}", f"<pre>{_e(run.sample)}</pre>"]
     decisions = [e for e in run.events if e.get("event") not in ROUTINE_EVENTS]
     if decisions:
         parts += ["<h2>Decisions</h2>", _table(
@@ -104,6 +160,16 @@ def _stage_table(rows: list[StageRow]) -> str:
         [[r.name, r.task or "-", r.optimizer or "-", r.schedule or "-", _num(r.steps, 0), _num(r.tokens, 0),
           "-" if r.seconds is None else _duration(r.seconds), _num(r.best_val_loss), r.status] for r in rows],
         numeric={4, 5, 6, 7})
+
+
+def _sample_note(run: Run) -> str:
+    """Which model wrote the sample, and how (the plan's `sample` settings)."""
+    settings = run.plan.get("sample")
+    stages = run.planned_stages
+    if not isinstance(settings, dict) or not stages:
+        return ""
+    shown = ", ".join(f"{k} {v!r}" for k, v in settings.items() if v is not None)
+    return f"<p>by the last stage, '{_e(stages[-1])}': {_e(shown)}</p>"
 
 
 def _plan(run: Run) -> str:

@@ -17,15 +17,18 @@ from rich.table import Table
 
 from stagewise.errors import UserError
 from stagewise.track.logs import read_jsonl
+from stagewise.track.progress import StageSummary
 
 
 @dataclass(frozen=True)
 class StageSpan:
-    """A stage's place on the plan's global step axis: updates start+1 .. end."""
+    """A stage's place on the plan's global step axis: updates start+1 .. end. A branch starts
+    at its parent's step (`from: stable@100`: at stable's start + 100), beside its siblings."""
 
     name: str
     start: int
     end: int
+    parent: str | None = None
 
 
 @dataclass
@@ -53,6 +56,12 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def sample(self) -> str | None:
+        """The text generated at the end of the run (plan key `sample`), when it was."""
+        path = self.path / "sample.txt"
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
     @cached_property
     def plan(self) -> dict[str, Any]:
@@ -102,10 +111,17 @@ class Run:
 
     @property
     def best_val_loss(self) -> float | None:
-        """From the metrics when loaded, else from the eval events (the listing reads only events)."""
+        return self.best("val_loss")
+
+    def best(self, metric: str) -> float | None:
+        """The best evaluation of `metric` over the run: the lowest of a loss or perplexity, the
+        highest of the others (accuracy, F1, BLEU, chrF). From the metrics when loaded, else from
+        the eval events (the listing reads only events)."""
         source = self.metrics if self.metrics else self._named("eval")
-        losses = [float(r["val_loss"]) for r in source if _finite(r.get("val_loss"))]
-        return min(losses) if losses else None
+        values = [float(r[metric]) for r in source if r.get("kind", "eval") == "eval" and _finite(r.get(metric))]
+        if not values:
+            return None
+        return min(values) if lower_is_better(metric) else max(values)
 
     @property
     def last_time(self) -> float | None:
@@ -135,12 +151,22 @@ class Run:
 
     @cached_property
     def spans(self) -> list[StageSpan]:
-        """Stages that started (or were reused with their place logged), latest entry per name."""
+        """Stages that started (or were reused with their place logged), latest entry per name; a
+        stage ended early by `until` or a rule ends at that step. A resumed stage's start event is
+        logged at the step it resumes from (its stage_step)."""
+        parents = {e.get("stage"): e.get("parent") for e in self.events if e.get("event") == "stage_start"}
+        start = self._named("plan_start")
+        if start and isinstance(start[-1].get("stages"), list):
+            parents.update({s["name"]: s.get("parent") for s in start[-1]["stages"] if isinstance(s, dict)})
+        stopped = {e.get("stage"): e["step"] for e in self._named("stage_stopped_early")
+                   if isinstance(e.get("step"), int)}
         found: dict[str, StageSpan] = {}
         for e in self.events:
             if e.get("event") in ("stage_start", "stage_reused") and isinstance(e.get("step"), int) \
                     and isinstance(e.get("steps"), int):
-                found[e["stage"]] = StageSpan(e["stage"], e["step"], e["step"] + e["steps"])
+                first = e["step"] - (e["stage_step"] if isinstance(e.get("stage_step"), int) else 0)
+                name = e["stage"]
+                found[name] = StageSpan(name, first, stopped.get(name, first + e["steps"]), parents.get(name))
         return list(found.values())
 
     def event_step(self, event: dict[str, Any]) -> int:
@@ -192,6 +218,36 @@ class Run:
                 best_val_loss=min(evals) if evals else None, status=status))
         return rows
 
+    def summaries(self) -> list[StageSummary]:
+        """The end-of-run table's rows, from the events: each stage trained or reused, in plan
+        order. A reused stage's log holds its final val loss only (its summary is in the cache)."""
+        plan_stages = {str(s.get("name")): s for s in self._plan_stages()}
+        spans = {s.name: s for s in self.spans}
+        plan_start = self._named("plan_start")
+        resolved = {s.get("name"): s for s in (plan_start[-1].get("stages") or [] if plan_start else [])
+                    if isinstance(s, dict)}
+        rows = []
+        for name in self.planned_stages:
+            mine = [e for e in self.events if e.get("stage") == name]
+            start = next((e for e in reversed(mine) if e.get("event") in ("stage_start", "stage_reused")), None)
+            end = next((e for e in mine if e.get("event") in ("stage_end", "stage_reused")), None)
+            if start is None or end is None or name not in spans:
+                continue
+            reused = end.get("event") == "stage_reused"
+            evals = [e for e in mine if e.get("event") == "eval" and isinstance(e.get("step"), int)]
+            last = evals[-1] if evals else {}
+            steps = start.get("steps", 0) if reused or not last else last["step"] - spans[name].start
+            optimizer = next((e["optimizer_to"] for e in reversed(mine) if e.get("optimizer_to")),
+                             start.get("optimizer") or (plan_stages.get(name, {}).get("optimizer") or {}).get("name"))
+            per_step = start.get("tokens_per_step")
+            metrics = {k: float(v) for k, v in last.items() if k.startswith("val_") and _finite(v)}
+            rows.append(StageSummary(
+                stage=name, optimizer=str(optimizer or "-"), steps=steps,
+                tokens=per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
+                train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
+                unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
+        return rows
+
 
 def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) -> str | None:
     """The resolved name and LR (stage_start) over the plan's, which may inherit both."""
@@ -214,6 +270,10 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith(("loss", "ppl"))
+
+
 def load_run(path: Path, with_metrics: bool = True) -> Run:
     """A run directory; bad input (not a run, no metrics to show) is one line."""
     if not (path / "events.jsonl").is_file():
@@ -229,29 +289,39 @@ def load_run(path: Path, with_metrics: bool = True) -> Run:
 
 
 def find_runs(directory: Path) -> list[Run]:
-    """Every run below `directory` (nested too: a search keeps its trials in one folder), by path."""
+    """Every run below `directory` (nested too: a search keeps its trials in one folder), the
+    most recently updated first (runs without a timestamp last, by path)."""
     if not directory.is_dir():
         raise UserError(str(directory), "no such directory")
-    return [load_run(p.parent, with_metrics=False) for p in sorted(directory.rglob("events.jsonl"))]
+    runs = [load_run(p.parent, with_metrics=False) for p in sorted(directory.rglob("events.jsonl"))]
+    return sorted(runs, key=lambda r: -r.last_time if r.last_time is not None else math.inf)
 
 
 _STATE_STYLE = {"complete": "green", "failed": "red", "interrupted": "yellow"}
 
 
-def print_runs(console: Console, directory: Path, runs: list[Run]) -> None:
+def print_runs(console: Console, directory: Path, runs: list[Run], metric: str | None = None) -> None:
+    """`metric`: a column with each run's best evaluation of it, besides the best val loss."""
     if not runs:
         console.print(f"no runs in {directory}")
         return
-    table = Table(title=f"runs in {directory}")
-    for col in ("run", "state", "stages", "best val loss", "last update"):
-        table.add_column(col, justify="right" if col in ("stages", "best val loss") else "left")
+    if metric is not None and all(run.best(metric) is None for run in runs):
+        logged = sorted({k for run in runs for e in run.events if e.get("event") == "eval"
+                         for k in e if k.startswith("val_")})
+        raise UserError("--metric", f"no run in {directory} has evaluated '{metric}' (evaluated: "
+                                    f"{', '.join(logged) or 'nothing yet'})")
+    metrics = ["val_loss"] + ([metric] if metric not in (None, "val_loss") else [])
+    table = Table(title=f"runs in {directory}, the latest first")
+    numbers = ["stages"] + [f"best {m.replace('_', ' ')}" for m in metrics]
+    for col in ("run", "state", *numbers, "last update"):
+        table.add_column(col, justify="right" if col in numbers else "left")
     now = time.time()
     for run in runs:
-        best = run.best_val_loss
         where = run.path.relative_to(directory)
+        bests = [run.best(m) for m in metrics]
         table.add_row(str(where) if where.parts else run.name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
                       f"{len(run.done_stages)}/{len(run.planned_stages)}",
-                      "-" if best is None else f"{best:.4f}",
+                      *("-" if b is None else f"{b:.4f}" for b in bests),
                       "-" if run.last_time is None else when(run.last_time, now))
     console.print(table)
 

@@ -1,0 +1,136 @@
+"""What a search leaves: the table of its trials (values, states, which stages each reused from
+the stage cache), the best trial's plan as YAML, and Optuna's history and parameter-importance
+plots (optuna.visualization.matplotlib), for the terminal and for `stagewise report`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from stagewise.search.space import with_params
+
+SETTINGS = "search.json"  # in the search directory: what it searches and where its study is
+BEST = "best.yaml"
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    number: int
+    state: str  # complete | pruned | fail | running | waiting
+    value: float | None
+    params: dict[str, Any]
+    reused: list[str]
+    trained: list[str]
+    cv_std: float | None
+    note: str  # why it failed or was interrupted
+
+    def cells(self) -> list[str]:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in self.params.items())
+        value = "-" if self.value is None else f"{self.value:.4f}"
+        if self.cv_std is not None:
+            value += f" ± {self.cv_std:.4f}"
+        return [str(self.number), params, value, self.state, ", ".join(self.reused) or "-",
+                ", ".join(self.trained) or "-", self.note]
+
+
+HEADERS = ["trial", "params", "value", "state", "reused", "trained", "note"]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_rows(study: Any) -> list[TrialRow]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        note = attrs.get("error") or attrs.get("interrupted") or (f"retry of {attrs['retry_of']}"
+                                                                  if "retry_of" in attrs else "")
+        rows.append(TrialRow(t.number, t.state.name.lower(), t.value, dict(t.params), list(attrs.get("reused", [])),
+                             list(attrs.get("trained", [])), attrs.get("cv_std"), note))
+    return rows
+
+
+def print_trials(console: Console, rows: list[TrialRow], metric: str) -> None:
+    table = Table(title=f"trials ({metric})")
+    for header in HEADERS:
+        table.add_column(header, justify="right" if header in ("trial", "value") else "left")
+    for row in rows:
+        table.add_row(*row.cells())
+    console.print(table)
+
+
+def best_trial(study: Any) -> Any | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def write_best(out: Path, raw: dict[str, Any], plan_path: Path, study: Any) -> Path | None:
+    """The best trial's plan: the plan with its values put in (paths in it stay relative to the
+    plan's directory, as the header says)."""
+    best = best_trial(study)
+    if best is None:
+        return None
+    path = out / BEST
+    header = (f"# best of search '{study.study_name}': trial {best.number}, value {best.value:.6g}\n"
+              f"# the plan {plan_path} with {json.dumps(best.params)}; relative paths are relative to "
+              f"{plan_path.parent.resolve()}\n")
+    path.write_text(header + yaml.safe_dump(with_params(raw, best.params), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
+    """history.png and importance.png (Optuna's own plots) in `out`, and notes on what was
+    skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # Optuna's matplotlib plots draw through pyplot: never a window
+    import optuna
+    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
+
+    written: dict[str, Path] = {}
+    notes: list[str] = []
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    # Optuna's plots set a pyplot style: rc_context puts the settings back for stagewise's own.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "importances will be equal": the plot shows it
+        figures: dict[str, Callable[[Any], Any]] = {"history": plots.plot_optimization_history} if completed else {}
+        if not completed:
+            notes.append("no history plot: no trial has completed")
+        elif completed >= 2:
+            figures["importance"] = plots.plot_param_importances
+        else:
+            notes.append(f"no parameter importance: it needs 2 completed trials (the study has {completed})")
+        for name, draw in figures.items():
+            try:
+                ax = draw(study)
+            except (ValueError, RuntimeError) as e:  # e.g. every trial sampled the same values
+                notes.append(f"no {name} plot: {e}")
+                continue
+            fig = ax.figure
+            assert isinstance(fig, Figure)
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            written[name] = out / f"{name}.png"
+            fig.savefig(written[name], dpi=100)
+            plt.close(fig)
+    return written, notes
+
+
+def load_settings(directory: Path) -> dict[str, Any] | None:
+    path = directory / SETTINGS
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

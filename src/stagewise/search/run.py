@@ -1,0 +1,116 @@
+"""`stagewise search`: everything checked before any trial runs (the space against the plan, the
+metric against what the stage logs, the folds), then the workers, then the table of trials, the
+best plan and the plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from stagewise.errors import UserError
+from stagewise.plan.load import read_yaml, validate_plan
+from stagewise.search.cv import write_folds
+from stagewise.search.objective import Direction, objective_of
+from stagewise.search.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
+from stagewise.search.space import check_space, load_space, override
+from stagewise.search.study import open_study, remaining, retry_interrupted, run_workers
+from stagewise.search.trial import SearchSetup
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    space: Path
+    trials: int
+    workers: int = 1
+    storage: str | None = None  # default: sqlite:///DIR/study.db
+    study: str | None = None  # default: the plan's name
+    out: Path | None = None  # default: runs/<plan name>-search
+    metric: str | None = None  # STAGE.METRIC; default: the last stage's val_loss
+    direction: Direction | None = None  # default: minimize a loss, maximize anything else
+    pruner: str = "median"
+    sampler: str = "tpe"
+    cv: int | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    out: Path
+    rows: list[TrialRow]
+    best: Path | None  # best.yaml, once a trial completed
+    plots: dict[str, Path]
+    notes: list[str]
+
+
+def search(plan_path: Path, options: SearchOptions, console: Console) -> SearchResult:
+    setup = prepare_search(plan_path, options)
+    study = open_study(setup)
+    again = retry_interrupted(study)
+    if again:
+        console.print(f"{again} interrupted trial(s) queued to run again with the same values")
+    left = remaining(study, setup.trials)
+    console.print(f"search '{setup.study}': {setup.trials} trials ({left} to run), {setup.workers} worker(s), "
+                  f"objective {setup.objective} ({setup.objective.direction}), storage {setup.storage}",
+                  markup=False, highlight=False)
+    if left:
+        run_workers(setup, console)
+    return summarize(setup, console)
+
+
+def prepare_search(plan_path: Path, options: SearchOptions) -> SearchSetup:
+    """Every check that needs no training, then the search directory's settings (and folds)."""
+    if options.trials < 1 or options.workers < 1:
+        raise UserError("--trials" if options.trials < 1 else "--workers", "must be >= 1")
+    raw = read_yaml(plan_path)
+    plan = validate_plan(raw, where=str(plan_path))
+    space = load_space(options.space)
+    check_space(space, raw, plan_path, options.space)
+    objective = objective_of(plan, options.metric, options.direction)
+    out = options.out or Path("runs") / f"{plan.name}-search"
+    if out.exists() and not out.is_dir():
+        raise UserError("--out", f"{out} is a file")
+    study = options.study or plan.name
+    storage = options.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    settings = {"plan": str(plan_path.resolve()), "space": {p.key: [p.kind, p.low, p.high, p.log, list(p.choices)]
+                                                            for p in space},
+                "metric": str(objective), "direction": objective.direction, "cv": options.cv, "study": study,
+                "storage": storage}
+    _check_same_search(out, settings)
+    folds = write_folds(plan, plan_path, objective.stage, options.cv, out) if options.cv is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    return SearchSetup(plan_path=plan_path, raw=raw, space=space, objective=objective, out=out,
+                       storage=storage, study=study, trials=options.trials,
+                       workers=options.workers, sampler=options.sampler, pruner=options.pruner, seed=plan.seed,
+                       folds=folds)
+
+
+def _check_same_search(out: Path, settings: dict[str, Any]) -> None:
+    """A search directory resumes the search it holds, not another one."""
+    path = out / SETTINGS
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("plan", "space", "metric", "direction", "cv", "study", "storage"):
+        if before.get(key) != settings[key]:
+            raise UserError(str(out), f"holds a search with another {key} ({json.dumps(before.get(key))[:60]}); "
+                                      "resume it as it was, or use another --out")
+
+
+def summarize(setup: SearchSetup, console: Console) -> SearchResult:
+    study = open_study(setup)
+    rows = trial_rows(study)
+    print_trials(console, rows, str(setup.objective))
+    best = write_best(setup.out, setup.raw, setup.plan_path, study)
+    plots, notes = write_plots(study, setup.out)
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    if best is not None:
+        b = study.best_trial
+        overrides = " ".join(override(k, v) for k, v in b.params.items())
+        console.print(f"best: trial {b.number}, {setup.objective.metric} {b.value:.4f}; plan written to {best} "
+                      f"(= stagewise train {setup.plan_path} {overrides})", markup=False, highlight=False)
+    return SearchResult(setup.out, rows, best, plots, notes)

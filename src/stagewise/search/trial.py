@@ -1,0 +1,139 @@
+"""One trial of a search: the plan with the sampled values put in, trained like any plan
+(load -> validate -> prepare -> train) into DIR/trials/NNNN, with the search's one stage cache
+DIR/.cache: the stages it shares with earlier trials (or with trials other workers are training
+right now: the stage store's lock makes the second one wait) are reused, not trained again."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from stagewise.engine.context import on_eval
+from stagewise.errors import RunStopped, UserError
+from stagewise.search.cv import FoldData, fold_plan
+from stagewise.search.objective import Objective
+from stagewise.search.space import Param, with_params
+from stagewise.track.logs import read_jsonl
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    """Everything a worker process needs (it is pickled to spawned workers)."""
+
+    plan_path: Path
+    raw: dict[str, Any]  # the plan as read, before any trial's values
+    space: list[Param]
+    objective: Objective
+    out: Path
+    storage: str
+    study: str
+    trials: int
+    workers: int
+    sampler: str
+    pruner: str
+    seed: int
+    folds: list[FoldData] | None  # --cv: the objective stage's data for each fold
+
+    @property
+    def cache(self) -> Path:
+        return self.out / ".cache"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.out / "trials" / f"{number:04d}"
+
+
+class Pruned(RunStopped):
+    """The pruner stopped the trial at an evaluation: the run stops as on a signal (logged as
+    plan_interrupted), then the trial is told pruned."""
+
+
+def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> float:
+    """Train the trial's plan (each fold's, with --cv) and return its objective value."""
+    import optuna
+
+    params = {p.key: p.suggest(trial) for p in setup.space}
+    raw = with_params(setup.raw, params)
+    run_dir = setup.trial_dir(trial.number)
+    trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
+    try:
+        if setup.folds is None:
+            with on_eval(_reporter(setup.objective, trial)):
+                return _train(setup, raw, run_dir, trial.number)
+        values: list[float] = []
+        for k, fold in enumerate(setup.folds):
+            values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
+                                 trial.number))
+            trial.set_user_attr("cv_values", values)
+            trial.report(statistics.fmean(values), k)  # the running mean after each fold
+            if k + 1 < len(setup.folds) and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after fold {k}: mean {setup.objective.metric} "
+                                         f"{statistics.fmean(values):.4f}")
+        trial.set_user_attr("cv_std", statistics.pstdev(values))
+        return statistics.fmean(values)
+    except Pruned as e:
+        raise optuna.TrialPruned(str(e)) from None
+    except UserError as e:  # a sampled combination the plan refuses: this trial fails, the search goes on
+        trial.set_user_attr("error", str(e))
+        say(f"trial {trial.number} failed: {e}")
+        raise
+    except (RunStopped, KeyboardInterrupt) as e:
+        trial.set_user_attr("interrupted", str(e) or "interrupted")  # a resumed search runs it again
+        raise
+    finally:
+        reused, trained = stages_of(run_dir)
+        trial.set_user_attr("reused", reused)
+        trial.set_user_attr("trained", trained)
+
+
+def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
+    from stagewise.engine.prepare import prepare
+    from stagewise.engine.run import train
+    from stagewise.plan.load import validate_plan
+
+    plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
+    prepared = prepare(plan, setup.plan_path, setup.cache)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160))
+    summary = next(s for s in summaries if s.stage == setup.objective.stage)
+    value = setup.objective.final_value(summary)
+    if value is None:
+        raise UserError(f"trial {number}", f"stage '{summary.stage}' ended without a finite "
+                                           f"{setup.objective.metric}")
+    return value
+
+
+def _reporter(objective: Objective, trial: Any) -> Callable[[str, int, dict[str, float]], None]:
+    """The evaluation hook: the objective stage's metric at each evaluation goes to the pruner."""
+    def report(stage: str, step: int, metrics: dict[str, float]) -> None:
+        value = objective.value_of(metrics)  # type: ignore[arg-type]
+        if stage != objective.stage or value is None:
+            return
+        trial.report(value, step)
+        if trial.should_prune():
+            raise Pruned(f"trial {trial.number} pruned at step {step} of stage '{stage}': {objective.metric} "
+                         f"{value:.4f}", code=0)
+    return report
+
+
+def stages_of(run_dir: Path) -> tuple[list[str], list[str]]:
+    """The stages a trial's runs (its folds, with --cv) reused from the cache and trained, by
+    their events.jsonl; fold runs are prefixed `fold-k/`."""
+    reused: list[str] = []
+    trained: list[str] = []
+    logs = sorted(run_dir.glob("fold-*/events.jsonl")) or [run_dir / "events.jsonl"]
+    for log in logs:
+        if not log.is_file():
+            continue
+        prefix = f"{log.parent.name}/" if log.parent != run_dir else ""
+        for event in read_jsonl(log):
+            if event.get("event") == "stage_reused":
+                reused.append(prefix + event["stage"])
+            elif event.get("event") == "stage_start" and event.get("stage_step") == 0:
+                trained.append(prefix + event["stage"])
+    return reused, trained
