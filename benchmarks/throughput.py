@@ -1,32 +1,42 @@
-"""Training throughput of a stagewise stage against a hand-written PyTorch loop and HF `Trainer`.
+"""Training throughput of stagewise against each peer at its best on this CPU, at two sizes, and
+the time from `stagewise train` to the first update.
 
-The same GPT-2 (n_layer 4, n_embd 256, n_head 4: 3.2M parameters with the char vocabulary), batch
-(16 x 128 tokens), data (tinyshakespeare, char tokenizer, prepared once by stagewise; the loop and
-Trainer get exactly the stage's windows) and optimizer (AdamW, constant LR, no clipping) are
-trained three ways in one process:
+Two GPT-2 sizes (dropout 0, char vocabulary of tinyshakespeare, batch 16 x 128 tokens, AdamW at a
+constant LR, no clipping): `3M` (4 layers x 256) and `10M` (6 layers x 384). At each, five
+methods train the same token windows from the same initial weights, in one process:
 
-  stagewise  a one-stage plan (precision: bf16, compile: true) through the Python API; the plan's
-             `attention: auto` picks eager attention, which inductor fuses
-  loop       a nanoGPT-style loop: bf16 autocast, torch.compile (model + loss), fused AdamW, and the
-             attention kernel that is fastest under compile on CPU (eager; `--loop-attn`)
-  trainer    transformers.Trainer with its best CPU settings (bf16=True, use_cpu=True) and the
-             model's default SDPA attention (`--trainer-attn`). Trainer's own `torch_compile=True`
-             is slower with SDPA on this CPU (its backward kernel is opaque to inductor), so it is off.
+  stagewise           a one-stage plan at its best: precision bf16, compile true, threads N
+  stagewise_defaults  the same plan without the precision, compile and threads keys: what `auto`
+                      picks (engine.device) is what is timed, and recorded
+  loop                a nanoGPT-style loop at its best: bf16 autocast, torch.compile of model + loss,
+                      fused AdamW, eager attention (inductor fuses it; SDPA's CPU kernels it cannot)
+  trainer_compiled    transformers.Trainer at its best: torch_compile=True, eager attention, bf16,
+                      adamw_torch_fused
+  trainer             Trainer as most people run it: bf16, adamw_torch_fused, its default SDPA
+                      attention, not compiled
 
-How it is timed. A global optimizer-step post-hook sees every update of the three. By default the
-three train *interleaved*: each runs in its own thread (stagewise in the main one) and a baton lets
-exactly one of them compute at a time, handed on every TURN updates: stagewise 20 steps, loop 20,
-Trainer 20, stagewise 20, ... A method's step time runs from its previous update (or from getting
-the CPU back) to its update, so it holds everything its loop does per step (data, forward,
-backward, optimizer, zero_grad, logging). On a shared machine the speed drifts by 10-20% over tens
-of seconds (other processes, other VMs on the host); interleaved, a slow spell hits all three
-alike instead of whichever happened to be running. The first `--warmup` updates of each method
-(torch.compile, allocator warm-up) are dropped; tokens/s is timed steps x tokens per step / their
-summed step time. `--sequential` runs the three one after another instead (same clock).
+Every method runs on the same N threads (--threads; default: what `threads: auto` picks at the
+start), the defaults plan on the count its own auto picks. Both plans are 2000-update plans (what
+`compile: auto` weighs) stopped after the timed steps.
 
-    .venv/bin/python benchmarks/throughput.py               # ~3.5 minutes on 2 cores
-    .venv/bin/python benchmarks/throughput.py --quick       # a smoke run: a few steps each
-    .venv/bin/python benchmarks/throughput.py --trainer-attn eager  # Trainer with eager attention
+How it is timed. A global optimizer-step post-hook sees every update. The methods train
+*interleaved*: each in its own thread, a baton letting one compute at a time, handed on every
+TURN updates. A method's step time runs from its previous update (or from getting the CPU back)
+to its update: everything its loop does per step. On a shared machine the speed drifts by tens
+of percent over tens of seconds; interleaved, a slow spell hits all methods alike, and the ratios
+are per round (and per back-to-back turn pair: `turn_ratio_medians`). The first --warmup updates
+of each method (compiling) are not timed.
+
+MFU: tokens/s x (6 N + 12 L d T) FLOPs per token (PaLM appendix B, nanoGPT's estimate_mfu) over
+the matmul peak of the method's precision on this machine (DESIGN.md: fp32 ~190, bf16 ~800
+GFLOP/s on the 2 cores).
+
+Start-up: `stagewise train examples/nanogpt.yaml` (shortened) in a fresh process, cold (empty
+cache: the text is read and tokenized) and warm (cache filled, --fresh run), from spawning the
+process to its first update.
+
+    .venv/bin/python benchmarks/throughput.py                 # ~10 minutes on 2 idle cores
+    .venv/bin/python benchmarks/throughput.py --sizes 3M --steps 20 --repeats 1
 """
 
 from __future__ import annotations
@@ -34,8 +44,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,9 +69,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
-from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.engine.device import derive_seed, flops_per_token, model_shape, resolve_threads, seed_everything
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
+from stagewise.errors import RunStopped
 from stagewise.models.build import build_model
 from stagewise.plan.load import load_plan
 from stagewise.plan.schema import Plan
@@ -66,24 +80,34 @@ from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+NANOGPT_PLAN = ROOT / "examples" / "nanogpt.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 
-# Dropout 0: nanoGPT's setting for pretraining. (At GPT-2's default 0.1, drawing the dropout masks
-# costs ~100 ms of a ~330 ms step on this CPU, eager or compiled alike.)
-MODEL = {"arch": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 128,
-         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+DROPOUT_0 = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+SIZES = {"3M": {"arch": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 128, **DROPOUT_0},
+         "10M": {"arch": "gpt2", "n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 128, **DROPOUT_0}}
 BATCH, BLOCK = 16, 128
 TOKENS_PER_STEP = BATCH * BLOCK
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
 SEED = 1337
 STAGE = "train"
-LOG_EVERY = 50  # stagewise's metrics interval: a grad-norm, a sync and two log writes per 50 steps
-TURN = 20  # interleaved: updates a method makes before passing the CPU on (also the spread's unit)
-TARGET = {"ratio_vs_trainer": 1.3, "ratio_vs_loop": 0.95}
-METHODS = ("stagewise", "loop", "trainer")
-DESCRIBED = {"stagewise": "plan: precision bf16, compile true, attention auto, adamw",
-             "loop": "bf16 autocast, torch.compile, fused AdamW, {attn} attention",
-             "trainer": "bf16=True, use_cpu=True, adamw_torch_fused, {attn} attention"}
+PLAN_STEPS = 2000  # the plans' length, as a user would write it; they are stopped after the timed steps
+LOG_EVERY = 50  # both stagewise plans: a grad norm, a sync and two log writes every 50 updates
+TURN = 10  # updates a method makes before passing the CPU on (also the unit of the paired ratios)
+PEAK_FLOPS = {"fp32": 190e9, "bf16": 800e9}  # DESIGN.md: matmul peaks of this 2-core machine
+METHODS = ("stagewise", "stagewise_defaults", "loop", "trainer_compiled", "trainer")
+PRECISION = {"stagewise": "bf16", "loop": "bf16", "trainer_compiled": "bf16", "trainer": "bf16"}
+DESCRIBED = {"stagewise": "plan: precision bf16, compile true, threads {threads}",
+             "stagewise_defaults": "plan without precision/compile/threads: {auto}",
+             "loop": "bf16 autocast, torch.compile, fused AdamW, eager attention",
+             "trainer_compiled": "torch_compile=True, eager attention, bf16, adamw_torch_fused",
+             "trainer": "bf16, adamw_torch_fused, sdpa attention, not compiled"}
+RATIOS = {"ratio_vs_trainer_compiled": ("stagewise", "trainer_compiled"),
+          "ratio_vs_trainer": ("stagewise", "trainer"),
+          "ratio_vs_loop": ("stagewise", "loop"),
+          "ratio_defaults_vs_best": ("stagewise_defaults", "stagewise")}
+TARGET = {"ratio_vs_trainer_compiled": 1.15, "ratio_vs_loop": 1.0, "ratio_defaults_vs_best": 0.9,
+          "mfu_10M": 0.35}
 HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -149,7 +173,7 @@ class Baton:
 class StepClock:
     """One method's step times: from its previous update, or from getting the CPU back, to its update."""
 
-    def __init__(self, name: str, warmup: int, steps: int, baton: Baton | None) -> None:
+    def __init__(self, name: str, warmup: int, steps: int, baton: Baton) -> None:
         self.name, self.warmup, self.steps, self.baton = name, warmup, steps, baton
         self.durations: list[float] = []
         self.samples: list[tuple[float, int, int]] = []
@@ -162,9 +186,8 @@ class StepClock:
         self.samples.append(cpu_sample())
         done = len(self.samples)
         # The turn ends after the warm-up and then every TURN updates; after its last update a
-        # method keeps the CPU for its tail (final eval, saving), when nobody is being timed.
-        if (self.baton is not None and done >= self.warmup and (done - self.warmup) % TURN == 0
-                and done < self.warmup + self.steps):
+        # method keeps the CPU for its tail (stopping, saving), when nobody is being timed.
+        if done >= self.warmup and (done - self.warmup) % TURN == 0 and done < self.warmup + self.steps:
             self.baton.pass_on(self.name)
             self.baton.wait_turn(self.name)
         self.resumed = time.perf_counter()
@@ -177,11 +200,9 @@ class StepClock:
         turns = [timed[i:i + TURN] for i in range(0, len(timed), TURN)]
         return {"tokens_per_s": len(timed) * TOKENS_PER_STEP / sum(timed),
                 "median_step_ms": round(1000 * statistics.median(timed), 2),
-                # the first step of a turn pays for the switch (caches, thread pools): its cost
-                "first_of_turn_extra_ms": round(1000 * (statistics.median(t[0] for t in turns)
-                                                        - statistics.median(timed)), 2),
                 "turn_tokens_per_s": [round(len(t) * TOKENS_PER_STEP / sum(t), 1) for t in turns],
-                "seconds_timed": round(sum(timed), 2)}
+                "seconds_timed": round(sum(timed), 2),
+                "foreign_cores": round(foreign_cores(self.samples[self.warmup - 1], self.samples[-1]), 3)}
 
 
 class Clocks:
@@ -214,10 +235,11 @@ class Clocks:
 
 # ----------------------------------------------------------------------------------- the methods
 
-def write_plan(directory: Path, data: str, warmup: int, steps: int) -> Path:
+def write_plan(path: Path, data: str, model: dict[str, Any], best: dict[str, Any] | None) -> Path:
+    """The one-stage plan; `best`: its precision/compile/threads keys (None: left to auto)."""
     plan = {
-        "name": "throughput", "seed": SEED, "device": "cpu", "precision": "bf16", "compile": True,
-        "model": MODEL, "tokenizer": {"kind": "char"},
+        "name": path.stem, "seed": SEED, "device": "cpu", **(best or {}),
+        "model": model, "tokenizer": {"kind": "char"},
         "data": {"train": data, "val_fraction": 0.1},
         "log": {"every": LOG_EVERY},
         "stages": [{
@@ -225,11 +247,10 @@ def write_plan(directory: Path, data: str, warmup: int, steps: int) -> Path:
             "optimizer": {"name": "adamw", "lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY},
             "schedule": {"name": "constant"},
             "batch": {"size": BATCH, "block_size": BLOCK},
-            "eval": {"batches": 1},  # once, at the end of the stage, after the timed steps
-            "steps": warmup + steps,
+            "eval": {"batches": 1},
+            "steps": PLAN_STEPS,
         }],
     }
-    path = directory / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
     return path
 
@@ -237,15 +258,13 @@ def write_plan(directory: Path, data: str, warmup: int, steps: int) -> Path:
 def run_stagewise(clock: StepClock, plan_path: Path, run_dir: Path, cache: Path) -> dict[str, Any]:
     prepared = prepare(load_plan(plan_path), plan_path, cache)
     quiet = Console(file=io.StringIO(), force_terminal=False)  # plain log lines, discarded
-    summaries = train(prepared, run_dir, fresh=True, console=quiet)
-    # The engine's own tok_per_s of its log windows after the warm-up (wall clock: in interleaved
-    # mode it includes the other methods' turns, so only a sequential run can compare it).
-    lines = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "train"]
-    windows = [(m["stage_step"] - p["stage_step"], m["tok_per_s"]) for p, m in zip(lines, lines[1:])
-               if p["stage_step"] >= clock.warmup]
-    logged = sum(n for n, _ in windows) / sum(n / v for n, v in windows) if windows else None
-    return {"metrics_jsonl_tokens_per_s": logged and round(logged, 1), "final_train_loss": summaries[-1].train_loss,
-            "attention": prepared.root.config._attn_implementation}
+    with contextlib.suppress(RunStopped):  # stopped (as a signal would) after the timed steps
+        train(prepared, run_dir, fresh=True, console=quiet, stop_after=clock.warmup + clock.steps)
+    start = next(e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "plan_start")
+    losses = [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "train"]
+    return {"final_train_loss": losses[-1] if losses else None, "attention": start["attention"],
+            "precision": {"bfloat16": "bf16"}.get(start["precision"], start["precision"]),
+            "compiled": start["compiled"], "threads": start["threads"]}
 
 
 def fresh_model(plan: Plan, data: PreparedData, plan_dir: Path, attn: str) -> torch.nn.Module:
@@ -279,8 +298,8 @@ class LossModel(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
 
-def run_loop(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path, attn: str) -> dict[str, Any]:
-    model = fresh_model(plan, data, plan_dir, attn)
+def run_loop(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path) -> dict[str, Any]:
+    model = fresh_model(plan, data, plan_dir, "eager")
     model.train()
     optimizer = torch.optim.AdamW(adamw_groups(model), lr=LR, betas=BETAS, fused=True)
     step_loss = torch.compile(LossModel(model))
@@ -307,7 +326,7 @@ class Windows(torch.utils.data.Dataset):
 
 
 def run_trainer(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path, out_dir: Path,
-                attn: str) -> dict[str, Any]:
+                compiled: bool) -> dict[str, Any]:
     from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -316,7 +335,8 @@ def run_trainer(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path
     rows = torch.cat([sampler.next_batch()[0] for _ in range(clock.warmup + clock.steps)])  # the stage's windows
     args = TrainingArguments(
         output_dir=str(out_dir), seed=plan.seed,
-        use_cpu=True, bf16=True,  # bf16 autocast through accelerate: the Trainer's best on CPU
+        use_cpu=True, bf16=True,  # bf16 autocast through accelerate
+        torch_compile=compiled,
         optim="adamw_torch_fused",  # the default in transformers 5
         per_device_train_batch_size=BATCH, max_steps=clock.warmup + clock.steps,
         learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
@@ -324,82 +344,194 @@ def run_trainer(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
     )
-    trainer = Trainer(model=fresh_model(plan, data, plan_dir, attn), args=args, train_dataset=Windows(rows))
+    # compiled: eager attention, which inductor fuses (what stagewise and the loop use compiled)
+    model = fresh_model(plan, data, plan_dir, "eager" if compiled else "sdpa")
+    trainer = Trainer(model=model, args=args, train_dataset=Windows(rows))
     trainer.remove_callback(PrinterCallback)  # it prints the end-of-training dict
     return {"final_train_loss": trainer.train().training_loss}
 
 
-# ------------------------------------------------------------------------------------------ main
-
 def measure_round(runners: dict[str, Callable[[StepClock], dict[str, Any]]], methods: list[str],
-                  warmup: int, steps: int, interleaved: bool) -> dict[str, dict[str, Any]]:
-    """One round of the methods: interleaved step by step, or one after another."""
+                  warmup: int, steps: int, threads: int) -> dict[str, dict[str, Any]]:
+    """One round: the methods interleaved, TURN updates at a time, each in its own thread."""
     clocks = Clocks()
     results: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []
-    baton = Baton(methods) if interleaved else None
+    baton = Baton(methods)
 
     def one(method: str) -> None:
         clock = StepClock(method, warmup, steps, baton)
         try:
-            if baton is not None:
-                baton.wait_turn(method)
-            sample = cpu_sample()
+            torch.set_num_threads(threads)  # per thread (OpenMP); stagewise's train sets its own
+            baton.wait_turn(method)
+            started = time.perf_counter()
             with clocks.timing(clock):
                 extra = runners[method](clock)
-            results[method] = {**clock.result(), **extra,
-                               "wall_s": round(time.perf_counter() - sample[0], 1)}
-            if clock.samples:
-                results[method]["foreign_cores"] = round(foreign_cores(clock.samples[warmup - 1], clock.samples[-1]), 3)
+            results[method] = {**clock.result(), **extra, "wall_s": round(time.perf_counter() - started, 1)}
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
         finally:
-            if baton is not None:
-                baton.leave(method)
+            baton.leave(method)
 
     with clocks.installed():
-        if interleaved:  # stagewise installs signal handlers: it has to be the main thread
-            threads = [threading.Thread(target=one, args=(m,), name=f"bench-{m}", daemon=True)
-                       for m in methods if m != "stagewise"]
-            for t in threads:
-                t.start()
-            if "stagewise" in methods:
-                one("stagewise")
-            for t in threads:
-                t.join()
-        else:
-            for m in methods:
-                one(m)
+        workers = [threading.Thread(target=one, args=(m,), name=f"bench-{m}", daemon=True) for m in methods]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
     if errors:
         raise errors[0]
     return results
 
 
+# -------------------------------------------------------------------------------------- start-up
+
+_FIRST_UPDATE = """
+import sys, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+def first(*_):
+    print("FIRST_UPDATE", time.time(), file=sys.stderr, flush=True)
+    raise SystemExit(0)
+register_optimizer_step_post_hook(first)
+from stagewise.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def startup(work: Path, data: str) -> dict[str, Any]:
+    """Seconds from spawning `stagewise train examples/nanogpt.yaml` to its first update, cold
+    (empty cache) and warm; the process exits at that update. `*_cpu_s`: the CPU time the process
+    used to get there, which other processes do not inflate: start-up is one thread, so on an idle
+    machine its wall time is about this plus file I/O."""
+    plan = yaml.safe_load(NANOGPT_PLAN.read_text(encoding="utf-8"))
+    plan["data"]["train"] = data
+    path = work / "nanogpt.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out: dict[str, Any] = {}
+    for kind in ("cold", "warm"):
+        a = cpu_sample()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spawned = time.time()
+        proc = subprocess.run([sys.executable, "-c", _FIRST_UPDATE, "train", str(path), "--out",
+                               str(work / "nanogpt-run"), "--cache", str(work / "nanogpt-cache"), "--fresh"],
+                              env=env, capture_output=True, text=True, check=False)
+        marks = [line.split() for line in proc.stderr.splitlines() if line.startswith("FIRST_UPDATE")]
+        if not marks:
+            raise RuntimeError(f"the start-up run failed:\n{proc.stderr[-2000:]}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out[kind] = round(float(marks[0][1]) - spawned, 2)
+        out[f"{kind}_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2)
+        out[f"{kind}_foreign_cores"] = round(foreign_cores(a, cpu_sample()), 2)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def median_ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str) -> float:
+    return statistics.median(rd[a]["tokens_per_s"] / rd[b]["tokens_per_s"] for rd in rounds)
+
+
+def paired_ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str) -> float:
+    """The median ratio of same-index turns: run one after the other, drift cannot decide it."""
+    return statistics.median(x / y for rd in rounds for x, y in zip(rd[a]["turn_tokens_per_s"],
+                                                                    rd[b]["turn_tokens_per_s"], strict=True))
+
+
+def bench_size(console: Console, name: str, work: Path, data_spec: str, args: argparse.Namespace,
+               threads: int) -> dict[str, Any]:
+    model = SIZES[name]
+    best = write_plan(work / f"best-{name}.yaml", data_spec,
+                      model, {"precision": "bf16", "compile": True, "threads": threads})
+    defaults = write_plan(work / f"defaults-{name}.yaml", data_spec, model, None)
+    plan = load_plan(best)
+    prepared = prepare(plan, best, work / "cache")  # the token stream every method trains on
+    data = prepared.data
+    assert data is not None
+    params, n_layer, d_model = model_shape(prepared.root)
+    per_token = flops_per_token(params, n_layer, d_model, BLOCK)
+    del prepared
+    console.print(f"[{name}] GPT-2 {n_layer}x{d_model}, {params / 1e6:.2f}M params, batch {BATCH}x{BLOCK}, "
+                  f"{per_token * TOKENS_PER_STEP / 1e9:.1f} GFLOP a step; {args.warmup} warm-up + {args.steps} "
+                  f"timed steps x {args.repeats} round(s), {threads} thread(s)")
+    runners: dict[str, Callable[[StepClock], dict[str, Any]]] = {
+        # own caches: the two plans' stages have the same key, and a fresh run clears its stages' store
+        "stagewise": lambda c: run_stagewise(c, best, work / f"run-best-{name}", work / "cache-best"),
+        "stagewise_defaults": lambda c: run_stagewise(c, defaults, work / f"run-defaults-{name}",
+                                                      work / "cache-defaults"),
+        "loop": lambda c: run_loop(c, plan, data, best.parent),
+        "trainer_compiled": lambda c: run_trainer(c, plan, data, best.parent, work / f"trainer-c-{name}", True),
+        "trainer": lambda c: run_trainer(c, plan, data, best.parent, work / f"trainer-{name}", False),
+    }
+    rounds = []
+    for r in range(args.repeats):
+        order = args.only[r % len(args.only):] + args.only[:r % len(args.only)]  # rotated each round
+        waited = wait_until_quiet(console, args.max_wait)
+        res = measure_round(runners, order, args.warmup, args.steps, threads)
+        rounds.append(res)
+        console.print(f"  round {r + 1}: " + ", ".join(f"{m} {res[m]['tokens_per_s']:,.0f}" for m in args.only)
+                      + f" tok/s (waited {waited:.0f}s; other processes used up to "
+                        f"{max(v['foreign_cores'] for v in res.values()):.2f} cores)")
+
+    auto = rounds[-1].get("stagewise_defaults", {})
+    precision = {**PRECISION, "stagewise_defaults": auto.get("precision", "?")}
+    tps = {m: statistics.median(rd[m]["tokens_per_s"] for rd in rounds) for m in args.only}
+    mfu = {m: {"mfu": round(v * per_token / PEAK_FLOPS[precision[m]], 4),
+               "of_peak": precision[m],
+               "mfu_vs_bf16_peak": round(v * per_token / PEAK_FLOPS["bf16"], 4),
+               "gflop_per_s": round(v * per_token / 1e9, 1)} for m, v in tps.items()}
+    ratios = {k: round(median_ratio(rounds, a, b), 4) for k, (a, b) in RATIOS.items() if a in tps and b in tps}
+    paired = {k: round(paired_ratio(rounds, a, b), 4) for k, (a, b) in RATIOS.items() if a in tps and b in tps}
+    described = {m: DESCRIBED[m].format(threads=threads, auto=(
+        f"{auto.get('precision')}, {'compiled' if auto.get('compiled') else 'eager'}, {auto.get('threads')} thread(s)"))
+        for m in args.only}
+
+    table = Table(title=f"[{name}] training throughput, {args.steps} timed steps x {args.repeats}, interleaved")
+    for col in ("method", "settings", "tokens/s", "median step", "MFU", "stagewise / this"):
+        table.add_column(col, justify="left" if col in ("method", "settings") else "right")
+    for m, v in tps.items():
+        step_ms = statistics.median(rd[m]["median_step_ms"] for rd in rounds)
+        table.add_row(m, described[m], f"{v:,.0f}", f"{step_ms:.0f} ms",
+                      f"{mfu[m]['mfu']:.3f} of {precision[m]}",
+                      f"{tps['stagewise'] / v:.2f}x" if "stagewise" in tps else "-")
+    console.print(table)
+    for key, value in ratios.items():
+        target = TARGET.get(key)
+        mark = "" if target is None else f"; target >= {target}: {'met' if value >= target else 'MISSED'}"
+        console.print(f"  {key} = {value:.3f} (paired turns {paired[key]:.3f}){mark}")
+    return {
+        **ratios, "turn_ratio_medians": paired, "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
+        "mfu": mfu, "methods": described,
+        "model": {**model, "parameters": params, "vocab_size": data.vocab_size,
+                  "flops_per_token": per_token, "flops_per_step": per_token * TOKENS_PER_STEP},
+        "rounds": rounds,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help=f"timed steps per method and round, a multiple of {TURN} (default 200)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help=f"timed steps per method, size and round, a multiple of {TURN} (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first: compiling (default 5)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds; the medians are reported (default 1)")
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: 5 warm-up + {2 * TURN} timed steps")
-    parser.add_argument("--sequential", action="store_true", help="run the methods one after another, "
-                                                                  "not interleaved step by step")
-    parser.add_argument("--loop-attn", choices=("sdpa", "eager"), default="eager",
-                        help="the hand-written loop's attention (default eager: its fastest under compile)")
-    parser.add_argument("--trainer-attn", choices=("sdpa", "eager"), default="sdpa",
-                        help="Trainer's attention (default sdpa: the model's default)")
+    parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES),
+                        help="model sizes (default: both; none: only the start-up)")
+    parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of every method (default: what stagewise's threads: auto picks now)")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     parser.add_argument("--max-wait", type=float, default=30.0,
                         help="seconds to wait for a quiet CPU before each round (default 30)")
-    parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--data", type=str, default=None, help="a text file (default: tinyshakespeare)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output (default: benchmarks/results/throughput.json)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.warmup, args.repeats = 2 * TURN, 5, 1
     if args.steps < TURN or args.steps % TURN or args.warmup < 1 or args.repeats < 1:
         parser.error(f"need --steps a multiple of {TURN}, --warmup >= 1, --repeats >= 1")
     warnings.filterwarnings("ignore")
-    console = Console(width=max(Console().width, 112))  # the table fits in a log file too
+    console = Console(width=max(Console().width, 120))  # the table fits in a log file too
 
     if args.data:
         data_spec = str(Path(args.data).resolve())
@@ -407,102 +539,60 @@ def main(argv: list[str] | None = None) -> int:
         data_spec = str(SHAKESPEARE)
     else:
         data_spec = "{stdlib}/*.py"  # no shared data here: the interpreter's own sources
-    mode = "sequential" if args.sequential else "interleaved"
+    threads = args.threads or resolve_threads("auto")  # also what the defaults plans' auto will give
+    console.print(f"torch {torch.__version__}, {threads} thread(s), data {data_spec}")
 
     started = time.perf_counter()
-    rounds: list[dict[str, dict[str, Any]]] = []
+    report: dict[str, Any] = {"sizes": {}}
     with tempfile.TemporaryDirectory(prefix="stagewise-bench-") as tmp:
         work = Path(tmp)
-        plan_path = write_plan(work, data_spec, args.warmup, args.steps)
-        plan = load_plan(plan_path)
-        prepared = prepare(plan, plan_path, work / "cache")  # the token stream all three train on
-        data, params = prepared.data, sum(p.numel() for p in prepared.root.parameters())
-        del prepared
-        console.print(f"GPT-2 {params / 1e6:.2f}M params, vocab {data.vocab_size}, "
-                      f"batch {BATCH}x{BLOCK}; {len(data.train):,} train tokens of {data_spec}; "
-                      f"{args.warmup} warm-up + {args.steps} timed steps, {mode}, x {args.repeats}; "
-                      f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        for r in range(args.repeats):
-            runners: dict[str, Callable[[StepClock], dict[str, Any]]] = {
-                "stagewise": lambda c, r=r: run_stagewise(c, plan_path, work / f"stagewise-{r}", work / "cache"),
-                "loop": lambda c: run_loop(c, plan, data, plan_path.parent, args.loop_attn),
-                "trainer": lambda c, r=r: run_trainer(c, plan, data, plan_path.parent, work / f"trainer-{r}",
-                                                      args.trainer_attn),
-            }
-            order = args.only[r % len(args.only):] + args.only[:r % len(args.only)]  # rotated each round
-            waited = wait_until_quiet(console, args.max_wait)
-            res = measure_round(runners, order, args.warmup, args.steps, interleaved=not args.sequential)
-            rounds.append(res)
-            line = ", ".join(f"{m} {res[m]['tokens_per_s']:,.0f}" for m in args.only)
-            console.print(f"  round {r + 1}: {line} tok/s (waited {waited:.0f}s for quiet; other processes "
-                          f"used {max(v.get('foreign_cores', 0) for v in res.values()):.2f} cores)")
-
-    tps = {m: statistics.median(rd[m]["tokens_per_s"] for rd in rounds) for m in args.only}
-    ratios = {}
-    for key, other in (("ratio_vs_trainer", "trainer"), ("ratio_vs_loop", "loop")):
-        if "stagewise" in tps and other in tps:
-            ratios[key] = statistics.median(rd["stagewise"]["tokens_per_s"] / rd[other]["tokens_per_s"]
-                                            for rd in rounds)
-
-    # A check that drift did not decide it: the ratio of each pair of turns run back to back.
-    paired = {}
-    for key, other in (("ratio_vs_trainer", "trainer"), ("ratio_vs_loop", "loop")):
-        if key in ratios:
-            paired[key] = statistics.median(a / b for rd in rounds for a, b in zip(
-                rd["stagewise"]["turn_tokens_per_s"], rd[other]["turn_tokens_per_s"], strict=True))
-
-    described = {m: d.format(attn={"loop": args.loop_attn, "trainer": args.trainer_attn}.get(m))
-                 for m, d in DESCRIBED.items()}
-    table = Table(title=f"training throughput: {args.steps} timed steps after "
-                        f"{args.warmup} warm-up, {mode}, {args.repeats} round(s)")
-    for col in ("method", "settings", "tokens/s", "median step", f"{TURN}-step turns (min-max)", "stagewise / this"):
-        table.add_column(col, justify="left" if col in ("method", "settings") else "right")
-    for m, v in tps.items():
-        chunks = [c for rd in rounds for c in rd[m]["turn_tokens_per_s"]]
-        steps_ms = statistics.median(rd[m]["median_step_ms"] for rd in rounds)
-        table.add_row(m, described[m], f"{v:,.0f}", f"{steps_ms:.1f} ms", f"{min(chunks):,.0f}-{max(chunks):,.0f}",
-                      f"{tps['stagewise'] / v:.2f}x" if "stagewise" in tps else "-")
-    console.print(table)
-    for key, target in TARGET.items():
-        if key in ratios:
-            mark = "ok" if ratios[key] >= target else "BELOW TARGET"
-            console.print(f"{key} = {ratios[key]:.3f} (median of the per-turn ratios {paired[key]:.3f}); "
-                          f"target >= {target}: {mark}")
+        if not args.no_startup:
+            report["startup"] = startup(work, data_spec)
+            s = report["startup"]
+            console.print(f"start-up to first update (examples/nanogpt.yaml): warm {s['warm']:.2f}s "
+                          f"({s['warm_cpu_s']:.2f}s CPU), cold {s['cold']:.2f}s ({s['cold_cpu_s']:.2f}s CPU); other "
+                          f"processes used {s['warm_foreign_cores']:.2f} / {s['cold_foreign_cores']:.2f} cores; "
+                          f"peak RSS {s['peak_rss_mb']:.0f} MB")
+        for name in args.sizes:
+            report["sizes"][name] = bench_size(console, name, work, data_spec, args, threads)
     wall = time.perf_counter() - started
     console.print(f"total wall time {wall:.0f}s")
 
+    sizes = report["sizes"]
+    summary = {key: {n: sizes[n][key] for n in sizes if key in sizes[n]} for key in RATIOS}
+    summary["mfu"] = {n: sizes[n]["mfu"]["stagewise"]["mfu"] for n in sizes if "stagewise" in sizes[n]["mfu"]}
+    if "startup" in report:
+        summary["startup_to_first_step_s"] = report["startup"]["warm"]
+    met = {f"{k}_{n}": v >= TARGET[k] for k, by in summary.items() if k in TARGET for n, v in by.items()}
+    if "10M" in summary["mfu"]:
+        met["mfu_10M"] = summary["mfu"]["10M"] >= TARGET["mfu_10M"]
     if not args.no_write:
         import accelerate
         import transformers
 
-        report = {
-            **{k: round(v, 4) for k, v in ratios.items()},
-            "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
-            "turn_ratio_medians": {k: round(v, 4) for k, v in paired.items()},
-            "target": TARGET,
-            "meets_target": {k: ratios[k] >= TARGET[k] for k in ratios},
+        full = {
+            **summary, "target": TARGET, "meets_target": met, **report,
             "settings": {
-                "model": {**MODEL, "parameters": params,
-                          "vocab_size": data.vocab_size},
                 "batch_size": BATCH, "block_size": BLOCK, "tokens_per_step": TOKENS_PER_STEP,
-                "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
-                "mode": mode, "turn_steps": TURN, "stagewise_log_every": LOG_EVERY,
+                "plan_steps": PLAN_STEPS, "warmup_steps": args.warmup, "timed_steps": args.steps,
+                "repeats": args.repeats, "turn_steps": TURN, "threads": threads, "stagewise_log_every": LOG_EVERY,
                 "optimizer": {"name": "adamw", "lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY,
                               "schedule": "constant", "grad_clip": None},
-                "data": data_spec, "tokenizer": "char",
-                "methods": described,
-                "timing": ("global optimizer-step post-hook; a step is timed from the method getting the CPU "
-                           "(interleaved) or from its previous update (sequential) to its update; warm-up "
-                           "steps dropped; tokens_per_s = timed steps x tokens per step / summed step time; "
-                           "ratios = median over rounds of the per-round tokens/s ratios; turn_ratio_medians = "
-                           "median ratio of same-index turns (run back to back when interleaved)"),
+                "data": data_spec, "tokenizer": "char", "peak_flops": PEAK_FLOPS,
+                "timing": ("global optimizer-step post-hook; a step is timed from the method getting the CPU or "
+                           "from its previous update to its update; warm-up steps dropped; tokens_per_s = timed "
+                           "steps x tokens per step / summed step time; ratios = median over rounds of the "
+                           "per-round tokens/s ratios; turn_ratio_medians = median ratio of same-index turns"),
+                "mfu": "tokens/s x (6 N + 12 L d T) / the matmul peak of the method's precision",
+                "startup": "seconds from spawning `stagewise train examples/nanogpt.yaml --fresh` to its first "
+                           "optimizer step; cold: empty token cache; warm: cache filled",
             },
-            "rounds": rounds,
             "wall_s": round(wall, 1),
         }
-        write_results(args.out, report, "throughput.py", argv, transformers=transformers.__version__,
+        write_results(args.out, full, "throughput.py", argv, transformers=transformers.__version__,
                       accelerate=accelerate.__version__)
         console.print(f"wrote {args.out}")
+    console.print(json.dumps({k: v for k, v in summary.items()}, indent=None))
     return 0
 
 

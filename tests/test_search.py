@@ -260,7 +260,7 @@ def test_stratified_folds_keep_each_label_share() -> None:
                                                      "(got 0)"),
     ({"stages.cooldown.optimizer.name": {"choice": ["sgd", "adamm"]}}, [],
      "error: SPACE: stages.cooldown.optimizer.name: 'adamm' makes PLAN invalid: stages[1].optimizer.name: input "
-     "should be 'gd', 'sgd', 'sgd_l1', 'adam', 'adamw' or 'muon' (got 'adamm')"),
+     "should be 'gd', 'sgd', 'sgd_l1', 'adam', 'adamw', 'muon', 'schedulefree_adamw' or 'schedulefree_sgd' (got 'adamm')"),
     (SPACE, ["--metric", "cooldown.val_accuracy"],
      "error: --metric: stage 'cooldown' (causal_lm) never logs 'val_accuracy' (it logs val_loss, val_ppl, "
      "train_loss)"),

@@ -173,7 +173,7 @@ def test_lm_examples_longer_than_the_context_are_a_plan_error(tmp_path: Path, co
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A classifier head on a 32-position LM used to fail with an IndexError inside the embedding."""
     labeled = tmp_path / "labeled.tsv"
-    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\t{'a long text ' * 8}{i}\n" for i in range(20)),
+    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\t{'a long text ' * 8}{'ab' * (i % 3)}\n" for i in range(20)),
                        encoding="utf-8")
     plan = tiny_plan(corpus, [STABLE, {"name": "cls", "task": "classify", "steps": 2,
                                        "optimizer": {"name": "adam", "lr": 1e-3},

@@ -13,7 +13,7 @@ from torch import nn
 from stagewise.data.prepare import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
-from stagewise.engine.device import resolve_device, resolve_precision, seed_everything
+from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
 from stagewise.errors import UserError
 from stagewise.models.build import build_model, context_length, set_attention
 from stagewise.models.keys import check_model_keys
@@ -64,6 +64,8 @@ class Prepared:
     cache_root: Path  # token cache and stage store
     root: nn.Module  # the plan's model: what a root stage starts from
     initial: dict[str, torch.Tensor] | None  # its weights as built, when a `from: init` stage needs them
+    compiled: bool  # the plan's `compile`, auto settled (engine.device)
+    dtype: torch.dtype | None  # its `precision`: the autocast dtype, None for fp32
 
     @property
     def resolved(self) -> list[ResolvedStage]:
@@ -82,6 +84,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         nodes = stage_tree(plan)
         check_model_keys(plan)  # before any data is read or model built
         lm_data = lm = template = None
+        compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
             tok = plan.tokenizer
             template = plan_template(plan.chat_template, plan_path.parent, tok.path,
@@ -92,12 +95,14 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         device = resolve_device(plan.device)
         if lm_data is not None:
             lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
-            set_attention(lm, plan.model.attention, plan.compile, device)
+            compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
+            set_attention(lm, plan.model.attention, compiled, device)
         setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template)
         _check_handoffs(nodes, setups)
+        dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
                     "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
-                    "precision": str(resolve_precision(plan.precision, device))}
+                    "precision": str(dtype)}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
                               n.where, s.adapter.trainable(s.model) if s.adapter is not None else None)
                   for n, s in zip(nodes, setups, strict=True)]
@@ -120,7 +125,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     root = lm if lm is not None else setups[0].model
     initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
                if any(n.from_init for n in nodes) else None)
-    return Prepared(plan, plan_path, lm_data, stages, cache_root, root, initial)
+    return Prepared(plan, plan_path, lm_data, stages, cache_root, root, initial, compiled, dtype)
 
 
 def _check_handoffs(nodes: list[StageNode], setups: list[StageSetup]) -> None:

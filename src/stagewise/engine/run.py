@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 
@@ -17,7 +18,7 @@ from stagewise.data.tokenizers import save_tokenizer
 from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
-from stagewise.engine.device import autocast_factory, resolve_device, resolve_precision
+from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.handoff import HeldState, StageOptimizer
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
@@ -30,7 +31,7 @@ from stagewise.errors import RunStopped, WriteFailed
 from stagewise.plan.resolve import ResolvedStage, pinned_steps
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.track.logs import RunLogs
+from stagewise.track.logs import RunLogs, started_threads
 from stagewise.track.progress import ProgressView, StageSummary
 
 
@@ -63,7 +64,9 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         _write(run_dir / "tokenizer.json", lambda path: save_tokenizer(data.tokenizer, path.parent))
 
     device = resolve_device(plan.device)
-    dtype = resolve_precision(plan.precision, device)
+    dtype = prepared.dtype
+    threads = resolve_threads(plan.threads, started_threads(run_dir) if resumed else None)
+    torch.set_num_threads(threads)
     models = list({id(s.model): s.model for s in prepared.stages}.values())
     for model in models:
         model.to(device)
@@ -76,10 +79,11 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in prepared.root.parameters()),
                        attention=getattr(getattr(prepared.root, "config", None), "_attn_implementation", None),
-                       compiled=plan.compile,
+                       compiled=prepared.compiled, threads=threads,
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
                                 "tokens_per_step": s.tokens_per_step, "unit": s.unit, "task": s.config.task,
                                 "key": s.key} for s in prepared.resolved])
+        run.view.print(settings_line(device, dtype, prepared.compiled, threads, plan))
         with StopRequest() as stop:
             held = HeldState()
             pins = pinned_steps(prepared.resolved)
@@ -91,7 +95,7 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
                 task_key = (id(setup.model), id(setup.data), setup.task, cfg.eval.beam, tuple(cfg.eval.metrics or ()))
                 if task_key not in tasks:
                     tasks[task_key] = setup.spec.bind(setup, cfg, cfg.data or plan.data, device, run.autocast,
-                                                      plan.compile)
+                                                      prepared.compiled)
                 checkpointer = Checkpointer(run, numbers, setup.model, prepared.store(stage), pins[stage.name],
                                             stop, stop_after, hint)
                 summaries.append(_run_stage(run, prepared, stage, numbers, tasks[task_key], held, checkpointer))

@@ -25,8 +25,22 @@ def _duration(value: Any) -> int | float:
         "duration", "must be a step count (int >= 0) or a fraction of the stage in [0, 1]")
 
 
+def _threads(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
+        return value
+    raise PydanticCustomError("threads", "must be a positive integer (at most 4096) or auto")
+
+
+def _compile(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise PydanticCustomError("compile", "must be true, false or auto")
+
+
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
 Duration = Annotated[int | float, PlainValidator(_duration)]
+Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
+Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index
 
@@ -128,7 +142,7 @@ class ScheduleConfig(Strict):
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     ratio: Annotated[float, Field(ge=1.0)] | None = None
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    patience: Annotated[int, Field(ge=0)] | None = None
+    patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
     threshold: NonNegativeFloat | None = None
 
     @model_validator(mode="before")
@@ -201,7 +215,7 @@ class EvalConfig(Strict):
     # The metrics of decoded outputs to compute (without `val_`: rouge1, exact_match, ...), instead
     # of the task's own; what each task can compute is its spec's (tasks.spec). sft decodes the
     # first `batches` x batch.size validation prompts for them.
-    metrics: Annotated[list[str], Field(min_length=1)] | None = None
+    metrics: Annotated[list[Name], Field(min_length=1, max_length=64)] | None = None
 
 
 class LayersConfig(Strict):
@@ -238,10 +252,10 @@ class LoraSettings(Strict):
     """A LoRA adapter (peft's LoraConfig): rank `r`, scale `alpha / r`, dropout on its input, and
     the modules it adapts (names or "all-linear"; unset: peft's default for the architecture)."""
 
-    r: Annotated[int, Field(ge=1)] = 8
+    r: Annotated[int, Field(ge=1, le=4096)] = 8
     alpha: PositiveFloat = 16.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
+    target_modules: Annotated[list[Name], Field(min_length=1, max_length=256)] | Literal["all-linear"] | None = None
 
 
 class AdapterConfig(Strict):
@@ -373,8 +387,10 @@ class Plan(Strict):
     name: StageName
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
     device: Annotated[str, Field(max_length=32)] = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: what runs faster on the device for this plan (engine.device; README "What auto picks")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    compile: Compile = "auto"
+    threads: Threads = "auto"  # CPU threads for torch (torch.set_num_threads)
     model: ModelConfig
     tokenizer: TokenizerConfig
     data: DataConfig

@@ -21,7 +21,7 @@ import yaml
 from rich.console import Console
 
 from stagewise.engine.context import RunContext
-from stagewise.engine.device import autocast_factory, derive_seed, resolve_device, resolve_precision, seed_everything
+from stagewise.engine.device import autocast_factory, derive_seed, resolve_device, seed_everything
 from stagewise.engine.handoff import HeldState, StageOptimizer
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage, prepare
@@ -87,7 +87,7 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
     run_dir = out / stage_name
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(plan.device)
-    autocast = autocast_factory(device, resolve_precision(plan.precision, device))
+    autocast = autocast_factory(device, prepared.dtype)
     for model in {id(s.model): s.model for s in prepared.stages}.values():
         model.to(device)
     run = RunContext(plan=prepared.plan, run_dir=run_dir, device=device, autocast=autocast, logs=RunLogs(run_dir),
@@ -97,7 +97,7 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
         # as the stage would start: the parent's weights (and a new head's backbone)
         load_parent(run, prepared, stage, stage.resolved.start_step, held)
         cfg = stage.resolved.config
-        task = stage.spec.bind(stage.setup, cfg, cfg.data or plan.data, device, autocast, plan.compile)
+        task = stage.spec.bind(stage.setup, cfg, cfg.data or plan.data, device, autocast, prepared.compiled)
         optimizer = StageOptimizer(stage.resolved, task.model, stage.layers)
         optimizer.hand_off(held, run.logs)  # the optimizer state it starts with (carry, convert, reset)
         lrs, smooth, losses, stopped = restored_sweep(run, stage, task, optimizer, start, end, steps)

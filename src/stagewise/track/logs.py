@@ -107,3 +107,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def started_threads(run_dir: Path) -> int | None:
+    """The thread count a run in `run_dir` last started with (its newest plan_start event), or None."""
+    path = run_dir / "events.jsonl"
+    if not path.is_file():
+        return None
+    starts = [r for r in read_jsonl(path) if r.get("event") == "plan_start" and isinstance(r.get("threads"), int)]
+    return starts[-1]["threads"] if starts else None
