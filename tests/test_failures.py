@@ -38,7 +38,8 @@ B = {"name": "b", "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "ste
 
 
 def _plan(corpus: Path, stages: list[dict[str, Any]] | None = None, **top: Any) -> dict[str, Any]:
-    return tiny_plan(corpus, stages or [A], checkpoint={"every": 3, "keep": 10}, log={"every": 3}, **top)
+    # threads pinned: a subprocess compared with an in-process run must not pick another thread count
+    return tiny_plan(corpus, stages or [A], checkpoint={"every": 3, "keep": 10}, log={"every": 3}, threads=1, **top)
 
 
 def _prepared(path: Path, cache: Path) -> Prepared:

@@ -37,7 +37,9 @@ STAGES = [
 
 
 def _plan(corpus: Path, stages: list[dict[str, Any]] = STAGES, **top: Any) -> dict[str, Any]:
-    return tiny_plan(corpus, stages, checkpoint={"every": 2, "keep": 2}, log={"every": 3}, **top)
+    # threads pinned: processes started side by side would otherwise pick different thread counts
+    # (threads: auto counts the busy cores), and sums over other thread counts round differently
+    return tiny_plan(corpus, stages, checkpoint={"every": 2, "keep": 2}, log={"every": 3}, threads=1, **top)
 
 
 def _prepared(path: Path, cache: Path) -> Prepared:
