@@ -138,10 +138,10 @@ def test_plan_keys_default_to_auto(corpus: Path) -> None:
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("threads", 0, "threads: must be a positive integer or auto (got 0)"),
-    ("threads", "x", "threads: must be a positive integer or auto (got 'x')"),
-    ("threads", True, "threads: must be a positive integer or auto (got True)"),
-    ("threads", 1.5, "threads: must be a positive integer or auto (got 1.5)"),
+    ("threads", 0, "threads: must be a positive integer (at most 4096) or auto (got 0)"),
+    ("threads", "x", "threads: must be a positive integer (at most 4096) or auto (got 'x')"),
+    ("threads", True, "threads: must be a positive integer (at most 4096) or auto (got True)"),
+    ("threads", 1.5, "threads: must be a positive integer (at most 4096) or auto (got 1.5)"),
     ("compile", "yes", "compile: must be true, false or auto (got 'yes')"),
     ("compile", 1, "compile: must be true, false or auto (got 1)"),
 ])

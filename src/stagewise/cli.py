@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.cooldown.steps=800")
     train.add_argument("--out", type=Path, help="run directory (default: runs/<plan name>)")
     train.add_argument("--fresh", action="store_true",
-                       help="start over: delete the run directory and this plan's stages from the stage cache")
+                       help="start over: empty the run directory (only a stagewise run) and forget this plan's stages in "
+                            "the stage cache")
     _cache_arg(train)
 
     verify = sub.add_parser("verify-resume", help="train a shortened copy twice, once interrupted; compare")
@@ -171,21 +172,25 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, console: Console) -> int:
     from stagewise.engine.run import train
 
-    prepared, out = _prepare(args)
+    prepared, out = _prepare(args, fresh=args.fresh)
     train(prepared, out, fresh=args.fresh, console=console)
     console.print(f"run written to {out}")
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Prepared, Path]:
+def _prepare(args: argparse.Namespace, fresh: bool | None = None) -> tuple[Prepared, Path]:
     """The plan with its overrides, prepared, and the run directory. train and check agree on the
     cache: --cache, else .cache beside the run directory (--out, else runs/<plan name>). A problem
-    in what an override set names the command line."""
+    in what an override set names the command line. `fresh` (train): the run directory is checked
+    first, before the slow part (train checks again under its lock)."""
     from stagewise.engine.prepare import prepare
+    from stagewise.engine.rundir import check_run_directory
     from stagewise.plan.load import blame_overrides, load_plan, override_keys
 
     plan = load_plan(args.plan, args.overrides)
     out = args.out or Path("runs") / plan.name
+    if fresh is not None:
+        check_run_directory(out, fresh)
     try:
         return prepare(plan, args.plan, args.cache or out.parent / ".cache"), out
     except UserError as e:

@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stagewise.data.tokenizers import eos_id
+from stagewise.errors import WriteFailed
 
 # Documents are tokenized in batches of about this many characters: large enough for
 # encode_batch's threads, small enough that one batch's ids stay a modest amount of memory.
@@ -29,7 +30,10 @@ def token_array(texts: list[str], tok: Tokenizer, cache_dir: Path, key: str) -> 
     cached = open_token_array(cache_dir, key)
     if cached is not None:
         return cached
-    _write(texts, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
+    try:
+        _write(texts, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
+    except OSError as e:  # a full disk: the entry is not written (the sidecar comes last)
+        raise WriteFailed(cache_dir / f"{key}.bin", e) from None
     written = open_token_array(cache_dir, key)
     assert written is not None
     return written

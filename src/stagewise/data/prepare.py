@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from stagewise.data.cache import open_token_array, token_array
 from stagewise.data.sources import Corpus, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
+from stagewise.errors import WriteFailed
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 
 
@@ -91,10 +92,17 @@ def _open_entry(entry: Path, tokens: Path) -> PreparedData | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            try:
+                f.write(text)
+            except OSError:
+                os.unlink(f.name)
+                raise
+        os.replace(f.name, path)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
 
 
 def _tokenizer(cfg: TokenizerConfig, corpus: Corpus, plan_dir: Path, cache_dir: Path) -> Tokenizer:

@@ -15,29 +15,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
+
+from stagewise.errors import WriteFailed
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 FORMAT = 1
-
-
-class CheckpointWriteError(Exception):
-    """Saving failed (e.g. the disk is full); the previous checkpoint is untouched."""
+_STEP_DIR = re.compile(r"step-(\d{8})")
+# What a write raises when the disk is full or the path unwritable: torch.save reports it as a
+# RuntimeError from its zip writer, safetensors as a SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class InvalidCheckpoint(Exception):
-    """A checkpoint that is incomplete, corrupted or not this stage's; the message says which."""
+    """A checkpoint that is incomplete, corrupted, unreadable or not this stage's; the message
+    names the directory or file and says which."""
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write atomically; on a failed write (WriteFailed) the previous checkpoints are untouched."""
     tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -54,9 +62,9 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict[str, An
             shutil.rmtree(old)
         tmp.rename(directory)
         _fsync(directory.parent)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not save checkpoint {directory}: {e.strerror or e}") from None
+        raise WriteFailed(directory, e) from None
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -75,27 +83,99 @@ def verify(directory: Path, key: str) -> dict[str, Any]:
     if manifest.get("key") != key:
         raise InvalidCheckpoint(f"{directory}: belongs to stage key {manifest.get('key')}, not {key} "
                                 "(the plan, model or data changed)")
-    for name, digest in manifest["files"].items():
-        path = directory / name
+    for name in (WEIGHTS, STATE):
+        digest, path = manifest["files"].get(name), directory / name
         if not path.is_file():
             raise InvalidCheckpoint(f"{directory}: {name} is missing")
-        if _sha256(path) != digest:
+        try:
+            same = _sha256(path) == digest
+        except OSError as e:
+            raise InvalidCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
+        if not same:
             raise InvalidCheckpoint(f"{directory}: {name} does not match its sha256 (corrupted or truncated)")
     return manifest
 
 
-def load_checkpoint(directory: Path, key: str, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify, load the weights into `model`, and return (state, manifest)."""
+def load_checkpoint(directory: Path, key: str, model: torch.nn.Module,
+                    apply: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify, read the state, hand it to `apply` (which restores what it holds), then load the
+    weights into `model`; return (state, manifest). Any failure is an InvalidCheckpoint naming
+    the file, raised before the weights are touched: the model keeps what it held."""
     manifest = verify(directory, key)
+    state = read_state(directory / STATE)
+    if apply is not None:
+        try:
+            apply(state)
+        except Exception as e:  # noqa: BLE001 - any shape of state the restore cannot take is an invalid file
+            raise InvalidCheckpoint(f"{directory / STATE}: not a state this stage can continue from "
+                                    f"({type(e).__name__}: {_first_line(e)})") from None
+    _check_weights(directory / WEIGHTS, model)
     try:
-        missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
-    except RuntimeError as e:
-        raise InvalidCheckpoint(f"{directory}: weights do not fit the model: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise InvalidCheckpoint(f"{directory}: weights do not fit the model (missing {sorted(missing)[:3]}, "
-                                f"unexpected {sorted(unexpected)[:3]})")
-    state = torch.load(directory / STATE, weights_only=True, map_location="cpu")
+        load_model(model, str(directory / WEIGHTS), strict=False)
+    except Exception as e:  # noqa: BLE001 - safetensors' parse errors: checked shapes, unreadable data
+        raise InvalidCheckpoint(f"{directory / WEIGHTS}: cannot be read "
+                                f"({type(e).__name__}: {_first_line(e)})") from None
     return state, manifest
+
+
+def check_checkpoint(directory: Path, key: str, model: torch.nn.Module,
+                     probe: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """What `load_checkpoint` checks, without loading anything into the model (`probe` reads the
+    state as its user will, without keeping it): the manifest."""
+    manifest = verify(directory, key)
+    state = read_state(directory / STATE)
+    if probe is not None:
+        try:
+            probe(state)
+        except Exception as e:  # noqa: BLE001 - as in load_checkpoint
+            raise InvalidCheckpoint(f"{directory / STATE}: not a state this stage can continue from "
+                                    f"({type(e).__name__}: {_first_line(e)})") from None
+    _check_weights(directory / WEIGHTS, model)
+    return manifest
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The non-weight state, read only as tensors and plain values (weights_only). Torch's own
+    message on a refused object suggests unpickling it freely; that is never done, nor said."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise InvalidCheckpoint(f"{path}: holds an object that the safe loader refuses{what}; it is not a "
+                                "stagewise state and is never unpickled") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... on a damaged file
+        raise InvalidCheckpoint(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise InvalidCheckpoint(f"{path}: not a checkpoint state (a {type(state).__name__})")
+    return state
+
+
+def _check_weights(path: Path, model: torch.nn.Module) -> None:
+    """The file's tensors (read from its header only) are the model's, with the model's shapes;
+    so that loading cannot stop halfway with the model partly overwritten."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... : a damaged header
+        raise InvalidCheckpoint(f"{path}: not readable safetensors ({type(e).__name__}: {_first_line(e)})") from None
+    own = model.state_dict()
+    unexpected = sorted(n for n in shapes if n not in own)
+    held = {own[n].data_ptr() for n in shapes if n in own}  # tied weights are saved once
+    missing = sorted(n for n in own if n not in shapes and own[n].data_ptr() not in held)
+    if missing or unexpected:
+        raise InvalidCheckpoint(f"{path.parent}: weights do not fit the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
+    for name, shape in shapes.items():
+        if tuple(own[name].shape) != shape:
+            raise InvalidCheckpoint(f"{path.parent}: weights do not fit the model: {name} is {list(shape)} in "
+                                    f"the file, {list(own[name].shape)} in the model")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line, cut short; torch's advice to load unsafely is never passed on."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return "" if "weights_only" in line else line[:100]
 
 
 class StageStore:
@@ -104,7 +184,10 @@ class StageStore:
     def __init__(self, root: Path, key: str) -> None:
         self.key = key
         self.dir = root / "stages" / key
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteFailed(self.dir, e) from None
 
     @property
     def final_dir(self) -> Path:
@@ -125,8 +208,8 @@ class StageStore:
         """Steps with a saved mid-stage checkpoint (manifest present), oldest first."""
         found = []
         for d in self.dir.glob("step-*"):
-            if read_manifest(d) is not None:
-                found.append(int(d.name.removeprefix("step-")))
+            if (m := _STEP_DIR.fullmatch(d.name)) is not None and read_manifest(d) is not None:
+                found.append(int(m.group(1)))
         return sorted(found)
 
     def prune(self, keep: int, pinned: set[int]) -> None:
@@ -138,6 +221,20 @@ class StageStore:
         for step in steps[: max(0, len(steps) - keep)]:
             if step not in pinned:
                 shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def clear(self) -> None:
+        """Forget the stage (`train --fresh`): delete the files the tool wrote here (checkpoints,
+        torn writes) and nothing else; a directory left with something else in it stays. Called
+        with the lock held."""
+        for d in self.dir.iterdir():
+            if d.is_dir() and not d.is_symlink() and (d.name == "final" or _STEP_DIR.fullmatch(d.name)
+                                                     or d.name.startswith((".tmp-", ".old-"))):
+                for name in (MANIFEST, WEIGHTS, STATE):
+                    (d / name).unlink(missing_ok=True)
+                try:
+                    d.rmdir()
+                except OSError:  # not empty: not only ours
+                    pass
 
 
 def _sha256(path: Path) -> str:

@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from stagewise.engine.checkpoint import (
-    CheckpointWriteError,
     InvalidCheckpoint,
     StageStore,
     load_checkpoint,
@@ -68,13 +67,31 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return self.store.steps()
 
-    def load(self, step: int) -> dict[str, Any]:
-        """Put that checkpoint's weights into the model and return its state."""
+    def load(self, step: int, restore: Callable[[dict[str, Any]], None]) -> None:
+        """Restore exactly that checkpoint (the best evaluation's, which no other stands in for)."""
         try:
-            loaded, _ = load_checkpoint(self.store.step_dir(step), self.store.key, self.model)
+            load_checkpoint(self.store.step_dir(step), self.store.key, self.model, apply=restore)
         except InvalidCheckpoint as e:
-            raise RunStopped(f"cannot go back to step {step} of stage '{self.stage.name}': {e}", code=1) from None
-        return loaded
+            self.invalid(step, e, "the stage cannot end on it")
+            raise RunStopped(f"stage '{self.stage.name}' cannot end on its best evaluation: {e}", code=1) from None
+
+    def go_back(self, step: int, restore: Callable[[dict[str, Any]], None]) -> int:
+        """Restore the newest valid checkpoint at or before `step` (its state through `restore`,
+        its weights into the model); returns its step. An invalid one is reported and skipped."""
+        for saved in reversed([s for s in self.store.steps() if s <= step]):
+            try:
+                load_checkpoint(self.store.step_dir(saved), self.store.key, self.model, apply=restore)
+                return saved
+            except InvalidCheckpoint as e:
+                self.invalid(saved, e, "going back further")
+        raise RunStopped(f"stage '{self.stage.name}' cannot go back to step {step} or before: no valid checkpoint "
+                         f"there. Resume with: {self.hint}", code=1)
+
+    def invalid(self, step: int | None, error: InvalidCheckpoint, then: str) -> None:
+        """Report a checkpoint that does not read back: one line and a `checkpoint_invalid` event."""
+        self.run.logs.event("checkpoint_invalid", stage=self.stage.name, key=self.store.key,
+                            step=step if step is not None else "final", reason=str(error), then=then)
+        self.run.view.print(f"warning: {error}; {then}")
 
     def save_final(self, state: dict[str, Any], summary: StageSummary) -> None:
         self._save(self.store.final_dir, state, summary.steps, summary=dataclasses.asdict(summary))
@@ -84,12 +101,8 @@ class Checkpointer:
         self.store.prune(self.config.keep, self.pins | set(self.kept.values()))
 
     def _save(self, directory: Path, state: dict[str, Any], step: int, **meta: Any) -> None:
-        try:
-            save_checkpoint(directory, self.model, state,
-                            {"key": self.store.key, "stage": self.stage.name, "step": step, **meta})
-        except CheckpointWriteError as e:
-            raise RunStopped(f"{e}; the previous checkpoint is intact. Free space, then resume with: {self.hint}",
-                             code=1) from None
+        save_checkpoint(directory, self.model, state, {"key": self.store.key, "stage": self.stage.name, "step": step,
+                                                       **meta})
         self.last_save = time.monotonic()
         self.run.logs.event("checkpoint_saved", stage=self.stage.name, step=self.stage.start_step + step,
                             stage_step=step, final=directory.name == "final")

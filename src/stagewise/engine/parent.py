@@ -9,6 +9,7 @@ from stagewise.engine.context import RunContext
 from stagewise.engine.device import derive_seed
 from stagewise.engine.handoff import HeldState
 from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.status import handoff_probe
 from stagewise.errors import RunStopped
 from stagewise.tasks.stage_setup import carry_head
 
@@ -30,10 +31,11 @@ def load_parent(run: RunContext, prepared: Prepared, stage: Stage, step: int, he
             store = prepared.store(parent)
             directory = store.final_dir if at is None else store.step_dir(at)
             try:
-                loaded, _ = load_checkpoint(directory, parent.key, parent_model)
-            except InvalidCheckpoint as e:
-                raise RunStopped(f"cannot start stage '{stage.name}': its parent checkpoint is unusable: {e}; "
-                                 "rerun with --fresh to retrain", code=2) from None
+                loaded, _ = load_checkpoint(directory, parent.key, parent_model, apply=handoff_probe(parent.resolved))
+            except InvalidCheckpoint as e:  # it read back when the parent was reused: changed since
+                raise RunStopped(f"cannot start stage '{stage.name}': its parent's checkpoint changed while the "
+                                 f"run went on: {e}; run again to retrain the parent from its last good step",
+                                 code=1) from None
             held.hold(marker, parent.resolved, loaded)
     adapter = stage.setup.adapter
     if adapter is not None:

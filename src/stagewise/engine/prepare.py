@@ -16,6 +16,7 @@ from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
 from stagewise.errors import UserError
 from stagewise.models.build import build_model, context_length, set_attention
+from stagewise.models.keys import check_model_keys
 from stagewise.optim.layers import StageLayers
 from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
 from stagewise.plan.schema import Plan
@@ -81,6 +82,7 @@ class Prepared:
 def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     try:
         nodes = stage_tree(plan)
+        check_model_keys(plan)  # before any data is read or model built
         lm_data = lm = template = None
         compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams

@@ -6,28 +6,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from rich.console import Console
-from torch import nn
 
 from stagewise.data.tokenizers import save_tokenizer
-from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint
+from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.handoff import HeldState, StageOptimizer
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.rundir import run_directory
 from stagewise.engine.sample import generate_sample
 from stagewise.engine.signals import StopRequest
-from stagewise.engine.status import complete
+from stagewise.engine.status import bad_pin, complete, handoff_probe
 from stagewise.engine.trainer import StageTrainer
-from stagewise.errors import RunStopped
+from stagewise.errors import RunStopped, WriteFailed
 from stagewise.plan.resolve import ResolvedStage, pinned_steps
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
@@ -37,20 +37,31 @@ from stagewise.track.progress import ProgressView, StageSummary
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
           stop_after: int | None = None) -> list[StageSummary]:
-    """Run (or continue) the plan into `run_dir`. `stop_after`: stop as a signal would once this
-    global step is done (for verify-resume and tests)."""
+    """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
+    this run and every stage of this plan in the store (only a run directory is ever emptied).
+    `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests)."""
+    hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
+    try:
+        with run_directory(run_dir, fresh) as resumed:
+            if fresh:
+                for stage in prepared.stages:
+                    store = prepared.store(stage)
+                    with store.lock():  # not under a process training the same stage
+                        store.clear()
+            return _train(prepared, run_dir, resumed, console, stop_after, hint)
+    except WriteFailed as e:
+        raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
+                         code=e.code) from None
+
+
+def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
+           hint: str) -> list[StageSummary]:
     plan = prepared.plan
-    if fresh:  # start over: forget this run and every stage of this plan in the store
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for stage in prepared.stages:
-            shutil.rmtree(prepared.store(stage).dir, ignore_errors=True)
-    resumed = (run_dir / "events.jsonl").exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
-    (run_dir / "plan.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if prepared.data is not None:
-        save_tokenizer(prepared.data.tokenizer, run_dir)
+    _write(run_dir / "plan.yaml", lambda path: path.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    if (data := prepared.data) is not None:
+        _write(run_dir / "tokenizer.json", lambda path: save_tokenizer(data.tokenizer, path.parent))
 
     device = resolve_device(plan.device)
     dtype = prepared.dtype
@@ -63,7 +74,6 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                      logs=RunLogs(run_dir), view=ProgressView(prepared.total_steps, console))
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
-    hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     try:
         run.logs.event("plan_start", plan=plan.name, device=str(device), resumed=resumed,
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
@@ -91,20 +101,20 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                 summaries.append(_run_stage(run, prepared, stage, numbers, tasks[task_key], held, checkpointer))
                 placed[stage.name], ran[stage.name] = numbers, summaries[-1].steps
         run.logs.event("plan_end", plan=plan.name)
-    except (RunStopped, KeyboardInterrupt) as e:
-        run.logs.event("plan_interrupted", plan=plan.name, reason=str(e) or "interrupted")
-        raise
-    except Exception as e:
-        run.logs.event("plan_failed", plan=plan.name, error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
+    except BaseException as e:
+        stopped = isinstance(e, (RunStopped, KeyboardInterrupt))
+        fields = {"reason": str(e) or "interrupted"} if stopped else {"error": f"{type(e).__name__}: {e}"}
+        _quietly(lambda: run.logs.event("plan_interrupted" if stopped else "plan_failed", plan=plan.name, **fields))
         run.view.close()
-        run.logs.close()
+        _quietly(run.logs.close)  # a full disk may refuse the last flush too; the first failure is the one told
+        raise
+    run.view.close()
+    run.logs.close()
     run.view.summary(summaries)
     last = prepared.stages[-1]
     if plan.sample is not None and last.spec.samples and prepared.data is not None:
         text = generate_sample(run, last.model, prepared.data, last.setup.chat)
-        (run_dir / "sample.txt").write_text(text, encoding="utf-8")  # for `stagewise report`
+        _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
         run.view.print(f"sample:\n{text}")
     return summaries
 
@@ -125,40 +135,84 @@ def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int])
 
 def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedStage, task: Task,
                held: HeldState, checkpointer: Checkpointer) -> StageSummary:
+    """Reuse the stage when the store holds its end (and it reads back), else resume it from its
+    newest valid checkpoint, else train it from its parent's state; then save its end and export."""
     store = checkpointer.store
     with store.lock():  # a second process training the same stage waits here, then reuses it
+        limit = min(checkpointer.pins - set(store.steps()), default=numbers.steps)  # resume before a missing pin
+        broken: tuple[int | None, InvalidCheckpoint] | None = None
         if complete(store, checkpointer.pins):
-            manifest = store.final_manifest()
-            assert manifest is not None
-            summary = StageSummary(**{**manifest["summary"], "reused": True})
-            run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step,
-                           steps=numbers.steps, tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
-            run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
-            _export(run, prepared, stage, numbers.start_step + summary.steps, store, held)
-            return summary
-        missing = checkpointer.pins - set(store.steps())
-        resume = _resume_point(run, store, task.model, limit=min(missing, default=numbers.steps))
-        optimizer = StageOptimizer(numbers, task.model, stage.layers)
+            broken = bad_pin(store, checkpointer.pins, task.model, numbers)
+            if broken is not None:
+                limit = min(limit, broken[0] - 1)  # train through the branch point again
+            else:
+                try:
+                    return _reuse(run, prepared, stage, numbers, held)
+                except InvalidCheckpoint as e:
+                    broken = (None, e)
+        trainer = _resume(run, stage, numbers, task, checkpointer, limit)
+        if broken is not None:
+            then = (f"stage '{stage.name}' resumes from step {trainer.progress.step}" if trainer is not None
+                    else f"stage '{stage.name}' is trained again from its start")
+            checkpointer.invalid(broken[0], broken[1], then)
         start_lr = None
-        if resume is None:
+        if trainer is None:
+            optimizer = StageOptimizer(numbers, task.model, stage.layers)
             load_parent(run, prepared, stage, numbers.start_step, held)
             start_lr = optimizer.hand_off(held, run.logs)
-        resumed_at = resume[0]["progress"]["step"] if resume is not None else 0
-        if resume is not None:
-            run.logs.event("stage_resumed", stage=stage.name, step=numbers.start_step + resumed_at,
-                           stage_step=resumed_at, checkpoint=str(resume[1]))
-            run.view.print(f"[{stage.name}] resuming at step {resumed_at} of {numbers.steps} from {resume[1]}")
-        attempt = resume[0]["control"]["memory"]["attempt"] if resume is not None else 0
-        run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, attempt))
-        trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
-        outcome = trainer.train(resume[0] if resume is not None else None, start_lr)
+            trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
+        resumed_at = trainer.progress.step
+        run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, trainer.control.attempt))
+        outcome = trainer.train(start_lr)
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
-        _export(run, prepared, stage, numbers.start_step + summary.steps, store, held)
+        _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
+
+
+def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedStage, held: HeldState) -> StageSummary:
+    """The stage's end from the store: its weights into the model, its state held for the
+    children; InvalidCheckpoint when it does not read back."""
+    store = prepared.store(stage)
+    manifest = store.final_manifest()
+    assert manifest is not None
+    try:
+        summary = StageSummary(**{**manifest["summary"], "reused": True})
+    except (KeyError, TypeError) as e:
+        raise InvalidCheckpoint(f"{store.final_dir}: its manifest's summary is malformed "
+                                f"({type(e).__name__})") from None
+    state, _ = load_checkpoint(store.final_dir, stage.key, stage.model, apply=handoff_probe(numbers))
+    held.hold((stage.key, None), numbers, state)
+    run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
+                   tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
+    run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
+    _export(run, prepared, stage, numbers.start_step + summary.steps, held)
+    return summary
+
+
+def _resume(run: RunContext, stage: Stage, numbers: ResolvedStage, task: Task, checkpointer: Checkpointer,
+            limit: int) -> StageTrainer | None:
+    """A trainer continuing from the newest valid checkpoint at or before `limit` (its weights in
+    the model); None when there is none. An invalid one is reported and the one before it tried."""
+    store = checkpointer.store
+    steps = [s for s in reversed(store.steps()) if s <= limit]
+    for i, step in enumerate(steps):
+        trainer = StageTrainer(run, numbers, task, stage.layers, StageOptimizer(numbers, task.model, stage.layers),
+                               checkpointer)
+        try:
+            load_checkpoint(store.step_dir(step), store.key, task.model, apply=trainer.resume)
+        except InvalidCheckpoint as e:
+            checkpointer.invalid(step, e, "using the checkpoint before it" if i + 1 < len(steps)
+                                 else f"no checkpoint before it: stage '{stage.name}' starts from its parent")
+            continue
+        run.logs.event("stage_resumed", stage=stage.name, step=numbers.start_step + step, stage_step=step,
+                       checkpoint=str(store.step_dir(step)))
+        run.view.print(f"[{stage.name}] resuming at step {step} of {numbers.steps} from {store.step_dir(step)}")
+        return trainer
+    return None
 
 
 def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int, attempt: int) -> bool:
@@ -173,35 +227,44 @@ def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int
     return record.get("stage_step", 0) <= resumed_at and not final_eval
 
 
-def _resume_point(run: RunContext, store: StageStore, model: nn.Module, limit: int) -> tuple[dict[str, Any], Path] | None:
-    """Load the newest intact checkpoint at or before `limit` (weights into the model): its state
-    and directory. A broken one is reported in one line and the one before it is used."""
-    for step in reversed(store.steps()):
-        if step > limit:
-            continue
-        try:
-            loaded, _ = load_checkpoint(store.step_dir(step), store.key, model)
-            return loaded, store.step_dir(step)
-        except InvalidCheckpoint as e:
-            run.logs.event("checkpoint_invalid", key=store.key, step=step, reason=str(e))
-            run.view.print(f"warning: {e}; using the checkpoint before it")
-    return None
-
-
-def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, store: StageStore,
-            held: HeldState) -> None:
-    """The stage's final model as a directory that can be used on its own (tasks.export);
-    `stagewise.json`, written last, marks it complete."""
+def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, held: HeldState) -> None:
+    """The stage's final model (held in memory: trained or reused) as a directory that can be
+    used on its own (tasks.export); `stagewise.json`, written last, marks it complete."""
+    assert held.marker == (stage.key, None)
     out = run.run_dir / "stages" / stage.name
     marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key:
-        return
+    try:
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key:
+            return
+    except (OSError, ValueError):
+        pass  # a damaged marker: export again
     setup = stage.setup
-    if held.marker != (stage.key, None):  # a reused stage: its weights come from the store
-        loaded, _ = load_checkpoint(store.final_dir, stage.key, setup.model)
-        held.hold((stage.key, None), stage.resolved, loaded)
-    setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
-    marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task, "labels": setup.labels}))
+
+    def save(_: Path) -> None:
+        setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
+        marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task,
+                                      "labels": setup.labels}))
+
+    _write(out, save)
     run.logs.event("stage_saved", stage=stage.name, step=end_step, path=str(out.relative_to(run.run_dir)))
 
 
+def _write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Run a write of `path`; a full disk or unwritable path (whatever the writer raises for it:
+    OSError, torch's RuntimeError, SafetensorError, tokenizers' bare Exception) is a WriteFailed."""
+    try:
+        write(path)
+    except WRITE_ERRORS as e:
+        raise WriteFailed(path, e) from None
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers' (Rust) I/O errors are plain Exceptions; others are bugs
+            raise
+        raise WriteFailed(path, e) from None
+
+
+def _quietly(action: Callable[[], Any]) -> None:
+    """A log write while the run is already stopping: its own failure would hide the first."""
+    try:
+        action()
+    except (WriteFailed, OSError):
+        pass

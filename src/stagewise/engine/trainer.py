@@ -19,6 +19,7 @@ from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.control import Fired, StageControl
 from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import rng_state, set_rng_state
 from stagewise.errors import RunStopped
@@ -103,13 +104,23 @@ class StageTrainer:
         self.average = WeightEMA(self.model, average.ema) if average is not None else None  # from the first weights
         self.started = self.window_started = time.perf_counter()
         self.timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
+        self.resumed = False
+        # Without a guard (which refuses bad updates itself) a non-finite update stops the stage,
+        # unless the plan allows it; the stage's end is checked either way.
+        self.strict = not stage.config.allow_nonfinite
+        self.watch = FiniteWatch(run.device) if self.strict and not self.control.checks_updates else None
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def train(self, resume: dict[str, Any] | None, start_lr: float | None) -> StageOutcome:
-        """Train from the stage's first update, or from `resume` (a checkpoint's state). `start_lr`:
-        the LR of the first update when only the hand-off knows it (lr auto)."""
-        self._begin(resume, start_lr)
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (before `train`); raises on a state it cannot take."""
+        self.restore(state, rollback=False)
+        self.resumed = True
+
+    def train(self, start_lr: float | None) -> StageOutcome:
+        """Train from the stage's first update, or from where `resume` put it. `start_lr`: the LR
+        of the first update when only the hand-off knows it (lr auto)."""
+        self._begin(start_lr)
         while self.progress.step < self.stage.steps and self.progress.ended is None:
             update = self.train_step()
             if update is not None:
@@ -125,6 +136,7 @@ class StageTrainer:
             self.average.copy_to_model()  # the stage ends on the average: final checkpoint, children, export
         if is_schedule_free(self.opt.optimizer):
             self.opt.optimizer.eval()  # type: ignore[attr-defined]  # likewise on its averaged weights x
+        self._check_end()  # the weights and metrics the stage ends on
         summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
                                tokens=p.step * self.stage.tokens_per_step, seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
@@ -155,6 +167,8 @@ class StageTrainer:
         elif self._logging(step + 1) or control.checks_updates:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
 
+        if self.watch is not None:
+            self.watch.note(step + 1, update_loss, grad_norm)
         # The guard looks before the optimizer steps: a bad update never reaches the weights.
         if control.checks_updates:
             loss_value, norm = update_loss.item(), float(grad_norm)  # type: ignore[arg-type]
@@ -207,10 +221,12 @@ class StageTrainer:
         best, p = self.control.best, self.progress
         assert best is not None  # resolve requires evaluations during the stage
         if best["step"] != p.step:
-            state = self.checkpoints.load(best["step"])
-            self.opt.load_state_dict(state)
-            if self.average is not None:
-                self.average.load_state_dict(state["average"])
+            def take(state: dict[str, Any]) -> None:
+                self.opt.load_state_dict(state)
+                if self.average is not None:
+                    self.average.load_state_dict(state["average"])
+
+            self.checkpoints.load(best["step"], take)
             p.metrics = {k: v for k, v in best["metrics"].items() if k != "train_loss"}
             p.val_loss = p.metrics["val_loss"]
         self.run.logs.event("stage_end_best", **self._where(best["step"]), metric=best["metric"], value=best["value"],
@@ -228,10 +244,9 @@ class StageTrainer:
         guard = self.control.guard
         return self.control.rollback_rules or (guard is not None and guard.action == "rollback")
 
-    def _begin(self, resume: dict[str, Any] | None, start_lr: float | None) -> None:
+    def _begin(self, start_lr: float | None) -> None:
         stage, p = self.stage, self.progress
-        if resume is not None:
-            self.restore(resume, rollback=False)
+        if self.resumed:
             if self.rollbacks:  # the roles of the checkpoints a rollback may go back to
                 self.checkpoints.keep("start", 0)
             if self.control.best is not None:
@@ -256,6 +271,9 @@ class StageTrainer:
         return {**self.opt.state_dict(), "swats": swats.state_dict() if swats else None}
 
     def capture(self) -> dict[str, Any]:
+        if self.strict:  # a checkpoint is never written after a non-finite update
+            why = self.watch.problem() if self.watch is not None else None
+            self._stop_nonfinite(why or (None if weights_finite(self.model) else "non-finite weights"))
         return {**self.handoff_state(), "sampler": self.sampler.state_dict(), "progress": self.progress.state_dict(),
                 "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started),
                 "average": self.average.state_dict() if self.average is not None else None}
@@ -321,19 +339,42 @@ class StageTrainer:
             self.run.view.print(f"[{stage.name}] update {step + 1} skipped: {why}")
             return False
         back = guard.rollback_settings()
-        target = max(s for s in self.checkpoints.steps() if s <= max(0, step - back.steps_back))
-        self._go_back(target, back.skip_batches, back.lr_scale)
+        target = self._go_back(max(0, step - back.steps_back), back.skip_batches, back.lr_scale)
         self.run.logs.event("guard_rollback", reason=why, retry=control.retries, to_step=stage.start_step + target,
                             to_stage_step=target, skip_batches=back.skip_batches, lr_scale=back.lr_scale, **where)
         self.run.view.print(f"[{stage.name}] update {step + 1} refused ({why}): back to step {target}, "
                             f"skipping {back.skip_batches} batches, LR x{back.lr_scale:g}")
         return False
 
-    def _go_back(self, step: int, skip_batches: int, lr_scale: float) -> None:
-        self.restore(self.checkpoints.load(step), rollback=True)
+    def _go_back(self, step: int, skip_batches: int, lr_scale: float) -> int:
+        """Restore the newest valid checkpoint at or before `step`; returns its step."""
+        step = self.checkpoints.go_back(step, lambda state: self.restore(state, rollback=True))
         self.control.attempt += 1
         self.control.lr_factor *= lr_scale
         self.sampler.skip(skip_batches * self.stage.micro_batches)
+        return step
+
+    def _stop_nonfinite(self, why: str | None) -> None:
+        """Stop the stage on a non-finite value (`why`), keeping the checkpoints saved before it."""
+        if why is None:
+            return
+        stage, step = self.stage, self.progress.step
+        good = max(self.checkpoints.steps(), default=None)
+        kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint of it is kept"
+        self.run.logs.event("nonfinite_stop", reason=why, **self._where(step))
+        raise RunStopped(f"stage '{stage.name}' stopped at step {step} (plan step {stage.start_step + step}): {why}; "
+                         f"nothing after it was saved and {kept}. A guard skips or rolls back such updates; "
+                         "allow_nonfinite: true trains on", code=3)
+
+    def _check_end(self) -> None:
+        """A stage whose weights or validation metrics are not finite never ends (nor is cached)."""
+        if self.watch is not None:
+            self._stop_nonfinite(self.watch.problem())
+        bad = nonfinite_metrics(self.progress.metrics)
+        if not weights_finite(self.model):
+            bad.insert(0, "weights")
+        if bad:
+            self._stop_nonfinite(f"non-finite {', '.join(bad)} at the stage's end")
 
     def _act(self, fired: Fired) -> str | None:
         """Carry out a rule's action; log it with the values that made it fire. Returns why the
@@ -351,8 +392,7 @@ class StageTrainer:
             ended = f"rule {fired.index} ({fired.rule.when.kind} -> next_stage)"
         else:
             assert do.rollback is not None and self.control.best is not None
-            target = self.control.best["step"]
-            self._go_back(target, do.rollback.skip_batches, do.rollback.lr_scale)
+            target = self._go_back(self.control.best["step"], do.rollback.skip_batches, do.rollback.lr_scale)
             event.update(to_step=stage.start_step + target, to_stage_step=target, best=self.control.best["value"])
         self.run.logs.event("rule_fired", **event)
         self.run.view.print(f"[{stage.name}] rule {fired.index} fired at step {step}: {fired.rule.when.kind} -> "
@@ -382,7 +422,11 @@ class StageTrainer:
 
     def _log_train(self, update: Update) -> None:
         p, stage = self.progress, self.stage
-        p.train_loss = (p.window_loss / p.window_steps).item()
+        if self.watch is None:
+            p.train_loss = (p.window_loss / p.window_steps).item()
+        else:  # one host sync for the window's loss and its finiteness
+            p.train_loss, why = self.watch.read(p.window_loss / p.window_steps)
+            self._stop_nonfinite(why)
         now = time.perf_counter()
         rate = self.timed_steps * stage.tokens_per_step / max(now - self.window_started, 1e-9)
         info = {"lr": update.lr, "loss": p.train_loss, "grad_norm": float(update.grad_norm),  # type: ignore[arg-type]
@@ -397,6 +441,8 @@ class StageTrainer:
         """A mid-stage evaluation, fed to the rules and `until`; the best one kept for rollbacks."""
         p = self.progress
         metrics = self._evaluate()
+        if self.strict and (bad := nonfinite_metrics(metrics)):
+            self._stop_nonfinite(f"non-finite {', '.join(bad)} at the evaluation")
         p.val_loss, p.eval_step, p.metrics = metrics["val_loss"], p.step, dict(metrics)
         metrics["train_loss"] = p.train_loss if p.train_loss is not None else math.nan
         if self.run.on_eval is not None:  # e.g. a search's pruner, which may stop the run here

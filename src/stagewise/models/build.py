@@ -23,8 +23,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
     config = model_config(cfg, vocab_size, eos_id)
     try:
         return AutoModelForCausalLM.from_config(config)
-    except ValueError as e:  # a config the model's own checks refuse (n_embd not divisible by n_head)
-        raise UserError("model", f"{cfg.arch} refused the config: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - keys past models.keys' checks that the architecture refuses
+        raise UserError("model", f"{cfg.arch} cannot be built from these keys: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:100] if str(e) else ''}") from None
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
@@ -36,7 +37,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedCo
         hint = f" (did you mean '{match[0]}'?)" if match else ""
         raise UserError("model.arch", f"'{arch}' is not a causal-LM architecture of transformers{hint}")
     config_class = CONFIG_MAPPING[arch]
-    known = _config_keys(config_class)
+    known = config_keys(config_class)
     keys = cfg.size_keys()
     for key in sorted(keys):
         if key not in known:
@@ -52,7 +53,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedCo
         raise UserError("model", f"{arch} config refused: {e}") from None
 
 
-def _config_keys(config_class: type[PretrainedConfig]) -> set[str]:
+def config_keys(config_class: type[PretrainedConfig]) -> set[str]:
     params = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
     return params | set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
 

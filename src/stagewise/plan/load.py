@@ -1,10 +1,16 @@
 """Plan file -> validated `Plan`: safe YAML, command-line overrides, `defaults:` merged into each
-stage, and pydantic's errors turned into one line naming the file and the key path."""
+stage, and pydantic's errors turned into one line naming the file and the key path.
+
+A plan may come from anyone, so reading it is bounded before anything looks at it: the file's
+size, the nesting depth, and the size of the document once every alias is expanded (a
+billion-laughs file is a few hundred bytes that expand to 10**9 nodes), counted while it is
+composed; errors echo at most ~80 characters of the input."""
 
 from __future__ import annotations
 
 import copy
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, get_args
 
@@ -61,23 +67,131 @@ def _within(key: str, prefix: str) -> bool:
     return key == prefix or (key.startswith(prefix) and key[len(prefix)] in ".[")
 
 
+MAX_PLAN_BYTES = 1_000_000
+MAX_DEPTH = 32  # a plan's own keys nest about 7 deep (stages[i].rules[j].do.switch.betas)
+MAX_NODES = 20_000  # scalars, lists and mappings, aliases expanded (and defaults merged into stages)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(str(path), "no such plan file")
+    size = path.stat().st_size
+    if size > MAX_PLAN_BYTES:
+        raise UserError(str(path), f"{size:,} bytes: a plan file is at most {MAX_PLAN_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(str(path), f"not UTF-8 (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise UserError(str(path), f"{line}invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except (yaml.YAMLError, _Bounded) as e:
+        raise UserError(str(path), _yaml_problem(e)) from None
     if not isinstance(raw, dict):
         raise UserError(str(path), "a plan is a mapping of keys (name, model, data, stages, ...)")
     return raw
 
 
+def load_yaml(text: str) -> Any:
+    """Safe YAML, refused past MAX_DEPTH levels or MAX_NODES nodes (aliases expanded); raises
+    yaml.YAMLError (or its subclass for the bounds)."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (ValueError, OverflowError) as e:  # a scalar the constructor refuses, e.g. a date 2024-13-01
+        raise yaml.YAMLError(f"a value cannot be read: {str(e)[:80]}") from None
+    finally:
+        loader.dispose()
+
+
+class _Bounded(yaml.YAMLError):
+    def __init__(self, mark: Any, problem: str) -> None:
+        self.problem_mark, self.problem = mark, problem
+        super().__init__(problem)
+
+
+class _PyParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+# libyaml's parser when present (4x faster on a long list); the composing is Python's, measured.
+_Parser: Any = getattr(getattr(yaml, "cyaml", None), "CParser", None) or _PyParser
+
+
+class _BoundedLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor,
+                     yaml.resolver.Resolver):
+    """A safe loader that measures each node as it is composed: its nesting depth on the way
+    down, and its size and height with aliases expanded on the way up (an alias adds the measures
+    of the node it names), so a bomb is refused before it is ever constructed."""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._depth = 0
+        self._composed = 0
+        self._open: set[str] = set()  # anchors whose node is being composed: an alias to one recurses
+        self._measure: dict[int, tuple[int, int]] = {}  # id(node) -> (size, height), aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if event.anchor in self._open:
+                raise _Bounded(event.start_mark, f"the alias *{event.anchor} is inside its own anchor")
+            return super().compose_node(parent, index)
+        event = self.peek_event()
+        self._depth += 1
+        self._composed += 1
+        if self._composed > MAX_NODES:
+            raise _Bounded(event.start_mark, f"more than {MAX_NODES:,} values")
+        if self._depth > MAX_DEPTH:
+            raise _Bounded(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        if event.anchor is not None:
+            self._open.add(event.anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.discard(event.anchor)
+        children = node.value if node is not None and isinstance(node.value, list) else []
+        kids = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        measures = [self._measure[id(k)] for k in kids]
+        size = 1 + sum(m[0] for m in measures)
+        height = 1 + max((m[1] for m in measures), default=0)
+        if size > MAX_NODES:
+            raise _Bounded(event.start_mark, f"more than {MAX_NODES:,} values once its aliases are expanded")
+        if height > MAX_DEPTH:
+            raise _Bounded(event.start_mark, f"nested deeper than {MAX_DEPTH} levels once its aliases are expanded")
+        self._measure[id(node)] = (size, height)
+        return node
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    if isinstance(e, _Bounded):
+        return f"{line}{e.problem}"
+    return f"{line}invalid YAML: {str(getattr(e, 'problem', None) or e)[:120]}"
+
+
+def count_values(obj: Any, budget: int) -> int:
+    """The scalars, lists and mappings in `obj`, counted up to `budget` (then budget + 1)."""
+    count, stack = 0, [obj]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
 def validate_plan(raw: dict[str, Any], where: str) -> Plan:
+    if count_values(raw, MAX_NODES) > MAX_NODES:
+        raise UserError(where, f"more than {MAX_NODES:,} values")
     raw = copy.deepcopy(raw)
     defaults = raw.pop("defaults", None) or {}
     if not isinstance(defaults, dict):
@@ -85,6 +199,9 @@ def validate_plan(raw: dict[str, Any], where: str) -> Plan:
     _check_defaults(defaults, where)
     stages = raw.get("stages")
     if isinstance(stages, list):
+        merged = count_values(defaults, MAX_NODES) * len(stages)
+        if merged > MAX_NODES:  # defaults are copied into every stage
+            raise UserError(where, f"defaults: merged into {len(stages):,} stages, more than {MAX_NODES:,} values")
         raw["stages"] = [deep_merge(defaults, s) if isinstance(s, dict) else s for s in stages]
     try:
         return Plan.model_validate(raw)
@@ -117,13 +234,13 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
     The value is parsed as a YAML scalar/flow value (`0.1`, `true`, `[0.9, 0.95]`). Returns the
     key path it set, as error messages write it (`stages[1].steps`)."""
     key, sep, text = item.partition("=")
-    where = f"{COMMAND_LINE}: {item}"
+    where = f"{COMMAND_LINE}: {_cut(item)}"
     if not sep or not key:
         raise UserError(where, "expected key.path=value")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(where, "value is not valid YAML") from None
+        value = load_yaml(text)
+    except yaml.YAMLError as e:
+        raise UserError(where, f"value is not valid YAML ({_yaml_problem(e)})") from None
     parts = key.split(".")
     node: Any = raw
     resolved: list[str | int] = []
@@ -181,8 +298,22 @@ def _describe_one(err: Any, model: type[BaseModel], raw: dict[str, Any] | None =
     elif err["type"] == "missing":
         msg = "required"
     else:
-        msg = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {err['input']!r})"
+        msg = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {echo(err['input'])})"
     return f"{format_path(loc, raw)}: {msg}"
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxstring, _ECHO.maxlong, _ECHO.maxother = 2, 60, 40, 60
+_ECHO.maxdict = _ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxset = 4
+
+
+def echo(value: Any, limit: int = 80) -> str:
+    """A short repr of bad input: never the whole of a huge (or alias-shared) structure."""
+    return _cut(_ECHO.repr(value), limit)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_path(loc: list[Any], raw: dict[str, Any] | None = None) -> str:
@@ -192,11 +323,13 @@ def format_path(loc: list[Any], raw: dict[str, Any] | None = None) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not isinstance(part, str):
+            out += f".{_cut(repr(part), 40)}" if out else _cut(repr(part), 40)
         elif "[" in part or part in {"int", "float", "str", "bool", "list", "tuple", "constrained-int",
                                        "constrained-float", "literal", "none"}:
             continue
         else:
-            out += f".{part}" if out else part
+            out += f".{_cut(part, 40)}" if out else _cut(part, 40)
     return out
 
 
@@ -224,5 +357,5 @@ def _model_in(annotation: Any) -> Any:
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    match = difflib.get_close_matches(word[:100], candidates, n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""

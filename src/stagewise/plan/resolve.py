@@ -228,7 +228,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
 
 # Keys added after stage keys were first written: at their default they stay out of the key, so
 # the stages of existing plans keep their cache.
-_NEW_KEYS = ("end", "average")
+_NEW_KEYS = ("end", "average", "allow_nonfinite")
 
 
 def _unset_new_keys(cfg: StageConfig) -> set[str]:
@@ -273,7 +273,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     """The stage's optimizer name, settings and hand-off: the parent's settings when the name is
     unchanged, that optimizer's defaults when it changes; settings the stage gives override either."""
     opt = cfg.optimizer
-    given = {k: getattr(opt, k) for k in opt.model_fields_set - {"name", "handoff"}}
+    # an explicit null is an unset setting (else `lr: null` would pass as an LR of None)
+    given = {k: v for k in opt.model_fields_set - {"name", "handoff"} if (v := getattr(opt, k)) is not None}
     if parent is None and opt.name is None:
         raise fail("optimizer.name", "required in the first stage")
     name = opt.name or parent.optimizer  # type: ignore[union-attr]

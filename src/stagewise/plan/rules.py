@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
+from stagewise.plan.base import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
 
 
 def _known(value: str, kind: str, names: list[str]) -> str:
@@ -37,7 +37,6 @@ def _known_task(value: str) -> str:
 
 Metric = Annotated[str, AfterValidator(_known_metric)]
 TaskName = Annotated[str, AfterValidator(_known_task)]
-Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
@@ -74,7 +73,7 @@ class SwatsConfig(Strict):
     matches Adam's step has converged to the current estimate, within `tolerance`."""
 
     tolerance: PositiveFloat = 1e-9
-    min_steps: Annotated[int, Field(ge=2)] = 2
+    min_steps: Annotated[int, Field(ge=2, le=MAX_STEPS)] = 2
 
 
 class UntilConfig(Strict):
@@ -187,14 +186,14 @@ class ActionConfig(Strict):
 class RuleConfig(Strict):
     when: WhenConfig
     do: ActionConfig
-    max_fires: Annotated[int, Field(ge=1)] | None = None  # None: no limit (rollback/switch: see rules)
+    max_fires: Steps | None = None  # None: no limit (rollback/switch: see rules)
 
 
 class OnPlateauConfig(PlateauConfig):
     """`on_plateau: {patience: 2, do: ...}`: a rule on a plateau; by default ReduceLROnPlateau's x0.1."""
 
     do: ActionConfig = ActionConfig(lr_scale=LrScaleAction())
-    max_fires: Annotated[int, Field(ge=1)] | None = None
+    max_fires: Steps | None = None
 
     def rule(self) -> RuleConfig:
         plateau = PlateauConfig(**self.model_dump(exclude={"do", "max_fires"}))
@@ -209,7 +208,7 @@ class SpikeConfig(Strict):
     metric: Literal["loss", "grad_norm"] = "loss"
     z: PositiveFloat | None = None
     factor: Annotated[float, Field(gt=1.0)] | None = None
-    window: Annotated[int, Field(ge=2)] = 50
+    window: Annotated[int, Field(ge=2, le=10**6)] = 50
     warmup: Count = 20
 
     @model_validator(mode="after")
@@ -270,7 +269,7 @@ class InjectConfig(Strict):
     batch drawn at update `at` is replaced by random tokens, every time that batch is drawn (so
     only skipping data gets past it)."""
 
-    at: Annotated[int, Field(ge=0)]
+    at: Count
     kind: Literal["nan", "loss_spike", "lr_burst", "corrupt_batch"]
     factor: PositiveFloat = 10.0
-    steps: Annotated[int, Field(ge=1)] = 1
+    steps: Steps = 1

@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.plan.base import NonNegativeFloat, PositiveFloat, Strict
+from stagewise.plan.base import MAX_STEPS, SEED_MAX, Name, NonNegativeFloat, Path_, PositiveFloat, Steps, Strict
 from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, TaskName, UntilConfig
 
 
 def _duration(value: Any) -> int | float:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEPS:
         return value
     if isinstance(value, float) and 0.0 <= value <= 1.0:
         return value
@@ -26,9 +26,9 @@ def _duration(value: Any) -> int | float:
 
 
 def _threads(value: Any) -> int | str:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
         return value
-    raise PydanticCustomError("threads", "must be a positive integer or auto")
+    raise PydanticCustomError("threads", "must be a positive integer (at most 4096) or auto")
 
 
 def _compile(value: Any) -> bool | str:
@@ -42,6 +42,7 @@ Duration = Annotated[int | float, PlainValidator(_duration)]
 Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index
 
 
 def _only_settings_of(model: BaseModel, kind: str, table: dict[str, dict[str, Any]]) -> None:
@@ -129,7 +130,7 @@ class ScheduleConfig(Strict):
     name: ScheduleName = "constant"
     warmup: Duration | None = None
     step_size: Duration | None = None
-    milestones: list[Duration] | None = None
+    milestones: Annotated[list[Duration], Field(max_length=1000)] | None = None
     gamma: PositiveFloat | None = None
     min_lr: NonNegativeFloat | None = None
     decay: Duration | None = None
@@ -141,7 +142,7 @@ class ScheduleConfig(Strict):
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     ratio: Annotated[float, Field(ge=1.0)] | None = None
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    patience: Annotated[int, Field(ge=0)] | None = None
+    patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
     threshold: NonNegativeFloat | None = None
 
     @model_validator(mode="before")
@@ -180,10 +181,10 @@ class RegularizationConfig(Strict):
 
 
 class BatchConfig(Strict):
-    size: Annotated[int, Field(ge=1)]  # sequences per micro-batch
-    accumulate: Annotated[int, Field(ge=1)] = 1  # micro-batches per update
+    size: Annotated[int, Field(ge=1, le=10**6)]  # sequences per micro-batch
+    accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1  # micro-batches per update
     full: bool = False  # one update per pass over the whole training set
-    block_size: Annotated[int, Field(ge=2)] | None = None  # None: the model's context length
+    block_size: Annotated[int, Field(ge=2, le=2**20)] | None = None  # None: the model's context length
 
     @model_validator(mode="after")
     def _full_excludes_accumulate(self) -> BatchConfig:
@@ -207,14 +208,14 @@ class EvalConfig(Strict):
     `batches` limits causal_lm's validation windows; the fine-tuning tasks evaluate every
     validation example. `beam`: seq2seq's decoding for BLEU / chrF (1: greedy)."""
 
-    every: Annotated[int, Field(ge=1)] | None = None
+    every: Steps | None = None
     each_epoch: bool = False
-    batches: Annotated[int, Field(ge=1)] | Literal["all"] = 50
+    batches: Annotated[int, Field(ge=1, le=10**7)] | Literal["all"] = 50
     beam: Annotated[int, Field(ge=1, le=16)] = 1
     # The metrics of decoded outputs to compute (without `val_`: rouge1, exact_match, ...), instead
     # of the task's own; what each task can compute is its spec's (tasks.spec). sft decodes the
     # first `batches` x batch.size validation prompts for them.
-    metrics: Annotated[list[str], Field(min_length=1)] | None = None
+    metrics: Annotated[list[Name], Field(min_length=1, max_length=64)] | None = None
 
 
 class LayersConfig(Strict):
@@ -223,7 +224,7 @@ class LayersConfig(Strict):
     layer group in the first epoch and one more group each epoch. `lr_factor`: discriminative
     LRs, each layer group below the top one learns `lr_factor` times slower (ULMFiT: 2.6)."""
 
-    freeze: list[str] = []
+    freeze: Annotated[list[Name], Field(max_length=256)] = []
     unfreeze: Literal["all", "gradual"] = "all"
     lr_factor: Annotated[float, Field(ge=1.0)] = 1.0
 
@@ -232,18 +233,18 @@ class DataConfig(Strict):
     """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
     standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
 
-    train: str | list[str]
-    val: str | list[str] | None = None
+    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
-    field: str | int = "text"  # the text (causal_lm, classify)
-    label: str | int | None = None  # classify: the label column (default "label")
-    source: str | int | None = None  # seq2seq: the source column (default "source")
-    target: str | int | None = None  # seq2seq: the target column (default "target")
+    field: Name | Column = "text"  # the text (causal_lm, classify)
+    label: Name | Column | None = None  # classify: the label column (default "label")
+    source: Name | Column | None = None  # seq2seq: the source column (default "source")
+    target: Name | Column | None = None  # seq2seq: the target column (default "target")
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
-    max_len: Annotated[int, Field(ge=2)] | None = None  # fine-tuning tasks: tokens per example (cut)
+    max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
     pack: bool = False  # sft: pack several examples into one row
 
 
@@ -251,10 +252,10 @@ class LoraSettings(Strict):
     """A LoRA adapter (peft's LoraConfig): rank `r`, scale `alpha / r`, dropout on its input, and
     the modules it adapts (names or "all-linear"; unset: peft's default for the architecture)."""
 
-    r: Annotated[int, Field(ge=1)] = 8
+    r: Annotated[int, Field(ge=1, le=4096)] = 8
     alpha: PositiveFloat = 16.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
+    target_modules: Annotated[list[Name], Field(min_length=1, max_length=256)] | Literal["all-linear"] | None = None
 
 
 class AdapterConfig(Strict):
@@ -268,12 +269,13 @@ class AdapterConfig(Strict):
 
 
 class StageConfig(Strict):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
     name: StageName
     # The parent: `NAME` (its end) or `NAME@STEP` (its checkpoint at that step); default: the
     # previous stage. A plan with branches is a tree.
     # `init`: the model as built, before any stage (a second root, e.g. a baseline to compare with).
-    from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$")] | None = Field(None, alias="from")
+    from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$",
+                                     max_length=100)] | None = Field(None, alias="from")
     task: TaskName = "causal_lm"
     data: DataConfig | None = None  # None: the plan's `data`
     adapter: AdapterConfig | None = None  # None: the stage trains the model's own weights
@@ -282,19 +284,22 @@ class StageConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     regularization: RegularizationConfig = RegularizationConfig()
     batch: BatchConfig
-    steps: Annotated[int, Field(ge=1)] | None = None
-    epochs: Annotated[int, Field(ge=1)] | None = None
-    tokens: Annotated[int, Field(ge=1)] | None = None
+    steps: Steps | None = None
+    epochs: Annotated[int, Field(ge=1, le=10**6)] | None = None
+    tokens: Annotated[int, Field(ge=1, le=10**15)] | None = None
     eval: EvalConfig = EvalConfig()
     until: UntilConfig | None = None
-    rules: list[RuleConfig] = []
+    rules: Annotated[list[RuleConfig], Field(max_length=64)] = []
     on_plateau: OnPlateauConfig | None = None
     guard: GuardConfig | None = None
-    inject: list[InjectConfig] = []
+    inject: Annotated[list[InjectConfig], Field(max_length=64)] = []
     # best: the stage ends on (and hands on, and exports) the weights of its best evaluation, by
     # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
     end: Literal["best", "last"] = "last"
     average: AverageConfig | None = None
+    # A non-finite loss or gradient norm stops a stage without a guard; true: train on (the
+    # stage's end is still checked: non-finite weights or metrics are never saved as complete).
+    allow_nonfinite: bool = False
 
     def all_rules(self) -> list[RuleConfig]:
         """`on_plateau` first, then `rules`, in the order they are checked."""
@@ -315,9 +320,9 @@ class ModelConfig(BaseModel):
     fields) or `pretrained` (a local directory or hub name). Size keys are checked against the
     architecture's config class in models.build."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    arch: str | None = None
-    pretrained: str | None = None
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    arch: Annotated[str, Field(max_length=64)] | None = None
+    pretrained: Path_ | None = None
     # auto: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque
     # to it and their backward is slow: 1.9x slower steps for a 4x256 GPT-2), else the model's own.
     attention: Literal["auto", "eager", "sdpa"] = "auto"
@@ -340,8 +345,8 @@ class TokenizerConfig(Strict):
     # word: a word-level vocabulary of the training texts (the built-in bigru / transformer
     # models of the fine-tuning tasks); the others are for transformers models.
     kind: Literal["char", "byte", "bpe", "word", "pretrained"]
-    vocab_size: Annotated[int, Field(ge=257)] | None = None  # bpe, word (default 10000)
-    path: str | None = None  # pretrained only: a directory or hub name
+    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None  # bpe, word (default 10000)
+    path: Path_ | None = None  # pretrained only: a directory or hub name
 
     @model_validator(mode="after")
     def _kind_settings(self) -> TokenizerConfig:
@@ -357,30 +362,31 @@ class TokenizerConfig(Strict):
 class SampleConfig(Strict):
     """A short generation printed after training."""
 
-    prompt: str = ""
-    max_tokens: Annotated[int, Field(ge=1)] = 200
+    prompt: Annotated[str, Field(max_length=10_000)] = ""
+    max_tokens: Annotated[int, Field(ge=1, le=10**5)] = 200
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
-    top_k: Annotated[int, Field(ge=1)] | None = None
-    stop: list[Annotated[str, Field(min_length=1)]] = []  # texts that end it (besides EOS and the end marker)
+    top_k: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    # texts that end it (besides EOS and the end marker)
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=64)] = []
 
 
 class CheckpointConfig(Strict):
     """Mid-stage checkpoints (each stage's end is always saved): every N steps and/or every M
     minutes; the newest `keep` are kept, plus every stage's final one and those branches start from."""
 
-    every: Annotated[int, Field(ge=1)] | None = None
+    every: Steps | None = None
     minutes: PositiveFloat | None = None
-    keep: Annotated[int, Field(ge=1)] = 3
+    keep: Annotated[int, Field(ge=1, le=10_000)] = 3
 
 
 class LogConfig(Strict):
-    every: Annotated[int, Field(ge=1)] = 10  # steps between metrics lines
+    every: Steps = 10  # steps between metrics lines
 
 
 class Plan(Strict):
     name: StageName
-    seed: Annotated[int, Field(ge=0)] = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
+    device: Annotated[str, Field(max_length=32)] = "auto"  # auto | cpu | cuda | cuda:N
     # auto: what runs faster on the device for this plan (engine.device; README "What auto picks")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Compile = "auto"
@@ -388,7 +394,7 @@ class Plan(Strict):
     model: ModelConfig
     tokenizer: TokenizerConfig
     data: DataConfig
-    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    stages: Annotated[list[StageConfig], Field(min_length=1, max_length=1000)]
     sample: SampleConfig | None = None
     # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
     # pretrained tokenizer's own); unset: the built-in template.

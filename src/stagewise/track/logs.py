@@ -9,31 +9,49 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagewise.errors import WriteFailed
+
 
 class JsonlLog:
-    """One JSON object per line, flushed on every write so a killed run keeps what it logged."""
+    """One JSON object per line, flushed on every write so a killed run keeps what it logged. A
+    write that fails (a full disk) is a WriteFailed naming the file; the torn line it may leave
+    is dropped when the log is opened again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        _drop_torn_line(path)
-        self._file = path.open("a", encoding="utf-8")
+        try:
+            _drop_torn_line(path)
+            self._file = path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise WriteFailed(path, e) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise WriteFailed(self.path, e) from None
 
     def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Rewrite the log without the records `keep` rejects (a resumed stage drops the lines it
         is about to log again), atomically."""
         self._file.close()
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n"
-                               for r in read_jsonl(self.path) if keep(r)), encoding="utf-8")
-        os.replace(tmp, self.path)
-        self._file = self.path.open("a", encoding="utf-8")
+        try:
+            tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n"
+                                   for r in read_jsonl(self.path) if keep(r)), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise WriteFailed(self.path, e) from None
+        finally:
+            self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as e:
+            raise WriteFailed(self.path, e) from None
 
 
 class RunLogs:
@@ -59,9 +77,15 @@ class RunLogs:
         self.tensorboard.metric(record)
 
     def close(self) -> None:
-        self.metrics.close()
-        self.events.close()
-        self.tensorboard.close()
+        """Close all three; the first failure is raised once all are closed."""
+        failed = None
+        for log in (self.metrics, self.events, self.tensorboard):
+            try:
+                log.close()
+            except WriteFailed as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
 
 def _drop_torn_line(path: Path) -> None:

@@ -8,8 +8,12 @@ and `stage/<name>/train/loss` (one stage alone). Events become text at the step 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from stagewise.errors import WriteFailed
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -34,7 +38,8 @@ def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """Called at log intervals only; SummaryWriter queues and writes from its own thread.
+    """Called at log intervals only; SummaryWriter queues and writes from its own thread, which
+    hands a failed write (a full disk) to the next call: raised here as a WriteFailed.
 
     The writer is made at the first metrics line (or at close): importing it (torch.utils.tensorboard
     pulls in tensorboard) and opening the event file are off the path from the command to the first
@@ -58,10 +63,11 @@ class TensorBoardLog:
         return self._writer
 
     def metric(self, record: dict[str, Any]) -> None:
-        writer = self._open()
-        self._step = int(record.get("step", self._step))
-        for tag, value in scalar_tags(record).items():
-            writer.add_scalar(tag, value, global_step=self._step)
+        with self._guarded():
+            writer = self._open()
+            self._step = int(record.get("step", self._step))
+            for tag, value in scalar_tags(record).items():
+                writer.add_scalar(tag, value, global_step=self._step)
 
     def event(self, record: dict[str, Any]) -> None:
         if self._writer is None:
@@ -71,7 +77,16 @@ class TensorBoardLog:
             self._step = record["step"]
         fields = {k: v for k, v in record.items() if k not in ("event", "time")}
         text = f"**{record['event']}** `{json.dumps(fields, default=str)}`"
-        self._writer.add_text(f"events/{record['event']}", text, global_step=self._step)
+        with self._guarded():
+            self._writer.add_text(f"events/{record['event']}", text, global_step=self._step)
 
     def close(self) -> None:
-        self._open().close()  # flushes
+        with self._guarded():
+            self._open().close()  # flushes
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise WriteFailed(self._log_dir, e) from None

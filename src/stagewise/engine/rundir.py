@@ -1,0 +1,109 @@
+"""The run directory a `train` writes into: marked as a run when the tool creates it, locked by
+the process training it, and only ever deleted (`--fresh`) when it is a run.
+
+RUN/.stagewise-run marks a directory the tool made (a folder of someone's files never has it);
+RUN/.stagewise-lock is held (filelock, non-blocking) while a process trains into RUN, and
+RUN/.stagewise-lock.json says who that is, for the message a second process prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from stagewise.errors import UserError, WriteFailed
+
+MARKER = ".stagewise-run"
+LOCK = ".stagewise-lock"
+HOLDER = ".stagewise-lock.json"
+
+
+def is_run(path: Path) -> bool:
+    """A directory this tool created as a run; also one written before runs were marked (its
+    events.jsonl starts with the tool's plan_start)."""
+    if (path / MARKER).is_file():
+        return True
+    try:
+        with (path / "events.jsonl").open("rb") as f:
+            first = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "plan_start"
+
+
+def check_run_directory(path: Path, fresh: bool) -> None:
+    """UserError unless `path` is a new or empty directory, or a run: `train` writes only into
+    those, and `--fresh` empties only a run."""
+    where = f"--out {path}"
+    try:
+        is_dir, is_other = path.is_dir(), path.exists() and not path.is_dir()
+        holds = is_dir and any(path.iterdir())
+    except OSError as e:  # a name too long, a directory not readable
+        raise UserError(where, f"cannot be read ({e.strerror or e})") from None
+    if is_other:
+        raise UserError(where, "is a file, not a run directory")
+    if holds and not is_run(path):
+        what = "deletes only run directories" if fresh else "writes only into a new directory or a run"
+        raise UserError(where, f"holds files but is not a stagewise run (no {MARKER}); train {what}: "
+                               "nothing was touched, choose another --out")
+
+
+@contextmanager
+def run_directory(path: Path, fresh: bool) -> Iterator[bool]:
+    """Create (or open) the run directory and hold its lock while the block trains into it;
+    `fresh`: empty it first, if it is a run. Yields whether an earlier run is continued."""
+    where = f"--out {path}"
+    check_run_directory(path, fresh)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / MARKER).is_file():
+            (path / MARKER).write_text(json.dumps({"created": round(time.time(), 3)}))
+        lock = FileLock(str(path / LOCK), blocking=False)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(where, f"is being trained by {_holder(path)}; wait for it to finish or choose "
+                               "another --out") from None
+    except OSError as e:
+        raise WriteFailed(path / LOCK, e) from None
+    try:
+        if fresh:
+            _empty(path)
+        try:
+            (path / HOLDER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        except OSError as e:
+            raise WriteFailed(path / HOLDER, e) from None
+        yield (path / "events.jsonl").exists()
+    finally:
+        (path / HOLDER).unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads((path / HOLDER).read_text())
+        return f"pid {info['pid']} on {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _empty(path: Path) -> None:
+    """Delete a run's contents, the marker and the lock apart (`--fresh`)."""
+    for child in path.iterdir():
+        if child.name in (MARKER, LOCK, HOLDER):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
