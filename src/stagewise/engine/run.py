@@ -129,7 +129,7 @@ def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int])
     start = placed[parent.name].start_step + at
     if start == numbers.start_step:
         return numbers
-    tokens = placed[parent.name].start_tokens + at * placed[parent.name].tokens_per_step
+    tokens = placed[parent.name].start_tokens + placed[parent.name].tokens_before(at)
     return dataclasses.replace(numbers, start_step=start, start_tokens=tokens)
 
 
@@ -168,7 +168,8 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
-                       seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
+                       seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss,
+                       tokens=summary.tokens)
         _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 
@@ -187,7 +188,7 @@ def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedS
     state, _ = load_checkpoint(store.final_dir, stage.key, stage.model, apply=handoff_probe(numbers))
     held.hold((stage.key, None), numbers, state)
     run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
-                   tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
+                   tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss, tokens=summary.tokens)
     run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
     _export(run, prepared, stage, numbers.start_step + summary.steps, held)
     return summary

@@ -7,11 +7,13 @@ from) is settled here, before anything trains, and reported as one line naming t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from stagewise.errors import UserError
+from stagewise.optim.batch_ramp import LR_POWER, BatchRamp, fewest_steps, ramp_steps
 from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
@@ -43,6 +45,7 @@ class ResolvedStage:
     full_batch: bool
     windows_per_epoch: int  # training sequences (examples) in one pass over the data
     unit: str = "tokens"  # what the stage counts: tokens (causal_lm) or examples
+    ramp: BatchRamp | None = None  # a batch that grows over the stage (optim.batch_ramp)
 
     @property
     def name(self) -> str:
@@ -53,15 +56,34 @@ class ResolvedStage:
         return float(self.optimizer_settings["lr"])
 
     @property
-    def tokens_per_step(self) -> int:
-        """Tokens (examples, for the example-level tasks) per update."""
+    def tokens_per_step(self) -> int | None:
+        """Tokens (examples, for the example-level tasks) per update; None when the batch ramps
+        (`tokens_before`)."""
+        if self.ramp is not None:
+            return None
+        return self.sequences_at(0) * self.block_size
+
+    def micro_batches_at(self, step: int) -> int:
+        """Micro-batches of update `step` (not of a full batch: that is the rest of the epoch)."""
+        return self.micro_batches if self.ramp is None else self.ramp.micro_batches(step)
+
+    def sequences_at(self, step: int) -> int:
+        """Sequences (examples) of update `step`."""
         if self.full_batch:
-            return self.windows_per_epoch * self.block_size
-        return self.batch_size * self.micro_batches * self.block_size
+            return self.windows_per_epoch
+        return self.batch_size * self.micro_batches_at(step)
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens (examples) of the stage's first `step` updates."""
+        if self.ramp is None:
+            return step * self.sequences_at(0) * self.block_size
+        return self.ramp.sequences_before(step) * self.block_size
 
     def lr(self, step: int) -> float:
-        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on)."""
-        return lr_at(self.config.schedule, step, self.steps, self.peak_lr)
+        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on), scaled
+        with the batch when it ramps with `lr_scaling`."""
+        lr = lr_at(self.config.schedule, step, self.steps, self.peak_lr)
+        return lr if self.ramp is None or self.ramp.lr_power == 0.0 else lr * self.ramp.lr_factor(step)
 
 
 @dataclass(frozen=True)
@@ -157,13 +179,26 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         micro = cfg.batch.accumulate
         tokens_per_step = cfg.batch.size * micro * block
         steps_per_epoch = math.ceil(windows / (cfg.batch.size * micro))
-    if cfg.steps is not None:
+    ramp_cfg = cfg.batch.ramp
+    if ramp_cfg is not None and full:
+        raise fail("batch.ramp", f"optimizer {name} takes the whole set every update: no ramp")
+    if ramp_cfg is not None and cfg.steps is None:  # the fewest steps whose ramp holds the stage's data
+        wanted = cfg.epochs * windows if cfg.epochs is not None else math.ceil(cfg.tokens / block)  # type: ignore[operator]
+        steps = fewest_steps(wanted, lambda n: _ramp(cfg, n))
+    elif cfg.steps is not None:
         steps = cfg.steps
     elif cfg.epochs is not None:
         steps = cfg.epochs * steps_per_epoch
     else:
         assert cfg.tokens is not None
         steps = math.ceil(cfg.tokens / tokens_per_step)
+    ramp = None
+    if ramp_cfg is not None:
+        over = ramp_steps(ramp_cfg.over, steps)
+        if not 1 <= over <= steps:
+            raise fail("batch.ramp.over", f"must be within the stage's {steps} steps (got {over})"
+                       if over > steps else f"{ramp_cfg.over} of {steps} steps is no step")
+        ramp = _ramp(cfg, steps)
 
     for key, metric in _metrics_used(cfg):
         if metric not in spec.reported(cfg.eval):
@@ -207,6 +242,8 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
     numbers = {"optimizer": name, "settings": settings, "handoff": handoff, "steps": steps, "block_size": block,
                "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
+    if ramp is not None:
+        numbers["ramp"] = dataclasses.asdict(ramp)
     if data.unit != "tokens":
         numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
@@ -221,9 +258,20 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         optimizer=name, optimizer_settings=settings, handoff=handoff, auto_lr=auto_lr,
         track_swats=cfg.name in swats, steps=steps,
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
-        start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
+        start_tokens=parent.start_tokens + parent.tokens_before(branch_at) if parent else 0,  # type: ignore[arg-type]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
-        windows_per_epoch=windows, unit=data.unit)
+        windows_per_epoch=windows, unit=data.unit, ramp=ramp)
+
+
+def _ramp(cfg: StageConfig, steps: int) -> BatchRamp:
+    """The batch ramp of a `steps`-step stage (its `over` a fraction of them, or a step count)."""
+    batch, ramp = cfg.batch, cfg.batch.ramp
+    assert ramp is not None
+    end = ramp.to // batch.size
+    per_level = 1 if ramp.increment is None else ramp.increment // batch.size
+    return BatchRamp(size=batch.size, start=batch.accumulate, end=end,
+                     steps=max(1, min(steps, ramp_steps(ramp.over, steps))),
+                     levels=(end - batch.accumulate) // per_level, lr_power=LR_POWER[ramp.lr_scaling])
 
 
 # Keys added after stage keys were first written: at their default they stay out of the key, so

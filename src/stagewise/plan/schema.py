@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import MAX_STEPS, SEED_MAX, Name, NonNegativeFloat, Path_, PositiveFloat, Steps, Strict
@@ -180,11 +180,34 @@ class RegularizationConfig(Strict):
     grad_clip: PositiveFloat | None = None
 
 
+class RampConfig(Strict):
+    """A batch that grows over the stage (optim.batch_ramp), by accumulating more micro-batches:
+    from size x accumulate sequences to `to` (rounded down to whole micro-batches) over `over`
+    (steps, or a fraction of the stage), `linear` or in `steps` of `increment` sequences
+    (Megatron-LM's rampup); the LR optionally scaled with the batch (relative to the start batch)."""
+
+    to: Annotated[int, Field(ge=1, le=10**7)]
+    over: Duration
+    shape: Literal["linear", "steps"] = "linear"
+    increment: Annotated[int, Field(ge=1, le=10**7)] | None = None  # steps: sequences each step adds
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+
+    @model_validator(mode="after")
+    def _increment_with_steps(self) -> RampConfig:
+        if (self.shape == "steps") != (self.increment is not None):
+            raise PydanticCustomError("setting_error", "required by shape: steps and only by it", {"key": "increment"})
+        if self.over == 0:
+            raise PydanticCustomError("setting_error", "must be > 0 (a ramp over no steps is batch.size)",
+                                      {"key": "over"})
+        return self
+
+
 class BatchConfig(Strict):
     size: Annotated[int, Field(ge=1, le=10**6)]  # sequences per micro-batch
     accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1  # micro-batches per update
     full: bool = False  # one update per pass over the whole training set
     block_size: Annotated[int, Field(ge=2, le=2**20)] | None = None  # None: the model's context length
+    ramp: RampConfig | None = None  # None: the same batch every update
 
     @model_validator(mode="after")
     def _full_excludes_accumulate(self) -> BatchConfig:
@@ -192,7 +215,35 @@ class BatchConfig(Strict):
             raise PydanticCustomError(
                 "setting_error", "not used with full: true (the whole set is accumulated)",
                 {"key": "accumulate"})
+        if self.full and self.ramp is not None:
+            raise PydanticCustomError(
+                "setting_error", "not used with full: true (every update is the whole set)", {"key": "ramp"})
+        if self.ramp is not None:
+            start, size = self.size * self.accumulate, self.size
+            if self.ramp.to // size * size <= start:
+                got = f"{self.ramp.to}" + (f", {self.ramp.to // size * size} in whole micro-batches of {size}"
+                                           if self.ramp.to % size else "")
+                raise PydanticCustomError("setting_error", "must be > the start batch size x accumulate = {start} "
+                                          "(got {got})", {"key": ["ramp", "to"], "start": start, "got": got})
+            if self.ramp.increment is not None:
+                if self.ramp.increment % size:
+                    raise PydanticCustomError("setting_error", "must be a multiple of size {size} (whole micro-batches;"
+                                              " got {inc})", {"key": ["ramp", "increment"], "size": size,
+                                                              "inc": self.ramp.increment})
+                if (self.ramp.to - start) % self.ramp.increment:
+                    raise PydanticCustomError("setting_error", "to - size x accumulate = {span} must be a multiple of "
+                                              "increment {inc}", {"key": ["ramp", "increment"],
+                                                                  "span": self.ramp.to - start,
+                                                                  "inc": self.ramp.increment})
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_ramp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Keys added later stay out of the dump at their default: stage keys of existing plans hold.
+        dumped = handler(self)
+        if self.ramp is None:
+            dumped.pop("ramp", None)
+        return dumped
 
 
 class AverageConfig(Strict):

@@ -119,6 +119,8 @@ def _duration(s: ResolvedStage) -> str:
 
 
 def _batch(s: ResolvedStage) -> str:
+    if s.ramp is not None:
+        return _ramp(s)
     if s.unit != "tokens":
         accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
         return f"full ({s.windows_per_epoch} ex)" if s.full_batch else f"{s.batch_size}{accum} ex"
@@ -126,6 +128,18 @@ def _batch(s: ResolvedStage) -> str:
         return f"full ({s.windows_per_epoch} x {s.block_size})"
     accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
     return f"{s.batch_size}{accum} x {s.block_size} = {s.tokens_per_step:,} tok"
+
+
+def _ramp(s: ResolvedStage) -> str:
+    """A growing batch: from and to (micro-batch x count), over how many steps, in what shape."""
+    ramp, cfg = s.ramp, s.config.batch.ramp
+    assert ramp is not None and cfg is not None
+    unit = f" x {s.block_size}" if s.unit == "tokens" else " ex"
+    shape = "linear" if cfg.shape == "linear" else f"+{cfg.increment} x{ramp.levels}"
+    lines = [f"{s.batch_size} x{ramp.start} -> x{ramp.end}{unit}", f"ramp {shape} over {ramp.steps} steps"]
+    if cfg.lr_scaling != "none":
+        lines.append(f"lr x (batch/{s.batch_size * ramp.start}){'^0.5' if cfg.lr_scaling == 'sqrt' else ''}")
+    return "\n".join(lines + [f"{s.tokens_before(s.steps):,} {'tok' if s.unit == 'tokens' else 'ex'} in all"])
 
 
 def _regularization(s: ResolvedStage) -> str:

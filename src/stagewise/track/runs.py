@@ -213,7 +213,8 @@ class Run:
             rows.append(StageRow(
                 name=name, task=planned.get("task"), optimizer=_optimizer(planned, start, name in carried),
                 schedule=_schedule(planned, start), steps=steps,
-                tokens=per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
+                tokens=end["tokens"] if end is not None and isinstance(end.get("tokens"), int) else
+                per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
                 seconds=end.get("seconds") if end else None,
                 best_val_loss=min(evals) if evals else None, status=status))
         return rows
@@ -243,7 +244,8 @@ class Run:
             metrics = {k: float(v) for k, v in last.items() if k.startswith("val_") and _finite(v)}
             rows.append(StageSummary(
                 stage=name, optimizer=str(optimizer or "-"), steps=steps,
-                tokens=per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
+                tokens=end["tokens"] if isinstance(end.get("tokens"), int) else
+                per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
                 train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
                 unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
         return rows
