@@ -171,6 +171,12 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
 
     name, settings, handoff = _optimizer(cfg, parent, fail)
     full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
+    mixed = cfg.data is not None and cfg.data.mix is not None
+    if mixed:  # a mix is drawn from, sequence by sequence: no pass over it is one over its sources
+        for key, used in (("epochs", cfg.epochs is not None), ("eval.each_epoch", cfg.eval.each_epoch),
+                          ("batch.full" if cfg.batch.full else "optimizer.name", full)):
+            if used:
+                raise fail(key, "a data mix has no epochs (its sources are drawn by weight): count steps or tokens")
     if full:
         micro = math.ceil(windows / cfg.batch.size)
         tokens_per_step = windows * block
@@ -244,7 +250,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
                "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
     if ramp is not None:
         numbers["ramp"] = dataclasses.asdict(ramp)
-    if data.unit != "tokens":
+    if data.unit != "tokens" or mixed:
         numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
         numbers["track_swats"] = True

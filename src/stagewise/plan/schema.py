@@ -7,6 +7,8 @@ that is not given takes that optimizer's or schedule's default (`settings()`).
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer, model_validator
@@ -41,7 +43,8 @@ def _compile(value: Any) -> bool | str:
 Duration = Annotated[int | float, PlainValidator(_duration)]
 Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
-StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+StageName = Annotated[str, Field(pattern=_NAME, max_length=64)]
 Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index
 
 
@@ -280,11 +283,30 @@ class LayersConfig(Strict):
     lr_factor: Annotated[float, Field(ge=1.0)] = 1.0
 
 
+class MixSource(Strict):
+    """One source of a stage's data mixture: its files (as `train` / `val` of a stage's data) and
+    its share of the sequences drawn; `name` (default: the train file's stem) names its
+    validation loss, `val_loss/<name>`."""
+
+    name: StageName | None = None
+    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    weight: NonNegativeFloat
+
+    def label(self, index: int) -> str:
+        if self.name is not None:
+            return self.name
+        first = self.train if isinstance(self.train, str) else self.train[0]
+        return PurePath(first).stem or f"source{index}"
+
+
 class DataConfig(Strict):
     """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
-    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
+    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name; or, for a
+    causal_lm stage, `mix`: a weighted mixture of such sources (data.mixture)."""
 
-    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    mix: Annotated[list[MixSource], Field(min_length=1, max_length=64)] | None = None
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
@@ -297,6 +319,35 @@ class DataConfig(Strict):
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
     max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
     pack: bool = False  # sft: pack several examples into one row
+
+    @model_validator(mode="after")
+    def _train_or_mix(self) -> DataConfig:
+        if (self.train is None) == (self.mix is None):
+            raise PydanticCustomError("setting_error", "give exactly one of train, mix", {"key": "train"})
+        if self.mix is not None:
+            if self.val is not None:
+                raise PydanticCustomError("setting_error", "a mix gives each source its own val", {"key": "val"})
+            if sum(s.weight for s in self.mix) <= 0.0:
+                raise PydanticCustomError("setting_error", "the weights sum to 0: give a source a weight > 0",
+                                          {"key": "mix"})
+            names = [s.label(i) for i, s in enumerate(self.mix)]
+            for i, name in enumerate(names):
+                if not re.fullmatch(_NAME, name):
+                    raise PydanticCustomError("setting_error", "'{name}' (the train file's stem) cannot name the source's"
+                                              " val_loss: give it a name", {"key": ["mix", i, "name"], "name": name})
+                if names.index(name) != i:
+                    raise PydanticCustomError("setting_error", "'{name}' names mix[{first}] already: give the "
+                                              "sources distinct names", {"key": ["mix", i, "name"], "name": name,
+                                                                        "first": names.index(name)})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_mix(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As BatchConfig's ramp: data settings (and stage keys) of existing plans dump as before.
+        dumped = handler(self)
+        if self.mix is None:
+            dumped.pop("mix", None)
+        return dumped
 
 
 class LoraSettings(Strict):
@@ -452,6 +503,13 @@ class Plan(Strict):
     chat_template: Annotated[str, Field(min_length=1)] | None = None
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _plan_data_not_a_mix(self) -> Plan:
+        if self.data.mix is not None:
+            raise PydanticCustomError("setting_error", "the plan's data trains the tokenizer: a mix goes in a "
+                                      "stage's data", {"key": ["data", "mix"]})
+        return self
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Plan:

@@ -33,7 +33,7 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
     for s in stages:
         cfg = s.config
         parent = "-" if s.parent is None else s.parent + (f"@{s.parent_step}" if s.parent_step is not None else "")
-        table.add_row(s.name, parent, cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
+        table.add_row(s.name, parent, cfg.task + _mix(s), _optimizer(s), _schedule(s), _duration(s), _batch(s),
                       _regularization(s), _rules(s), status[s.name])
     console.print(table)
     curve = plan_lr_curve(stages)
@@ -78,6 +78,15 @@ def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
                 labels[c + i] = ch
     rows.append(" " * 10 + "".join(labels))
     return rows
+
+
+def _mix(s: ResolvedStage) -> str:
+    """A stage's data mixture, a source a line with its share of the sequences."""
+    mix = s.config.data.mix if s.config.data is not None else None
+    if mix is None:
+        return ""
+    total = sum(m.weight for m in mix)
+    return "".join(f"\n{m.label(i)} {m.weight / total:.0%}" for i, m in enumerate(mix))
 
 
 def _optimizer(s: ResolvedStage) -> str:

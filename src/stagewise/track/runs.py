@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from stagewise.errors import UserError
+from stagewise.plan.schema import MixSource
 from stagewise.track.logs import read_jsonl
 from stagewise.track.progress import StageSummary
 
@@ -211,7 +213,7 @@ class Run:
             else:
                 status = "not run"
             rows.append(StageRow(
-                name=name, task=planned.get("task"), optimizer=_optimizer(planned, start, name in carried),
+                name=name, task=_task(planned), optimizer=_optimizer(planned, start, name in carried),
                 schedule=_schedule(planned, start), steps=steps,
                 tokens=end["tokens"] if end is not None and isinstance(end.get("tokens"), int) else
                 per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
@@ -249,6 +251,19 @@ class Run:
                 train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
                 unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
         return rows
+
+
+def _task(planned: dict[str, Any]) -> str | None:
+    """The stage's task, and its data mixture when it has one (each source's share)."""
+    task, mix = planned.get("task"), (planned.get("data") or {}).get("mix")
+    if not isinstance(mix, list) or not mix or task is None:
+        return task
+    try:
+        sources = [MixSource.model_validate(m) for m in mix]
+    except ValidationError:  # a plan.yaml edited by hand: the task alone
+        return task
+    total = sum(m.weight for m in sources) or 1.0
+    return f"{task} (mix {', '.join(f'{m.label(i)} {m.weight / total:.0%}' for i, m in enumerate(sources))})"
 
 
 def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) -> str | None:
