@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from stagewise.errors import UserError
-from stagewise.plan.schema import Plan, StageConfig
+from stagewise.plan.schema import MERGE_DEFAULTS, Plan, StageConfig
 
 COMMAND_LINE = "command line"
 
@@ -202,11 +202,16 @@ def validate_plan(raw: dict[str, Any], where: str) -> Plan:
         merged = count_values(defaults, MAX_NODES) * len(stages)
         if merged > MAX_NODES:  # defaults are copied into every stage
             raise UserError(where, f"defaults: merged into {len(stages):,} stages, more than {MAX_NODES:,} values")
-        raw["stages"] = [deep_merge(defaults, s) if isinstance(s, dict) else s for s in stages]
+        raw["stages"] = [deep_merge(_defaults_for(defaults, s), s) if isinstance(s, dict) else s for s in stages]
     try:
         return Plan.model_validate(raw)
     except ValidationError as e:
         raise UserError(where, describe_error(e, Plan, raw)) from None
+
+
+def _defaults_for(defaults: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A merge stage trains nothing: of the defaults it takes only what its evaluation reads."""
+    return {k: v for k, v in defaults.items() if k in MERGE_DEFAULTS} if "merge" in stage else defaults
 
 
 def _check_defaults(defaults: dict[str, Any], where: str) -> None:
