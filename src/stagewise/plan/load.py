@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, get_args
@@ -58,9 +59,14 @@ def blame_overrides(error: UserError, plan_where: str, typed: dict[str, str]) ->
     for resolved, key_typed in typed.items():
         if _within(key, resolved):
             return UserError(f"{COMMAND_LINE}: {key_typed}{key[len(resolved):]}{after}", message)
-        if _within(resolved, key):  # a check of the mapping the override changed a key of
-            return UserError(f"{COMMAND_LINE}: {key}{after}", message)
+        if _within(resolved, key) or _names(message, resolved):  # a check of the mapping, or of a
+            return UserError(f"{COMMAND_LINE}: {key}{after}", message)  # pair of keys, the override changed
     return error
+
+
+def _names(message: str, key: str) -> bool:
+    """Whether the message names the key path (`model.n_head`, not `model.n_head_dim`)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.\[])", message) is not None
 
 
 def _within(key: str, prefix: str) -> bool:
@@ -286,8 +292,14 @@ def _stage_index(stages: list[Any], part: str, where: str) -> int:
 
 def describe_error(e: ValidationError, model: type[BaseModel], raw: dict[str, Any]) -> str:
     errors = e.errors()
-    text = _describe_one(errors[0], model, raw)
-    return text + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+    # A union (a column name or index) fails once per member at one key: the member of the
+    # value's own type says what is wrong with it, not that -1 is no string.
+    path = format_path(list(errors[0]["loc"]), raw)
+    same = [err for err in errors if format_path(list(err["loc"]), raw) == path]
+    first = next((err for err in same if not err["type"].endswith(("_type", "_parsing"))), same[0])
+    text = _describe_one(first, model, raw)
+    others = len(errors) - len(same)
+    return text + (f" (and {others} more)" if others else "")
 
 
 def _describe_one(err: Any, model: type[BaseModel], raw: dict[str, Any] | None = None) -> str:
@@ -331,7 +343,7 @@ def format_path(loc: list[Any], raw: dict[str, Any] | None = None) -> str:
         elif not isinstance(part, str):
             out += f".{_cut(repr(part), 40)}" if out else _cut(repr(part), 40)
         elif "[" in part or part in {"int", "float", "str", "bool", "list", "tuple", "constrained-int",
-                                       "constrained-float", "literal", "none"}:
+                                       "constrained-float", "constrained-str", "literal", "none"}:
             continue
         else:
             out += f".{_cut(part, 40)}" if out else _cut(part, 40)
