@@ -62,6 +62,8 @@ def test_merge_is_the_weighted_mean_of_the_parents_checkpoints(tmp_path: Path, c
     assert evaluated["step"] == 12 and evaluated["val_loss"] != metrics(run, "eval", "const")[-1]["val_loss"]
     summary = StageStore(prepared.cache_root, prepared.stages[1].key).final_manifest()["summary"]  # type: ignore[index]
     assert summary["val_loss"] == evaluated["val_loss"] and summary["steps"] == 0
+    assert summary["optimizer"] == "merge"  # no updates: not named after the parent's optimizer
+    assert [e["optimizer"] for e in events(run, "stage_start")] == ["adamw", "merge"]
 
 
 def test_merge_is_reused_continued_from_and_drawn_beside_a_cooldown(tmp_path: Path, corpus: Path) -> None:

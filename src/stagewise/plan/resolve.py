@@ -50,6 +50,11 @@ class ResolvedStage:
         return self.config.name
 
     @property
+    def trains_with(self) -> str:
+        """What the console, events and report name the stage's updates by ("merge": it has none)."""
+        return "merge" if self.merged else self.optimizer
+
+    @property
     def peak_lr(self) -> float:
         return float(self.optimizer_settings["lr"])
 
