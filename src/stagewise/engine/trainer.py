@@ -257,7 +257,8 @@ class StageTrainer:
         self.model.train()
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
                             stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
-                            settings={} if stage.merged else stage.optimizer_settings, schedule=stage.config.schedule.name, task=self.task.kind,
+                            settings={} if stage.merged else stage.optimizer_settings,
+                            schedule=stage.config.schedule.name, task=self.task.kind,
                             block_size=stage.block_size, tokens_per_step=stage.tokens_per_step, unit=self.task.unit,
                             dropout=sorted(self.run.dropout_of(self.model).rates()), key=stage.key)
         self.run.view.stage_start(stage.name, stage.steps, at=p.step)
