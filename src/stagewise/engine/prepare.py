@@ -109,7 +109,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                   for n, s in zip(nodes, setups, strict=True)]
         sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
         resolved = resolve_stages(nodes, sizes, context_length(lm) if lm is not None else None, identity,
-                                  where=str(plan_path))
+                                  where=str(plan_path), checkpoint_every=plan.checkpoint.every)
     except UserError as e:
         if e.where.split(".")[0].split("[")[0] in _PLAN_KEYS:  # a key path: name the plan file too
             raise UserError(f"{plan_path}: {e.where}", e.message) from None

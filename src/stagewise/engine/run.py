@@ -20,6 +20,7 @@ from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.handoff import HeldState, StageOptimizer
+from stagewise.engine.merge import load_merged
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
 from stagewise.engine.rundir import run_directory
@@ -158,8 +159,11 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         start_lr = None
         if trainer is None:
             optimizer = StageOptimizer(numbers, task.model, stage.layers)
-            load_parent(run, prepared, stage, numbers.start_step, held)
-            start_lr = optimizer.hand_off(held, run.logs)
+            if numbers.merged:  # no updates: evaluated and saved as the stage's end
+                load_merged(run, prepared, stage, held)
+            else:
+                load_parent(run, prepared, stage, numbers.start_step, held)
+                start_lr = optimizer.hand_off(held, run.logs)
             trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
         resumed_at = trainer.progress.step
         run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, trainer.control.attempt))

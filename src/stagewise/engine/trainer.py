@@ -140,7 +140,7 @@ class StageTrainer:
         if is_schedule_free(self.opt.optimizer):
             self.opt.optimizer.eval()  # type: ignore[attr-defined]  # likewise on its averaged weights x
         self._check_end()  # the weights and metrics the stage ends on
-        summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
+        summary = StageSummary(stage=self.stage.name, optimizer="merge" if self.stage.merged else self.opt.name, steps=p.step,
                                tokens=self.stage.tokens_before(p.step), seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
         return StageOutcome(summary, self.opt.optimizer, self.handoff_state())
@@ -259,8 +259,9 @@ class StageTrainer:
         self.layers.apply(self.sampler.epoch)
         self.model.train()
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
-                            stage_step=p.step, steps=stage.steps, optimizer=stage.optimizer,
-                            settings=stage.optimizer_settings, schedule=stage.config.schedule.name, task=self.task.kind,
+                            stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
+                            settings={} if stage.merged else stage.optimizer_settings,
+                            schedule=stage.config.schedule.name, task=self.task.kind,
                             block_size=stage.block_size, tokens_per_step=stage.tokens_per_step, unit=self.task.unit,
                             dropout=sorted(self.run.dropout_of(self.model).rates()), key=stage.key)
         self.run.view.stage_start(stage.name, stage.steps, at=p.step)

@@ -257,6 +257,35 @@ class AverageConfig(Strict):
     ema: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+class MergeConfig(Strict):
+    """A stage that trains nothing: its weights are the average of its parent's checkpoints
+    (checkpoint merging instead of a decay, WSM; a model soup of one run's checkpoints). `last`:
+    the parent's last K checkpoints at the plan's `checkpoint.every`, its end included; or `from`
+    .. `to`: those in that range of the parent's steps. `weights`: uniform, or linear (the i-th
+    oldest of K weighs i). The parent saves those steps and keeps them (as a branch's `@STEP`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    last: Annotated[int, Field(ge=2, le=10_000)] | None = None
+    from_: Steps | None = Field(None, alias="from")
+    to: Steps | None = None
+    weights: Literal["uniform", "linear"] = "uniform"
+
+    @model_validator(mode="after")
+    def _last_or_range(self) -> MergeConfig:
+        if (self.last is None) == (self.from_ is None and self.to is None):
+            raise PydanticCustomError("setting_error", "give last, or from and to", {"key": "last"})
+        if self.last is None and (self.from_ is None or self.to is None or self.from_ >= self.to):
+            raise PydanticCustomError("setting_error", "a range of the parent's steps: from < to", {"key": "to"})
+        return self
+
+
+# What a merge stage does not take: it trains nothing, and evaluates as its parent does (the
+# parent's task and data, plan.tree); `defaults:` give it only MERGE_DEFAULTS (plan.load).
+MERGE_REFUSES = ("task", "data", "adapter", "layers", "optimizer", "schedule", "regularization", "steps", "epochs",
+                 "tokens", "until", "rules", "on_plateau", "guard", "inject", "end", "average", "allow_nonfinite")
+MERGE_DEFAULTS = ("batch", "eval")
+
+
 class EvalConfig(Strict):
     """Validation runs at the end of every stage, and also every N steps / each epoch.
     `batches` limits causal_lm's validation windows; the fine-tuning tasks evaluate every
@@ -399,6 +428,7 @@ class StageConfig(Strict):
     # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
     end: Literal["best", "last"] = "last"
     average: AverageConfig | None = None
+    merge: MergeConfig | None = None  # a stage of averaged parent checkpoints, trained nothing
     # A non-finite loss or gradient norm stops a stage without a guard; true: train on (the
     # stage's end is still checked: non-finite weights or metrics are never saved as complete).
     allow_nonfinite: bool = False
@@ -409,6 +439,13 @@ class StageConfig(Strict):
 
     @model_validator(mode="after")
     def _one_duration(self) -> StageConfig:
+        if self.merge is not None:
+            for key in MERGE_REFUSES:
+                if key in self.model_fields_set:
+                    raise PydanticCustomError(
+                        "setting_error", "not for a merge stage (it trains nothing: it averages its parent's "
+                        "checkpoints, evaluated with the parent's task and data)", {"key": key})
+            return self
         given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
         if len(given) != 1:
             raise PydanticCustomError(

@@ -90,6 +90,8 @@ def _mix(s: ResolvedStage) -> str:
 
 
 def _optimizer(s: ResolvedStage) -> str:
+    if s.merged:
+        return "- (a merge)"
     keep = {k: v for k, v in s.optimizer_settings.items() if k != "lr"}
     extra = " ".join(f"{k}={v}" for k, v in keep.items())
     lr = "auto (SWATS)" if s.auto_lr else f"{s.peak_lr:.2e}"
@@ -113,6 +115,8 @@ def _rules(s: ResolvedStage) -> str:
 
 
 def _schedule(s: ResolvedStage) -> str:
+    if s.merged:
+        return "-"
     sched = s.node.config.schedule  # as planned: a plateau schedule runs as constant + its on_plateau rule
     settings = " ".join(f"{k}={v}" for k, v in sched.settings().items() if v not in (0, None) or k == "min_lr")
     return f"{sched.name} {settings}".strip()
@@ -120,6 +124,8 @@ def _schedule(s: ResolvedStage) -> str:
 
 def _duration(s: ResolvedStage) -> str:
     cfg = s.config
+    if cfg.merge is not None:
+        return f"0 steps: {cfg.merge.weights} mean of {s.parent} at {', '.join(map(str, s.merged))}"
     if cfg.epochs is not None:
         return f"{cfg.epochs} epochs = {s.steps} steps"
     if cfg.tokens is not None:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.engine.rundir import is_training
 from stagewise.errors import UserError
 from stagewise.plan.schema import MixSource
 from stagewise.track.logs import read_jsonl
@@ -78,7 +79,10 @@ class Run:
 
     @property
     def state(self) -> str:
-        """complete, failed, or interrupted (also a run killed too hard to log it, or still running)."""
+        """running (a process holds the run's lock), complete, failed, or interrupted (also a run
+        killed too hard to log it)."""
+        if is_training(self.path):
+            return "running"
         names = {e.get("event") for e in self.events}
         if "plan_end" in names:
             return "complete"
@@ -314,7 +318,7 @@ def find_runs(directory: Path) -> list[Run]:
     return sorted(runs, key=lambda r: -r.last_time if r.last_time is not None else math.inf)
 
 
-_STATE_STYLE = {"complete": "green", "failed": "red", "interrupted": "yellow"}
+_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow"}
 
 
 def print_runs(console: Console, directory: Path, runs: list[Run], metric: str | None = None) -> None:
