@@ -9,9 +9,11 @@ methods train the same token windows from the same initial weights, in one proce
   stagewise_defaults  the same plan without the precision, compile and threads keys: what `auto`
                       picks (engine.device) is what is timed, and recorded
   loop                a nanoGPT-style loop at its best: bf16 autocast, torch.compile of model + loss,
-                      fused AdamW, eager attention (inductor fuses it; SDPA's CPU kernels it cannot)
+                      fused AdamW, eager attention (inductor fuses it; SDPA's CPU kernels it cannot),
+                      and stagewise's inductor options (tasks.lm.COMPILE_OPTIONS: decomposed tanh)
   trainer_compiled    transformers.Trainer at its best: torch_compile=True, eager attention, bf16,
-                      adamw_torch_fused
+                      adamw_torch_fused, and the same inductor options (set in torch._inductor.config
+                      around trainer.train(), as a Trainer user would: Trainer has no argument for them)
   trainer             Trainer as most people run it: bf16, adamw_torch_fused, its default SDPA
                       attention, not compiled
 
@@ -76,6 +78,7 @@ from stagewise.errors import RunStopped
 from stagewise.models.build import build_model
 from stagewise.plan.load import load_plan
 from stagewise.plan.schema import Plan
+from stagewise.tasks.lm import COMPILE_OPTIONS
 from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +102,8 @@ METHODS = ("stagewise", "stagewise_defaults", "loop", "trainer_compiled", "train
 PRECISION = {"stagewise": "bf16", "loop": "bf16", "trainer_compiled": "bf16", "trainer": "bf16"}
 DESCRIBED = {"stagewise": "plan: precision bf16, compile true, threads {threads}",
              "stagewise_defaults": "plan without precision/compile/threads: {auto}",
-             "loop": "bf16 autocast, torch.compile, fused AdamW, eager attention",
-             "trainer_compiled": "torch_compile=True, eager attention, bf16, adamw_torch_fused",
+             "loop": "bf16 autocast, torch.compile, fused AdamW, eager attention, decomposed tanh",
+             "trainer_compiled": "torch_compile=True, eager attention, bf16, adamw_torch_fused, decomposed tanh",
              "trainer": "bf16, adamw_torch_fused, sdpa attention, not compiled"}
 RATIOS = {"ratio_vs_trainer_compiled": ("stagewise", "trainer_compiled"),
           "ratio_vs_trainer": ("stagewise", "trainer"),
@@ -302,7 +305,7 @@ def run_loop(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path) -
     model = fresh_model(plan, data, plan_dir, "eager")
     model.train()
     optimizer = torch.optim.AdamW(adamw_groups(model), lr=LR, betas=BETAS, fused=True)
-    step_loss = torch.compile(LossModel(model))
+    step_loss = torch.compile(LossModel(model), options=COMPILE_OPTIONS)
     sampler = same_windows(data, plan)
     for _ in range(clock.warmup + clock.steps):
         x, y = sampler.next_batch()
@@ -348,7 +351,11 @@ def run_trainer(clock: StepClock, plan: Plan, data: PreparedData, plan_dir: Path
     model = fresh_model(plan, data, plan_dir, "eager" if compiled else "sdpa")
     trainer = Trainer(model=model, args=args, train_dataset=Windows(rows))
     trainer.remove_callback(PrinterCallback)  # it prints the end-of-training dict
-    return {"final_train_loss": trainer.train().training_loss}
+    import torch._inductor.config as inductor_config
+
+    # Global while Trainer runs; the other compiled methods pass the same options to torch.compile.
+    with inductor_config.patch(COMPILE_OPTIONS) if compiled else contextlib.nullcontext():
+        return {"final_train_loss": trainer.train().training_loss}
 
 
 def measure_round(runners: dict[str, Callable[[StepClock], dict[str, Any]]], methods: list[str],
