@@ -22,7 +22,7 @@ from stagewise.engine.device import derive_seed, seed_everything
 from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
-from stagewise.engine.rng import rng_state, set_rng_state
+from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
@@ -305,7 +305,8 @@ class StageTrainer:
                 "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started),
                 "average": self.average.state_dict() if self.average is not None else None,
                 "world_size": self.run.world.size,
-                **({"rank_rngs": self.run.world.gather(rng_state())} if self.run.world.parallel else {})}
+                **({"rank_rngs": [as_tensor(b) for b in self.run.world.gather(rng_bytes())]}
+                   if self.run.world.parallel else {})}
 
     def restore(self, state: dict[str, Any], rollback: bool) -> None:
         """Continue from a checkpoint's state: everything the steps so far changed, exactly.
@@ -318,7 +319,7 @@ class StageTrainer:
         if rank == 0:
             set_rng_state(state["rng"])
         elif rngs is not None and len(rngs) == self.run.world.size:
-            set_rng_state(rngs[rank])
+            set_rng_tensor(rngs[rank])
         else:  # saved by fewer ranks: this one starts a stream of its own here
             seed_everything(self._rank_seed(str(self.progress.step)))
         if self.average is not None:
