@@ -93,6 +93,23 @@ def run_plan(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "
     return prepared, tmp / tag
 
 
+def resumes_identically(tmp: Path, corpus: Path, stages: list[dict[str, Any]], stop_after: int, **top: Any) -> Path:
+    """Train the plan whole (tmp/whole), and cut off after `stop_after` updates then resumed
+    (tmp/cut); assert both logged the same numbers and ended on the same weights. Returns tmp/whole."""
+    from stagewise.engine.verify import metrics_difference
+    from stagewise.errors import RunStopped
+
+    _, whole = run_plan(tmp, corpus, stages, "whole", **top)
+    with pytest.raises(RunStopped):
+        run_plan(tmp, corpus, stages, "cut", stop_after=stop_after, **top)
+    _, cut = run_plan(tmp, corpus, stages, "cut", **top)
+    assert metrics_difference(whole, cut) is None
+    for stage in stages:
+        a, b = stage_weights(whole, stage["name"]), stage_weights(cut, stage["name"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage["name"]
+    return whole
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     from stagewise.track.logs import read_jsonl
 

@@ -106,6 +106,14 @@ def test_lr_find_starts_from_the_parent_and_changes_nothing(tmp_path: Path, corp
     assert capsys.readouterr().err == "error: --start/--end: need 0 < start < end (got 1, 0.1)\n"
 
 
+def test_a_merge_stage_has_no_lr_to_find(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stages = [{**STAGE, "name": "a", "steps": 4}, {"name": "m", "from": "a", "merge": {"last": 2}}]
+    path = write_plan(tmp_path, tiny_plan(corpus, stages, checkpoint={"every": 2}))
+    assert main(["lr-find", str(path), "--stage", "m", "--out", str(tmp_path / "lr")]) == 2
+    assert capsys.readouterr().err == "error: --stage: stage 'm' merges checkpoints: it has no LR to find\n"
+    assert not (tmp_path / "lr").exists()
+
+
 def test_the_sweep_leaves_weights_and_optimizer_state_as_they_were(tmp_path: Path, corpus: Path) -> None:
     stage_cfg = {**STAGE, "name": "fit", "optimizer": {"name": "adam", "lr": 1e-3}}
     path = write_plan(tmp_path, tiny_plan(corpus, [stage_cfg]))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -172,6 +175,30 @@ def test_runs_lists_complete_interrupted_and_failed(run_dir: Path, tmp_path: Pat
     best = min(m["val_loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "eval")
     last = datetime.fromtimestamp(events[-1]["time"])
     assert f"{best:.4f}" in rows["done"] and f"{last:%Y-%m-%d %H:%M} (just now)" in rows["done"]
+
+
+def test_runs_tells_a_run_training_now_from_one_killed(tmp_path: Path, corpus: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # A process training holds the run's lock; a killed one's lock is freed by the OS, whatever
+    # its logs say.
+    path = write_plan(tmp_path, tiny_plan(corpus, [{"name": "long", "optimizer": {"name": "adamw", "lr": 1e-3},
+                                                    "steps": 100000}], threads=1))
+    run = tmp_path / "runs" / "live"
+    child = subprocess.Popen([sys.executable, "-m", "stagewise", "train", str(path), "--out", str(run),
+                              "--cache", str(tmp_path / "cache")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "events.jsonl").is_file() or not any(
+                e["event"] == "stage_start" for e in read_jsonl(run / "events.jsonl")):
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert load_run(run).state == "running"
+        assert main(["runs", str(tmp_path / "runs")]) == 0
+        assert "running" in next(line for line in capsys.readouterr().out.splitlines() if "live" in line)
+    finally:
+        child.kill()
+        child.wait()
+    assert load_run(run).state == "interrupted"
 
 
 def test_stopped_run_still_reports_where(run_dir: Path, tmp_path: Path) -> None:

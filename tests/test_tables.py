@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_plan, write_plan
 
 from stagewise.data.prepare import prepare_data
 from stagewise.data.sources import load_corpus
 from stagewise.errors import UserError
+from stagewise.plan.load import load_plan
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.readers import read_labeled
@@ -99,10 +101,15 @@ def test_a_json_array_of_objects_gives_its_objects_with_their_lines(tmp_path):
         read_labeled(mixed, "text", "label")
 
 
-def test_a_negative_column_index_is_refused_on_both_paths(tmp_path):
+def test_a_negative_column_index_is_refused_by_the_plan_and_by_the_reader(tmp_path, corpus):
     path = write(tmp_path / "d.tsv", "ham\tok\n")
+    plan = tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 2}])
+    plan["data"]["field"] = -1
+    with pytest.raises(UserError) as caught:
+        load_plan(write_plan(tmp_path, plan))
+    assert str(caught.value).endswith("plan.yaml: data.field: input should be greater than or equal to 0 (got -1)"), caught.value
     with pytest.raises(UserError, match=r"d.tsv: column indices start at 0, got -1$"):
-        lm_documents(path, -1, val=path.name)
+        read_labeled(path, -1, 0)  # the reader, called from code
 
 
 def test_tables_and_warm_starts_never_import_datasets(tmp_path):

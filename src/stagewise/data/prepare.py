@@ -38,16 +38,18 @@ class PreparedData:
 
 
 def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
-                 cache_root: Path, *, seed: int, corpus: Corpus | None = None) -> PreparedData:
+                 cache_root: Path, *, seed: int, corpus: Corpus | None = None,
+                 tokenizer: Tokenizer | None = None) -> PreparedData:
     """`seed` draws the validation rows of a table without `data.val` (data.sources). `corpus`:
     the texts, when a task reads the files (tasks.spec.TaskSpec.plan_corpus); else `data.field`
-    of the files is read as text."""
-    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed) if corpus is None else None
+    of the files is read as text. `tokenizer`: encode with it (the plan's, for a stage's own
+    text: data.mixture) instead of building one from `tok_cfg`."""
+    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed, tokenizer) if corpus is None else None
     if entry is not None and (warm := _open_entry(entry, cache_root / "tokens")) is not None:
         return warm
     if corpus is None:
         corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
-    tok = _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
+    tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
     fingerprint = hashlib.sha256(
         f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
     ).hexdigest()
@@ -65,15 +67,16 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
 
 
 def _entry_path(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path, cache_root: Path,
-                seed: int) -> Path | None:
-    """Where the prepared entry of these files and tokenizer settings lives; None when the
-    inputs cannot be hashed as bytes (hub data, a tokenizer directory that may change)."""
-    if tok_cfg.kind == "pretrained":
+                seed: int, tokenizer: Tokenizer | None) -> Path | None:
+    """Where the prepared entry of these files and tokenizer settings (or given tokenizer) lives;
+    None when the inputs cannot be hashed as bytes (hub data, a tokenizer directory that may change)."""
+    if tokenizer is None and tok_cfg.kind == "pretrained":
         return None
     source = source_digest(data, plan_dir, seed=seed)
     if source is None:
         return None
-    key = hashlib.sha256(f"{source}\0{tok_cfg.model_dump_json()}".encode()).hexdigest()
+    tok_id = tok_cfg.model_dump_json() if tokenizer is None else hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    key = hashlib.sha256(f"{source}\0{tok_id}".encode()).hexdigest()
     return cache_root / "prepared" / f"{key}.json"
 
 

@@ -42,8 +42,15 @@ class WindowSampler:
 
     def skip(self, batches: int) -> None:
         """Pass over the next `batches` batches without reading them."""
-        if batches > 0:
-            self._take(batches * self.batch_size, stop_at_epoch_end=False)
+        self.skip_windows(batches * self.batch_size)
+
+    def next_windows(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `count` windows (a batch of another size: a mixture's share of one)."""
+        return self._gather(self._take(count, stop_at_epoch_end=False))
+
+    def skip_windows(self, count: int) -> None:
+        if count > 0:
+            self._take(count, stop_at_epoch_end=False)
 
     def iter_eval(self, max_batches: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first windows in order, the same batches every call; the training position is

@@ -94,6 +94,7 @@ def _key_of(file_where: str, cfg: DataConfig, plan_dir: Path) -> str | None:
 
 
 def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None) -> Corpus:
+    assert cfg.train is not None, "a mix is read source by source (data.mixture)"
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
     split = _split(train_sources, cfg, seed)
@@ -160,6 +161,7 @@ def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str
 def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
     """A digest of the data settings and the raw bytes of every local file: when it matches a
     prepared corpus, the files need not be parsed again. None for hub sources (no bytes to hash)."""
+    assert cfg.train is not None, "a mix is read source by source (data.mixture)"
     train = _resolve(cfg.train, plan_dir, "data.train")
     val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):

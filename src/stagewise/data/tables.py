@@ -80,8 +80,9 @@ def table_rows(path: Path, text: str, fmt: str, wanted: tuple[Field, ...]) -> It
     """(line the row starts on, the `wanted` values) for every row of `text`, the contents of
     `path` in format `fmt` (see table_format). Values are strings, or any JSON value for jsonl:
     `cell_text` checks them."""
-    if any(isinstance(field, int) and field < 0 for field in wanted):
-        raise UserError(str(path), f"column indices start at 0, got {' and '.join(map(str, wanted))}")
+    negative = [str(field) for field in wanted if isinstance(field, int) and field < 0]
+    if negative:
+        raise UserError(str(path), f"column indices start at 0, got {' and '.join(negative)}")
     if fmt == "jsonl":
         return _jsonl_fields(path, text, wanted)
     return _table_fields(path, text, fmt, wanted)

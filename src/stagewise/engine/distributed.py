@@ -193,7 +193,7 @@ def check_split(world: World, stages: list[ResolvedStage], plan_file: str) -> No
     if not world.parallel:
         return
     for stage in stages:
-        if not stage.full_batch and stage.batch_size % world.size:
+        if not stage.full_batch and not stage.merged and stage.batch_size % world.size:  # a merge trains nothing
             raise UserError(f"{plan_file}: stages[{stage.index}].batch.size",
                             f"{stage.batch_size} sequences per micro-batch do not split over {world.size} processes: "
                             f"make it a multiple of {world.size} (each rank trains batch.size / {world.size})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stagewise.data.mixture import MixedData
 from stagewise.data.prepare import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
@@ -97,7 +98,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
             lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
             compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
             set_attention(lm, plan.model.attention, compiled, device)
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root)
         _check_handoffs(nodes, setups)
         dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
         identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
@@ -108,7 +109,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                   for n, s in zip(nodes, setups, strict=True)]
         sizes = [StageData(s.n_train, s.unit, s.fingerprint) for s in setups]
         resolved = resolve_stages(nodes, sizes, context_length(lm) if lm is not None else None, identity,
-                                  where=str(plan_path))
+                                  where=str(plan_path), checkpoint_every=plan.checkpoint.every)
     except UserError as e:
         if e.where.split(".")[0].split("[")[0] in _PLAN_KEYS:  # a key path: name the plan file too
             raise UserError(f"{plan_path}: {e.where}", e.message) from None
@@ -122,6 +123,8 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                 raise UserError(f"{plan_path}: data.val", f"the validation split has {len(lm_data.val)} tokens: too "
                                                           f"few for one sequence of {stage.resolved.block_size} "
                                                           f"(stage '{stage.name}')")
+            if isinstance(stage.setup.data, MixedData):
+                stage.setup.data.check_windows(stage.resolved.block_size, f"{plan_path}: {stage.resolved.node.where}.data")
     root = lm if lm is not None else setups[0].model
     initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
                if any(n.from_init for n in nodes) else None)

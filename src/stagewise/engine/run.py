@@ -21,6 +21,7 @@ from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
 from stagewise.engine.handoff import HeldState, StageOptimizer
+from stagewise.engine.merge import load_merged
 from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
 from stagewise.engine.rundir import run_directory
@@ -143,7 +144,7 @@ def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int])
     start = placed[parent.name].start_step + at
     if start == numbers.start_step:
         return numbers
-    tokens = placed[parent.name].start_tokens + at * placed[parent.name].tokens_per_step
+    tokens = placed[parent.name].start_tokens + placed[parent.name].tokens_before(at)
     return dataclasses.replace(numbers, start_step=start, start_tokens=tokens)
 
 
@@ -173,8 +174,11 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         start_lr = None
         if trainer is None:
             optimizer = StageOptimizer(numbers, task.model, stage.layers)
-            load_parent(run, prepared, stage, numbers.start_step, held)
-            start_lr = optimizer.hand_off(held, run.logs)
+            if numbers.merged:  # no updates: evaluated and saved as the stage's end
+                load_merged(run, prepared, stage, held)
+            else:
+                load_parent(run, prepared, stage, numbers.start_step, held)
+                start_lr = optimizer.hand_off(held, run.logs)
             trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
         resumed_at = trainer.progress.step
         run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, trainer.control.attempt))
@@ -183,7 +187,8 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
-                       seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss)
+                       seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss,
+                       tokens=summary.tokens)
         _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 
@@ -202,7 +207,7 @@ def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedS
     state, _ = load_checkpoint(store.final_dir, stage.key, stage.model, apply=handoff_probe(numbers))
     held.hold((stage.key, None), numbers, state)
     run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
-                   tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss)
+                   tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss, tokens=summary.tokens)
     run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")
     _export(run, prepared, stage, numbers.start_step + summary.steps, held)
     return summary

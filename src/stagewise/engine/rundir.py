@@ -24,6 +24,7 @@ from stagewise.errors import UserError, WriteFailed
 MARKER = ".stagewise-run"
 LOCK = ".stagewise-lock"
 HOLDER = ".stagewise-lock.json"
+LOOK_SECONDS = 2.0  # how long `train` waits for the lock before saying who holds it
 
 
 def is_run(path: Path) -> bool:
@@ -37,6 +38,22 @@ def is_run(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(first, dict) and first.get("event") == "plan_start"
+
+
+def is_training(path: Path) -> bool:
+    """Whether a process holds the run's lock now. The OS frees the lock of a killed process, so a
+    run stopped too hard to log it reads as not training (interrupted), one training as training."""
+    if not (path / LOCK).is_file():
+        return False
+    lock = FileLock(str(path / LOCK), blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:  # a lock it cannot open (a read-only disk, another user's run): not known to train
+        return False
+    lock.release()
+    return False
 
 
 def check_run_directory(path: Path, fresh: bool) -> None:
@@ -56,21 +73,27 @@ def check_run_directory(path: Path, fresh: bool) -> None:
                                "nothing was touched, choose another --out")
 
 
+def make_run_directory(path: Path) -> None:
+    """Create `path` (and its parents) marked as a run, for a caller that writes into it before
+    `train` does (a search trial's console log)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / MARKER).is_file():
+            (path / MARKER).write_text(json.dumps({"created": round(time.time(), 3)}))
+    except OSError as e:
+        raise WriteFailed(path, e) from None
+
+
 @contextmanager
 def run_directory(path: Path, fresh: bool) -> Iterator[bool]:
     """Create (or open) the run directory and hold its lock while the block trains into it;
     `fresh`: empty it first, if it is a run. Yields whether an earlier run is continued."""
     where = f"--out {path}"
     check_run_directory(path, fresh)
+    make_run_directory(path)
+    lock = FileLock(str(path / LOCK), blocking=False)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not (path / MARKER).is_file():
-            (path / MARKER).write_text(json.dumps({"created": round(time.time(), 3)}))
-        lock = FileLock(str(path / LOCK), blocking=False)
-    except OSError as e:
-        raise WriteFailed(path, e) from None
-    try:
-        lock.acquire()
+        lock.acquire(timeout=LOOK_SECONDS, blocking=True)  # `stagewise runs` may be looking at the lock this instant
     except Timeout:
         raise UserError(where, f"is being trained by {_holder(path)}; wait for it to finish or choose "
                                "another --out") from None

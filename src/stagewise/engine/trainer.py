@@ -37,15 +37,19 @@ from stagewise.track.progress import StageSummary
 T = TypeVar("T")
 
 
-def micro_batches(sampler: BatchSource, stage: ResolvedStage, world: World = SINGLE) -> Iterator[tuple[Batch, float]]:
-    """The micro-batches of one update with each one's share of the update's gradient; with
-    several ranks, this rank's rows of each (World.shard)."""
+def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0,
+                  world: World = SINGLE) -> Iterator[tuple[Batch, float]]:
+    """The micro-batches of update `step` with each one's share of the update's gradient (a
+    ramp's count grows with the step; each holds batch.size sequences, so equal shares keep the
+    update's loss a mean over its sequences); with several ranks, this rank's rows of each
+    (World.shard)."""
     if stage.full_batch:  # one update per pass: the rest of the epoch, weighted by rows
         for batch in sampler.epoch_batches():
             yield world.shard(batch, batch[0].size(0) / stage.windows_per_epoch)
     else:
-        for _ in range(stage.micro_batches):
-            yield world.shard(sampler.next_batch(), 1.0 / stage.micro_batches)
+        count = stage.micro_batches_at(step)
+        for _ in range(count):
+            yield world.shard(sampler.next_batch(), 1.0 / count)
 
 
 def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
@@ -157,8 +161,8 @@ class StageTrainer:
         if is_schedule_free(self.opt.optimizer):
             self.opt.optimizer.eval()  # type: ignore[attr-defined]  # likewise on its averaged weights x
         self._check_end()  # the weights and metrics the stage ends on
-        summary = StageSummary(stage=self.stage.name, optimizer=self.opt.name, steps=p.step,
-                               tokens=p.step * self.stage.tokens_per_step, seconds=time.perf_counter() - self.started,
+        summary = StageSummary(stage=self.stage.name, optimizer="merge" if self.stage.merged else self.opt.name, steps=p.step,
+                               tokens=self.stage.tokens_before(p.step), seconds=time.perf_counter() - self.started,
                                train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
         return StageOutcome(summary, self.opt.optimizer, self.handoff_state())
 
@@ -171,7 +175,7 @@ class StageTrainer:
         epoch = self.sampler.epoch
         poisoned = control.corrupts(step, self.sampler.state_dict)
         update_loss = torch.zeros((), device=device)
-        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, self.run.world)):
+        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world)):
             if poisoned:
                 batch = self.task.corrupt(batch, step)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
@@ -278,8 +282,9 @@ class StageTrainer:
         self.layers.apply(self.sampler.epoch)
         self.model.train()
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
-                            stage_step=p.step, steps=stage.steps, optimizer=stage.optimizer,
-                            settings=stage.optimizer_settings, schedule=stage.config.schedule.name, task=self.task.kind,
+                            stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
+                            settings={} if stage.merged else stage.optimizer_settings,
+                            schedule=stage.config.schedule.name, task=self.task.kind,
                             block_size=stage.block_size, tokens_per_step=stage.tokens_per_step, unit=self.task.unit,
                             dropout=sorted(self.run.dropout_of(self.model).rates()), key=stage.key)
         self.run.view.stage_start(stage.name, stage.steps, at=p.step)
@@ -387,7 +392,7 @@ class StageTrainer:
         step = self.checkpoints.go_back(step, lambda state: self.restore(state, rollback=True))
         self.control.attempt += 1
         self.control.lr_factor *= lr_scale
-        self.sampler.skip(skip_batches * self.stage.micro_batches)
+        self.sampler.skip(sum(self.stage.micro_batches_at(step + j) for j in range(skip_batches)))
         return step
 
     def _stop_nonfinite(self, why: str | None) -> None:
@@ -464,11 +469,13 @@ class StageTrainer:
             p.train_loss, why = self.watch.read(p.window_loss / p.window_steps)
             self._stop_nonfinite(why)
         now = time.perf_counter()
-        rate = self.timed_steps * stage.tokens_per_step / max(now - self.window_started, 1e-9)
+        timed = stage.tokens_before(p.step) - stage.tokens_before(p.step - self.timed_steps)
+        rate = timed / max(now - self.window_started, 1e-9)
         info = {"lr": update.lr, "loss": p.train_loss, "grad_norm": float(update.grad_norm),  # type: ignore[arg-type]
                 ("tok_per_s" if self.task.unit == "tokens" else "ex_per_s"): rate}
-        self.run.logs.metric("train", **self._line(p.step), **{self.task.unit: stage.start_tokens + p.step *
-                                                                 stage.tokens_per_step}, **self._attempt(), **info)
+        self.run.logs.metric("train", **self._line(p.step), **{self.task.unit: stage.start_tokens +
+                                                                 stage.tokens_before(p.step)},
+                             batch=stage.sequences_at(p.step - 1), **self._attempt(), **info)
         self.run.view.step(stage.name, p.step, stage.steps, stage.start_step + p.step, info)
         p.window_loss, p.window_steps = torch.zeros_like(p.window_loss), 0
         self.window_started, self.timed_steps = now, 0

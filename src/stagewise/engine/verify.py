@@ -41,6 +41,9 @@ def shortened(plan: Plan, steps: int, every: int) -> Plan:
     stages = []
     for node in stage_tree(plan):
         stage = node.config
+        if stage.merge is not None:  # trains nothing: it averages what its shortened parent saves
+            stages.append(plan.stages[node.index])
+            continue
         total = stage.steps or steps  # epochs/tokens stages become `steps` long
         new = min(total, steps)
         stages.append(stage.model_copy(update={

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, get_args
@@ -18,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from stagewise.errors import UserError
-from stagewise.plan.schema import Plan, StageConfig
+from stagewise.plan.schema import MERGE_DEFAULTS, Plan, StageConfig
 
 COMMAND_LINE = "command line"
 
@@ -58,9 +59,14 @@ def blame_overrides(error: UserError, plan_where: str, typed: dict[str, str]) ->
     for resolved, key_typed in typed.items():
         if _within(key, resolved):
             return UserError(f"{COMMAND_LINE}: {key_typed}{key[len(resolved):]}{after}", message)
-        if _within(resolved, key):  # a check of the mapping the override changed a key of
-            return UserError(f"{COMMAND_LINE}: {key}{after}", message)
+        if _within(resolved, key) or _names(message, resolved):  # a check of the mapping, or of a
+            return UserError(f"{COMMAND_LINE}: {key}{after}", message)  # pair of keys, the override changed
     return error
+
+
+def _names(message: str, key: str) -> bool:
+    """Whether the message names the key path (`model.n_head`, not `model.n_head_dim`)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.\[])", message) is not None
 
 
 def _within(key: str, prefix: str) -> bool:
@@ -202,11 +208,16 @@ def validate_plan(raw: dict[str, Any], where: str) -> Plan:
         merged = count_values(defaults, MAX_NODES) * len(stages)
         if merged > MAX_NODES:  # defaults are copied into every stage
             raise UserError(where, f"defaults: merged into {len(stages):,} stages, more than {MAX_NODES:,} values")
-        raw["stages"] = [deep_merge(defaults, s) if isinstance(s, dict) else s for s in stages]
+        raw["stages"] = [deep_merge(_defaults_for(defaults, s), s) if isinstance(s, dict) else s for s in stages]
     try:
         return Plan.model_validate(raw)
     except ValidationError as e:
         raise UserError(where, describe_error(e, Plan, raw)) from None
+
+
+def _defaults_for(defaults: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A merge stage trains nothing: of the defaults it takes only what its evaluation reads."""
+    return {k: v for k, v in defaults.items() if k in MERGE_DEFAULTS} if "merge" in stage else defaults
 
 
 def _check_defaults(defaults: dict[str, Any], where: str) -> None:
@@ -281,8 +292,14 @@ def _stage_index(stages: list[Any], part: str, where: str) -> int:
 
 def describe_error(e: ValidationError, model: type[BaseModel], raw: dict[str, Any]) -> str:
     errors = e.errors()
-    text = _describe_one(errors[0], model, raw)
-    return text + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+    # A union (a column name or index) fails once per member at one key: the member of the
+    # value's own type says what is wrong with it, not that -1 is no string.
+    path = format_path(list(errors[0]["loc"]), raw)
+    same = [err for err in errors if format_path(list(err["loc"]), raw) == path]
+    first = next((err for err in same if not err["type"].endswith(("_type", "_parsing"))), same[0])
+    text = _describe_one(first, model, raw)
+    others = len(errors) - len(same)
+    return text + (f" (and {others} more)" if others else "")
 
 
 def _describe_one(err: Any, model: type[BaseModel], raw: dict[str, Any] | None = None) -> str:
@@ -326,7 +343,7 @@ def format_path(loc: list[Any], raw: dict[str, Any] | None = None) -> str:
         elif not isinstance(part, str):
             out += f".{_cut(repr(part), 40)}" if out else _cut(repr(part), 40)
         elif "[" in part or part in {"int", "float", "str", "bool", "list", "tuple", "constrained-int",
-                                       "constrained-float", "literal", "none"}:
+                                       "constrained-float", "constrained-str", "literal", "none"}:
             continue
         else:
             out += f".{_cut(part, 40)}" if out else _cut(part, 40)

@@ -7,16 +7,18 @@ from) is settled here, before anything trains, and reported as one line naming t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from stagewise.errors import UserError
+from stagewise.optim.batch_ramp import LR_POWER, BatchRamp, fewest_steps, ramp_steps
 from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.optim.schedules import lr_at, schedule_problems
 from stagewise.plan.keys import stage_key
 from stagewise.plan.rules import ActionConfig, LrScaleAction, OnPlateauConfig
-from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, ScheduleConfig, StageConfig
+from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, MergeConfig, ScheduleConfig, StageConfig
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.registry import task_spec
 
@@ -43,25 +45,53 @@ class ResolvedStage:
     full_batch: bool
     windows_per_epoch: int  # training sequences (examples) in one pass over the data
     unit: str = "tokens"  # what the stage counts: tokens (causal_lm) or examples
+    ramp: BatchRamp | None = None  # a batch that grows over the stage (optim.batch_ramp)
+    merged: tuple[int, ...] = ()  # a merge stage (0 steps): the parent's steps whose checkpoints it averages
 
     @property
     def name(self) -> str:
         return self.config.name
 
     @property
+    def trains_with(self) -> str:
+        """What the console, events and report name the stage's updates by ("merge": it has none)."""
+        return "merge" if self.merged else self.optimizer
+
+    @property
     def peak_lr(self) -> float:
         return float(self.optimizer_settings["lr"])
 
     @property
-    def tokens_per_step(self) -> int:
-        """Tokens (examples, for the example-level tasks) per update."""
+    def tokens_per_step(self) -> int | None:
+        """Tokens (examples, for the example-level tasks) per update; None when the batch ramps
+        (`tokens_before`)."""
+        if self.ramp is not None:
+            return None
+        return self.sequences_at(0) * self.block_size
+
+    def micro_batches_at(self, step: int) -> int:
+        """Micro-batches of update `step` (not of a full batch: that is the rest of the epoch)."""
+        return self.micro_batches if self.ramp is None else self.ramp.micro_batches(step)
+
+    def sequences_at(self, step: int) -> int:
+        """Sequences (examples) of update `step`."""
         if self.full_batch:
-            return self.windows_per_epoch * self.block_size
-        return self.batch_size * self.micro_batches * self.block_size
+            return self.windows_per_epoch
+        return self.batch_size * self.micro_batches_at(step)
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens (examples) of the stage's first `step` updates."""
+        if self.ramp is None:
+            return step * self.sequences_at(0) * self.block_size
+        return self.ramp.sequences_before(step) * self.block_size
 
     def lr(self, step: int) -> float:
-        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on)."""
-        return lr_at(self.config.schedule, step, self.steps, self.peak_lr)
+        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on), scaled
+        with the batch when it ramps with `lr_scaling`."""
+        if not self.steps:  # a merge stage: the LR its parent ended on, for a child to continue from
+            return self.peak_lr
+        lr = lr_at(self.config.schedule, step, self.steps, self.peak_lr)
+        return lr if self.ramp is None or self.ramp.lr_power == 0.0 else lr * self.ramp.lr_factor(step)
 
 
 @dataclass(frozen=True)
@@ -74,13 +104,15 @@ class StageData:
 
 
 def resolve_stages(nodes: list[StageNode], data: list[StageData], context_length: int | None,
-                   identity: dict[str, Any], where: str) -> list[ResolvedStage]:
+                   identity: dict[str, Any], where: str, checkpoint_every: int | None = None) -> list[ResolvedStage]:
     """`data`: each stage's; `context_length`: the causal LM's, if any; `identity`: what besides
-    the stages decides the weights (model, tokenizer, data, seed, ...)."""
+    the stages decides the weights (model, tokenizer, data, seed, ...); `checkpoint_every`: the
+    plan's, which sets the checkpoints a merge stage picks from."""
     stages: list[ResolvedStage] = []
     swats = _swats_needed(nodes)
     for node in nodes:
-        stages.append(_resolve_one(node, stages, data[node.index], context_length, identity, where, swats))
+        stages.append(_resolve_one(node, stages, data[node.index], context_length, identity, where, swats,
+                                   checkpoint_every))
     return stages
 
 
@@ -98,11 +130,15 @@ def _swats_needed(nodes: list[StageNode]) -> set[str]:
 
 
 def pinned_steps(stages: list[ResolvedStage]) -> dict[str, set[int]]:
-    """Steps of each stage that a branch starts from (`from: NAME@STEP`): saved and never pruned."""
+    """Steps of each stage that a branch starts from (`from: NAME@STEP`) or a merge averages (but
+    its end, the final checkpoint): saved and never pruned."""
     pins: dict[str, set[int]] = {s.name: set() for s in stages}
+    by_name = {s.name: s for s in stages}
     for s in stages:
         if s.parent is not None and s.parent_step is not None:
             pins[s.parent].add(s.parent_step)
+        if s.parent is not None and s.merged:
+            pins[s.parent] |= set(s.merged) - {by_name[s.parent].steps}
     return pins
 
 
@@ -116,8 +152,8 @@ def _parent(node: StageNode, earlier: list[ResolvedStage], fail: Any) -> tuple[R
     return parent, (node.at if node.at is not None and node.at != parent.steps else None)
 
 
-def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
-                 context_length: int | None, identity: dict[str, Any], where: str, swats: set[str]) -> ResolvedStage:
+def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData, context_length: int | None,
+                 identity: dict[str, Any], where: str, swats: set[str], checkpoint_every: int | None) -> ResolvedStage:
     cfg, spec = node.config, task_spec(node.config.task)
 
     def fail(key: str, message: str) -> UserError:
@@ -146,9 +182,26 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         block, windows = 1, data.n_train
     if cfg.layers.unfreeze == "gradual" and cfg.epochs is None:
         raise fail("layers.unfreeze", "gradual unfreezing adds a layer group each epoch: give the stage epochs")
+    if cfg.merge is not None:
+        assert parent is not None and branch_at is not None  # plan.tree: a merge stage has a parent
+        merged = _merged_steps(cfg.merge, parent, branch_at, checkpoint_every, fail)
+        return ResolvedStage(
+            index=node.index, node=node, config=cfg, parent=parent.name, parent_step=parent_step,
+            key=_key(cfg, parent, parent_step, {"merged": list(merged), "block_size": block}, identity),
+            optimizer=parent.optimizer, optimizer_settings={**parent.optimizer_settings, "lr": parent.lr(branch_at)},
+            handoff="reset", auto_lr=False, track_swats=False, steps=0, start_step=parent.start_step + branch_at,
+            start_tokens=parent.start_tokens + parent.tokens_before(branch_at), block_size=block,
+            batch_size=cfg.batch.size, micro_batches=1, full_batch=False, windows_per_epoch=windows, unit=data.unit,
+            merged=merged)
 
     name, settings, handoff = _optimizer(cfg, parent, fail)
     full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
+    mixed = cfg.data is not None and cfg.data.mix is not None
+    if mixed:  # a mix is drawn from, sequence by sequence: no pass over it is one over its sources
+        for key, used in (("epochs", cfg.epochs is not None), ("eval.each_epoch", cfg.eval.each_epoch),
+                          ("batch.full" if cfg.batch.full else "optimizer.name", full)):
+            if used:
+                raise fail(key, "a data mix has no epochs (its sources are drawn by weight): count steps or tokens")
     if full:
         micro = math.ceil(windows / cfg.batch.size)
         tokens_per_step = windows * block
@@ -157,13 +210,26 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         micro = cfg.batch.accumulate
         tokens_per_step = cfg.batch.size * micro * block
         steps_per_epoch = math.ceil(windows / (cfg.batch.size * micro))
-    if cfg.steps is not None:
+    ramp_cfg = cfg.batch.ramp
+    if ramp_cfg is not None and full:
+        raise fail("batch.ramp", f"optimizer {name} takes the whole set every update: no ramp")
+    if ramp_cfg is not None and cfg.steps is None:  # the fewest steps whose ramp holds the stage's data
+        wanted = cfg.epochs * windows if cfg.epochs is not None else math.ceil(cfg.tokens / block)  # type: ignore[operator]
+        steps = fewest_steps(wanted, lambda n: _ramp(cfg, n))
+    elif cfg.steps is not None:
         steps = cfg.steps
     elif cfg.epochs is not None:
         steps = cfg.epochs * steps_per_epoch
     else:
         assert cfg.tokens is not None
         steps = math.ceil(cfg.tokens / tokens_per_step)
+    ramp = None
+    if ramp_cfg is not None:
+        over = ramp_steps(ramp_cfg.over, steps)
+        if not 1 <= over <= steps:
+            raise fail("batch.ramp.over", f"must be within the stage's {steps} steps (got {over})"
+                       if over > steps else f"{ramp_cfg.over} of {steps} steps is no step")
+        ramp = _ramp(cfg, steps)
 
     for key, metric in _metrics_used(cfg):
         if metric not in spec.reported(cfg.eval):
@@ -207,28 +273,82 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
     numbers = {"optimizer": name, "settings": settings, "handoff": handoff, "steps": steps, "block_size": block,
                "batch_size": cfg.batch.size, "micro_batches": micro, "full_batch": full}
-    if data.unit != "tokens":
+    if ramp is not None:
+        numbers["ramp"] = dataclasses.asdict(ramp)
+    if data.unit != "tokens" or mixed:
         numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
         numbers["track_swats"] = True
-    # Evaluation only decides the weights when rules, `until` or `end: best` act on it.
-    decides = cfg.until is not None or cfg.all_rules() or cfg.end == "best"
-    excluded = ({"from_"} if decides else {"eval", "from_"}) | _unset_new_keys(cfg)
-    key = stage_key(parent.key if parent else None, parent_step,
-                    {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
     return ResolvedStage(
-        index=node.index, node=node, config=cfg, key=key, parent=parent.name if parent else None, parent_step=parent_step,
+        index=node.index, node=node, config=cfg, key=_key(cfg, parent, parent_step, numbers, identity),
+        parent=parent.name if parent else None, parent_step=parent_step,
         optimizer=name, optimizer_settings=settings, handoff=handoff, auto_lr=auto_lr,
         track_swats=cfg.name in swats, steps=steps,
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
-        start_tokens=parent.start_tokens + branch_at * parent.tokens_per_step if parent else 0,  # type: ignore[operator]
+        start_tokens=parent.start_tokens + parent.tokens_before(branch_at) if parent else 0,  # type: ignore[arg-type]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,
-        windows_per_epoch=windows, unit=data.unit)
+        windows_per_epoch=windows, unit=data.unit, ramp=ramp)
+
+
+def _ramp(cfg: StageConfig, steps: int) -> BatchRamp:
+    """The batch ramp of a `steps`-step stage (its `over` a fraction of them, or a step count)."""
+    batch, ramp = cfg.batch, cfg.batch.ramp
+    assert ramp is not None
+    end = ramp.to // batch.size
+    per_level = 1 if ramp.increment is None else ramp.increment // batch.size
+    return BatchRamp(size=batch.size, start=batch.accumulate, end=end,
+                     steps=max(1, min(steps, ramp_steps(ramp.over, steps))),
+                     levels=(end - batch.accumulate) // per_level, lr_power=LR_POWER[ramp.lr_scaling])
+
+
+def _key(cfg: StageConfig, parent: ResolvedStage | None, parent_step: int | None, numbers: dict[str, Any],
+         identity: dict[str, Any]) -> str:
+    # Evaluation only decides the weights when rules, `until` or `end: best` act on it.
+    decides = cfg.until is not None or cfg.all_rules() or cfg.end == "best"
+    excluded = ({"from_"} if decides else {"eval", "from_"}) | _unset_new_keys(cfg)
+    return stage_key(parent.key if parent else None, parent_step,
+                     {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
+
+
+def _merged_steps(merge: MergeConfig, parent: ResolvedStage, end: int, every: int | None, fail: Any) -> tuple[int, ...]:
+    """The parent's steps a merge stage averages: of its checkpoints every `checkpoint.every` steps
+    and its end (where the merge branches off), the last K or those in a range."""
+    pcfg, name = parent.config, parent.name
+    if parent.merged:
+        raise fail("merge", f"stage '{name}' is a merge stage: it has no checkpoints of its own")
+    if pcfg.adapter is not None:
+        raise fail("merge", f"stage '{name}' trains an adapter: a merge averages a stage's whole weights")
+    if pcfg.until is not None or any(r.do.next_stage for r in pcfg.all_rules()):
+        raise fail("merge", f"stage '{name}' may end early (until, next_stage): a merge picks its checkpoints by step")
+    ends_on = ("its best evaluation" if pcfg.end == "best" else "its EMA" if pcfg.average is not None
+               else "its averaged weights" if parent.optimizer in SCHEDULE_FREE else None)
+    if ends_on is not None:
+        raise fail("merge", f"stage '{name}' ends on {ends_on}, not on its last update's weights as its "
+                            "checkpoints hold them")
+    if every is None:
+        raise fail("merge", f"averages checkpoints of stage '{name}': set checkpoint.every (the plan's)")
+    saved = [*range(every, end, every), end]
+    if merge.last is not None:
+        if len(saved) < merge.last:
+            fewer = (end - 1) // (merge.last - 1)
+            change = (f"set checkpoint.every <= {fewer} or merge.last <= {len(saved)}" if fewer >= 1
+                      else f"merge.last <= {len(saved)}")
+            raise fail("merge.last", f"stage '{name}' has {len(saved)} checkpoints up to step {end} at "
+                                     f"checkpoint.every {every}: {change}")
+        return tuple(saved[-merge.last:])
+    assert merge.from_ is not None and merge.to is not None  # MergeConfig: last, or a range
+    if merge.to > end:
+        raise fail("merge.to", f"stage '{name}' ends at step {end} (got {merge.to})")
+    picked = tuple(s for s in saved if merge.from_ <= s <= merge.to)
+    if len(picked) < 2:
+        raise fail("merge.from", f"stage '{name}' has {len(picked)} checkpoint(s) in steps {merge.from_}..{merge.to} "
+                                 f"at checkpoint.every {every}: widen the range or lower checkpoint.every")
+    return picked
 
 
 # Keys added after stage keys were first written: at their default they stay out of the key, so
 # the stages of existing plans keep their cache.
-_NEW_KEYS = ("end", "average", "allow_nonfinite")
+_NEW_KEYS = ("end", "average", "allow_nonfinite", "merge")
 
 
 def _unset_new_keys(cfg: StageConfig) -> set[str]:
@@ -291,6 +411,8 @@ def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tup
     if opt.handoff != "reset" and parent is None:
         raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this one starts from the model "
                                         "as built)")
+    if opt.handoff != "reset" and parent.merged:  # type: ignore[union-attr]
+        raise fail("optimizer.handoff", f"stage '{parent.name}' is a merge: it hands on weights only (use reset)")  # type: ignore[union-attr]
     if opt.handoff != "reset" and (name in SCHEDULE_FREE or parent.optimizer in SCHEDULE_FREE):  # type: ignore[union-attr]
         raise fail("optimizer.handoff", "a schedule-free optimizer hands on its averaged weights only: use reset")
     if opt.handoff == "carry" and not same:

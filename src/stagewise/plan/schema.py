@@ -7,9 +7,11 @@ that is not given takes that optimizer's or schedule's default (`settings()`).
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import MAX_STEPS, SEED_MAX, Name, NonNegativeFloat, Path_, PositiveFloat, Steps, Strict
@@ -41,7 +43,8 @@ def _compile(value: Any) -> bool | str:
 Duration = Annotated[int | float, PlainValidator(_duration)]
 Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
-StageName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+StageName = Annotated[str, Field(pattern=_NAME, max_length=64)]
 Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index
 
 
@@ -180,11 +183,34 @@ class RegularizationConfig(Strict):
     grad_clip: PositiveFloat | None = None
 
 
+class RampConfig(Strict):
+    """A batch that grows over the stage (optim.batch_ramp), by accumulating more micro-batches:
+    from size x accumulate sequences to `to` (rounded down to whole micro-batches) over `over`
+    (steps, or a fraction of the stage), `linear` or in `steps` of `increment` sequences
+    (Megatron-LM's rampup); the LR optionally scaled with the batch (relative to the start batch)."""
+
+    to: Annotated[int, Field(ge=1, le=10**7)]
+    over: Duration
+    shape: Literal["linear", "steps"] = "linear"
+    increment: Annotated[int, Field(ge=1, le=10**7)] | None = None  # steps: sequences each step adds
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+
+    @model_validator(mode="after")
+    def _increment_with_steps(self) -> RampConfig:
+        if (self.shape == "steps") != (self.increment is not None):
+            raise PydanticCustomError("setting_error", "required by shape: steps and only by it", {"key": "increment"})
+        if self.over == 0:
+            raise PydanticCustomError("setting_error", "must be > 0 (a ramp over no steps is batch.size)",
+                                      {"key": "over"})
+        return self
+
+
 class BatchConfig(Strict):
     size: Annotated[int, Field(ge=1, le=10**6)]  # sequences per micro-batch
     accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1  # micro-batches per update
     full: bool = False  # one update per pass over the whole training set
     block_size: Annotated[int, Field(ge=2, le=2**20)] | None = None  # None: the model's context length
+    ramp: RampConfig | None = None  # None: the same batch every update
 
     @model_validator(mode="after")
     def _full_excludes_accumulate(self) -> BatchConfig:
@@ -192,7 +218,35 @@ class BatchConfig(Strict):
             raise PydanticCustomError(
                 "setting_error", "not used with full: true (the whole set is accumulated)",
                 {"key": "accumulate"})
+        if self.full and self.ramp is not None:
+            raise PydanticCustomError(
+                "setting_error", "not used with full: true (every update is the whole set)", {"key": "ramp"})
+        if self.ramp is not None:
+            start, size = self.size * self.accumulate, self.size
+            if self.ramp.to // size * size <= start:
+                got = f"{self.ramp.to}" + (f", {self.ramp.to // size * size} in whole micro-batches of {size}"
+                                           if self.ramp.to % size else "")
+                raise PydanticCustomError("setting_error", "must be > the start batch size x accumulate = {start} "
+                                          "(got {got})", {"key": ["ramp", "to"], "start": start, "got": got})
+            if self.ramp.increment is not None:
+                if self.ramp.increment % size:
+                    raise PydanticCustomError("setting_error", "must be a multiple of size {size} (whole micro-batches;"
+                                              " got {inc})", {"key": ["ramp", "increment"], "size": size,
+                                                              "inc": self.ramp.increment})
+                if (self.ramp.to - start) % self.ramp.increment:
+                    raise PydanticCustomError("setting_error", "to - size x accumulate = {span} must be a multiple of "
+                                              "increment {inc}", {"key": ["ramp", "increment"],
+                                                                  "span": self.ramp.to - start,
+                                                                  "inc": self.ramp.increment})
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_ramp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Keys added later stay out of the dump at their default: stage keys of existing plans hold.
+        dumped = handler(self)
+        if self.ramp is None:
+            dumped.pop("ramp", None)
+        return dumped
 
 
 class AverageConfig(Strict):
@@ -201,6 +255,35 @@ class AverageConfig(Strict):
     ends on it (its children and export take the averaged weights)."""
 
     ema: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class MergeConfig(Strict):
+    """A stage that trains nothing: its weights are the average of its parent's checkpoints
+    (checkpoint merging instead of a decay, WSM; a model soup of one run's checkpoints). `last`:
+    the parent's last K checkpoints at the plan's `checkpoint.every`, its end included; or `from`
+    .. `to`: those in that range of the parent's steps. `weights`: uniform, or linear (the i-th
+    oldest of K weighs i). The parent saves those steps and keeps them (as a branch's `@STEP`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    last: Annotated[int, Field(ge=2, le=10_000)] | None = None
+    from_: Steps | None = Field(None, alias="from")
+    to: Steps | None = None
+    weights: Literal["uniform", "linear"] = "uniform"
+
+    @model_validator(mode="after")
+    def _last_or_range(self) -> MergeConfig:
+        if (self.last is None) == (self.from_ is None and self.to is None):
+            raise PydanticCustomError("setting_error", "give last, or from and to", {"key": "last"})
+        if self.last is None and (self.from_ is None or self.to is None or self.from_ >= self.to):
+            raise PydanticCustomError("setting_error", "a range of the parent's steps: from < to", {"key": "to"})
+        return self
+
+
+# What a merge stage does not take: it trains nothing, and evaluates as its parent does (the
+# parent's task and data, plan.tree); `defaults:` give it only MERGE_DEFAULTS (plan.load).
+MERGE_REFUSES = ("task", "data", "adapter", "layers", "optimizer", "schedule", "regularization", "steps", "epochs",
+                 "tokens", "until", "rules", "on_plateau", "guard", "inject", "end", "average", "allow_nonfinite")
+MERGE_DEFAULTS = ("batch", "eval")
 
 
 class EvalConfig(Strict):
@@ -229,11 +312,30 @@ class LayersConfig(Strict):
     lr_factor: Annotated[float, Field(ge=1.0)] = 1.0
 
 
+class MixSource(Strict):
+    """One source of a stage's data mixture: its files (as `train` / `val` of a stage's data) and
+    its share of the sequences drawn; `name` (default: the train file's stem) names its
+    validation loss, `val_loss/<name>`."""
+
+    name: StageName | None = None
+    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    weight: NonNegativeFloat
+
+    def label(self, index: int) -> str:
+        if self.name is not None:
+            return self.name
+        first = self.train if isinstance(self.train, str) else self.train[0]
+        return PurePath(first).stem or f"source{index}"
+
+
 class DataConfig(Strict):
     """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
-    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name."""
+    standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name; or, for a
+    causal_lm stage, `mix`: a weighted mixture of such sources (data.mixture)."""
 
-    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    mix: Annotated[list[MixSource], Field(min_length=1, max_length=64)] | None = None
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
     # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
     # every task that reads the table), of text files as their last characters (nanoGPT).
@@ -246,6 +348,35 @@ class DataConfig(Strict):
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
     max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
     pack: bool = False  # sft: pack several examples into one row
+
+    @model_validator(mode="after")
+    def _train_or_mix(self) -> DataConfig:
+        if (self.train is None) == (self.mix is None):
+            raise PydanticCustomError("setting_error", "give exactly one of train, mix", {"key": "train"})
+        if self.mix is not None:
+            if self.val is not None:
+                raise PydanticCustomError("setting_error", "a mix gives each source its own val", {"key": "val"})
+            if sum(s.weight for s in self.mix) <= 0.0:
+                raise PydanticCustomError("setting_error", "the weights sum to 0: give a source a weight > 0",
+                                          {"key": "mix"})
+            names = [s.label(i) for i, s in enumerate(self.mix)]
+            for i, name in enumerate(names):
+                if not re.fullmatch(_NAME, name):
+                    raise PydanticCustomError("setting_error", "'{name}' (the train file's stem) cannot name the source's"
+                                              " val_loss: give it a name", {"key": ["mix", i, "name"], "name": name})
+                if names.index(name) != i:
+                    raise PydanticCustomError("setting_error", "'{name}' names mix[{first}] already: give the "
+                                              "sources distinct names", {"key": ["mix", i, "name"], "name": name,
+                                                                        "first": names.index(name)})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_mix(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As BatchConfig's ramp: data settings (and stage keys) of existing plans dump as before.
+        dumped = handler(self)
+        if self.mix is None:
+            dumped.pop("mix", None)
+        return dumped
 
 
 class LoraSettings(Strict):
@@ -297,6 +428,7 @@ class StageConfig(Strict):
     # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
     end: Literal["best", "last"] = "last"
     average: AverageConfig | None = None
+    merge: MergeConfig | None = None  # a stage of averaged parent checkpoints, trained nothing
     # A non-finite loss or gradient norm stops a stage without a guard; true: train on (the
     # stage's end is still checked: non-finite weights or metrics are never saved as complete).
     allow_nonfinite: bool = False
@@ -307,6 +439,13 @@ class StageConfig(Strict):
 
     @model_validator(mode="after")
     def _one_duration(self) -> StageConfig:
+        if self.merge is not None:
+            for key in MERGE_REFUSES:
+                if key in self.model_fields_set:
+                    raise PydanticCustomError(
+                        "setting_error", "not for a merge stage (it trains nothing: it averages its parent's "
+                        "checkpoints, evaluated with the parent's task and data)", {"key": key})
+            return self
         given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
         if len(given) != 1:
             raise PydanticCustomError(
@@ -409,6 +548,13 @@ class Plan(Strict):
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _plan_data_not_a_mix(self) -> Plan:
+        if self.data.mix is not None:
+            raise PydanticCustomError("setting_error", "the plan's data trains the tokenizer: a mix goes in a "
+                                      "stage's data", {"key": ["data", "mix"]})
+        return self
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Plan:

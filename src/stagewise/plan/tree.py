@@ -45,6 +45,8 @@ def stage_tree(plan: Plan) -> list[StageNode]:
     by_name: dict[str, StageNode] = {}
     for i, cfg in enumerate(plan.stages):
         parent, at = _parent(cfg, i, nodes, by_name, [s.name for s in plan.stages])
+        if cfg.merge is not None:
+            cfg = _merge_config(cfg, i, parent)
         node = StageNode(i, cfg, parent, at)
         nodes.append(node)
         by_name[cfg.name] = node
@@ -66,3 +68,12 @@ def _parent(cfg: StageConfig, i: int, earlier: list[StageNode], by_name: dict[st
         raise UserError(f"stages[{i}].from", f"no stage '{name}'{hint}")
     return by_name[name], (int(step) if step else None)
 
+
+
+def _merge_config(cfg: StageConfig, i: int, parent: StageNode | None) -> StageConfig:
+    """A merge stage averages its parent's checkpoints and evaluates them as the parent does: with
+    the parent's task and data."""
+    if parent is None:
+        raise UserError(f"stages[{i}].merge", "a merge stage averages its parent's checkpoints: it needs a parent "
+                                              "(not the first stage, nor from: init)")
+    return cfg.model_copy(update={"task": parent.config.task, "data": parent.config.data})

@@ -75,6 +75,8 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
     node = next((n for n in nodes if n.name == stage_name), None)
     if node is None:
         raise UserError("--stage", f"no stage '{stage_name}' (stages: {', '.join(n.name for n in nodes)})")
+    if node.config.merge is not None:
+        raise UserError("--stage", f"stage '{stage_name}' merges checkpoints: it has no LR to find")
     out = out or Path("runs") / f"{plan.name}-lr-find"
     cache = cache or out.parent / ".cache"
     chain = _ancestors(node)

@@ -93,11 +93,12 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
 def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
     from stagewise.engine.prepare import prepare
     from stagewise.engine.run import train
+    from stagewise.engine.rundir import make_run_directory
     from stagewise.plan.load import validate_plan
 
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
     prepared = prepare(plan, setup.plan_path, setup.cache)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
         summaries = train(prepared, run_dir, console=Console(file=log, width=160))
     summary = next(s for s in summaries if s.stage == setup.objective.stage)

@@ -1,5 +1,8 @@
 """The `causal_lm` task: next-token prediction over windows of a token stream (data.sampler),
-counted in tokens; validation is the token-weighted mean loss over the first validation windows."""
+counted in tokens; validation is the token-weighted mean loss over the first validation windows.
+A stage may read a weighted mix of sources instead (data.mixture): then each source is validated
+on its own (`val_loss/<name>`) and `val_loss` is their mean weighted as the mix draws them (the
+loss of the distribution the stage trains on, whatever the size of each validation set)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.data.mixture import MixedData, MixtureSampler, prepare_mixture
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
@@ -47,7 +51,8 @@ class LanguageModelTask(Task):
     unit = "tokens"
 
     def __init__(self, model: nn.Module, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager[None]], data: PreparedData, compile: bool) -> None:
+                 autocast: Callable[[], AbstractContextManager[None]], data: PreparedData | MixedData,
+                 compile: bool) -> None:
         super().__init__(model, device, autocast)
         self.data = data
         module = LanguageModelLoss(model)
@@ -55,6 +60,8 @@ class LanguageModelTask(Task):
             torch.compile(module) if compile else module)
 
     def sampler(self, block_size: int, batch_size: int, seed: int) -> BatchSource:
+        if isinstance(self.data, MixedData):
+            return MixtureSampler(self.data, block_size, batch_size, seed)
         return WindowSampler(self.data.train, block_size, batch_size, seed=seed)
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -64,17 +71,26 @@ class LanguageModelTask(Task):
 
     @torch.no_grad()
     def evaluate(self, block_size: int, batch_size: int, limit: int | None) -> dict[str, float]:
-        """Token-weighted mean loss over the same validation windows every time."""
-        val = WindowSampler(self.data.val, block_size, batch_size, seed=0, shuffle=False)
+        """Token-weighted mean loss over the same validation windows every time (of a mix: of each
+        source's, `limit` batches each, and their weighted mean)."""
         self.model.eval()
+        if isinstance(self.data, MixedData):
+            each = {f"val_loss/{s.name}": self._val_loss(s.data.val, block_size, batch_size, limit)
+                    for s in self.data.sources}
+            loss = sum(s.weight * each[f"val_loss/{s.name}"] for s in self.data.sources)
+        else:
+            each, loss = {}, self._val_loss(self.data.val, block_size, batch_size, limit)
+        self.model.train()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **each}
+
+    def _val_loss(self, tokens: Any, block_size: int, batch_size: int, limit: int | None) -> float:
+        val = WindowSampler(tokens, block_size, batch_size, seed=0, shuffle=False)
         total, count = torch.zeros((), device=self.device), 0
         for x, y in val.iter_eval(limit):
             x, y = x.to(self.device), y.to(self.device)
             total += self.loss((x, y)) * y.numel()
             count += y.numel()
-        self.model.train()
-        loss = (total / count).item()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return (total / count).item()
 
     def corrupt(self, batch: Batch, step: int) -> Batch:
         """A batch of random tokens (the same for the same step), as a data pipeline bug would give."""
@@ -172,15 +188,25 @@ class CausalLMSpec(TaskSpec):
     samples = True
     metrics = ("val_loss", "val_ppl", "train_loss")
     takes_adapters = True
+    mixes = True
     data_keys = frozenset({"field"})
     formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
     reads = "text files"
     counts = "tokens"
 
     def prepare(self, inp: StageInput) -> tuple[Any, str]:
+        if inp.own and inp.config.mix is None:
+            raise UserError(inp.where, "a causal_lm stage reads the plan's data (the tokenizer is trained on it), "
+                                       "or a mix of sources: data.mix")
         if inp.own:
-            raise UserError(inp.where, "a causal_lm stage reads the plan's data (the tokenizer is trained on it)")
+            assert inp.cache_root is not None, "a mixture is encoded into the token cache"
+            mixed = prepare_mixture(inp.config, inp.where, inp.lm_data.tokenizer, inp.plan.tokenizer, inp.plan_dir,
+                                    inp.cache_root, inp.plan.seed)
+            return mixed, mixed.fingerprint
         return inp.lm_data, inp.lm_data.fingerprint
+
+    def n_train(self, data: Any) -> int:
+        return data.n_train if isinstance(data, MixedData) else len(data.train)
 
     def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:

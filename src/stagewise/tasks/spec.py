@@ -60,7 +60,7 @@ class StageSetup:
     @property
     def n_train(self) -> int:
         """What a pass over the training data holds: tokens (causal_lm) or examples."""
-        return len(self.data.train)
+        return self.spec.n_train(self.data)
 
     @property
     def unit(self) -> str:
@@ -83,6 +83,7 @@ class StageInput:
     lm: PreparedData | None  # the plan's token streams and tokenizer (None with a word tokenizer)
     lm_based: bool  # the stage reads the plan's tokenizer
     template: ChatTemplate | None = None  # the plan's chat template (with the plan's tokenizer)
+    cache_root: Path | None = None  # the token cache's, for a stage's own text in the plan's tokenizer
 
     @property
     def word_vocab_size(self) -> int:
@@ -165,6 +166,7 @@ class TaskSpec(ABC):
     selectable: ClassVar[tuple[str, ...]] = ()
     decoded: ClassVar[tuple[str, ...]] = ()
     takes_adapters: ClassVar[bool] = False  # its stages may train an adapter (models.adapters)
+    mixes: ClassVar[bool] = False  # its stages may read a weighted mix of sources (data.mixture)
     data_keys: ClassVar[frozenset[str]]  # of TASK_DATA_KEYS, those it reads
     formats: ClassVar[tuple[str, ...]] = ("auto",)  # the data.format values it reads
     table_files: ClassVar[bool] = False  # reads csv/tsv/jsonl tables (data.format, evaluate --format)
@@ -234,6 +236,10 @@ class TaskSpec(ABC):
     @abstractmethod
     def prepare(self, inp: StageInput) -> tuple[Any, str]:
         """The stage's data and its fingerprint; bad files are one-line UserErrors."""
+
+    def n_train(self, data: Any) -> int:
+        """What a pass over the prepared training data holds: tokens or examples."""
+        return len(data.train)
 
     def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
         """The plan's model for a first (or `from: init`) stage of this task."""

@@ -32,10 +32,10 @@ from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSet
 
 
 def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,
-                 plan_dir: Path, template: ChatTemplate | None = None) -> list[StageSetup]:
+                 plan_dir: Path, template: ChatTemplate | None = None, cache_root: Path | None = None) -> list[StageSetup]:
     """Every stage's data and model, in plan order. `lm_data`/`lm`: the plan's token streams and
     causal LM, when its tokenizer is not `word`; the plan's model is then that LM, and `template`
-    its chat template (tasks.chat)."""
+    its chat template (tasks.chat). `cache_root`: the token cache's (a stage's own mixture)."""
     _check_fields({task_spec(n.config.task) for n in nodes if n.config.data is None} or {task_spec("causal_lm")},
                   plan.data, "data")
     setups: list[StageSetup] = []
@@ -53,7 +53,8 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
             where = f"{node.where}.data" if cfg.data is not None else "data"
             with data_file_keys(data_cfg, plan_dir, where):  # a bad file also names the plan key
                 prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir,
-                                                          lm_data, lm_based, template if lm_based else None))
+                                                          lm_data, lm_based, template if lm_based else None,
+                                                          cache_root))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)
@@ -82,6 +83,9 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
         raise UserError("tokenizer.kind", f"{spec.name} trains a causal LM: kind char, byte, bpe or pretrained, not word")
     if kind != "word" and not inp.lm_based:
         raise UserError("tokenizer.kind", f"the built-in {spec.name} models read words: set kind: word")
+    if inp.config.mix is not None and not spec.mixes:
+        which = ", ".join(t.name for t in TASKS.values() if t.mixes)
+        raise UserError(f"{inp.where}.mix", f"a {spec.name} stage reads one data set (stages of {which} read a mix)")
     return spec.prepare(inp)
 
 

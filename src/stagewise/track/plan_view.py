@@ -33,7 +33,7 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
     for s in stages:
         cfg = s.config
         parent = "-" if s.parent is None else s.parent + (f"@{s.parent_step}" if s.parent_step is not None else "")
-        table.add_row(s.name, parent, cfg.task, _optimizer(s), _schedule(s), _duration(s), _batch(s),
+        table.add_row(s.name, parent, cfg.task + _mix(s), _optimizer(s), _schedule(s), _duration(s), _batch(s),
                       _regularization(s), _rules(s), status[s.name])
     console.print(table)
     curve = plan_lr_curve(stages)
@@ -80,7 +80,18 @@ def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
     return rows
 
 
+def _mix(s: ResolvedStage) -> str:
+    """A stage's data mixture, a source a line with its share of the sequences."""
+    mix = s.config.data.mix if s.config.data is not None else None
+    if mix is None:
+        return ""
+    total = sum(m.weight for m in mix)
+    return "".join(f"\n{m.label(i)} {m.weight / total:.0%}" for i, m in enumerate(mix))
+
+
 def _optimizer(s: ResolvedStage) -> str:
+    if s.merged:
+        return "- (a merge)"
     keep = {k: v for k, v in s.optimizer_settings.items() if k != "lr"}
     extra = " ".join(f"{k}={v}" for k, v in keep.items())
     lr = "auto (SWATS)" if s.auto_lr else f"{s.peak_lr:.2e}"
@@ -104,6 +115,8 @@ def _rules(s: ResolvedStage) -> str:
 
 
 def _schedule(s: ResolvedStage) -> str:
+    if s.merged:
+        return "-"
     sched = s.node.config.schedule  # as planned: a plateau schedule runs as constant + its on_plateau rule
     settings = " ".join(f"{k}={v}" for k, v in sched.settings().items() if v not in (0, None) or k == "min_lr")
     return f"{sched.name} {settings}".strip()
@@ -111,6 +124,8 @@ def _schedule(s: ResolvedStage) -> str:
 
 def _duration(s: ResolvedStage) -> str:
     cfg = s.config
+    if cfg.merge is not None:
+        return f"0 steps: {cfg.merge.weights} mean of {s.parent} at {', '.join(map(str, s.merged))}"
     if cfg.epochs is not None:
         return f"{cfg.epochs} epochs = {s.steps} steps"
     if cfg.tokens is not None:
@@ -119,6 +134,8 @@ def _duration(s: ResolvedStage) -> str:
 
 
 def _batch(s: ResolvedStage) -> str:
+    if s.ramp is not None:
+        return _ramp(s)
     if s.unit != "tokens":
         accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
         return f"full ({s.windows_per_epoch} ex)" if s.full_batch else f"{s.batch_size}{accum} ex"
@@ -126,6 +143,18 @@ def _batch(s: ResolvedStage) -> str:
         return f"full ({s.windows_per_epoch} x {s.block_size})"
     accum = f" x{s.micro_batches}" if s.micro_batches > 1 else ""
     return f"{s.batch_size}{accum} x {s.block_size} = {s.tokens_per_step:,} tok"
+
+
+def _ramp(s: ResolvedStage) -> str:
+    """A growing batch: from and to (micro-batch x count), over how many steps, in what shape."""
+    ramp, cfg = s.ramp, s.config.batch.ramp
+    assert ramp is not None and cfg is not None
+    unit = f" x {s.block_size}" if s.unit == "tokens" else " ex"
+    shape = "linear" if cfg.shape == "linear" else f"+{cfg.increment} x{ramp.levels}"
+    lines = [f"{s.batch_size} x{ramp.start} -> x{ramp.end}{unit}", f"ramp {shape} over {ramp.steps} steps"]
+    if cfg.lr_scaling != "none":
+        lines.append(f"lr x (batch/{s.batch_size * ramp.start}){'^0.5' if cfg.lr_scaling == 'sqrt' else ''}")
+    return "\n".join(lines + [f"{s.tokens_before(s.steps):,} {'tok' if s.unit == 'tokens' else 'ex'} in all"])
 
 
 def _regularization(s: ResolvedStage) -> str:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.engine.rundir import is_training
 from stagewise.errors import UserError
+from stagewise.plan.schema import MixSource
 from stagewise.track.logs import read_jsonl
 from stagewise.track.progress import StageSummary
 
@@ -76,7 +79,10 @@ class Run:
 
     @property
     def state(self) -> str:
-        """complete, failed, or interrupted (also a run killed too hard to log it, or still running)."""
+        """running (a process holds the run's lock), complete, failed, or interrupted (also a run
+        killed too hard to log it)."""
+        if is_training(self.path):
+            return "running"
         names = {e.get("event") for e in self.events}
         if "plan_end" in names:
             return "complete"
@@ -211,9 +217,10 @@ class Run:
             else:
                 status = "not run"
             rows.append(StageRow(
-                name=name, task=planned.get("task"), optimizer=_optimizer(planned, start, name in carried),
+                name=name, task=_task(planned), optimizer=_optimizer(planned, start, name in carried),
                 schedule=_schedule(planned, start), steps=steps,
-                tokens=per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
+                tokens=end["tokens"] if end is not None and isinstance(end.get("tokens"), int) else
+                per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
                 seconds=end.get("seconds") if end else None,
                 best_val_loss=min(evals) if evals else None, status=status))
         return rows
@@ -243,10 +250,24 @@ class Run:
             metrics = {k: float(v) for k, v in last.items() if k.startswith("val_") and _finite(v)}
             rows.append(StageSummary(
                 stage=name, optimizer=str(optimizer or "-"), steps=steps,
-                tokens=per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
+                tokens=end["tokens"] if isinstance(end.get("tokens"), int) else
+                per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
                 train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
                 unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
         return rows
+
+
+def _task(planned: dict[str, Any]) -> str | None:
+    """The stage's task, and its data mixture when it has one (each source's share)."""
+    task, mix = planned.get("task"), (planned.get("data") or {}).get("mix")
+    if not isinstance(mix, list) or not mix or task is None:
+        return task
+    try:
+        sources = [MixSource.model_validate(m) for m in mix]
+    except ValidationError:  # a plan.yaml edited by hand: the task alone
+        return task
+    total = sum(m.weight for m in sources) or 1.0
+    return f"{task} (mix {', '.join(f'{m.label(i)} {m.weight / total:.0%}' for i, m in enumerate(sources))})"
 
 
 def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) -> str | None:
@@ -297,7 +318,7 @@ def find_runs(directory: Path) -> list[Run]:
     return sorted(runs, key=lambda r: -r.last_time if r.last_time is not None else math.inf)
 
 
-_STATE_STYLE = {"complete": "green", "failed": "red", "interrupted": "yellow"}
+_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow"}
 
 
 def print_runs(console: Console, directory: Path, runs: list[Run], metric: str | None = None) -> None:
