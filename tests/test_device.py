@@ -126,6 +126,11 @@ def _plan(corpus: Path, **top: Any) -> dict[str, Any]:
 def test_plan_lm_tokens_estimates_each_duration(corpus: Path) -> None:
     plan = validate_plan(_plan(corpus), "plan.yaml")
     assert plan_lm_tokens(plan, train_tokens=50_000, context=32) == [(100 * 8 * 32, 32), (6400, 16), (100_000, 32)]
+    ramped = _plan(corpus)
+    ramped["stages"] = [{"name": "r", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 10,
+                         "batch": {"size": 8, "ramp": {"to": 32, "over": 0.5}}}]
+    # micro-batches per update 1, 1, 2, 2, 3 over the ramp's 5 steps, then 4 for 5 more
+    assert plan_lm_tokens(validate_plan(ramped, "plan.yaml"), 50_000, 32) == [((1 + 1 + 2 + 2 + 3 + 5 * 4) * 8 * 32, 32)]
     assert flops_per_token(1000, 2, 32, 16) == 6 * 1000 + 12 * 2 * 32 * 16
     assert flops_per_token(1000, None, None, 16) == 6000
 

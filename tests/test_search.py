@@ -163,6 +163,21 @@ def test_a_worker_that_checked_before_another_began_the_last_trial_runs_no_extra
     assert [r.number for r in trial_rows(study)] == [0, 1]  # and the table leaves it out
 
 
+def test_machines_sharing_a_database_draw_their_own_trials(tmp_path: Path, corpus: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def first_draw(storage: str | None, host: str) -> float:
+        out = tmp_path / f"search-{storage is None}"
+        setup = prepare_search(_plan(tmp_path, corpus), SearchOptions(space=_space(tmp_path, SPACE), trials=2,
+                                                                      out=out, storage=storage))
+        monkeypatch.setattr(study_module.socket, "gethostname", lambda: host)
+        study = optuna.create_study(sampler=study_module._sampler(setup, worker=0, seen=0))
+        return study.ask().suggest_float("x", 0.0, 1.0)
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"  # workers on several machines: worker 0 on each
+    assert first_draw(shared, "node-a") != first_draw(shared, "node-b")
+    assert first_draw(None, "node-a") == first_draw(None, "node-b")  # one machine's search: its seed alone
+
+
 def test_the_eval_hook_sees_each_evaluation_and_can_stop_the_run(tmp_path: Path, corpus: Path) -> None:
     path = _plan(tmp_path, corpus)
     seen: list[tuple[str, int, float]] = []

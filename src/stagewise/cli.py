@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -156,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "check": _check, "verify-resume": _verify_resume, "report": _report, "runs": _runs,
                 "generate": _generate, "evaluate": _evaluate, "export": _export, "lr-find": _lr_find,
                 "search": _search}
+    speaks = os.environ.get("RANK", "0") == "0"  # of the processes torchrun started, rank 0 tells what stopped them
     try:
         return commands[args.command](args, console)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:
-        print(str(e), file=sys.stderr)
+        if speaks:
+            print(str(e), file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -170,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
+    from stagewise.engine.distributed import joined
     from stagewise.engine.run import train
 
-    prepared, out = _prepare(args, fresh=args.fresh)
-    train(prepared, out, fresh=args.fresh, console=console)
+    with joined() as world:  # the processes torchrun started, if it did
+        if not world.is_main:  # rank 0 speaks for all
+            console = Console(file=io.StringIO())
+        with world.main_first():  # rank 0 fills the token cache, the others read it
+            prepared, out = _prepare(args, fresh=args.fresh)
+        train(prepared, out, fresh=args.fresh, console=console, world=world)
     console.print(f"run written to {out}")
     return 0
 

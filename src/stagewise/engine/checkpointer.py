@@ -43,6 +43,7 @@ class Checkpointer:
         stopping = self.stop.requested or (self.stop_after is not None and global_step >= self.stop_after)
         every = self.config.every is not None and step % self.config.every == 0
         timely = self.config.minutes is not None and time.monotonic() - self.last_save >= self.config.minutes * 60
+        stopping, timely = self.run.world.any(stopping, timely)  # a signal or clock one rank saw stops all at once
         if every or timely or step in self.pins or stopping:
             self._save(self.store.step_dir(step), capture(), step)
             self._prune()
@@ -98,11 +99,15 @@ class Checkpointer:
         self._prune()
 
     def _prune(self) -> None:
-        self.store.prune(self.config.keep, self.pins | set(self.kept.values()))
+        """After every save; with several ranks the others wait here until rank 0 has written it."""
+        if self.run.world.is_main:
+            self.store.prune(self.config.keep, self.pins | set(self.kept.values()))
+        self.run.world.barrier()
 
     def _save(self, directory: Path, state: dict[str, Any], step: int, **meta: Any) -> None:
-        save_checkpoint(directory, self.model, state, {"key": self.store.key, "stage": self.stage.name, "step": step,
-                                                       **meta})
+        if self.run.world.is_main:  # every rank holds the same state; rank 0 writes it
+            save_checkpoint(directory, self.model, state, {"key": self.store.key, "stage": self.stage.name,
+                                                           "step": step, **meta})
         self.last_save = time.monotonic()
         self.run.logs.event("checkpoint_saved", stage=self.stage.name, step=self.stage.start_step + step,
                             stage_step=step, final=directory.name == "final")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stagewise.engine.distributed import World
 from stagewise.models.build import DropoutControl
 from stagewise.plan.schema import Plan
 from stagewise.track.logs import RunLogs
@@ -41,6 +42,7 @@ class RunContext:
     autocast: Callable[[], AbstractContextManager[None]]
     logs: RunLogs
     view: ProgressView
+    world: World = field(default_factory=World)  # one process unless torchrun started several
     on_eval: EvalHook | None = field(default_factory=_EVAL_HOOK.get)
     _dropouts: dict[int, DropoutControl] = field(default_factory=dict)
 

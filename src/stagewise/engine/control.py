@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stagewise.engine.distributed import SINGLE, World
 from stagewise.optim.handoff import SwatsEstimate
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.plan.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
@@ -99,9 +100,9 @@ class Fired:
 
 
 class StageControl:
-    def __init__(self, stage: ResolvedStage, track_swats: bool) -> None:
+    def __init__(self, stage: ResolvedStage, track_swats: bool, rank: int = 0) -> None:
         cfg = stage.config
-        self.stage = stage
+        self.stage, self.rank = stage, rank  # rank: this process's, for faults injected on one rank only
         self.rules = cfg.all_rules()
         self.until = cfg.until
         self.guard = cfg.guard
@@ -140,10 +141,11 @@ class StageControl:
         return lr
 
     def fault(self, step: int, kind: str) -> float | None:
-        """The factor of a one-time fault of `kind` at this update (marking it done), else None."""
+        """The factor of a one-time fault of `kind` at this update (marking it done on every rank, so
+        the state saved is the same), else None; a fault for another rank is None here."""
         for i, f in enumerate(self.faults):
             if f.kind == kind and f.at <= step < f.at + f.steps and self._fault_now(i):
-                return f.factor
+                return f.factor if f.rank in (None, self.rank) else None
         return None
 
     def corrupts(self, step: int, sampler_state: Callable[[], dict[str, int]]) -> bool:
@@ -186,9 +188,11 @@ class StageControl:
                     fired.append(self._fire(i, {"swats_lr": swats.corrected or 0.0, "gamma": swats.gamma or 0.0}))
         return fired
 
-    def time_is_up(self, seconds_this_process: float) -> bool:
+    def time_is_up(self, seconds_this_process: float, world: World = SINGLE) -> bool:
         t = self.until.time if self.until else None
-        return t is not None and self.elapsed + seconds_this_process >= t.minutes * 60
+        if t is None:
+            return False
+        return world.any(self.elapsed + seconds_this_process >= t.minutes * 60)[0]  # each rank has its own clock
 
     def after_eval(self, step: int, metrics: dict[str, float]) -> tuple[list[Fired], str | None, bool]:
         """Feed one evaluation to the rules and `until`: (rules that fire, why the stage ends or

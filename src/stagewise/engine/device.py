@@ -128,13 +128,17 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int | None, int | None]:
 def plan_lm_tokens(plan: Plan, train_tokens: int, context: int) -> list[tuple[int, int]]:
     """(tokens trained, block size) of each causal_lm stage: an estimate from its duration, made
     before the stages are resolved (compile must be settled before the model is set up)."""
+    from stagewise.plan.resolve import stage_ramp
+
     out = []
     for cfg in plan.stages:
         if cfg.task != "causal_lm":
             continue
         block = cfg.batch.block_size or context
         per_step = train_tokens if cfg.batch.full else cfg.batch.size * cfg.batch.accumulate * block
-        if cfg.steps is not None:
+        if cfg.steps is not None and cfg.batch.ramp is not None:  # the batch grows over the stage
+            tokens = stage_ramp(cfg, cfg.steps).sequences_before(cfg.steps) * block
+        elif cfg.steps is not None:
             tokens = cfg.steps * per_step
         elif cfg.tokens is not None:
             tokens = cfg.tokens

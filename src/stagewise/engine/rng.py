@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from typing import Any, cast
 
@@ -28,3 +29,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_bytes() -> bytes:
+    """This process's RNG state as bytes: how the ranks of a data-parallel run send theirs to rank 0."""
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    return buffer.getvalue()
+
+
+def as_tensor(state: bytes) -> torch.Tensor:
+    """Bytes as a checkpoint holds them (a uint8 tensor: weights_only loads it)."""
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
+
+
+def set_rng_tensor(state: torch.Tensor) -> None:
+    set_rng_state(torch.load(io.BytesIO(state.numpy().tobytes()), weights_only=True))

@@ -19,6 +19,7 @@ from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_ch
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
+from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
 from stagewise.engine.handoff import HeldState, StageOptimizer
 from stagewise.engine.merge import load_merged
 from stagewise.engine.parent import load_parent
@@ -28,7 +29,7 @@ from stagewise.engine.sample import generate_sample
 from stagewise.engine.signals import StopRequest
 from stagewise.engine.status import bad_pin, complete, handoff_probe
 from stagewise.engine.trainer import StageTrainer
-from stagewise.errors import RunStopped, WriteFailed
+from stagewise.errors import RunStopped, UserError, WriteFailed
 from stagewise.plan.resolve import ResolvedStage, pinned_steps
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
@@ -37,34 +38,40 @@ from stagewise.track.progress import ProgressView, StageSummary
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
-          stop_after: int | None = None) -> list[StageSummary]:
+          stop_after: int | None = None, world: World = SINGLE) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
-    `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests)."""
+    `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
+    `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
+    if prepared.plan.distributed.strategy == "fsdp":
+        raise UserError(f"{prepared.plan_path}: distributed.strategy", "fsdp is not supported yet; use ddp")
+    check_split(world, prepared.resolved, str(prepared.plan_path))
     try:
-        with run_directory(run_dir, fresh) as resumed:
-            if fresh:
+        with world.on_main(run_directory(run_dir, fresh)) as resumed:
+            if fresh and world.is_main:
                 for stage in prepared.stages:
                     store = prepared.store(stage)
                     with store.lock():  # not under a process training the same stage
                         store.clear()
-            return _train(prepared, run_dir, resumed, console, stop_after, hint)
+            resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
+            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world)
     except WriteFailed as e:
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 
 
 def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
-           hint: str) -> list[StageSummary]:
+           hint: str, world: World) -> list[StageSummary]:
     plan = prepared.plan
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
-    _write(run_dir / "plan.yaml", lambda path: path.write_text(yaml.safe_dump(resolved, sort_keys=False)))
-    if (data := prepared.data) is not None:
-        _write(run_dir / "tokenizer.json", lambda path: save_tokenizer(data.tokenizer, path.parent))
+    if world.is_main:
+        _write(run_dir / "plan.yaml", lambda path: path.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+        if (data := prepared.data) is not None:
+            _write(run_dir / "tokenizer.json", lambda path: save_tokenizer(data.tokenizer, path.parent))
 
-    device = resolve_device(plan.device)
+    device = world.place(resolve_device(plan.device))
     dtype = prepared.dtype
     threads = resolve_threads(plan.threads, started_threads(run_dir) if resumed else None)
     torch.set_num_threads(threads)
@@ -72,7 +79,8 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     for model in models:
         model.to(device)
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
-                     logs=RunLogs(run_dir), view=ProgressView(prepared.total_steps, console))
+                     logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
+                     world=world)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
@@ -80,11 +88,17 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
                        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
                        parameters=sum(p.numel() for p in prepared.root.parameters()),
                        attention=getattr(getattr(prepared.root, "config", None), "_attn_implementation", None),
-                       compiled=prepared.compiled, threads=threads,
+                       compiled=prepared.compiled, threads=threads, world_size=world.size,
+                       split="batch.size / world_size per rank, accumulate unchanged",
                        stages=[{"name": s.name, "parent": s.parent, "start_step": s.start_step, "steps": s.steps,
                                 "tokens_per_step": s.tokens_per_step, "unit": s.unit, "task": s.config.task,
-                                "key": s.key} for s in prepared.resolved])
+                                "key": s.key, **split_fields(world, s)} for s in prepared.resolved])
         run.view.print(settings_line(device, dtype, prepared.compiled, threads, plan))
+        if world.parallel:
+            run.view.print(f"data parallel: {world.size} processes ({plan.distributed.strategy}); each micro-batch's "
+                           "sequences split over them: " + ", ".join(
+                               f"{s.name} {split_fields(world, s)['batch_per_rank']} per rank x {s.micro_batches}"
+                               for s in prepared.resolved))
         with StopRequest() as stop:
             held = HeldState()
             pins = pinned_steps(prepared.resolved)
@@ -113,7 +127,7 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     run.logs.close()
     run.view.summary(summaries)
     last = prepared.stages[-1]
-    if plan.sample is not None and last.spec.samples and prepared.data is not None:
+    if plan.sample is not None and last.spec.samples and prepared.data is not None and world.is_main:
         text = generate_sample(run, last.model, prepared.data, last.setup.chat)
         _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
         run.view.print(f"sample:\n{text}")
@@ -139,7 +153,8 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
     """Reuse the stage when the store holds its end (and it reads back), else resume it from its
     newest valid checkpoint, else train it from its parent's state; then save its end and export."""
     store = checkpointer.store
-    with store.lock():  # a second process training the same stage waits here, then reuses it
+    with run.world.on_main(store.lock()):  # a second process training the same stage waits here, then reuses it
+        run.world.barrier()  # the other ranks read the store once rank 0 holds its lock
         limit = min(checkpointer.pins - set(store.steps()), default=numbers.steps)  # resume before a missing pin
         broken: tuple[int | None, InvalidCheckpoint] | None = None
         if complete(store, checkpointer.pins):
@@ -236,6 +251,8 @@ def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, he
     """The stage's final model (held in memory: trained or reused) as a directory that can be
     used on its own (tasks.export); `stagewise.json`, written last, marks it complete."""
     assert held.marker == (stage.key, None)
+    if not run.world.is_main:
+        return
     out = run.run_dir / "stages" / stage.name
     marker = out / MARKER
     try:

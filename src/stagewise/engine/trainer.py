@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,9 +19,10 @@ from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.control import Fired, StageControl
 from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
-from stagewise.engine.rng import rng_state, set_rng_state
+from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
@@ -33,18 +34,31 @@ from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.track.progress import StageSummary
 
+T = TypeVar("T")
 
-def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0) -> Iterator[tuple[Batch, float]]:
+
+def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0,
+                  world: World = SINGLE) -> Iterator[tuple[Batch, float]]:
     """The micro-batches of update `step` with each one's share of the update's gradient (a
     ramp's count grows with the step; each holds batch.size sequences, so equal shares keep the
-    update's loss a mean over its sequences)."""
+    update's loss a mean over its sequences); with several ranks, this rank's rows of each
+    (World.shard)."""
     if stage.full_batch:  # one update per pass: the rest of the epoch, weighted by rows
         for batch in sampler.epoch_batches():
-            yield batch, batch[0].size(0) / stage.windows_per_epoch
+            yield world.shard(batch, batch[0].size(0) / stage.windows_per_epoch)
     else:
         count = stage.micro_batches_at(step)
         for _ in range(count):
-            yield sampler.next_batch(), 1.0 / count
+            yield world.shard(sampler.next_batch(), 1.0 / count)
+
+
+def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
+    """Each item and whether it is the last (one item ahead, so a pass's end is known)."""
+    item = next(items)
+    for following in items:
+        yield item, False
+        item = following
+    yield item, True
 
 
 @dataclass
@@ -98,11 +112,12 @@ class StageTrainer:
         self.run, self.stage, self.task, self.layers, self.opt = run, stage, task, layers, optimizer
         self.checkpoints, self.model, self.reg = checkpoints, task.model, stage.config.regularization
         run.dropout_of(self.model).set(self.reg.dropout)
-        seed_everything(derive_seed(run.plan.seed, stage.name))
+        seed_everything(self._rank_seed())
         self.sampler = task.sampler(stage.block_size, stage.batch_size, derive_seed(run.plan.seed, stage.name, "data"))
         self.progress = StageProgress(window_loss=torch.zeros((), device=run.device))
-        self.control = StageControl(stage, stage.track_swats)
+        self.control = StageControl(stage, stage.track_swats, run.world.rank)
         self.params = [p for n, p in self.model.named_parameters() if n in layers.held]  # what the optimizer holds
+        self.replicas = Replicas(task.loss, self.model, run.world, run.device)
         average = stage.config.average
         self.average = WeightEMA(self.model, average.ema) if average is not None else None  # from the first weights
         self.started = self.window_started = time.perf_counter()
@@ -119,6 +134,12 @@ class StageTrainer:
         """Continue from a checkpoint's state (before `train`); raises on a state it cannot take."""
         self.restore(state, rollback=False)
         self.resumed = True
+        saved_by, world = state.get("world_size", 1), self.run.world.size
+        if saved_by != world:  # the sampler's position is global: the data goes on where it stopped
+            self.run.logs.event("world_size_changed", stage=self.stage.name, saved_by=saved_by, world_size=world)
+            self.run.view.print(f"[{self.stage.name}] the checkpoint was written by {saved_by} process(es), this run "
+                                f"has {world}: the data goes on in the same order, the updates agree within float "
+                                "rounding, not bit for bit")
 
     def train(self, start_lr: float | None) -> StageOutcome:
         """Train from the stage's first update, or from where `resume` put it. `start_lr`: the LR
@@ -154,13 +175,15 @@ class StageTrainer:
         epoch = self.sampler.epoch
         poisoned = control.corrupts(step, self.sampler.state_dict)
         update_loss = torch.zeros((), device=device)
-        for batch, share in micro_batches(self.sampler, self.stage, step):
+        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world)):
             if poisoned:
                 batch = self.task.corrupt(batch, step)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            loss = self._faults(self.task.loss(batch), step)
-            (loss * share).backward()  # shares sum to 1: the gradient of the update's mean loss
+            with self.replicas.syncing(last):
+                loss = self._faults(self.replicas.loss(batch), step)
+                (loss * share).backward()  # shares sum to 1: the gradient of the update's mean loss
             update_loss += loss.detach() * share
+        update_loss = self.run.world.mean(update_loss)  # every rank's guards and logs read the same loss
         penalty = weight_penalty(self.model, self.opt.loss_l1, self.reg.l2)
         if penalty is not None:
             penalty.backward()
@@ -201,7 +224,7 @@ class StageTrainer:
             self._log_train(update)
         fired = self.control.after_update(self.opt.follows_adam)
         ended = None
-        if self.control.time_is_up(time.perf_counter() - self.started):
+        if self.control.time_is_up(time.perf_counter() - self.started, self.run.world):
             ended = f"time budget of {self.control.until.time.minutes:g} min spent"  # type: ignore[union-attr]
         every = stage.config.eval.every is not None and p.step % stage.config.eval.every == 0
         if (every or (new_epoch and stage.config.eval.each_epoch)) and p.step < stage.steps:
@@ -268,6 +291,11 @@ class StageTrainer:
         if self.rollbacks and p.step == 0:
             self.checkpoints.save(0, self.capture, keep="start")  # where a rollback goes when nothing later is good
 
+    def _rank_seed(self, *more: str) -> int:
+        """The stage's seed; each further rank of a data-parallel run draws (dropout) from its own stream."""
+        rank = self.run.world.rank
+        return derive_seed(self.run.plan.seed, self.stage.name, *([f"rank {rank}", *more] if rank else []))
+
     def handoff_state(self) -> dict[str, Any]:
         """The part of a checkpoint a child stage may take over: the optimizer's state, which optimizer
         it is, and the SWATS estimate when kept."""
@@ -280,7 +308,10 @@ class StageTrainer:
             self._stop_nonfinite(why or (None if weights_finite(self.model) else "non-finite weights"))
         return {**self.handoff_state(), "sampler": self.sampler.state_dict(), "progress": self.progress.state_dict(),
                 "rng": rng_state(), "control": self.control.state_dict(time.perf_counter() - self.started),
-                "average": self.average.state_dict() if self.average is not None else None}
+                "average": self.average.state_dict() if self.average is not None else None,
+                "world_size": self.run.world.size,
+                **({"rank_rngs": [as_tensor(b) for b in self.run.world.gather(rng_bytes())]}
+                   if self.run.world.parallel else {})}
 
     def restore(self, state: dict[str, Any], rollback: bool) -> None:
         """Continue from a checkpoint's state: everything the steps so far changed, exactly.
@@ -289,7 +320,13 @@ class StageTrainer:
         self.opt.load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
         self.progress.load_state_dict(state["progress"], self.run.device)
-        set_rng_state(state["rng"])
+        rank, rngs = self.run.world.rank, state.get("rank_rngs")
+        if rank == 0:
+            set_rng_state(state["rng"])
+        elif rngs is not None and len(rngs) == self.run.world.size:
+            set_rng_tensor(rngs[rank])
+        else:  # saved by fewer ranks: this one starts a stream of its own here
+            seed_everything(self._rank_seed(str(self.progress.step)))
         if self.average is not None:
             self.average.load_state_dict(state["average"])
         self.layers.apply(self.sampler.epoch)
@@ -466,7 +503,9 @@ class StageTrainer:
                 weights.enter_context(self.average.applied())
             if is_schedule_free(self.opt.optimizer):
                 weights.enter_context(averaged(self.opt.optimizer))
-            metrics = self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit)
+            # Rank 0 evaluates the whole validation set; every rank's rules read its metrics.
+            metrics = self.run.world.from_main(
+                lambda: self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit))
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)
                   for k, v in metrics.items()}  # JSON has no infinity

@@ -215,7 +215,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         raise fail("batch.ramp", f"optimizer {name} takes the whole set every update: no ramp")
     if ramp_cfg is not None and cfg.steps is None:  # the fewest steps whose ramp holds the stage's data
         wanted = cfg.epochs * windows if cfg.epochs is not None else math.ceil(cfg.tokens / block)  # type: ignore[operator]
-        steps = fewest_steps(wanted, lambda n: _ramp(cfg, n))
+        steps = fewest_steps(wanted, lambda n: stage_ramp(cfg, n))
     elif cfg.steps is not None:
         steps = cfg.steps
     elif cfg.epochs is not None:
@@ -229,7 +229,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         if not 1 <= over <= steps:
             raise fail("batch.ramp.over", f"must be within the stage's {steps} steps (got {over})"
                        if over > steps else f"{ramp_cfg.over} of {steps} steps is no step")
-        ramp = _ramp(cfg, steps)
+        ramp = stage_ramp(cfg, steps)
 
     for key, metric in _metrics_used(cfg):
         if metric not in spec.reported(cfg.eval):
@@ -290,7 +290,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         windows_per_epoch=windows, unit=data.unit, ramp=ramp)
 
 
-def _ramp(cfg: StageConfig, steps: int) -> BatchRamp:
+def stage_ramp(cfg: StageConfig, steps: int) -> BatchRamp:
     """The batch ramp of a `steps`-step stage (its `over` a fraction of them, or a step count)."""
     batch, ramp = cfg.batch, cfg.batch.ramp
     assert ramp is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
@@ -273,3 +273,21 @@ class InjectConfig(Strict):
     kind: Literal["nan", "loss_spike", "lr_burst", "corrupt_batch"]
     factor: PositiveFloat = 10.0
     steps: Steps = 1
+    # nan, loss_spike: only on this rank of a data-parallel run (the others see it in the
+    # all-reduced loss and gradients); unset: every rank
+    rank: Annotated[int, Field(ge=0, le=2**20)] | None = None
+
+    @model_validator(mode="after")
+    def _rank_faults(self) -> InjectConfig:
+        if self.rank is not None and self.kind not in ("nan", "loss_spike"):
+            raise PydanticCustomError("setting_error", "only for nan and loss_spike (the other faults act on "
+                                                       "what every rank shares)", {"key": "rank"})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_rank(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Unset, `rank` stays out of the dump: stage keys of plans written before it are unchanged."""
+        data: dict[str, Any] = handler(self)
+        if self.rank is None:
+            data.pop("rank", None)
+        return data

@@ -522,6 +522,13 @@ class LogConfig(Strict):
     every: Steps = 10  # steps between metrics lines
 
 
+class DistributedConfig(Strict):
+    """How the processes of a torchrun launch share a stage (engine.distributed): `ddp` replicates
+    the model and all-reduces gradients; `fsdp` (sharded weights) is not supported yet."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 class Plan(Strict):
     name: StageName
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
@@ -540,6 +547,7 @@ class Plan(Strict):
     chat_template: Annotated[str, Field(min_length=1)] | None = None
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

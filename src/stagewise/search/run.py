@@ -17,7 +17,7 @@ from stagewise.search.cv import write_folds
 from stagewise.search.objective import Direction, objective_of
 from stagewise.search.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
 from stagewise.search.space import check_space, load_space, override
-from stagewise.search.study import open_study, remaining, retry_interrupted, run_workers
+from stagewise.search.study import local_storage, open_study, remaining, retry_interrupted, run_workers
 from stagewise.search.trial import SearchSetup
 
 
@@ -73,7 +73,7 @@ def prepare_search(plan_path: Path, options: SearchOptions) -> SearchSetup:
     if out.exists() and not out.is_dir():
         raise UserError("--out", f"{out} is a file")
     study = options.study or plan.name
-    storage = options.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = options.storage or local_storage(out)
     settings = {"plan": str(plan_path.resolve()), "space": {p.key: [p.kind, p.low, p.high, p.log, list(p.choices)]
                                                             for p in space},
                 "metric": str(objective), "direction": objective.direction, "cv": options.cv, "study": study,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import warnings
+import zlib
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +21,11 @@ from stagewise.errors import RunStopped, UserError
 from stagewise.search.trial import SearchSetup, run_trial
 
 HEARTBEAT_SECONDS = 30  # a trial whose worker stopped beating for twice this is failed, then retried
+
+
+def local_storage(out: Path) -> str:
+    """The study's default storage: an SQLite file in the search directory."""
+    return f"sqlite:///{(out / 'study.db').resolve()}"
 
 
 def storage_of(url: str) -> Any:
@@ -40,8 +48,11 @@ def storage_of(url: str) -> Any:
 def _sampler(setup: SearchSetup, worker: int, seen: int) -> Any:
     import optuna
 
-    # Each worker draws from its own seed, and a resumed search from new ones (`seen` trials so far).
-    seed = (setup.seed * 1009 + worker * 101 + seen) % 2**32
+    # Each worker draws from its own seed, and a resumed search from new ones (`seen` trials so far);
+    # with a database of the user's (workers on several machines), each machine from its own too.
+    shared = setup.storage != local_storage(setup.out)
+    host = zlib.crc32(socket.gethostname().encode()) if shared else 0
+    seed = (setup.seed * 1009 + worker * 101 + seen + host) % 2**32
     if setup.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():

@@ -54,30 +54,55 @@ class JsonlLog:
             raise WriteFailed(self.path, e) from None
 
 
+class _Discarded(JsonlLog):
+    """A log that writes nothing: a data-parallel run's ranks other than 0."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunLogs:
     """The run's two logs, each record mirrored to TensorBoard (RUN/tensorboard/). Events carry a
-    wall-clock timestamp; metrics carry the global step."""
+    wall-clock timestamp; metrics carry the global step. `write=False`: nothing is written (the
+    ranks of a data-parallel run other than 0)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, write: bool = True) -> None:
         # imported here: reading logs back (report, runs) should not pay for torch's import
         from stagewise.track.tensorboard import TensorBoardLog
 
-        self.metrics = JsonlLog(run_dir / "metrics.jsonl")
-        self.events = JsonlLog(run_dir / "events.jsonl")
+        log = JsonlLog if write else _Discarded
+        self.write = write
+        self.metrics = log(run_dir / "metrics.jsonl")
+        self.events = log(run_dir / "events.jsonl")
         self.tensorboard = TensorBoardLog(run_dir / "tensorboard")
 
     def event(self, event: str, **fields: Any) -> None:
+        if not self.write:
+            return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self.events.write(record)
         self.tensorboard.event(record)
 
     def metric(self, kind: str, **fields: Any) -> None:
+        if not self.write:
+            return
         record = {"kind": kind, **fields}
         self.metrics.write(record)
         self.tensorboard.metric(record)
 
     def close(self) -> None:
         """Close all three; the first failure is raised once all are closed."""
+        if not self.write:
+            return
         failed = None
         for log in (self.metrics, self.events, self.tensorboard):
             try:

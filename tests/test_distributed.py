@@ -1,0 +1,175 @@
+"""Data-parallel runs (engine.distributed): 2 processes on CPU with gloo, started by torchrun as a
+user would, against the same plan in one process.
+
+Tolerance: the 2-process run computes each micro-batch's mean loss as the mean of two half-batch
+means, and its gradient as the all-reduced mean of two half-batch gradients: the same numbers
+summed in another order, so fp32 results differ by rounding (~1e-7 relative per update), which
+AdamW's normalized steps carry along without growing much over these few updates. Measured
+differences are ~1e-6 relative; the tests allow 1e-4. Resuming at the same world size is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import events, metrics, tiny_plan, write_plan
+
+from stagewise.engine.distributed import World, check_split
+from stagewise.errors import UserError
+
+TOLERANCE = 1e-4
+STAGES: list[dict[str, Any]] = [
+    {"name": "a", "optimizer": {"name": "adamw", "lr": 3.0e-3}, "steps": 60, "eval": {"every": 20, "batches": 10}},
+    {"name": "b", "optimizer": {"handoff": "carry"}, "schedule": {"name": "decay", "shape": "linear"}, "steps": 10},
+]
+TOP: dict[str, Any] = {"threads": 1, "log": {"every": 1}, "checkpoint": {"every": 4, "keep": 2},
+                       "defaults": {"batch": {"size": 8, "accumulate": 2}, "regularization": {"dropout": 0.0}}}
+
+
+def _plan(tmp: Path, corpus: Path, tag: str, stages: list[dict[str, Any]] = STAGES, **top: Any) -> Path:
+    return write_plan(tmp, tiny_plan(corpus, stages, **{**TOP, **top}), f"{tag}.yaml")
+
+
+def _torchrun(plan: Path, out: Path, cache: Path, **popen: Any) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "stagewise", "train", str(plan), "--out", str(out), "--cache", str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _two(plan: Path, out: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    proc = _torchrun(plan, out, cache)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _one(plan: Path, out: Path, cache: Path) -> None:
+    from stagewise.engine.prepare import prepare
+    from stagewise.engine.run import train
+    from stagewise.plan.load import load_plan
+
+    train(prepare(load_plan(plan), plan, cache), out)
+
+
+def _val(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["val_loss"]) for m in metrics(run, "eval")]
+
+
+def _close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
+    return [s for s, _ in a] == [s for s, _ in b] and all(x == pytest.approx(y, rel=TOLERANCE) for (_, x), (_, y) in
+                                                          zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Path]:
+    """The plan trained once in one process and once in two (torchrun)."""
+    tmp = tmp_path_factory.mktemp("dp")
+    plan = _plan(tmp, corpus, "plan")
+    _one(plan, tmp / "one", tmp / "cache-one")
+    assert not torch.distributed.is_initialized()  # one process never starts a process group
+    done = _two(plan, tmp / "two", tmp / "cache-two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"plan": plan, "one": tmp / "one", "two": tmp / "two", "tmp": tmp, "stdout": Path(done.stdout)}
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(runs: dict[str, Path]) -> None:
+    one, two = _val(runs["one"]), _val(runs["two"])
+    assert len(one) == 4 and _close(one, two), (one, two)
+    assert one != two  # not the same run read twice: the sums are taken in another order
+    start = events(runs["two"], "plan_start")
+    assert len(start) == 1 and start[0]["world_size"] == 2  # rank 0 alone writes the logs
+    assert [(s["batch_per_rank"], s["accumulate"]) for s in start[0]["stages"]] == [(4, 2), (4, 2)]
+    assert events(runs["one"], "plan_start")[0]["world_size"] == 1
+    assert len(metrics(runs["two"], "train")) == 70  # one line per update, not one per rank
+    assert "data parallel: 2 processes (ddp)" in str(runs["stdout"])
+    assert (runs["two"] / "stages" / "b" / "model.safetensors").is_file()
+
+
+def _wait_for_step(proc: subprocess.Popen[str], run: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (run / "metrics.jsonl").exists() and any(m["step"] >= step for m in metrics(run, "train")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_killed_two_process_run_resumes_on_two_exactly_and_on_one(runs: dict[str, Path], corpus: Path) -> None:
+    tmp, plan = runs["tmp"], runs["plan"]
+    out, cache = tmp / "killed", tmp / "cache-killed"
+    proc = _torchrun(plan, out, cache)
+    _wait_for_step(proc, out, 6)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both workers; they agree on one step to stop at
+    proc.communicate(timeout=120)
+    stopped = events(out, "plan_interrupted")
+    assert stopped and "stopped by signal 15" in stopped[-1]["reason"], stopped
+    assert events(out, "checkpoint_saved")
+    shutil.copytree(out, tmp / "killed-copy")
+    shutil.copytree(cache, tmp / "cache-killed-copy")
+
+    done = _two(plan, out, cache)  # the same world size: exactly the uninterrupted run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert events(out, "stage_resumed") and not events(out, "world_size_changed")
+    assert _val(out) == _val(runs["two"])
+
+    _one(plan, tmp / "killed-copy", tmp / "cache-killed-copy")  # one process goes on from two's checkpoint
+    changed = events(tmp / "killed-copy", "world_size_changed")
+    assert changed and changed[0]["saved_by"] == 2 and changed[0]["world_size"] == 1
+    assert _close(_val(tmp / "killed-copy"), _val(runs["two"]))
+
+
+def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Path) -> None:
+    stages = [{"name": "a", "optimizer": {"name": "adamw", "lr": 3.0e-3}, "steps": 12,
+               "guard": {"action": "skip"}, "inject": [{"kind": "nan", "at": 5, "rank": 1}]}]
+    plan = _plan(tmp_path, corpus, "nan", stages)
+    done = _two(plan, tmp_path / "two", tmp_path / "cache-two")
+    # Had rank 0 stepped on NaN gradients, or rank 1 on its NaN loss, their weights would be NaN,
+    # and every later update too: one skip, and a finite end, says both skipped that update.
+    assert done.returncode == 0, done.stderr[-3000:]
+    skips = events(tmp_path / "two", "guard_skip")
+    assert [(e["step"], e["reason"]) for e in skips] == [(6, "non-finite loss")]
+    # one process with the fault on its only rank decides the same, on the same numbers
+    one_plan = _plan(tmp_path, corpus, "nan-one", [{**stages[0], "inject": [{"kind": "nan", "at": 5}]}])
+    _one(one_plan, tmp_path / "one", tmp_path / "cache-one")
+    assert [e["step"] for e in events(tmp_path / "one", "guard_skip")] == [6]
+    assert _close(_val(tmp_path / "one"), _val(tmp_path / "two"))
+
+
+def test_a_batch_that_does_not_split_and_fsdp_are_one_line(tmp_path: Path, corpus: Path) -> None:
+    from stagewise.engine.prepare import prepare
+    from stagewise.engine.run import train
+    from stagewise.plan.load import load_plan
+
+    plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
+    prepared = prepare(load_plan(plan), plan, tmp_path / "cache")
+    check_split(World(rank=0, size=2), prepared.resolved, str(plan))  # 6 = 2 x 3
+    with pytest.raises(UserError, match=r"odd.yaml: stages\[0\].batch.size: 6 sequences per micro-batch do not "
+                                        r"split over 4 processes: make it a multiple of 4"):
+        check_split(World(rank=0, size=4), prepared.resolved, str(plan))
+    fsdp = _plan(tmp_path, corpus, "fsdp", distributed={"strategy": "fsdp"})
+    with pytest.raises(UserError, match="distributed.strategy: fsdp is not supported yet; use ddp"):
+        train(prepare(load_plan(fsdp), fsdp, tmp_path / "cache"), tmp_path / "fsdp-run")
+
+
+def test_each_rank_trains_its_rows_weighted_as_one_process_would() -> None:
+    """Row losses averaged as DDP averages ranks: the mean over the whole micro-batch, also when
+    the rows do not split evenly (a full-batch pass's last batch) or leave a rank without any."""
+    losses = torch.arange(1.0, 8.0)  # 7 rows
+    for size, rows in ((2, 7), (3, 7), (4, 3)):
+        batch = (losses[:rows],)
+        total = 0.0
+        for rank in range(size):
+            part, share = World(rank=rank, size=size).shard(batch, 1.0)
+            total += share * float(part[0].mean()) / size
+        assert total == pytest.approx(float(batch[0].mean()))
+    assert World().shard((losses,), 0.5) == ((losses,), 0.5)
