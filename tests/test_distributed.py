@@ -10,7 +10,9 @@ differences are ~1e-6 relative; the tests allow 1e-4. Resuming at the same world
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -173,3 +175,56 @@ def test_each_rank_trains_its_rows_weighted_as_one_process_would() -> None:
             total += share * float(part[0].mean()) / size
         assert total == pytest.approx(float(batch[0].mean()))
     assert World().shard((losses,), 0.5) == ((losses,), 0.5)
+
+
+def _sft_plan(tmp: Path, corpus: Path) -> Path:
+    """An sft stage whose completions are 1 to 12 characters: the target tokens per row are uneven."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(400):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.choice((1, 2, 12))))
+        rows.append(json.dumps({"prompt": word[:3], "completion": word[::-1]}))
+    (tmp / "sft.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    stages = [{"name": "sft", "task": "sft", "data": {"train": "sft.jsonl", "val_fraction": 0.1, "max_len": 24},
+               "optimizer": {"name": "adamw", "lr": 3.0e-3}, "steps": 30, "eval": {"every": 10}}]
+    return _plan(tmp, corpus, "sft", stages)
+
+
+def test_token_losses_weigh_each_rank_by_its_target_tokens(tmp_path: Path, corpus: Path) -> None:
+    """An sft micro-batch split over 2 ranks: each rank's token mean weighted by its part of the
+    target tokens is the micro-batch's token mean; weighted by rows (the way before) it is not."""
+    from stagewise.engine.device import autocast_factory
+    from stagewise.engine.prepare import prepare
+    from stagewise.plan.load import load_plan
+
+    plan = _sft_plan(tmp_path, corpus)
+    prepared = prepare(load_plan(plan), plan, tmp_path / "cache")
+    setup, cfg = prepared.stages[0].setup, prepared.stages[0].resolved.config
+    task = setup.spec.bind(setup, cfg, cfg.data, torch.device("cpu"), autocast_factory(torch.device("cpu"), None), False)
+    task.model.eval()  # no dropout: the same numbers each forward
+    batch = task.sampler(32, 8, 0).next_batch()
+    counts = task.targets(batch)
+    assert counts is not None and len(set(counts.tolist())) > 1  # uneven, or the test shows nothing
+    with torch.no_grad():
+        whole = float(task.loss(batch))
+        exact, by_rows = 0.0, 0.0
+        for rank in range(2):
+            world = World(rank=rank, size=2)
+            part, share = world.shard(batch, 1.0, counts)
+            rows, row_share = world.shard(batch, 1.0)
+            assert torch.equal(part[0], rows[0])  # the same rows, another weight
+            exact += share * float(task.loss(part)) / 2  # DDP's mean over the ranks
+            by_rows += row_share * float(task.loss(rows)) / 2
+    assert exact == pytest.approx(whole, rel=1e-6)
+    assert abs(by_rows - whole) > TOLERANCE * whole, (by_rows, whole)  # the row weighting would fail the test below
+
+
+def test_two_processes_train_sft_as_one(tmp_path: Path, corpus: Path) -> None:
+    plan = _sft_plan(tmp_path, corpus)
+    _one(plan, tmp_path / "one", tmp_path / "cache-one")
+    done = _two(plan, tmp_path / "two", tmp_path / "cache-two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _val(tmp_path / "one"), _val(tmp_path / "two")
+    assert len(one) == 3 and _close(one, two), (one, two)
+    first = [metrics(run, "train")[0]["loss"] for run in (tmp_path / "one", tmp_path / "two")]
+    assert first[1] == pytest.approx(first[0], rel=1e-6)  # the first update's loss: the token mean of both ranks

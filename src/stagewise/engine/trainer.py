@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,19 +37,22 @@ from stagewise.track.progress import StageSummary
 T = TypeVar("T")
 
 
-def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0,
-                  world: World = SINGLE) -> Iterator[tuple[Batch, float]]:
+def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0, world: World = SINGLE,
+                  targets: Callable[[Batch], torch.Tensor | None] | None = None) -> Iterator[tuple[Batch, float]]:
     """The micro-batches of update `step` with each one's share of the update's gradient (a
     ramp's count grows with the step; each holds batch.size sequences, so equal shares keep the
     update's loss a mean over its sequences); with several ranks, this rank's rows of each
-    (World.shard)."""
+    (World.shard, weighted by the task's `targets`)."""
+    def shard(batch: Batch, share: float) -> tuple[Batch, float]:
+        return world.shard(batch, share, targets(batch) if targets is not None and world.parallel else None)
+
     if stage.full_batch:  # one update per pass: the rest of the epoch, weighted by rows
         for batch in sampler.epoch_batches():
-            yield world.shard(batch, batch[0].size(0) / stage.windows_per_epoch)
+            yield shard(batch, batch[0].size(0) / stage.windows_per_epoch)
     else:
         count = stage.micro_batches_at(step)
         for _ in range(count):
-            yield world.shard(sampler.next_batch(), 1.0 / count)
+            yield shard(sampler.next_batch(), 1.0 / count)
 
 
 def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
@@ -175,7 +178,7 @@ class StageTrainer:
         epoch = self.sampler.epoch
         poisoned = control.corrupts(step, self.sampler.state_dict)
         update_loss = torch.zeros((), device=device)
-        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world)):
+        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world, self.task.targets)):
             if poisoned:
                 batch = self.task.corrupt(batch, step)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
