@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import events, metrics, tiny_plan, write_plan
+from conftest import events, metrics, stage_weights, tiny_plan, write_plan
 
 from stagewise.engine.distributed import World, check_split
 from stagewise.errors import UserError
@@ -147,9 +147,8 @@ def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Pa
     assert _close(_val(tmp_path / "one"), _val(tmp_path / "two"))
 
 
-def test_a_batch_that_does_not_split_and_fsdp_are_one_line(tmp_path: Path, corpus: Path) -> None:
+def test_a_batch_that_does_not_split_is_one_line(tmp_path: Path, corpus: Path) -> None:
     from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
     from stagewise.plan.load import load_plan
 
     plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
@@ -158,9 +157,65 @@ def test_a_batch_that_does_not_split_and_fsdp_are_one_line(tmp_path: Path, corpu
     with pytest.raises(UserError, match=r"odd.yaml: stages\[0\].batch.size: 6 sequences per micro-batch do not "
                                         r"split over 4 processes: make it a multiple of 4"):
         check_split(World(rank=0, size=4), prepared.resolved, str(plan))
-    fsdp = _plan(tmp_path, corpus, "fsdp", distributed={"strategy": "fsdp"})
-    with pytest.raises(UserError, match="distributed.strategy: fsdp is not supported yet; use ddp"):
-        train(prepare(load_plan(fsdp), fsdp, tmp_path / "cache"), tmp_path / "fsdp-run")
+
+
+# --- fsdp: sharded weights -------------------------------------------------------------------------
+
+FSDP_STAGES: list[dict[str, Any]] = [
+    {**STAGES[0], "regularization": {"grad_clip": 1.0}},  # the clip reads the norm of sharded gradients
+    {"name": "b", "optimizer": {"name": "adamw", "lr": 1.0e-3}, "schedule": {"name": "decay", "shape": "linear"},
+     "steps": 10},
+]
+FSDP = {"strategy": "fsdp"}
+
+
+def test_fsdp_trains_as_one_process_and_its_checkpoints_load_in_one(tmp_path: Path, corpus: Path) -> None:
+    plan = _plan(tmp_path, corpus, "fsdp", FSDP_STAGES, distributed=FSDP)
+    _one(plan, tmp_path / "one", tmp_path / "cache-one")
+    done = _two(plan, tmp_path / "two", tmp_path / "cache-two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _val(tmp_path / "one"), _val(tmp_path / "two")
+    assert len(one) == 4 and _close(one, two), (one, two)
+    assert "data parallel: 2 processes (fsdp)" in done.stdout
+    # the export is a plain model's: the same tensors, within the runs' rounding (which AdamW's
+    # normalized steps make ~1e-4 on weights whose gradients are near 0: attention biases)
+    a, b = stage_weights(tmp_path / "one", "b"), stage_weights(tmp_path / "two", "b")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+    # one process reuses both stages fsdp trained (its final checkpoints read back)...
+    _one(plan, tmp_path / "reuse", tmp_path / "cache-two")
+    assert [e["stage"] for e in events(tmp_path / "reuse", "stage_reused")] == ["a", "b"]
+    # ...and resumes stage a from one of its mid-stage checkpoints (weights and AdamW moments)
+    keys = {e["stage"]: e["key"] for e in events(tmp_path / "two", "stage_start")}
+    shutil.copytree(tmp_path / "cache-two", tmp_path / "cache-cut")
+    for gone in ("final", "step-00000060"):
+        shutil.rmtree(tmp_path / "cache-cut" / "stages" / keys["a"] / gone)
+    shutil.rmtree(tmp_path / "cache-cut" / "stages" / keys["b"])
+    _one(plan, tmp_path / "resumed", tmp_path / "cache-cut")
+    resumed = events(tmp_path / "resumed", "stage_resumed")
+    assert [e["stage"] for e in resumed] == ["a"] and resumed[0]["stage_step"] == 56, resumed
+    assert events(tmp_path / "resumed", "world_size_changed")
+    assert _close(_val(tmp_path / "resumed"), [v for v in one if v[0] > 56])
+
+
+@pytest.mark.parametrize(("change", "line"), [
+    ({1: {"optimizer": {"handoff": "carry"}}}, r"stages\[1\].optimizer.handoff: carry is not supported with "
+                                               r"distributed.strategy fsdp yet"),
+    ({0: {"average": {"ema": 0.9}}}, r"stages\[0\].average: weight averaging is not supported with "
+                                     r"distributed.strategy fsdp yet"),
+    ({1: {"optimizer": {"name": "muon", "lr": 0.02}}}, r"stages\[1\].optimizer.name: muon is not supported"),
+])
+def test_what_fsdp_does_not_do_yet_is_one_line_at_check(tmp_path: Path, corpus: Path, change: dict[int, Any],
+                                                         line: str) -> None:
+    from stagewise.engine.prepare import prepare
+    from stagewise.plan.load import load_plan
+
+    stages = [{**s, **change.get(i, {})} for i, s in enumerate(FSDP_STAGES)]
+    plan = _plan(tmp_path, corpus, "refused", stages, distributed=FSDP)
+    with pytest.raises(UserError, match=line):
+        prepare(load_plan(plan), plan, tmp_path / "cache")
+    ddp = _plan(tmp_path, corpus, "ddp", stages)
+    prepare(load_plan(ddp), ddp, tmp_path / "cache")  # the same plan under ddp runs
 
 
 def test_each_rank_trains_its_rows_weighted_as_one_process_would() -> None:

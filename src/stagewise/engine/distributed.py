@@ -15,6 +15,9 @@ How a run splits (README, "More than one process"):
   same numbers on every rank; flags that come from a clock or a signal are agreed (`any`).
 - Rank 0 evaluates and sends the metrics to the others (`from_main`); it alone writes logs,
   checkpoints and exports, and holds the run's and the stages' locks.
+- `distributed: {strategy: fsdp}` shards the weights instead of replicating them (engine.sharded):
+  no DDP wrapper; every rank evaluates in step, and a checkpoint's or export's weights are
+  gathered from all ranks for rank 0 to write.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # fsdp: the weights are sharded over the ranks (engine.sharded)
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +87,11 @@ class World:
         box: list[Any] = [compute() if self.is_main else None]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def evaluated(self, compute: Callable[[], T]) -> T:
+        """Rank 0's evaluation on every rank: computed by rank 0 alone and sent; with sharded weights
+        by every rank in step (each forward gathers the weights from all), on the same batches."""
+        return compute() if self.sharded else self.from_main(compute)
 
     def gather(self, value: T) -> list[T]:
         """Every rank's `value`, in rank order."""
@@ -157,14 +166,14 @@ class Replicas:
         self._trainable: tuple[bool, ...] | None = None
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        if not self.world.parallel:
+        if not self.world.parallel or self.world.sharded:  # a sharded model reduces its own gradients
             return self.loss_of(batch)
         return self._wrapped()(*batch)
 
     def syncing(self, sync: bool) -> AbstractContextManager[Any]:
         """Around a micro-batch's forward and backward: gradients are all-reduced only when `sync`
         (the update's last micro-batch); before it they accumulate locally (DDP's no_sync)."""
-        if not self.world.parallel or sync:
+        if not self.world.parallel or self.world.sharded or sync:
             return nullcontext()
         return self._wrapped().no_sync()  # type: ignore[operator]
 

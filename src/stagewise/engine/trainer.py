@@ -23,6 +23,7 @@ from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
+from stagewise.engine.sharded import plain
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
@@ -191,10 +192,11 @@ class StageTrainer:
         if penalty is not None:
             penalty.backward()
         grad_norm = None
-        if self.reg.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.reg.grad_clip)
-        elif self._logging(step + 1) or control.checks_updates:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if self.reg.grad_clip is not None or self._logging(step + 1) or control.checks_updates:
+            # what clip_grad_norm_ does, with the norm of sharded gradients made one tensor first
+            grad_norm = plain(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            if self.reg.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.reg.grad_clip, grad_norm)
 
         if self.watch is not None:
             self.watch.note(step + 1, update_loss, grad_norm)
@@ -507,7 +509,7 @@ class StageTrainer:
             if is_schedule_free(self.opt.optimizer):
                 weights.enter_context(averaged(self.opt.optimizer))
             # Rank 0 evaluates the whole validation set; every rank's rules read its metrics.
-            metrics = self.run.world.from_main(
+            metrics = self.run.world.evaluated(
                 lambda: self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit))
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)
