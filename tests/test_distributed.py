@@ -10,7 +10,9 @@ differences are ~1e-6 relative; the tests allow 1e-4. Resuming at the same world
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import events, metrics, tiny_plan, write_plan
+from conftest import events, metrics, stage_weights, tiny_plan, write_plan
 
 from stagewise.engine.distributed import World, check_split
 from stagewise.errors import UserError
@@ -145,9 +147,8 @@ def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Pa
     assert _close(_val(tmp_path / "one"), _val(tmp_path / "two"))
 
 
-def test_a_batch_that_does_not_split_and_fsdp_are_one_line(tmp_path: Path, corpus: Path) -> None:
+def test_a_batch_that_does_not_split_is_one_line(tmp_path: Path, corpus: Path) -> None:
     from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
     from stagewise.plan.load import load_plan
 
     plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
@@ -156,9 +157,65 @@ def test_a_batch_that_does_not_split_and_fsdp_are_one_line(tmp_path: Path, corpu
     with pytest.raises(UserError, match=r"odd.yaml: stages\[0\].batch.size: 6 sequences per micro-batch do not "
                                         r"split over 4 processes: make it a multiple of 4"):
         check_split(World(rank=0, size=4), prepared.resolved, str(plan))
-    fsdp = _plan(tmp_path, corpus, "fsdp", distributed={"strategy": "fsdp"})
-    with pytest.raises(UserError, match="distributed.strategy: fsdp is not supported yet; use ddp"):
-        train(prepare(load_plan(fsdp), fsdp, tmp_path / "cache"), tmp_path / "fsdp-run")
+
+
+# --- fsdp: sharded weights -------------------------------------------------------------------------
+
+FSDP_STAGES: list[dict[str, Any]] = [
+    {**STAGES[0], "regularization": {"grad_clip": 1.0}},  # the clip reads the norm of sharded gradients
+    {"name": "b", "optimizer": {"name": "adamw", "lr": 1.0e-3}, "schedule": {"name": "decay", "shape": "linear"},
+     "steps": 10},
+]
+FSDP = {"strategy": "fsdp"}
+
+
+def test_fsdp_trains_as_one_process_and_its_checkpoints_load_in_one(tmp_path: Path, corpus: Path) -> None:
+    plan = _plan(tmp_path, corpus, "fsdp", FSDP_STAGES, distributed=FSDP)
+    _one(plan, tmp_path / "one", tmp_path / "cache-one")
+    done = _two(plan, tmp_path / "two", tmp_path / "cache-two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _val(tmp_path / "one"), _val(tmp_path / "two")
+    assert len(one) == 4 and _close(one, two), (one, two)
+    assert "data parallel: 2 processes (fsdp)" in done.stdout
+    # the export is a plain model's: the same tensors, within the runs' rounding (which AdamW's
+    # normalized steps make ~1e-4 on weights whose gradients are near 0: attention biases)
+    a, b = stage_weights(tmp_path / "one", "b"), stage_weights(tmp_path / "two", "b")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+    # one process reuses both stages fsdp trained (its final checkpoints read back)...
+    _one(plan, tmp_path / "reuse", tmp_path / "cache-two")
+    assert [e["stage"] for e in events(tmp_path / "reuse", "stage_reused")] == ["a", "b"]
+    # ...and resumes stage a from one of its mid-stage checkpoints (weights and AdamW moments)
+    keys = {e["stage"]: e["key"] for e in events(tmp_path / "two", "stage_start")}
+    shutil.copytree(tmp_path / "cache-two", tmp_path / "cache-cut")
+    for gone in ("final", "step-00000060"):
+        shutil.rmtree(tmp_path / "cache-cut" / "stages" / keys["a"] / gone)
+    shutil.rmtree(tmp_path / "cache-cut" / "stages" / keys["b"])
+    _one(plan, tmp_path / "resumed", tmp_path / "cache-cut")
+    resumed = events(tmp_path / "resumed", "stage_resumed")
+    assert [e["stage"] for e in resumed] == ["a"] and resumed[0]["stage_step"] == 56, resumed
+    assert events(tmp_path / "resumed", "world_size_changed")
+    assert _close(_val(tmp_path / "resumed"), [v for v in one if v[0] > 56])
+
+
+@pytest.mark.parametrize(("change", "line"), [
+    ({1: {"optimizer": {"handoff": "carry"}}}, r"stages\[1\].optimizer.handoff: carry is not supported with "
+                                               r"distributed.strategy fsdp yet"),
+    ({0: {"average": {"ema": 0.9}}}, r"stages\[0\].average: weight averaging is not supported with "
+                                     r"distributed.strategy fsdp yet"),
+    ({1: {"optimizer": {"name": "muon", "lr": 0.02}}}, r"stages\[1\].optimizer.name: muon is not supported"),
+])
+def test_what_fsdp_does_not_do_yet_is_one_line_at_check(tmp_path: Path, corpus: Path, change: dict[int, Any],
+                                                         line: str) -> None:
+    from stagewise.engine.prepare import prepare
+    from stagewise.plan.load import load_plan
+
+    stages = [{**s, **change.get(i, {})} for i, s in enumerate(FSDP_STAGES)]
+    plan = _plan(tmp_path, corpus, "refused", stages, distributed=FSDP)
+    with pytest.raises(UserError, match=line):
+        prepare(load_plan(plan), plan, tmp_path / "cache")
+    ddp = _plan(tmp_path, corpus, "ddp", stages)
+    prepare(load_plan(ddp), ddp, tmp_path / "cache")  # the same plan under ddp runs
 
 
 def test_each_rank_trains_its_rows_weighted_as_one_process_would() -> None:
@@ -173,3 +230,56 @@ def test_each_rank_trains_its_rows_weighted_as_one_process_would() -> None:
             total += share * float(part[0].mean()) / size
         assert total == pytest.approx(float(batch[0].mean()))
     assert World().shard((losses,), 0.5) == ((losses,), 0.5)
+
+
+def _sft_plan(tmp: Path, corpus: Path) -> Path:
+    """An sft stage whose completions are 1 to 12 characters: the target tokens per row are uneven."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(400):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.choice((1, 2, 12))))
+        rows.append(json.dumps({"prompt": word[:3], "completion": word[::-1]}))
+    (tmp / "sft.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    stages = [{"name": "sft", "task": "sft", "data": {"train": "sft.jsonl", "val_fraction": 0.1, "max_len": 24},
+               "optimizer": {"name": "adamw", "lr": 3.0e-3}, "steps": 30, "eval": {"every": 10}}]
+    return _plan(tmp, corpus, "sft", stages)
+
+
+def test_token_losses_weigh_each_rank_by_its_target_tokens(tmp_path: Path, corpus: Path) -> None:
+    """An sft micro-batch split over 2 ranks: each rank's token mean weighted by its part of the
+    target tokens is the micro-batch's token mean; weighted by rows (the way before) it is not."""
+    from stagewise.engine.device import autocast_factory
+    from stagewise.engine.prepare import prepare
+    from stagewise.plan.load import load_plan
+
+    plan = _sft_plan(tmp_path, corpus)
+    prepared = prepare(load_plan(plan), plan, tmp_path / "cache")
+    setup, cfg = prepared.stages[0].setup, prepared.stages[0].resolved.config
+    task = setup.spec.bind(setup, cfg, cfg.data, torch.device("cpu"), autocast_factory(torch.device("cpu"), None), False)
+    task.model.eval()  # no dropout: the same numbers each forward
+    batch = task.sampler(32, 8, 0).next_batch()
+    counts = task.targets(batch)
+    assert counts is not None and len(set(counts.tolist())) > 1  # uneven, or the test shows nothing
+    with torch.no_grad():
+        whole = float(task.loss(batch))
+        exact, by_rows = 0.0, 0.0
+        for rank in range(2):
+            world = World(rank=rank, size=2)
+            part, share = world.shard(batch, 1.0, counts)
+            rows, row_share = world.shard(batch, 1.0)
+            assert torch.equal(part[0], rows[0])  # the same rows, another weight
+            exact += share * float(task.loss(part)) / 2  # DDP's mean over the ranks
+            by_rows += row_share * float(task.loss(rows)) / 2
+    assert exact == pytest.approx(whole, rel=1e-6)
+    assert abs(by_rows - whole) > TOLERANCE * whole, (by_rows, whole)  # the row weighting would fail the test below
+
+
+def test_two_processes_train_sft_as_one(tmp_path: Path, corpus: Path) -> None:
+    plan = _sft_plan(tmp_path, corpus)
+    _one(plan, tmp_path / "one", tmp_path / "cache-one")
+    done = _two(plan, tmp_path / "two", tmp_path / "cache-two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _val(tmp_path / "one"), _val(tmp_path / "two")
+    assert len(one) == 3 and _close(one, two), (one, two)
+    first = [metrics(run, "train")[0]["loss"] for run in (tmp_path / "one", tmp_path / "two")]
+    assert first[1] == pytest.approx(first[0], rel=1e-6)  # the first update's loss: the token mean of both ranks

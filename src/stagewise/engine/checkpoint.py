@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
+from stagewise.engine.sharded import is_sharded
 from stagewise.errors import WriteFailed
 
 MANIFEST = "manifest.json"
@@ -111,7 +112,10 @@ def load_checkpoint(directory: Path, key: str, model: torch.nn.Module,
                                     f"({type(e).__name__}: {_first_line(e)})") from None
     _check_weights(directory / WEIGHTS, model)
     try:
-        load_model(model, str(directory / WEIGHTS), strict=False)
+        if is_sharded(model):  # safetensors' load_model reads the model's storages, which shards have not
+            model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
+        else:
+            load_model(model, str(directory / WEIGHTS), strict=False)
     except Exception as e:  # noqa: BLE001 - safetensors' parse errors: checked shapes, unreadable data
         raise InvalidCheckpoint(f"{directory / WEIGHTS}: cannot be read "
                                 f"({type(e).__name__}: {_first_line(e)})") from None

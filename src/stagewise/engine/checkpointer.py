@@ -19,6 +19,7 @@ from stagewise.engine.checkpoint import (
     save_checkpoint,
 )
 from stagewise.engine.context import RunContext
+from stagewise.engine.sharded import full_model
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped
 from stagewise.plan.resolve import ResolvedStage
@@ -105,9 +106,10 @@ class Checkpointer:
         self.run.world.barrier()
 
     def _save(self, directory: Path, state: dict[str, Any], step: int, **meta: Any) -> None:
-        if self.run.world.is_main:  # every rank holds the same state; rank 0 writes it
-            save_checkpoint(directory, self.model, state, {"key": self.store.key, "stage": self.stage.name,
-                                                           "step": step, **meta})
+        with full_model(self.run.world, self.model) as model:  # every rank holds the same state; rank 0 writes it
+            if model is not None:
+                save_checkpoint(directory, model, state, {"key": self.store.key, "stage": self.stage.name,
+                                                          "step": step, **meta})
         self.last_save = time.monotonic()
         self.run.logs.event("checkpoint_saved", stage=self.stage.name, step=self.stage.start_step + step,
                             stage_step=step, final=directory.name == "final")

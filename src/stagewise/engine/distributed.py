@@ -6,13 +6,18 @@ return their inputs: it never touches torch.distributed.
 How a run splits (README, "More than one process"):
 - The sampler draws the plan's global micro-batch on every rank (its state stays global, so a run
   resumes at any world size); each rank trains on its contiguous share of the rows (`shard`),
-  weighted so that DDP's mean over ranks is the mean over the whole micro-batch.
+  weighted by its part of what the task's loss is a mean over (rows, or target tokens: counted
+  from the global micro-batch every rank holds, no communication), so that DDP's mean over ranks
+  is the mean over the whole micro-batch.
 - The model is wrapped in DistributedDataParallel (`Replicas`); gradients are all-reduced on the
   update's last micro-batch only (`no_sync` before it).
 - The update's loss is all-reduced (`mean`), so the guards, rules and the non-finite watch read the
   same numbers on every rank; flags that come from a clock or a signal are agreed (`any`).
 - Rank 0 evaluates and sends the metrics to the others (`from_main`); it alone writes logs,
   checkpoints and exports, and holds the run's and the stages' locks.
+- `distributed: {strategy: fsdp}` shards the weights instead of replicating them (engine.sharded):
+  no DDP wrapper; every rank evaluates in step, and a checkpoint's or export's weights are
+  gathered from all ranks for rank 0 to write.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # fsdp: the weights are sharded over the ranks (engine.sharded)
 
     @property
     def is_main(self) -> bool:
@@ -82,6 +88,11 @@ class World:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def evaluated(self, compute: Callable[[], T]) -> T:
+        """Rank 0's evaluation on every rank: computed by rank 0 alone and sent; with sharded weights
+        by every rank in step (each forward gathers the weights from all), on the same batches."""
+        return compute() if self.sharded else self.from_main(compute)
+
     def gather(self, value: T) -> list[T]:
         """Every rank's `value`, in rank order."""
         if not self.parallel:
@@ -103,17 +114,22 @@ class World:
         """`manager` entered on rank 0 only (a lock only one process may hold); None elsewhere."""
         return manager if self.is_main else nullcontext()
 
-    def shard(self, batch: Batch, share: float) -> tuple[Batch, float]:
-        """This rank's rows of a global micro-batch and their share of the update. Shares are scaled
-        by rows x ranks / batch rows, so DDP's mean over ranks weighs every row as one process
-        would; a rank left without rows (a short last batch) trains one row at weight 0."""
+    def shard(self, batch: Batch, share: float, targets: torch.Tensor | None = None) -> tuple[Batch, float]:
+        """This rank's rows of a global micro-batch and their share of the update. `targets`: what
+        the loss is a mean over (Task.targets): None, the rows; else each row's count of target
+        tokens. Shares are scaled by this rank's part of them x ranks, so DDP's mean over ranks is
+        the mean over the whole micro-batch, as one process takes it. A rank left without rows (a
+        short last batch) or targets trains one row that has some at weight 0."""
         if not self.parallel:
             return batch, share
         rows = batch[0].size(0)
+        counts = [1] * rows if targets is None else targets.tolist()
         lo, hi = self.rank * rows // self.size, (self.rank + 1) * rows // self.size
-        if hi == lo:
-            return tuple(t[:1] for t in batch), 0.0
-        return tuple(t[lo:hi] for t in batch), share * (hi - lo) * self.size / rows
+        part = sum(counts[lo:hi])
+        if part == 0:
+            first = next((i for i, n in enumerate(counts) if n), 0)
+            return tuple(t[first:first + 1] for t in batch), 0.0
+        return tuple(t[lo:hi] for t in batch), share * part * self.size / sum(counts)
 
 
 SINGLE = World()
@@ -150,14 +166,14 @@ class Replicas:
         self._trainable: tuple[bool, ...] | None = None
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        if not self.world.parallel:
+        if not self.world.parallel or self.world.sharded:  # a sharded model reduces its own gradients
             return self.loss_of(batch)
         return self._wrapped()(*batch)
 
     def syncing(self, sync: bool) -> AbstractContextManager[Any]:
         """Around a micro-batch's forward and backward: gradients are all-reduced only when `sync`
         (the update's last micro-batch); before it they accumulate locally (DDP's no_sync)."""
-        if not self.world.parallel or sync:
+        if not self.world.parallel or self.world.sharded or sync:
             return nullcontext()
         return self._wrapped().no_sync()  # type: ignore[operator]
 

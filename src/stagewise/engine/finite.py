@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _NONE = 2**62  # no bad update yet
 
@@ -44,9 +45,17 @@ def _describe(bad_loss: int, bad_grad: int) -> str | None:
 
 
 def weights_finite(model: nn.Module) -> bool:
-    """Every parameter finite (one host sync)."""
-    checks = [torch.isfinite(p).all() for p in model.parameters()]
-    return not checks or bool(torch.stack(checks).all())
+    """Every parameter finite (one host sync); of sharded weights, every rank's shard (agreed)."""
+    params = list(model.parameters())
+    sharded = any(isinstance(p, DTensor) for p in params)
+    checks = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in params]
+    if not checks:
+        return True
+    finite = torch.stack(checks).all()
+    if sharded:
+        finite = finite.int()
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
 
 
 def nonfinite_metrics(metrics: dict[str, float]) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.engine.sharded import full_optimizer_state, sharded_optimizer_state
 from stagewise.errors import RunStopped
 from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
 from stagewise.optim.layers import StageLayers
@@ -137,7 +138,7 @@ class StageOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """The hand-off part of a checkpoint (with the SWATS estimate, added by the trainer): what a
         child stage may take over."""
-        return {"optimizer": self.optimizer.state_dict(), "optimizer_spec": self.spec}
+        return {"optimizer": full_optimizer_state(self.optimizer.state_dict()), "optimizer_spec": self.spec}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue with a checkpoint's optimizer: rebuilt when it is not the one in use (a rule
@@ -147,4 +148,4 @@ class StageOptimizer:
             self.optimizer = self._build(spec["name"], spec["settings"]) if spec is not None else \
                 self._build(self.stage.optimizer, self.stage.optimizer_settings)
             self.spec = spec
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(sharded_optimizer_state(self.optimizer, state["optimizer"]))

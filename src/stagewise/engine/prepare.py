@@ -15,6 +15,7 @@ from stagewise.data.prepare import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
+from stagewise.engine.sharded import check_sharded
 from stagewise.errors import UserError
 from stagewise.models.build import build_model, context_length, set_attention
 from stagewise.models.keys import check_model_keys
@@ -128,7 +129,9 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
     root = lm if lm is not None else setups[0].model
     initial = ({k: v.detach().clone() for k, v in root.state_dict().items()}
                if any(n.from_init for n in nodes) else None)
-    return Prepared(plan, plan_path, lm_data, stages, cache_root, root, initial, compiled, dtype)
+    prepared = Prepared(plan, plan_path, lm_data, stages, cache_root, root, initial, compiled, dtype)
+    check_sharded(prepared)  # what fsdp does not do yet: one line at check time, not mid-run
+    return prepared
 
 
 def _check_handoffs(nodes: list[StageNode], setups: list[StageSetup]) -> None:

@@ -26,10 +26,11 @@ from stagewise.engine.parent import load_parent
 from stagewise.engine.prepare import Prepared, Stage
 from stagewise.engine.rundir import run_directory
 from stagewise.engine.sample import generate_sample
+from stagewise.engine.sharded import full_model, shard_model
 from stagewise.engine.signals import StopRequest
 from stagewise.engine.status import bad_pin, complete, handoff_probe
 from stagewise.engine.trainer import StageTrainer
-from stagewise.errors import RunStopped, UserError, WriteFailed
+from stagewise.errors import RunStopped, WriteFailed
 from stagewise.plan.resolve import ResolvedStage, pinned_steps
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
@@ -44,8 +45,8 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
-    if prepared.plan.distributed.strategy == "fsdp":
-        raise UserError(f"{prepared.plan_path}: distributed.strategy", "fsdp is not supported yet; use ddp")
+    if world.parallel and prepared.plan.distributed.strategy == "fsdp":
+        world = dataclasses.replace(world, sharded=True)
     check_split(world, prepared.resolved, str(prepared.plan_path))
     try:
         with world.on_main(run_directory(run_dir, fresh)) as resumed:
@@ -78,6 +79,8 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     models = list({id(s.model): s.model for s in prepared.stages}.values())
     for model in models:
         model.to(device)
+        if world.sharded:
+            shard_model(model, dtype)
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
                      logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
                      world=world)
@@ -127,10 +130,11 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     run.logs.close()
     run.view.summary(summaries)
     last = prepared.stages[-1]
-    if plan.sample is not None and last.spec.samples and prepared.data is not None and world.is_main:
-        text = generate_sample(run, last.model, prepared.data, last.setup.chat)
-        _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
-        run.view.print(f"sample:\n{text}")
+    if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
+        text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
+        if world.is_main:
+            _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
+            run.view.print(f"sample:\n{text}")
     return summaries
 
 
@@ -251,23 +255,30 @@ def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, he
     """The stage's final model (held in memory: trained or reused) as a directory that can be
     used on its own (tasks.export); `stagewise.json`, written last, marks it complete."""
     assert held.marker == (stage.key, None)
-    if not run.world.is_main:
-        return
     out = run.run_dir / "stages" / stage.name
     marker = out / MARKER
-    try:
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key:
+
+    def exported() -> bool:
+        try:
+            return marker.is_file() and json.loads(marker.read_text()).get("key") == stage.key
+        except (OSError, ValueError):
+            return False  # a damaged marker: export again
+
+    if not (run.world.is_main or run.world.sharded):
+        return
+    if run.world.from_main(exported) if run.world.sharded else exported():  # sharded: all ranks decide as one
+        return
+    with full_model(run.world, stage.model) as model:  # sharded: gathered by every rank for rank 0
+        if model is None:
             return
-    except (OSError, ValueError):
-        pass  # a damaged marker: export again
-    setup = stage.setup
+        setup = dataclasses.replace(stage.setup, model=model)
 
-    def save(_: Path) -> None:
-        setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
-        marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task,
-                                      "labels": setup.labels}))
+        def save(_: Path) -> None:
+            setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
+            marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task,
+                                          "labels": setup.labels}))
 
-    _write(out, save)
+        _write(out, save)
     run.logs.event("stage_saved", stage=stage.name, step=end_step, path=str(out.relative_to(run.run_dir)))
 
 

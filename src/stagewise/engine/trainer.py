@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
+from stagewise.engine.sharded import plain
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
@@ -37,19 +38,22 @@ from stagewise.track.progress import StageSummary
 T = TypeVar("T")
 
 
-def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0,
-                  world: World = SINGLE) -> Iterator[tuple[Batch, float]]:
+def micro_batches(sampler: BatchSource, stage: ResolvedStage, step: int = 0, world: World = SINGLE,
+                  targets: Callable[[Batch], torch.Tensor | None] | None = None) -> Iterator[tuple[Batch, float]]:
     """The micro-batches of update `step` with each one's share of the update's gradient (a
     ramp's count grows with the step; each holds batch.size sequences, so equal shares keep the
     update's loss a mean over its sequences); with several ranks, this rank's rows of each
-    (World.shard)."""
+    (World.shard, weighted by the task's `targets`)."""
+    def shard(batch: Batch, share: float) -> tuple[Batch, float]:
+        return world.shard(batch, share, targets(batch) if targets is not None and world.parallel else None)
+
     if stage.full_batch:  # one update per pass: the rest of the epoch, weighted by rows
         for batch in sampler.epoch_batches():
-            yield world.shard(batch, batch[0].size(0) / stage.windows_per_epoch)
+            yield shard(batch, batch[0].size(0) / stage.windows_per_epoch)
     else:
         count = stage.micro_batches_at(step)
         for _ in range(count):
-            yield world.shard(sampler.next_batch(), 1.0 / count)
+            yield shard(sampler.next_batch(), 1.0 / count)
 
 
 def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
@@ -175,7 +179,7 @@ class StageTrainer:
         epoch = self.sampler.epoch
         poisoned = control.corrupts(step, self.sampler.state_dict)
         update_loss = torch.zeros((), device=device)
-        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world)):
+        for (batch, share), last in with_last(micro_batches(self.sampler, self.stage, step, self.run.world, self.task.targets)):
             if poisoned:
                 batch = self.task.corrupt(batch, step)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
@@ -188,10 +192,11 @@ class StageTrainer:
         if penalty is not None:
             penalty.backward()
         grad_norm = None
-        if self.reg.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.reg.grad_clip)
-        elif self._logging(step + 1) or control.checks_updates:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if self.reg.grad_clip is not None or self._logging(step + 1) or control.checks_updates:
+            # what clip_grad_norm_ does, with the norm of sharded gradients made one tensor first
+            grad_norm = plain(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            if self.reg.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.reg.grad_clip, grad_norm)
 
         if self.watch is not None:
             self.watch.note(step + 1, update_loss, grad_norm)
@@ -504,7 +509,7 @@ class StageTrainer:
             if is_schedule_free(self.opt.optimizer):
                 weights.enter_context(averaged(self.opt.optimizer))
             # Rank 0 evaluates the whole validation set; every rank's rules read its metrics.
-            metrics = self.run.world.from_main(
+            metrics = self.run.world.evaluated(
                 lambda: self.task.evaluate(stage.block_size, stage.batch_size, None if limit == "all" else limit))
         self.model.train()
         logged = {k: (v if math.isfinite(v) and not (k == "val_ppl" and metrics["val_loss"] >= 50) else None)

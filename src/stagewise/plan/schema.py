@@ -524,7 +524,8 @@ class LogConfig(Strict):
 
 class DistributedConfig(Strict):
     """How the processes of a torchrun launch share a stage (engine.distributed): `ddp` replicates
-    the model and all-reduces gradients; `fsdp` (sharded weights) is not supported yet."""
+    the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state
+    (FSDP2, engine.sharded)."""
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
 

@@ -56,6 +56,11 @@ class Task(ABC):
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean training loss of a batch already on the device."""
 
+    def targets(self, batch: Batch) -> torch.Tensor | None:
+        """What `loss` is a mean over: None, its rows (each counts one); else how many targets
+        (tokens) each row holds. A data-parallel run weighs each rank's loss by it (World.shard)."""
+        return None
+
     @abstractmethod
     def evaluate(self, block_size: int, batch_size: int, limit: int | None) -> dict[str, float]:
         """Validation metrics, `val_loss` first; the same examples every time. `limit`: at most

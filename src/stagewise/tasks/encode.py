@@ -25,6 +25,11 @@ from stagewise.tasks.readers import Records, where_of
 IGNORE = -100
 
 
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many targets each row of (B, T) labels holds: the tokens a loss over them averages."""
+    return (labels != IGNORE).sum(dim=1)
+
+
 def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: int, max_len: int,
                pack: bool, unknown: Counter[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) for supervised fine-tuning of a causal LM on (prompt, completion).

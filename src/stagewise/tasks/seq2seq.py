@@ -29,7 +29,7 @@ from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
-from stagewise.tasks.encode import IGNORE, encode_seq2seq
+from stagewise.tasks.encode import IGNORE, encode_seq2seq, targets
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
 from stagewise.tasks.models import from_config, root_model
@@ -56,7 +56,7 @@ class PairRows:
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src, tgt_in, tgt_out = self.src[index], self.tgt_in[index], self.tgt_out[index]
         s = int((src != PAD_ID).sum(dim=1).max())
-        t = int((tgt_out != IGNORE).sum(dim=1).max())
+        t = int(targets(tgt_out).max())
         return src[:, :s], tgt_in[:, :t], tgt_out[:, :t]
 
 
@@ -148,7 +148,7 @@ def evaluate_seq2seq(model: nn.Module, data: PairData, batch_size: int, device: 
     total, count, hypotheses = 0.0, 0, []
     for start in range(0, len(data.val), batch_size):
         src, tgt_in, tgt_out = (t.to(device) for t in data.val.rows(torch.arange(start, min(start + batch_size, len(data.val)))))
-        n = int((tgt_out != IGNORE).sum())
+        n = int(targets(tgt_out).sum())
         total += seq2seq_loss(model, (src, tgt_in, tgt_out)).item() * n
         count += n
         hypotheses += translate(model, data, src, max_len, beam)
@@ -167,6 +167,9 @@ class Seq2SeqTask(ExampleTask):
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return seq2seq_loss(self.model, batch)  # type: ignore[arg-type, arg-type]
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return targets(batch[2])  # tgt_out
 
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_seq2seq(self.model, self.data, batch_size, self.device,

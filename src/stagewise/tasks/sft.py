@@ -31,7 +31,7 @@ from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.encode import IGNORE, encode_sft
+from stagewise.tasks.encode import IGNORE, encode_sft, targets
 from stagewise.tasks.export import TrainedStage
 from stagewise.tasks.lm import continue_text, lm_stop, load_causal_lm, save_lm, stage_template
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
@@ -111,7 +111,7 @@ def evaluate_sft(model: nn.Module, data: SftRows, batch_size: int, device: torch
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
         input_ids, labels = (t.to(device) for t in data.rows(torch.arange(start, min(start + batch_size, len(data)))))
-        n = int((labels[:, 1:] != IGNORE).sum())
+        n = int(targets(labels[:, 1:]).sum())
         total += sft_loss(model, (input_ids, labels)).item() * n
         count += n
     model.train(was_training)
@@ -155,6 +155,9 @@ class SftTask(ExampleTask):
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return sft_loss(self.model, batch)  # type: ignore[arg-type]
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return targets(batch[1][:, 1:])  # the completion tokens sft_loss predicts
 
     def evaluate(self, block_size: int, batch_size: int, limit: int | None) -> dict[str, float]:
         """The loss over every validation example; replies decoded for `eval.metrics` from the first

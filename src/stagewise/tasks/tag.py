@@ -23,7 +23,7 @@ from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of
-from stagewise.tasks.encode import IGNORE, encode_tagging
+from stagewise.tasks.encode import IGNORE, encode_tagging, targets
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.metrics import span_f1
@@ -111,6 +111,9 @@ class TagTask(ExampleTask):
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return tag_loss(self.model, batch)  # type: ignore[arg-type]
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return targets(batch[2])  # the words' tags
 
     def metrics(self, batch_size: int) -> dict[str, float]:
         return evaluate_tag(self.model, self.data, batch_size, self.device)
