@@ -37,6 +37,7 @@ from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.metrics import exact_match, rouge, span_f1, token_f1
 from stagewise.tasks.readers import read_conll, read_pairs, read_prompt_completion
+from stagewise.tasks.tag import most_frequent_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "tasks"
@@ -69,11 +70,7 @@ def baseline(name: str, data: Path) -> dict[str, float]:
         replies = [reply(c) for _, c in val[:64]]  # what the plan decodes: eval.batches 4 x batch 16
         return {"exact_match": exact_match([frequent] * len(replies), replies)}
     train_rows, val_rows = split_records(read_conll(data / "roles.conll"), 0.1, 0)
-    by_word: dict[str, Counter[str]] = {}
-    for words, tags in train_rows:
-        for w, t in zip(words, tags, strict=True):
-            by_word.setdefault(w, Counter())[t] += 1
-    guess = [[by_word[w].most_common(1)[0][0] if w in by_word else "O" for w in words] for words, _ in val_rows]
+    guess = most_frequent_tags(train_rows, [words for words, _ in val_rows])
     return {"span_f1": span_f1(guess, [tags for _, tags in val_rows])}
 
 

@@ -7,6 +7,7 @@ a transformers token-classification model (e.g. bert) built from config.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -100,6 +101,15 @@ def evaluate_tag(model: nn.Module, data: TagData, batch_size: int, device: torch
             gold.append([data.tag_map.decode(g) for g, m in zip(row_gold, row_mask, strict=True) if m])
     model.train(was_training)
     return {"val_loss": total / count, "val_span_f1": span_f1(predicted, gold)}
+
+
+def most_frequent_tags(train: list[tuple[list[str], list[str]]], sentences: list[list[str]]) -> list[list[str]]:
+    """The trivial baseline: each word's most frequent training tag ("O" for a word never seen)."""
+    by_word: dict[str, Counter[str]] = {}
+    for words, tags in train:
+        for w, t in zip(words, tags, strict=True):
+            by_word.setdefault(w, Counter())[t] += 1
+    return [[by_word[w].most_common(1)[0][0] if w in by_word else "O" for w in words] for words in sentences]
 
 
 class TagTask(ExampleTask):

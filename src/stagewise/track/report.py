@@ -27,7 +27,7 @@ th, td { border-bottom: 1px solid #ddd; padding: .25em .7em; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; display: block; margin: .5em 0; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
-.complete { color: #1a7f37; } .failed { color: #c62828; } .interrupted { color: #b26a00; }
+.complete { color: #1a7f37; } .failed { color: #c62828; } .interrupted { color: #b26a00; } .running { color: #0277bd; }
 """
 
 

@@ -77,10 +77,10 @@ class Run:
     def _named(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == event]
 
-    @property
+    @cached_property
     def state(self) -> str:
         """running (a process holds the run's lock), complete, failed, or interrupted (also a run
-        killed too hard to log it)."""
+        killed too hard to log it); looked at once, like the logs the Run was loaded with."""
         if is_training(self.path):
             return "running"
         names = {e.get("event") for e in self.events}
