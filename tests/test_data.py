@@ -502,3 +502,20 @@ def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypa
     (tmp_path / "a.txt").write_text("hello there\n" * 50, encoding="utf-8")  # new bytes: parsed again
     with pytest.raises(AssertionError, match="parsed again"):
         prepare_data(cfg, tok, tmp_path, tmp_path / "cache", seed=0)
+
+
+def test_text_files_read_as_datasets_text_builder_reads_them(tmp_path: Path) -> None:
+    """Text files are read directly (no datasets import at start-up), to the same documents as
+    `load_dataset("text", sample_by="document")`: universal newlines, one document per file."""
+    import tempfile
+
+    import datasets
+
+    (tmp_path / "a.txt").write_bytes(b"ROMEO:\r\nwhat light\rthrough\n\xc3\xa9\n")
+    (tmp_path / "b.txt").write_bytes(b"second file\n\n")
+    (tmp_path / "c.txt").write_text("held out\n", encoding="utf-8")
+    corpus = load_corpus(DataConfig(train=["a.txt", "b.txt"], val="c.txt"), tmp_path, seed=0)
+    with tempfile.TemporaryDirectory() as scratch:
+        ds = datasets.load_dataset("text", data_files=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                                   split="train", sample_by="document", cache_dir=scratch, keep_in_memory=True)
+    assert corpus.train == ds["text"] == ["ROMEO:\nwhat light\nthrough\né\n", "second file\n\n"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+import stagewise.engine.cpu_load  # noqa: F401 - first: its load window starts before torch is imported
 from stagewise.errors import RunStopped, UserError
 
 if TYPE_CHECKING:

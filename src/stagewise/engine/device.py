@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import random
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from stagewise.engine.cpu_load import busy_cores
 from stagewise.errors import UserError
 
 if TYPE_CHECKING:
@@ -169,42 +169,6 @@ def resolve_compile(plan: Plan, device: torch.device, model: torch.nn.Module | N
 
 
 # ----------------------------------------------------------------------------------- threads
-
-def _cpu_times() -> tuple[float, int, int] | None:
-    """(wall time, jiffies the machine was busy, jiffies of this process), None without /proc."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        with open("/proc/self/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.monotonic(), user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
-
-
-# The window over which other processes' CPU use is measured starts when the engine is imported:
-# by the time a plan is prepared (imports, data, model: a second or more) the window is long
-# enough to average over, and no start-up time is spent sleeping to measure it.
-_SINCE = _cpu_times()
-_MIN_WINDOW_S = 0.3
-
-
-def busy_cores() -> float:
-    """Cores other processes kept busy, on average, since this module was imported (/proc/stat
-    minus this process's own time); the 1-minute load average where /proc is absent."""
-    global _SINCE
-    start = _SINCE
-    if start is None:
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if time.monotonic() - start[0] < _MIN_WINDOW_S:
-        time.sleep(_MIN_WINDOW_S - (time.monotonic() - start[0]))
-    now = _cpu_times()
-    if now is None:
-        return 0.0
-    _SINCE = now
-    hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, ((now[1] - start[1]) - (now[2] - start[2])) / hz / max(now[0] - start[0], 1e-9))
-
 
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (hyperthreads of one core count once:

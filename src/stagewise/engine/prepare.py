@@ -17,13 +17,14 @@ from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
 from stagewise.engine.sharded import check_sharded
 from stagewise.errors import UserError
-from stagewise.models.build import build_model, context_length, set_attention
+from stagewise.models.build import context_length, set_attention
 from stagewise.models.keys import check_model_keys
 from stagewise.optim.layers import StageLayers
 from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
 from stagewise.plan.schema import Plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.chat import plan_template, special_tokens
+from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.stage_setup import plan_corpus, setup_stages
 
@@ -96,7 +97,7 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         device = resolve_device(plan.device)
         if lm_data is not None:
-            lm = build_model(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            lm = build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
             compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
             set_attention(lm, plan.model.attention, compiled, device)
         setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root)

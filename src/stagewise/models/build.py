@@ -7,17 +7,20 @@ import builtins
 import difflib
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from stagewise.errors import UserError
 from stagewise.plan.schema import ModelConfig
 
+if TYPE_CHECKING:  # transformers takes seconds to import: only the functions that build with it do
+    from transformers import PretrainedConfig, PreTrainedModel
+
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     if cfg.pretrained is not None:
         return _load_pretrained(cfg.pretrained, vocab_size, plan_dir)
     config = model_config(cfg, vocab_size, eos_id)
@@ -30,6 +33,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
     """The architecture's config with the plan's size keys; unknown keys are refused by name."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     arch = cfg.arch
     assert arch is not None
     if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -59,6 +66,8 @@ def config_keys(config_class: type[PretrainedConfig]) -> set[str]:
 
 
 def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     local = (plan_dir / name).expanduser()
     source = str(local) if local.exists() else name
     try:
@@ -73,12 +82,13 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
     return model
 
 
-def set_attention(model: PreTrainedModel, choice: str, compiled: bool, device: torch.device) -> str:
+def set_attention(model: torch.nn.Module, choice: str, compiled: bool, device: torch.device) -> str:
     """Pick the attention implementation (see ModelConfig.attention); returns the one in use."""
+    config: Any = model.config
     if choice == "auto":
-        choice = "eager" if compiled and device.type == "cpu" else model.config._attn_implementation
-    if choice != model.config._attn_implementation:
-        model.set_attn_implementation(choice)
+        choice = "eager" if compiled and device.type == "cpu" else config._attn_implementation
+    if choice != config._attn_implementation:
+        model.set_attn_implementation(choice)  # type: ignore[operator]
     return choice
 
 

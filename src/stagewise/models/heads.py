@@ -9,12 +9,14 @@ GPT-2 classes), so the LM's output layer is left behind and the new head starts 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from stagewise.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def classifier_from_lm(lm: PreTrainedModel, num_classes: int, pad_id: int, where: str) -> tuple[PreTrainedModel, int]:
@@ -22,7 +24,12 @@ def classifier_from_lm(lm: PreTrainedModel, num_classes: int, pad_id: int, where
     carried. `pad_id`: the padding token of the encoded texts; the classifier reads the logits at
     each row's last non-pad token, so it must not occur inside a text (the EOS of our tokenizers
     does not)."""
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
     arch = lm.config.model_type
+    if not isinstance(lm, PreTrainedModel):
+        raise UserError(where, f"classifier heads go on transformers causal LMs (model.arch '{arch}' is stagewise's own)")
     if arch not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise UserError(where, f"transformers has no sequence-classification head for '{arch}'")
     config = copy.deepcopy(lm.config)

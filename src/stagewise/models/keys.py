@@ -151,9 +151,12 @@ def _builtin_parameters(cls: type, settings: dict[str, Any], vocab: int) -> int:
     (parameters grow linearly in it), so a deep setting costs no time either."""
     import torch
 
+    exact = getattr(cls, "parameter_count", None)
+    if exact is not None:
+        return int(exact(vocab_size=vocab, **settings))
     required = {n: (vocab if "vocab" in n else 2) for n, p in inspect.signature(cls).parameters.items()
                 if p.default is inspect.Parameter.empty}
-    layer_keys = [k for k, v in settings.items() if "layers" in k and isinstance(v, int)]
+    layer_keys = [k for k, v in settings.items() if ("layers" in k or k == "n_layer") and isinstance(v, int)]
 
     def count(**layers: int) -> int:
         with torch.device("meta"):

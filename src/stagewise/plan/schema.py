@@ -455,9 +455,10 @@ class StageConfig(Strict):
 
 
 class ModelConfig(BaseModel):
-    """`arch` (a transformers model type, built from config with the other keys as its config
-    fields) or `pretrained` (a local directory or hub name). Size keys are checked against the
-    architecture's config class in models.build."""
+    """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
+    built from config with the other keys as its config fields) or `pretrained` (a local directory
+    or hub name). Size keys are checked against the model's constructor or the architecture's
+    config class (models.keys)."""
 
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     arch: Annotated[str, Field(max_length=64)] | None = None

@@ -23,11 +23,14 @@ from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
 from stagewise.errors import UserError
 from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
+from stagewise.models.build import build_model, context_length
 from stagewise.models.generate import Stop, sample
+from stagewise.models.gpt import GPT
 from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.tasks.chat import ChatTemplate, directory_template
-from stagewise.tasks.export import TrainedStage, load_transformers, save_transformers
+from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
+from stagewise.tasks.models import root_model
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 
 # Inductor options of the compiled loss module. cpp.use_decompose_tanh: tanh as 2 / (1 + exp(-2x)) - 1
@@ -38,6 +41,21 @@ from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSe
 # default because the decomposed form loses relative precision near 0 (pytorch#148241: tanh fed
 # into atan2), where GELU adds 1 to it. The CUDA (Triton) backend ignores it.
 COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp.use_decompose_tanh": True}
+
+
+# The causal LMs stagewise builds itself, by `model.arch` (every other arch is a transformers one).
+LM_MODELS: dict[str, type[nn.Module]] = {"gpt": GPT}
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> nn.Module:
+    """The plan's causal LM: one of LM_MODELS, else a transformers model from config or
+    pretrained weights (models.build)."""
+    if cfg.pretrained is None and cfg.arch in LM_MODELS:
+        from stagewise.tasks.registry import task_spec
+
+        return root_model(cfg, task_spec(LM_FAMILY), {"vocab_size": vocab_size},
+                          lambda arch, keys: build_model(cfg, vocab_size, eos_id, plan_dir))
+    return build_model(cfg, vocab_size, eos_id, plan_dir)
 
 
 class LanguageModelLoss(nn.Module):
@@ -110,8 +128,12 @@ class LanguageModelTask(Task):
 
 
 def load_causal_lm(stage: TrainedStage) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
+    """(model, transformers tokenizer) of a causal-LM export: stagewise's own GPT or a transformers model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (stage.directory / BUILTIN_FILE).is_file():
+        model, _ = stage.builtin()
+        return model, AutoTokenizer.from_pretrained(stage.directory)
     return load_transformers(stage.directory, AutoModelForCausalLM)
 
 
@@ -131,7 +153,7 @@ def continue_text(stage: TrainedStage, prompt: str, opts: GenerateOptions) -> st
     stop = lm_stop([tok.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])],
                    lambda text: tok.encode(text, add_special_tokens=False),
                    lambda generated: tok.decode(generated, skip_special_tokens=True), template, opts.stop)
-    out = sample(model, torch.tensor([ids]), opts.max_tokens or 200, model.config.max_position_embeddings,
+    out = sample(model, torch.tensor([ids]), opts.max_tokens or 200, context_length(model),
                  opts.temperature, opts.top_k, opts.top_p, generator=torch.Generator().manual_seed(opts.seed), stop=stop)
     generated, text = stop.cut(out[0, len(ids):].tolist())
     if opts.messages is not None:
@@ -174,7 +196,7 @@ def evaluate_text(stage: TrainedStage, path: Path, batch_size: int = 16) -> tupl
         raise UserError(str(path), f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
     model, tok = load_causal_lm(stage)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    block = model.config.max_position_embeddings
+    block = context_length(model)
     windows = (len(ids) - 1) // block
     if windows < 1:
         raise UserError(str(path), f"{len(ids)} tokens: too few for one window of {block + 1}")
@@ -202,6 +224,7 @@ class CausalLMSpec(TaskSpec):
     formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
     reads = "text files"
     counts = "tokens"
+    builtin = LM_MODELS
 
     def prepare(self, inp: StageInput) -> tuple[Any, str]:
         if inp.own and inp.config.mix is None:
@@ -239,6 +262,14 @@ def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> Non
     tok = to_transformers(lm_tokenizer)
     if setup.chat is not None:
         tok.chat_template = setup.chat.source
+    if isinstance(setup.model, GPT):  # weights and model.json, with the tokenizer as AutoTokenizer loads it
+        c = setup.model.config
+        settings = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.n_positions,
+                    "bias": c.bias, "dropout": c.dropout}
+        save_builtin(setup.model, {"task": setup.task, "arch": c.model_type, "settings": settings,
+                                   "sizes": {"vocab_size": c.vocab_size}}, {}, out)
+        tok.save_pretrained(out)
+        return
     save_transformers(merged(setup.model), setup.labels, tok, out)
     if setup.adapter is not None and setup.adapter.lora is not None:  # and the adapter on its own (models.adapters)
         save_adapter(setup.model, out / ADAPTER_DIR, setup.adapter.base)

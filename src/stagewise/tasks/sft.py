@@ -33,7 +33,7 @@ from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_sft, targets
 from stagewise.tasks.export import TrainedStage
-from stagewise.tasks.lm import continue_text, lm_stop, load_causal_lm, save_lm, stage_template
+from stagewise.tasks.lm import LM_MODELS, continue_text, lm_stop, load_causal_lm, save_lm, stage_template
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
 from stagewise.tasks.readers import Records, read_prompt_completion
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, data_files
@@ -191,6 +191,7 @@ class SftSpec(TaskSpec):
     formats = ("auto", "json")
     reads = "JSONL files"
     default_max_len = MAX_LEN
+    builtin = LM_MODELS
 
     def plan_corpus(self, cfg: DataConfig, plan_dir: Path, seed: int, template: ChatTemplate) -> Corpus | None:
         """The examples as the model reads them (prompt + completion), split as prepare splits them:

@@ -35,14 +35,14 @@ if TYPE_CHECKING:
     from stagewise.tasks.chat import ChatTemplate
     from stagewise.tasks.export import TrainedStage
 
-LM_FAMILY = "causal_lm"  # the tasks that train a transformers causal LM (causal_lm, sft)
+LM_FAMILY = "causal_lm"  # the tasks that train a causal LM (causal_lm, sft)
 
 
 @dataclass(frozen=True)
 class StageSetup:
     """A stage's data and model. `head`: the model is a new head on the parent's LM, whose
-    backbone weights are carried into it when the stage starts. `lm_based`: a transformers
-    causal LM or a head on one (it reads the plan's tokenizer)."""
+    backbone weights are carried into it when the stage starts. `lm_based`: a causal LM or a
+    head on one (it reads the plan's tokenizer)."""
 
     spec: TaskSpec
     data: Any  # the spec's prepared data (PreparedData, SftData, ClassifyData, PairData, TagData)

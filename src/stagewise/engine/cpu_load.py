@@ -1,0 +1,43 @@
+"""How busy the machine is: the cores other processes keep busy (`threads: auto`, engine.device).
+
+Torch-free, so that the CLI imports it first: the window over which other processes' CPU use is
+measured starts before torch is imported, and by the time a plan is prepared (imports, data,
+model: a second or more) it is long enough to average over without sleeping to measure it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def _cpu_times() -> tuple[float, int, int] | None:
+    """(wall time, jiffies the machine was busy, jiffies of this process), None without /proc."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.monotonic(), user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
+
+
+_SINCE = _cpu_times()
+_MIN_WINDOW_S = 0.3
+
+
+def busy_cores() -> float:
+    """Cores other processes kept busy, on average, since this module was imported (/proc/stat
+    minus this process's own time); the 1-minute load average where /proc is absent."""
+    global _SINCE
+    start = _SINCE
+    if start is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if time.monotonic() - start[0] < _MIN_WINDOW_S:
+        time.sleep(_MIN_WINDOW_S - (time.monotonic() - start[0]))
+    now = _cpu_times()
+    if now is None:
+        return 0.0
+    _SINCE = now
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((now[1] - start[1]) - (now[2] - start[2])) / hz / max(now[0] - start[0], 1e-9))
