@@ -71,6 +71,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from stagewise.data.prepare import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.cpu_load import busy_between, cpu_times
 from stagewise.engine.device import derive_seed, flops_per_token, model_shape, resolve_threads, seed_everything
 from stagewise.engine.prepare import prepare
 from stagewise.engine.run import train
@@ -111,27 +112,13 @@ RATIOS = {"ratio_vs_trainer_compiled": ("stagewise", "trainer_compiled"),
           "ratio_defaults_vs_best": ("stagewise_defaults", "stagewise")}
 TARGET = {"ratio_vs_trainer_compiled": 1.15, "ratio_vs_loop": 1.0, "ratio_defaults_vs_best": 0.9,
           "mfu_10M": 0.35, "startup_to_first_step_s": 3.0}
-HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 # --------------------------------------------------------------------------------------- timing
 
 def cpu_sample() -> tuple[float, int, int]:
-    """(wall time, jiffies the machine was busy, jiffies of this process); 0 where /proc is absent."""
-    now = time.perf_counter()
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        with open("/proc/self/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return now, user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return now, 0, 0
-
-
-def foreign_cores(a: tuple[float, int, int], b: tuple[float, int, int]) -> float:
-    """CPU cores other processes kept busy, on average, between two samples."""
-    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / HZ / max(b[0] - a[0], 1e-9))
+    """(wall time, jiffies the machine was busy, jiffies of this process); 0 jiffies where /proc is absent."""
+    return cpu_times() or (time.monotonic(), 0, 0)
 
 
 def wait_until_quiet(console: Console, max_wait: float, threshold: float = 0.2) -> float:
@@ -140,7 +127,7 @@ def wait_until_quiet(console: Console, max_wait: float, threshold: float = 0.2) 
     while True:
         a = cpu_sample()
         time.sleep(1.0)
-        load = foreign_cores(a, cpu_sample())
+        load = busy_between(a, cpu_sample())
         waited = time.perf_counter() - started
         if load < threshold or waited >= max_wait:
             return waited
@@ -205,7 +192,7 @@ class StepClock:
                 "median_step_ms": round(1000 * statistics.median(timed), 2),
                 "turn_tokens_per_s": [round(len(t) * TOKENS_PER_STEP / sum(t), 1) for t in turns],
                 "seconds_timed": round(sum(timed), 2),
-                "foreign_cores": round(foreign_cores(self.samples[self.warmup - 1], self.samples[-1]), 3)}
+                "foreign_cores": round(busy_between(self.samples[self.warmup - 1], self.samples[-1]), 3)}
 
 
 class Clocks:
@@ -486,7 +473,7 @@ def startup(work: Path, data: str, rounds: int = 3) -> dict[str, Any]:
             cpus[kind].append(used)
             rss[kind].append(usage.ru_maxrss / 1024)
             b = cpu_sample()
-            foreign.append(max(0.0, foreign_cores(a, b) - used / max(b[0] - a[0], 1e-9)))  # less the child's own
+            foreign.append(max(0.0, busy_between(a, b) - used / max(b[0] - a[0], 1e-9)))  # less the child's own
     out: dict[str, Any] = {}
     for kind in walls:
         out[kind] = round(statistics.median(walls[kind]), 2)

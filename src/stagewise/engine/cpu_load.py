@@ -10,7 +10,7 @@ import os
 import time
 
 
-def _cpu_times() -> tuple[float, int, int] | None:
+def cpu_times() -> tuple[float, int, int] | None:
     """(wall time, jiffies the machine was busy, jiffies of this process), None without /proc."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
@@ -22,7 +22,7 @@ def _cpu_times() -> tuple[float, int, int] | None:
     return time.monotonic(), user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
 
 
-_SINCE = _cpu_times()
+_SINCE = cpu_times()
 _MIN_WINDOW_S = 0.3
 
 
@@ -35,9 +35,13 @@ def busy_cores() -> float:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if time.monotonic() - start[0] < _MIN_WINDOW_S:
         time.sleep(_MIN_WINDOW_S - (time.monotonic() - start[0]))
-    now = _cpu_times()
+    now = cpu_times()
     if now is None:
         return 0.0
     _SINCE = now
-    hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, ((now[1] - start[1]) - (now[2] - start[2])) / hz / max(now[0] - start[0], 1e-9))
+    return busy_between(start, now)
+
+
+def busy_between(a: tuple[float, int, int], b: tuple[float, int, int]) -> float:
+    """Cores other processes kept busy, on average, between two `cpu_times` samples."""
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / os.sysconf("SC_CLK_TCK") / max(b[0] - a[0], 1e-9))

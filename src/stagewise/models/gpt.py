@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,11 @@ class GPTConfig:
     _attn_implementation: str = "sdpa"
     model_type: str = "gpt"
     use_cache: bool = True  # the model can keep a KV cache (generation asks for it)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's settings (all but the vocabulary, which the data sets): an export's model.json."""
+        return {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd, "n_positions": self.n_positions,
+                "bias": self.bias, "dropout": self.dropout}
 
     @property
     def max_position_embeddings(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -205,7 +205,24 @@ class RampConfig(Strict):
         return self
 
 
-class BatchConfig(Strict):
+class DumpsAsBefore(Strict):
+    """A config that gained keys after stage keys were first written: each of `LATER`, while None,
+    stays out of the dump, so the data settings and stage keys of existing plans dump (and hash)
+    as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
+
+    LATER: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unset_later(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        for key in self.LATER:
+            if getattr(self, key) is None:
+                dumped.pop(key, None)
+        return dumped
+
+
+class BatchConfig(DumpsAsBefore):
+    LATER = ("ramp",)
     size: Annotated[int, Field(ge=1, le=10**6)]  # sequences per micro-batch
     accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1  # micro-batches per update
     full: bool = False  # one update per pass over the whole training set
@@ -240,13 +257,6 @@ class BatchConfig(Strict):
                                                                   "inc": self.ramp.increment})
         return self
 
-    @model_serializer(mode="wrap")
-    def _without_unset_ramp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Keys added later stay out of the dump at their default: stage keys of existing plans hold.
-        dumped = handler(self)
-        if self.ramp is None:
-            dumped.pop("ramp", None)
-        return dumped
 
 
 class AverageConfig(Strict):
@@ -329,11 +339,12 @@ class MixSource(Strict):
         return PurePath(first).stem or f"source{index}"
 
 
-class DataConfig(Strict):
+class DataConfig(DumpsAsBefore):
     """Local files (paths or globs, relative to the plan file; `{stdlib}` is the running Python's
     standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name; or, for a
     causal_lm stage, `mix`: a weighted mixture of such sources (data.mixture)."""
 
+    LATER = ("mix",)
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
     mix: Annotated[list[MixSource], Field(min_length=1, max_length=64)] | None = None
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
@@ -370,13 +381,6 @@ class DataConfig(Strict):
                                                                         "first": names.index(name)})
         return self
 
-    @model_serializer(mode="wrap")
-    def _without_unset_mix(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # As BatchConfig's ramp: data settings (and stage keys) of existing plans dump as before.
-        dumped = handler(self)
-        if self.mix is None:
-            dumped.pop("mix", None)
-        return dumped
 
 
 class LoraSettings(Strict):

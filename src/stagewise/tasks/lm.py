@@ -30,7 +30,7 @@ from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
-from stagewise.tasks.models import root_model
+from stagewise.tasks.models import build_builtin
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
 
 # Inductor options of the compiled loss module. cpp.use_decompose_tanh: tanh as 2 / (1 + exp(-2x)) - 1
@@ -53,8 +53,7 @@ def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> 
     if cfg.pretrained is None and cfg.arch in LM_MODELS:
         from stagewise.tasks.registry import task_spec
 
-        return root_model(cfg, task_spec(LM_FAMILY), {"vocab_size": vocab_size},
-                          lambda arch, keys: build_model(cfg, vocab_size, eos_id, plan_dir))
+        return build_builtin(cfg, task_spec(LM_FAMILY), {"vocab_size": vocab_size})
     return build_model(cfg, vocab_size, eos_id, plan_dir)
 
 
@@ -264,9 +263,7 @@ def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> Non
         tok.chat_template = setup.chat.source
     if isinstance(setup.model, GPT):  # weights and model.json, with the tokenizer as AutoTokenizer loads it
         c = setup.model.config
-        settings = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.n_positions,
-                    "bias": c.bias, "dropout": c.dropout}
-        save_builtin(setup.model, {"task": setup.task, "arch": c.model_type, "settings": settings,
+        save_builtin(setup.model, {"task": setup.task, "arch": c.model_type, "settings": c.settings(),
                                    "sizes": {"vocab_size": c.vocab_size}}, {}, out)
         tok.save_pretrained(out)
         return

@@ -35,6 +35,13 @@ def root_model(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int],
         if others:
             raise UserError("model.arch", f"'{arch}' is a model for {' and '.join(others)}, not {task.name}")
         return transformers_model(arch, cfg.size_keys())
+    return build_builtin(cfg, task, sizes)
+
+
+def build_builtin(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int]) -> nn.Module:
+    """The task's own model `cfg.arch`, from the plan's settings and the data's `sizes`."""
+    arch = cfg.arch
+    assert arch is not None and arch in task.builtin
     cls = task.builtin[arch]
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"} - _SET_BY_DATA
     for key in sorted(cfg.size_keys()):
