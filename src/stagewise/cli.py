@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-import stagewise.engine.cpu_load  # noqa: F401 - first: its load window starts before torch is imported
 from stagewise.errors import RunStopped, UserError
+from stagewise.train.cpu_load import start_window
 
 if TYPE_CHECKING:
-    from stagewise.engine.prepare import Prepared
+    from stagewise.train.prepare_run import Prepared
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +153,7 @@ def _cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_window()  # `threads: auto` measures the machine's load from here, before torch is imported
     args = _parse(_parser(), argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.distributed import joined
-    from stagewise.engine.run import train
+    from stagewise.train.distributed import joined
+    from stagewise.train.run_plan import train
 
     with joined() as world:  # the processes torchrun started, if it did
         if not world.is_main:  # rank 0 speaks for all
@@ -194,9 +195,9 @@ def _prepare(args: argparse.Namespace, fresh: bool | None = None) -> tuple[Prepa
     cache: --cache, else .cache beside the run directory (--out, else runs/<plan name>). A problem
     in what an override set names the command line. `fresh` (train): the run directory is checked
     first, before the slow part (train checks again under its lock)."""
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.rundir import check_run_directory
     from stagewise.plan.load import blame_overrides, load_plan, override_keys
+    from stagewise.train.prepare_run import prepare
+    from stagewise.train.rundir import check_run_directory
 
     plan = load_plan(args.plan, args.overrides)
     out = args.out or Path("runs") / plan.name
@@ -209,8 +210,8 @@ def _prepare(args: argparse.Namespace, fresh: bool | None = None) -> tuple[Prepa
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.status import stage_status
     from stagewise.track.plan_view import print_plan
+    from stagewise.train.status import stage_status
 
     prepared, _ = _prepare(args)
     print_plan(console, prepared.plan.name, prepared.resolved, stage_status(prepared))
@@ -228,8 +229,8 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _verify_resume(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.verify import verify_resume
     from stagewise.plan.load import load_plan
+    from stagewise.train.verify import verify_resume
 
     if args.steps < 2:
         raise UserError("--steps", f"must be >= 2 (got {args.steps})")
@@ -258,7 +259,7 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
     from stagewise.tasks.spec import GenerateOptions
-    from stagewise.trained import generate, open_stage
+    from stagewise.track.trained import generate, open_stage
 
     if (args.max_tokens is not None and args.max_tokens < 1) or args.temperature < 0 \
             or (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1) \
@@ -302,7 +303,7 @@ def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from stagewise.trained import COUNTS, evaluate, open_stage
+    from stagewise.track.trained import COUNTS, evaluate, open_stage
 
     if args.beam is not None and args.beam < 1:
         raise UserError("--beam", f"must be >= 1 (got {args.beam})")
@@ -318,7 +319,7 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.trained import export
+    from stagewise.track.trained import export
 
     name, to = export(args.run, args.stage, args.to)
     console.print(f"stage '{name}' exported to {to}")
@@ -340,7 +341,7 @@ def _lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.search.run import SearchOptions, search
+    from stagewise.search.run_search import SearchOptions, search
 
     options = SearchOptions(space=args.space, trials=args.trials, workers=args.workers, storage=args.storage,
                             study=args.study, out=args.out, metric=args.metric, direction=args.direction,

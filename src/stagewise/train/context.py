@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from stagewise.engine.distributed import World
+from stagewise.config.plan_config import Plan
 from stagewise.models.build import DropoutControl
-from stagewise.plan.schema import Plan
-from stagewise.track.logs import RunLogs
-from stagewise.track.progress import ProgressView
+from stagewise.train.distributed import World
+from stagewise.train.progress import ProgressView
+from stagewise.train.run_logs import RunLogs
 
 # (stage name, stage step, metrics) after each mid-stage evaluation; it may raise to stop the run.
 EvalHook = Callable[[str, int, dict[str, float]], None]

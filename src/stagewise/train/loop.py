@@ -15,25 +15,25 @@ from typing import Any, TypeVar
 
 import torch
 
-from stagewise.engine.checkpointer import Checkpointer
-from stagewise.engine.context import RunContext
-from stagewise.engine.control import Fired, StageControl
-from stagewise.engine.device import derive_seed, seed_everything
-from stagewise.engine.distributed import SINGLE, Replicas, World
-from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
-from stagewise.engine.handoff import StageOptimizer
-from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
-from stagewise.engine.sharded import plain
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
-from stagewise.optim.handoff import swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.optim.schedule_free import averaged, is_schedule_free
-from stagewise.plan.resolve import ResolvedStage
-from stagewise.plan.schema import OPTIMIZER_SETTINGS
+from stagewise.optim.swats import swats_lr
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Batch, BatchSource, Task
-from stagewise.track.progress import StageSummary
+from stagewise.train.checkpointer import Checkpointer
+from stagewise.train.context import RunContext
+from stagewise.train.control import Fired, StageControl
+from stagewise.train.device import derive_seed, seed_everything
+from stagewise.train.distributed import SINGLE, Replicas, World
+from stagewise.train.finite import FiniteWatch, nonfinite_metrics, weights_finite
+from stagewise.train.progress import StageSummary
+from stagewise.train.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
+from stagewise.train.sharded import plain
+from stagewise.train.stage_optimizer import StageOptimizer
 
 T = TypeVar("T")
 

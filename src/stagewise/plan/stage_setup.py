@@ -7,7 +7,7 @@ causal LM; classify, seq2seq and tag each their own model). A root (the first st
 after a causal LM) gets a new head whose backbone weights carry over when the stage starts.
 
 Data: a stage reads its own `data` or else the plan's; what each task reads is its spec's
-(tasks.registry).
+(config.registry).
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.data.prepare import PreparedData
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import Plan
+from stagewise.config.registry import TASKS
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sources import Corpus, data_file_keys
 from stagewise.errors import UserError
 from stagewise.models.adapters import stage_model
 from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
-from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.registry import TASKS, task_spec
-from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec, task_spec
 
 
 def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,

@@ -1,0 +1,150 @@
+"""The typed plan: what a plan file may say, checked before anything runs. Every model rejects
+unknown keys; a stage's parts are config.stage_config's, its data config.data_config's, its
+optimizer and schedule config.optimizer_config's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import PydanticCustomError
+
+from stagewise.config.data_config import DataConfig
+from stagewise.config.fields import SEED_MAX, Path_, PositiveFloat, StageName, Steps, Strict
+from stagewise.config.stage_config import StageConfig
+
+
+def _threads(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
+        return value
+    raise PydanticCustomError("threads", "must be a positive integer (at most 4096) or auto")
+
+
+def _compile(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise PydanticCustomError("compile", "must be true, false or auto")
+
+
+Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
+Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
+
+
+class ModelConfig(BaseModel):
+    """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
+    built from config with the other keys as its config fields) or `pretrained` (a local directory
+    or hub name). Size keys are checked against the model's constructor or the architecture's
+    config class (plan.model_keys)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    arch: Annotated[str, Field(max_length=64)] | None = None
+    pretrained: Path_ | None = None
+    # auto: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque
+    # to it and their backward is slow: 1.9x slower steps for a 4x256 GPT-2), else the model's own.
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.arch is None) == (self.pretrained is None):
+            raise PydanticCustomError("setting_error", "give exactly one of arch, pretrained", {"key": "arch"})
+        if self.pretrained is not None and self.model_extra:
+            key = sorted(self.model_extra)[0]
+            raise PydanticCustomError(
+                "setting_error", "size keys go with arch, not pretrained", {"key": key})
+        return self
+
+    def size_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TokenizerConfig(Strict):
+    # word: a word-level vocabulary of the training texts (the built-in bigru / transformer
+    # models of the fine-tuning tasks); the others are for transformers models.
+    kind: Literal["char", "byte", "bpe", "word", "pretrained"]
+    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None  # bpe, word (default 10000)
+    path: Path_ | None = None  # pretrained only: a directory or hub name
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> TokenizerConfig:
+        if self.kind == "bpe" and self.vocab_size is None:
+            raise PydanticCustomError("setting_error", "required by kind 'bpe'", {"key": "vocab_size"})
+        if self.kind not in ("bpe", "word") and self.vocab_size is not None:
+            raise PydanticCustomError("setting_error", "only for kinds 'bpe' and 'word'", {"key": "vocab_size"})
+        if (self.kind == "pretrained") != (self.path is not None):
+            raise PydanticCustomError("setting_error", "required by kind 'pretrained' and only by it", {"key": "path"})
+        return self
+
+
+class SampleConfig(Strict):
+    """A short generation printed after training."""
+
+    prompt: Annotated[str, Field(max_length=10_000)] = ""
+    max_tokens: Annotated[int, Field(ge=1, le=10**5)] = 200
+    temperature: Annotated[float, Field(ge=0.0)] = 0.8
+    top_k: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    # texts that end it (besides EOS and the end marker)
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=64)] = []
+
+
+class CheckpointConfig(Strict):
+    """Mid-stage checkpoints (each stage's end is always saved): every N steps and/or every M
+    minutes; the newest `keep` are kept, plus every stage's final one and those branches start from."""
+
+    every: Steps | None = None
+    minutes: PositiveFloat | None = None
+    keep: Annotated[int, Field(ge=1, le=10_000)] = 3
+
+
+class LogConfig(Strict):
+    every: Steps = 10  # steps between metrics lines
+
+
+class DistributedConfig(Strict):
+    """How the processes of a torchrun launch share a stage (train.distributed): `ddp` replicates
+    the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state
+    (FSDP2, train.sharded)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+class Plan(Strict):
+    name: StageName
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
+    device: Annotated[str, Field(max_length=32)] = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: what runs faster on the device for this plan (train.device; README "What auto picks")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Compile = "auto"
+    threads: Threads = "auto"  # CPU threads for torch (torch.set_num_threads)
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    stages: Annotated[list[StageConfig], Field(min_length=1, max_length=1000)]
+    sample: SampleConfig | None = None
+    # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
+    # pretrained tokenizer's own); unset: the built-in template.
+    chat_template: Annotated[str, Field(min_length=1)] | None = None
+    log: LogConfig = LogConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _plan_data_not_a_mix(self) -> Plan:
+        if self.data.mix is not None:
+            raise PydanticCustomError("setting_error", "the plan's data trains the tokenizer: a mix goes in a "
+                                      "stage's data", {"key": ["data", "mix"]})
+        return self
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Plan:
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name == "init":
+                raise PydanticCustomError("setting_error", "'init' is reserved (from: init is the model as built)",
+                                          {"key": ["stages", i, "name"]})
+            if stage.name in seen:
+                raise PydanticCustomError(
+                    "setting_error", "'{name}' is already the name of stages[{first}]",
+                    {"key": ["stages", i, "name"], "name": stage.name, "first": seen[stage.name]})
+            seen[stage.name] = i
+        return self
