@@ -93,7 +93,8 @@ def test_the_plan_page_states_types_defaults_and_allowed_values() -> None:
     assert rows["stages[].optimizer.handoff"].default == "`reset`"
     assert rows["stages[].batch.size"].type == "int (>= 1, <= 1,000,000)"
     assert rows["stages[].batch.size"].default == "required"
-    assert rows["stages[].schedule.warmup"].type.startswith("steps (int) or a fraction of the stage")
+    assert rows["stages[].schedule.warmup"].type == "int | float"
+    assert rows["threads"].type == "int | `auto`"
     assert rows["seed"].type == "int (>= 0, <= 9,223,372,036,854,775,807)"
 
 
