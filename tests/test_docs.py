@@ -271,3 +271,13 @@ def test_no_page_fetches_anything_at_build_time() -> None:
     plugins = [p if isinstance(p, str) else next(iter(p)) for p in config["plugins"]]
     assert "privacy" not in plugins and "social" not in plugins
     assert os.path.isfile(DOCS / "images" / "lr-curve.png")
+
+
+def test_a_plan_shown_as_an_example_file_is_that_file() -> None:
+    shown = 0
+    for page in snippets.pages():
+        text = page.read_text(encoding="utf-8")
+        for name, body in re.findall(r"`(examples/[\w/.-]+\.yaml)`:\n\n```yaml\n(.*?)^```", text, re.M | re.S):
+            assert yaml.safe_load(body) == yaml.safe_load((REPO / name).read_text(encoding="utf-8")), (page, name)
+            shown += 1
+    assert shown >= 1
