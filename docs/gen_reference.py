@@ -168,9 +168,15 @@ def plan_reference() -> str:
             section = key.parent
             lines += ["", f"## `{section}`" if section else "## Top level", "",
                       "| key | type | default | description |", "|---|---|---|---|"]
-        kind = key.type.replace("|", "\\|")
-        lines.append(f"| `{key.path}` | {kind} | {key.default} | {key.description.replace('|', chr(92) + '|')} |")
+        lines.append(f"| `{key.path}` | {_cell(key.type)} | {key.default} | {_cell(key.description)} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: `|` escaped, and `<...>` outside code spans kept as text
+    rather than read as HTML (`runs/<name>`)."""
+    parts = text.replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
@@ -200,8 +206,7 @@ def cli_reference() -> str:
             default = "" if action.default in (None, False, [], argparse.SUPPRESS) or action.required \
                 else f"`{action.default}`"
             required = "required; " if action.required and action.option_strings else ""
-            what = (action.help or "").replace("|", "\\|")
-            lines.append(f"| `{spelled}` | {default} | {required}{what} |")
+            lines.append(f"| `{spelled}` | {default} | {required}{_cell(action.help or '')} |")
         lines.append("")
     return "\n".join(lines)
 
