@@ -22,13 +22,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from stagewise import cli
-from stagewise.plan import schema
+from stagewise.plan.schema import Plan
 
 DOCS = Path(__file__).resolve().parent
 PAGES = {"reference/plan.md": lambda: plan_reference(), "reference/cli.md": lambda: cli_reference()}
-# Types validated by a function of their own: what they accept, in words.
-NAMED = {schema.Duration: "steps (int) or a fraction of the stage (float in [0, 1])",
-         schema.Threads: "int 1..4096 or `auto`", schema.Compile: "bool or `auto`"}
 
 
 @dataclass(frozen=True)
@@ -61,10 +58,9 @@ def _constraints(metadata: list[Any]) -> list[str]:
 
 
 def _type(tp: Any) -> str:
-    """A type as a plan writer reads it: `int >= 1`, `list of str`, `mapping`, `float | auto`."""
-    for alias, words in NAMED.items():
-        if tp == alias:
-            return words
+    """A type as a plan writer reads it: `int >= 1`, `list of str`, `mapping`, `float | auto`. A type
+    checked by a function of its own (PlainValidator) shows what it holds; its bounds are in the
+    key's description."""
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         inner, *metadata = typing.get_args(tp)
@@ -127,7 +123,7 @@ def _default(field: FieldInfo) -> str:
     return f"`{_yaml(value)}`"
 
 
-def plan_keys(model: type[BaseModel] = schema.Plan, prefix: str = "") -> Iterator[Key]:
+def plan_keys(model: type[BaseModel] = Plan, prefix: str = "") -> Iterator[Key]:
     """Every key a plan may hold, depth first, in the schema's order."""
     for name, field in model.model_fields.items():
         key = field.alias or name

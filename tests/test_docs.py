@@ -93,7 +93,8 @@ def test_the_plan_page_states_types_defaults_and_allowed_values() -> None:
     assert rows["stages[].optimizer.handoff"].default == "`reset`"
     assert rows["stages[].batch.size"].type == "int (>= 1, <= 1,000,000)"
     assert rows["stages[].batch.size"].default == "required"
-    assert rows["stages[].schedule.warmup"].type.startswith("steps (int) or a fraction of the stage")
+    assert rows["stages[].schedule.warmup"].type == "int | float"
+    assert rows["threads"].type == "int | `auto`"
     assert rows["seed"].type == "int (>= 0, <= 9,223,372,036,854,775,807)"
 
 
@@ -270,3 +271,13 @@ def test_no_page_fetches_anything_at_build_time() -> None:
     plugins = [p if isinstance(p, str) else next(iter(p)) for p in config["plugins"]]
     assert "privacy" not in plugins and "social" not in plugins
     assert os.path.isfile(DOCS / "images" / "lr-curve.png")
+
+
+def test_a_plan_shown_as_an_example_file_is_that_file() -> None:
+    shown = 0
+    for page in snippets.pages():
+        text = page.read_text(encoding="utf-8")
+        for name, body in re.findall(r"`(examples/[\w/.-]+\.yaml)`:\n\n```yaml\n(.*?)^```", text, re.M | re.S):
+            assert yaml.safe_load(body) == yaml.safe_load((REPO / name).read_text(encoding="utf-8")), (page, name)
+            shown += 1
+    assert shown >= 1
