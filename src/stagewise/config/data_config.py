@@ -18,9 +18,13 @@ class MixSource(Strict):
     validation loss, `val_loss/<name>`."""
 
     name: StageName | None = None
+    """Names the source's validation loss, `val_loss/<name>`; default: the train file's stem."""
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    """The source's training files (paths or globs, relative to the plan)."""
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    """The source's validation files; unset: held out of its training files by val_fraction."""
     weight: NonNegativeFloat
+    """The source's share of the sequences drawn (weights need not sum to 1)."""
 
     def label(self, index: int) -> str:
         if self.name is not None:
@@ -36,19 +40,30 @@ class DataConfig(DumpsAsBefore):
 
     LATER = ("mix",)
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    """Training files: paths or globs relative to the plan file (`{stdlib}`: the running Python's standard library),
+    or `hub:NAME[:CONFIG]`."""
     mix: Annotated[list[MixSource], Field(min_length=1, max_length=64)] | None = None
+    """causal_lm stages only: a weighted mixture of sources instead of `train` (never the plan's own data)."""
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
-    # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
-    # every task that reads the table), of text files as their last characters (nanoGPT).
+    """Validation files; unset: held out of the training data by val_fraction."""
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
-    field: Name | Column = "text"  # the text (causal_lm, classify)
-    label: Name | Column | None = None  # classify: the label column (default "label")
-    source: Name | Column | None = None  # seq2seq: the source column (default "source")
-    target: Name | Column | None = None  # seq2seq: the target column (default "target")
+    """Without `val`: the share held out, as rows of a table drawn by the plan's seed (the same rows for every task
+    that reads the table), or the last characters of text files (nanoGPT's split)."""
+    field: Name | Column = "text"
+    """The text column (causal_lm, classify): a name, or a 0-based index for a csv/tsv without header or JSON Lines
+    of arrays."""
+    label: Name | Column | None = None
+    """classify: the label column (name or 0-based index; default `label`)."""
+    source: Name | Column | None = None
+    """seq2seq: the source column (name or 0-based index; default `source`)."""
+    target: Name | Column | None = None
+    """seq2seq: the target column (name or 0-based index; default `target`)."""
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
-    max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
-    pack: bool = False  # sft: pack several examples into one row
+    """How the files are read; `auto`: by extension."""
+    max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None
+    """Fine-tuning tasks: tokens per example (longer ones are cut)."""
+    pack: bool = False
+    """sft: pack several examples into one row."""
 
     @model_validator(mode="after")
     def _train_or_mix(self) -> DataConfig:

@@ -29,9 +29,10 @@ Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
 class Strict(BaseModel):
     """Rejects unknown keys and non-finite numbers; frozen, so a validated plan cannot change
-    under the engine."""
+    under the engine. A field's docstring is its description, which the plan reference shows
+    (docs/gen_reference.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 def _duration(value: Any) -> int | float:
@@ -41,7 +42,6 @@ def _duration(value: Any) -> int | float:
         return value
     raise PydanticCustomError(
         "duration", "must be a step count (int >= 0) or a fraction of the stage in [0, 1]")
-
 
 
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
@@ -65,4 +65,3 @@ class DumpsAsBefore(Strict):
             if getattr(self, key) is None:
                 dumped.pop(key, None)
         return dumped
-

@@ -48,16 +48,25 @@ class OptimizerConfig(Strict):
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
     name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
-    # auto (adam/adamw -> sgd): the SWATS estimate of the LR that matches the parent's Adam steps
+    """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
+    optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
+    """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
+    it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
+    steps."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    """Adam's (beta1, beta2); for muon, those of the AdamW it uses on non-matrix parameters."""
     eps: PositiveFloat | None = None
+    """Adam's epsilon, added to the denominator."""
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """SGD momentum (heavy ball); muon's momentum; schedulefree_sgd's averaging beta."""
     nesterov: bool | None = None
+    """Nesterov momentum (needs momentum > 0)."""
     weight_decay: NonNegativeFloat | None = None
-    # The parent's optimizer state: `carry` keeps it (same optimizer), `convert` turns Adam's first
-    # moment into SGD's momentum (adam/adamw -> sgd), `reset` starts fresh.
+    """Weight decay: coupled (added to the gradient) for sgd/adam, decoupled for adamw/muon, as torch defines each."""
     handoff: Literal["carry", "reset", "convert"] = "reset"
+    """The parent's optimizer state: `reset` starts fresh, `carry` keeps it (same optimizer), `convert` turns Adam's
+    bias-corrected first moment into SGD's momentum buffer (adam/adamw -> sgd)."""
 
     @model_validator(mode="after")
     def _settings_apply(self) -> OptimizerConfig:
@@ -95,22 +104,40 @@ class ScheduleConfig(Strict):
     """
 
     name: ScheduleName = "constant"
+    """The LR schedule over the stage, a multiple of the stage's peak LR. `warmup_<name>` means `<name>` with a
+    required `warmup`."""
     warmup: Duration | None = None
+    """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float in [0, 1])."""
     step_size: Duration | None = None
+    """step: the LR is multiplied by `gamma` every `step_size` steps (or fraction of the stage)."""
     milestones: Annotated[list[Duration], Field(max_length=1000)] | None = None
+    """multistep: the steps (or fractions) at which the LR is multiplied by `gamma`."""
     gamma: PositiveFloat | None = None
+    """step, multistep, exponential: the factor per step size, milestone or step."""
     min_lr: NonNegativeFloat | None = None
+    """cosine, decay, wsd, plateau: the LR the decay ends on (absolute)."""
     decay: Duration | None = None
+    """wsd: the length of the final decay, steps or a fraction of the stage."""
     shape: Literal["linear", "cosine", "1-sqrt"] | None = None
+    """decay, wsd: the decay's shape."""
     pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """onecycle: the fraction of the stage spent rising to the peak LR."""
     div_factor: PositiveFloat | None = None
+    """onecycle: the start LR is the peak / div_factor."""
     final_div_factor: PositiveFloat | None = None
+    """onecycle: the end LR is the start LR / final_div_factor."""
     anneal: Literal["cos", "linear"] | None = None
+    """onecycle: the shape of both phases."""
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """stlr (ULMFiT's slanted triangular LR): the fraction of the stage spent rising."""
     ratio: Annotated[float, Field(ge=1.0)] | None = None
+    """stlr: how much smaller the lowest LR is than the peak."""
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """plateau: the LR is multiplied by this on a plateau (ReduceLROnPlateau)."""
     patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
+    """plateau: evaluations without improvement before the LR is reduced."""
     threshold: NonNegativeFloat | None = None
+    """plateau: the least decrease of the validation loss that counts as an improvement (absolute)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -25,8 +25,6 @@ def _compile(value: Any) -> bool | str:
     if isinstance(value, bool) or value == "auto":
         return value
     raise PydanticCustomError("compile", "must be true, false or auto")
-
-
 Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 
@@ -37,12 +35,15 @@ class ModelConfig(BaseModel):
     or hub name). Size keys are checked against the model's constructor or the architecture's
     config class (plan.model_keys)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
     arch: Annotated[str, Field(max_length=64)] | None = None
+    """A task's built-in model (`gpt`, `bigru`, `transformer`) or a transformers model type built from config, with
+    the model's other keys as its config fields."""
     pretrained: Path_ | None = None
-    # auto: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque
-    # to it and their backward is slow: 1.9x slower steps for a 4x256 GPT-2), else the model's own.
+    """A local directory or hub name of a pretrained model."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
+    """`auto`: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque to it, 1.9x
+    slower steps for a 4x256 GPT-2), else the model's own."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -59,11 +60,13 @@ class ModelConfig(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    # word: a word-level vocabulary of the training texts (the built-in bigru / transformer
-    # models of the fine-tuning tasks); the others are for transformers models.
     kind: Literal["char", "byte", "bpe", "word", "pretrained"]
-    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None  # bpe, word (default 10000)
-    path: Path_ | None = None  # pretrained only: a directory or hub name
+    """char, byte, bpe (trained, with vocab_size), word (a word vocabulary for the built-in bigru / transformer
+    models) or pretrained (with path)."""
+    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None
+    """bpe, word: the vocabulary size (word's default: 10000)."""
+    path: Path_ | None = None
+    """pretrained: a directory or hub name."""
 
     @model_validator(mode="after")
     def _kind_settings(self) -> TokenizerConfig:
@@ -80,11 +83,15 @@ class SampleConfig(Strict):
     """A short generation printed after training."""
 
     prompt: Annotated[str, Field(max_length=10_000)] = ""
+    """The text generation starts from."""
     max_tokens: Annotated[int, Field(ge=1, le=10**5)] = 200
+    """Tokens to generate."""
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
+    """Sampling temperature (0: greedy)."""
     top_k: Annotated[int, Field(ge=1, le=10**7)] | None = None
-    # texts that end it (besides EOS and the end marker)
+    """Sample among the k most likely tokens only."""
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=64)] = []
+    """Texts that end the generation (besides EOS and the chat template's end marker)."""
 
 
 class CheckpointConfig(Strict):
@@ -92,12 +99,16 @@ class CheckpointConfig(Strict):
     minutes; the newest `keep` are kept, plus every stage's final one and those branches start from."""
 
     every: Steps | None = None
+    """Save a mid-stage checkpoint every N steps (each stage's end is always saved)."""
     minutes: PositiveFloat | None = None
+    """Save a mid-stage checkpoint every M minutes."""
     keep: Annotated[int, Field(ge=1, le=10_000)] = 3
+    """Mid-stage checkpoints kept per stage (besides the final one and those branches start from)."""
 
 
 class LogConfig(Strict):
-    every: Steps = 10  # steps between metrics lines
+    every: Steps = 10
+    """Steps between metrics lines."""
 
 
 class DistributedConfig(Strict):
@@ -106,27 +117,43 @@ class DistributedConfig(Strict):
     (FSDP2, train.sharded)."""
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp` replicates the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state
+    (FSDP2)."""
 
 
 class Plan(Strict):
     name: StageName
+    """The plan's name: the default run directory is runs/<name>."""
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
-    device: Annotated[str, Field(max_length=32)] = "auto"  # auto | cpu | cuda | cuda:N
-    # auto: what runs faster on the device for this plan (train.device; README "What auto picks")
+    """Seeds the model's initialisation, the data order (with each stage's name) and every RNG."""
+    device: Annotated[str, Field(max_length=32)] = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: what runs faster on the device for this plan; `bf16` is autocast. Part of every stage's key."""
     compile: Compile = "auto"
-    threads: Threads = "auto"  # CPU threads for torch (torch.set_num_threads)
+    """torch.compile the causal LM: `auto` when the run is long enough to earn the compile time back."""
+    threads: Threads = "auto"
+    """CPU threads for torch (torch.set_num_threads), 1 to 4096; `auto`: the cores this process may use."""
     model: ModelConfig
+    """The model: `arch` (built from config) or `pretrained`; other keys are the architecture's config fields."""
     tokenizer: TokenizerConfig
+    """The tokenizer, trained on the plan's data unless pretrained."""
     data: DataConfig
+    """The data every stage reads unless it has its own; it also trains the tokenizer."""
     stages: Annotated[list[StageConfig], Field(min_length=1, max_length=1000)]
+    """The stages, in order; `defaults` (a plan-level key merged into every stage, the stage's own keys winning) is
+    applied before this schema."""
     sample: SampleConfig | None = None
-    # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
-    # pretrained tokenizer's own); unset: the built-in template.
+    """A short generation printed and saved (sample.txt) after training."""
     chat_template: Annotated[str, Field(min_length=1)] | None = None
+    """How conversations become text: a Jinja string, a file, or `pretrained` (the pretrained tokenizer's own);
+    unset: the built-in template."""
     log: LogConfig = LogConfig()
+    """How often metrics lines are written."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Mid-stage checkpoints."""
     distributed: DistributedConfig = DistributedConfig()
+    """How the processes of a torchrun launch share a stage."""
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

@@ -23,6 +23,9 @@ class ResolvedStage:
     optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
     handoff: str  # what becomes of the parent's optimizer state: carry | convert | reset
     auto_lr: bool  # lr auto: the SWATS estimate replaces the planned (continued) LR at the start
+    # no lr set, continuing a parent whose LR is known only at run time (lr auto, or continuing
+    # one that is): the plan holds a placeholder, and the parent's real LR scales it at the start
+    lr_at_run: bool
     track_swats: bool  # keep the SWATS estimate: a rule or a child stage needs it
     steps: int  # optimizer updates in this stage
     start_step: int  # global step of this stage's first update
