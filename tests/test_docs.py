@@ -19,11 +19,11 @@ import pytest
 import yaml
 from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
-from stagewise.track.logs import read_jsonl
 
 from stagewise.cli import main
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
 from stagewise.search.space import check_space, load_space
+from stagewise.train.run_logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
