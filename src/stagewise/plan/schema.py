@@ -206,9 +206,9 @@ class RampConfig(Strict):
 
 
 class DumpsAsBefore(Strict):
-    """A config that gained keys after stage keys were first written: each of `LATER`, while None,
-    stays out of the dump, so the data settings and stage keys of existing plans dump (and hash)
-    as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
+    """A config that gained keys after stage keys were first written: each of `LATER`, while at its
+    default, stays out of the dump, so the data settings and stage keys of existing plans dump (and
+    hash) as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
 
     LATER: ClassVar[tuple[str, ...]] = ()
 
@@ -216,7 +216,7 @@ class DumpsAsBefore(Strict):
     def _without_unset_later(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped = handler(self)
         for key in self.LATER:
-            if getattr(self, key) is None:
+            if getattr(self, key) == type(self).model_fields[key].default:
                 dumped.pop(key, None)
         return dumped
 
@@ -458,7 +458,7 @@ class StageConfig(Strict):
         return self
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(DumpsAsBefore):
     """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
     built from config with the other keys as its config fields) or `pretrained` (a local directory
     or hub name). Size keys are checked against the model's constructor or the architecture's
@@ -470,6 +470,13 @@ class ModelConfig(BaseModel):
     # auto: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque
     # to it and their backward is slow: 1.9x slower steps for a 4x256 GPT-2), else the model's own.
     attention: Literal["auto", "eager", "sdpa"] = "auto"
+    # Recompute each block's activations in the backward pass instead of keeping them (less memory,
+    # ~1/3 more compute); the same losses and gradients, so it is not part of a stage's key.
+    activation_checkpointing: bool = False
+    # Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) on the transformers
+    # models it supports: CUDA only, the `stagewise[liger]` extra.
+    liger: bool = False
+    LATER = ("activation_checkpointing", "liger")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
