@@ -104,7 +104,7 @@ def machine(device: str) -> dict[str, Any]:
 def cuda_tests(where: str) -> dict[str, Any]:
     """pytest -m cuda: on a CPU machine they skip themselves (tests/conftest.py)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", where], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", where], cwd=ROOT,
                           capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     return {"returncode": done.returncode, "summary": lines[-1] if lines else done.stderr[-300:],

@@ -37,9 +37,9 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+def cpu_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
     """The fastest of `repeats` size x size GEMMs in `dtype` on this process's threads, FLOP/s
-    (~50 ms on 2 cores); measured once per process."""
+    (~30 ms on 2 idle cores); measured once per process."""
     key = (str(dtype), torch.get_num_threads())
     if key not in _CPU_PEAK:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
