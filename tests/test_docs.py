@@ -13,12 +13,12 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
 from conftest import tiny_plan, write_plan
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
@@ -87,13 +87,39 @@ def test_a_key_without_a_description_is_found() -> None:
     assert keys["inner[].said"].default == "`1`" and keys["inner"].type == "list of mapping"
 
 
+def test_mappings_picked_by_a_key_are_listed_under_their_names() -> None:
+    class Loud(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["loud"] = "loud"
+        volume: int = 11
+        """How loud."""
+
+    class Quiet(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["quiet"] = "quiet"
+        volume: int = 1
+        """How quiet."""
+
+    class Holder(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        sinks: list[Annotated[Loud | Quiet, Field(discriminator="kind")]] = []
+        """Where it goes."""
+
+    keys = {k.path: k for k in gen.plan_keys(Holder)}
+    assert list(keys) == ["sinks", "sinks[].loud.volume", "sinks[].quiet.volume"]
+    assert keys["sinks[].quiet.volume"].description == "How quiet." and keys["sinks[].loud.volume"].parent == "sinks[].loud"
+    page_order = [k.parent for k in sorted(keys.values(), key=lambda k: gen._order(list(keys.values()), k.parent))]
+    assert page_order == ["", "sinks[].loud", "sinks[].quiet"]
+
+
 def test_the_plan_page_states_types_defaults_and_allowed_values() -> None:
     rows = {k.path: k for k in gen.plan_keys()}
     assert rows["stages[].optimizer.handoff"].type == "`carry` | `reset` | `convert`"
     assert rows["stages[].optimizer.handoff"].default == "`reset`"
     assert rows["stages[].batch.size"].type == "int (>= 1, <= 1,000,000)"
     assert rows["stages[].batch.size"].default == "required"
-    assert rows["stages[].schedule.warmup"].type.startswith("steps (int) or a fraction of the stage")
+    assert rows["stages[].schedule.warmup"].type == "int | float"
+    assert rows["threads"].type == "int | `auto`"
     assert rows["seed"].type == "int (>= 0, <= 9,223,372,036,854,775,807)"
 
 
@@ -270,3 +296,13 @@ def test_no_page_fetches_anything_at_build_time() -> None:
     plugins = [p if isinstance(p, str) else next(iter(p)) for p in config["plugins"]]
     assert "privacy" not in plugins and "social" not in plugins
     assert os.path.isfile(DOCS / "images" / "lr-curve.png")
+
+
+def test_a_plan_shown_as_an_example_file_is_that_file() -> None:
+    shown = 0
+    for page in snippets.pages():
+        text = page.read_text(encoding="utf-8")
+        for name, body in re.findall(r"`(examples/[\w/.-]+\.yaml)`:\n\n```yaml\n(.*?)^```", text, re.M | re.S):
+            assert yaml.safe_load(body) == yaml.safe_load((REPO / name).read_text(encoding="utf-8")), (page, name)
+            shown += 1
+    assert shown >= 1

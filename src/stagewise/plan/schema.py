@@ -87,8 +87,9 @@ class OptimizerConfig(Strict):
     """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
     optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
-    """Peak learning rate. Unset: continues from the LR the parent ends on. `auto` (adam/adamw -> sgd): the SWATS
-    estimate of the SGD LR that matches the parent's Adam steps."""
+    """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
+    it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
+    steps."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
     """Adam's (beta1, beta2); for muon, those of the AdamW it uses on non-matrix parameters."""
     eps: PositiveFloat | None = None
@@ -142,7 +143,7 @@ class ScheduleConfig(Strict):
     """The LR schedule over the stage, a multiple of the stage's peak LR. `warmup_<name>` means `<name>` with a
     required `warmup`."""
     warmup: Duration | None = None
-    """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float)."""
+    """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float in [0, 1])."""
     step_size: Duration | None = None
     """step: the LR is multiplied by `gamma` every `step_size` steps (or fraction of the stage)."""
     milestones: Annotated[list[Duration], Field(max_length=1000)] | None = None
@@ -665,7 +666,7 @@ class Plan(Strict):
     compile: Compile = "auto"
     """torch.compile the causal LM: `auto` when the run is long enough to earn the compile time back."""
     threads: Threads = "auto"
-    """CPU threads for torch (torch.set_num_threads); `auto`: the cores this process may use."""
+    """CPU threads for torch (torch.set_num_threads), 1 to 4096; `auto`: the cores this process may use."""
     model: ModelConfig
     """The model: `arch` (built from config) or `pretrained`; other keys are the architecture's config fields."""
     tokenizer: TokenizerConfig
