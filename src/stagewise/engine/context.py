@@ -45,6 +45,7 @@ class RunContext:
     world: World = field(default_factory=World)  # one process unless torchrun started several
     on_eval: EvalHook | None = field(default_factory=_EVAL_HOOK.get)
     _dropouts: dict[int, DropoutControl] = field(default_factory=dict)
+    dtype: torch.dtype | None = None  # the autocast dtype (None: fp32): what MFU's CPU peak is measured in
 
     def dropout_of(self, model: torch.nn.Module) -> DropoutControl:
         if id(model) not in self._dropouts:

@@ -7,6 +7,7 @@ and RNG states (`capture`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +19,13 @@ import torch
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.control import Fired, StageControl
-from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.engine.device import derive_seed, flops_per_token, model_shape, seed_everything
 from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import FiniteWatch, nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
 from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
 from stagewise.engine.sharded import plain
+from stagewise.engine.utilization import Utilization, reset_peak_memory, utilization
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.handoff import swats_lr
@@ -126,6 +128,7 @@ class StageTrainer:
         self.average = WeightEMA(self.model, average.ema) if average is not None else None  # from the first weights
         self.started = self.window_started = time.perf_counter()
         self.timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
+        self.step_seconds = 0.0  # in train_step, in this process: what the stage's rate is measured over
         self.resumed = False
         # Without a guard (which refuses bad updates itself) a non-finite update stops the stage,
         # unless the plan allows it; the stage's end is checked either way.
@@ -149,10 +152,14 @@ class StageTrainer:
         """Train from the stage's first update, or from where `resume` put it. `lr_factor`: on the
         planned LR, when only the hand-off knows the real one (StageOptimizer.hand_off)."""
         self._begin(lr_factor)
+        first = self.progress.step
         while self.progress.step < self.stage.steps and self.progress.ended is None:
+            started = time.perf_counter()
             update = self.train_step()
+            self.step_seconds += time.perf_counter() - started
             if update is not None:
                 self._after_update(update)
+        used = self._utilization(first)
         p = self.progress
         if p.eval_step != p.step:  # an evaluation that ended the stage is not repeated
             p.metrics = self._evaluate()
@@ -167,8 +174,19 @@ class StageTrainer:
         self._check_end()  # the weights and metrics the stage ends on
         summary = StageSummary(stage=self.stage.name, optimizer="merge" if self.stage.merged else self.opt.name, steps=p.step,
                                tokens=self.stage.tokens_before(p.step), seconds=time.perf_counter() - self.started,
-                               train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
+                               train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics,
+                               **(dataclasses.asdict(used) if used is not None else {}))
         return StageOutcome(summary, self.opt.optimizer, self.handoff_state())
+
+    def _utilization(self, first: int) -> Utilization | None:
+        """The stage's rate per device, MFU and peak memory over the updates this process trained
+        (engine.utilization); None when it trained none."""
+        stage, run = self.stage, self.run
+        trained = stage.tokens_before(self.progress.step) - stage.tokens_before(first)
+        if trained <= 0 or self.step_seconds <= 0:
+            return None
+        flops = flops_per_token(*model_shape(self.model), stage.block_size) if self.task.unit == "tokens" else None
+        return utilization(trained, self.step_seconds, run.world.size, flops, run.device, run.dtype)
 
     def train_step(self) -> Update | None:
         """One update: LR, micro-batches, backward, penalty, clip, guard, optimizer step. None when
@@ -286,6 +304,7 @@ class StageTrainer:
             self.control.lr_factor = lr_factor
         self.layers.apply(self.sampler.epoch)
         self.model.train()
+        reset_peak_memory(self.run.device)
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
                             stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
                             settings={} if stage.merged else self._settings(),
