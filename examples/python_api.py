@@ -28,6 +28,7 @@ PLAN: dict[str, Any] = {
     "precision": "fp32",
     "defaults": {"batch": {"size": 16}, "eval": {"every": 10}},
     "log": {"every": 5},
+    "checkpoint": {"every": 10},
     "stages": [
         {"name": "adam", "optimizer": {"name": "adam", "lr": 3e-3}, "steps": 30},
         {"name": "sgd", "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "steps": 20},
@@ -41,7 +42,7 @@ def make_model() -> transformers.GPT2LMHeadModel:
     """A tiny GPT-2 from a config (no download); the same weights every time."""
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32,
-                                                                n_layer=2, n_head=2))
+                                                                n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
 
 
 def make_rows(n: int = 320) -> datasets.Dataset:

@@ -85,7 +85,7 @@ def test_a_changed_model_rows_or_loss_gives_new_stage_keys_and_unchanged_ones_th
     torch.manual_seed(1)
     reseeded = transformers.GPT2LMHeadModel(config)  # the same class and config, other initial weights
     wider = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=48,
-                                                                 n_layer=2, n_head=2))
+                                                                 n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
     rows = EXAMPLE.make_rows()
     for changed in ({"model": reseeded}, {"model": wider}, {"loss": other_loss},
                     {"data": {"train": rows.select(range(len(rows) - 1))}},
@@ -118,6 +118,27 @@ def test_plans_without_objects_keep_their_stage_keys(tmp_path: Path, corpus: Pat
     direct = prepare(load_plan(path), path, tmp_path / "cache").resolved[0].key
     assert stagewise.check(path, cache=tmp_path / "cache").stages[0].key == direct
     assert stagewise.check(stagewise.Plan.from_yaml(path), cache=tmp_path / "cache").stages[0].key == direct
+
+
+def test_a_transformers_model_object_trains_the_plans_text_in_place_of_its_model(tmp_path: Path, corpus: Path) -> None:
+    plan = tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 6}])
+
+    def lm() -> transformers.GPT2LMHeadModel:
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32,
+                                                                    n_layer=1, n_head=2, bos_token_id=0,
+                                                                    eos_token_id=0))
+
+    built = stagewise.check(plan, cache=tmp_path / "cache").stages[0].key
+    model = lm()
+    run = stagewise.train(plan, out=tmp_path / "run", cache=tmp_path / "cache", model=model, console=QUIET)
+    key = run.events[0]["stages"][0]["key"]
+    assert key != built and run.stages["a"].summary is not None
+    assert run.stages["a"].evals[-1]["val_loss"] < run.stages["a"].metrics[0]["loss"]
+    assert not torch.equal(model.transformer.wte.weight, lm().transformer.wte.weight)  # trained in place
+    assert stagewise.check(plan, cache=tmp_path / "cache", model=lm()).status == {"a": "reuse"}
+    with pytest.raises(UserError, match=r"^model=: the plan's \d+-token streams train a transformers causal LM"):
+        stagewise.check(plan, cache=tmp_path / "cache", model=torch.nn.Linear(2, 2))
 
 
 class Losses(stagewise.Callback):
@@ -157,9 +178,10 @@ def test_a_resumed_run_gives_a_user_callback_its_state_back_exactly(tmp_path: Pa
 
 def test_bad_objects_are_one_line_errors(tmp_path: Path) -> None:
     rows = {"train": EXAMPLE.make_rows()}
+    parts = {"model": EXAMPLE.make_model(), "data": rows, "loss": EXAMPLE.next_token_loss}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"callbacks": [object()]}, "callbacks[0]: not a stagewise.Callback: object"),
-        ({"callbacks": [Losses(), Losses()]}, "callbacks[1]: a second callback with key 'Losses'"),
+        ({**parts, "callbacks": [object()]}, "callbacks[0]: not a stagewise.Callback: object"),
+        ({**parts, "callbacks": [Losses(), Losses()]}, "callbacks[1]: a second callback with key 'Losses'"),
         ({"model": EXAMPLE.make_model(), "data": rows}, "loss=: datasets and a loss come together"),
         ({"model": EXAMPLE.make_model(), "data": rows, "loss": len}, "loss=: cannot read the source of len"),
         ({"model": EXAMPLE.make_model(), "data": {"train": [{"input_ids": [1, 2]}, {"input_ids": [1]}]},

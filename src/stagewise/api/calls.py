@@ -75,7 +75,11 @@ class Checked:
 
 
 def _parts(model: nn.Module | None, data: Mapping[str, Any] | None, loss: Loss | None) -> UserParts | None:
-    return None if model is None and data is None and loss is None else UserParts(model, data, loss)
+    if model is None and data is None and loss is None:
+        return None
+    parts = UserParts(model, data, loss)
+    parts.check_objects()  # before the plan, which may leave out what they stand for
+    return parts
 
 
 def _prepare(plan: Plan, out: Path | None, cache: Path | None, parts: UserParts | None,

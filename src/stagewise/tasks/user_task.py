@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_model
@@ -74,20 +74,24 @@ class UserParts:
         return model_fingerprint(self.model)
 
     def check(self, stages: list[str]) -> None:
-        """The combination is one this version trains; bad input is one line."""
-        if self.model is not None and not isinstance(self.model, nn.Module):
-            raise UserError("model=", f"not a torch.nn.Module: {type(self.model).__name__}")
-        if self.loss is not None and not callable(self.loss):
-            raise UserError("loss=", f"not a function (model, batch) -> loss: {type(self.loss).__name__}")
+        """The combination is one this version trains, for a plan of `stages`; bad input is one line."""
+        self.check_objects()
         if self.data is not None:
-            if not isinstance(self.data, Mapping):
-                raise UserError("data=", "a mapping: {'train': rows, 'val': rows} or {stage name: {'train': ...}}")
             extra = sorted(k for k in self.data if k not in ("train", "val") and k not in stages)
             if extra:
                 raise UserError(f"data=[{extra[0]!r}]", f"neither train, val nor a stage (stages: {', '.join(stages)})")
             missing = [s for s in stages if self.data_for(s) is None]
             if missing:
                 raise UserError("data=", f"no 'train' rows for stage '{missing[0]}' (give the plan's or the stage's)")
+
+    def check_objects(self) -> None:
+        """What can be told before the plan is read: the objects' kinds, and data with a loss."""
+        if self.model is not None and not isinstance(self.model, nn.Module):
+            raise UserError("model=", f"not a torch.nn.Module: {type(self.model).__name__}")
+        if self.loss is not None and not callable(self.loss):
+            raise UserError("loss=", f"not a function (model, batch) -> loss: {type(self.loss).__name__}")
+        if self.data is not None and not isinstance(self.data, Mapping):
+            raise UserError("data=", "a mapping: {'train': rows, 'val': rows} or {stage name: {'train': ...}}")
         if (self.data is None) != (self.loss is None):
             raise UserError("loss=" if self.loss is None else "data=",
                             "datasets and a loss come together: the loss (model, batch) -> loss reads the rows")
@@ -107,7 +111,12 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def check_vocab(model: nn.Module, vocab_size: int) -> nn.Module:
-    """A causal LM passed in for the plan's token streams: its embeddings cover the plan's tokenizer."""
+    """A causal LM passed in for the plan's token streams (causal_lm, sft stages): a transformers
+    model whose embeddings cover the plan's tokenizer."""
+    if not callable(getattr(model, "save_pretrained", None)) or getattr(model, "config", None) is None:
+        raise UserError("model=", f"the plan's {vocab_size}-token streams train a transformers causal LM "
+                                  f"(a PreTrainedModel), not a {type(model).__name__}; any module trains on your "
+                                  "rows with your loss (data=, loss=)")
     get = getattr(model, "get_input_embeddings", None)
     rows = getattr(get() if callable(get) else None, "num_embeddings", None)
     if rows is not None and rows < vocab_size:
@@ -235,11 +244,11 @@ class UserTask(ExampleTask):
 
 
 class UserTaskSpec(TaskSpec):
-    name: ClassVar[str] = TASK
-    family: ClassVar[str] = TASK
-    metrics: ClassVar[tuple[str, ...]] = ("val_loss",)
-    data_keys: ClassVar[frozenset[str]] = frozenset()
-    reads: ClassVar[str] = "the rows passed from Python"
+    name = TASK
+    family = TASK
+    metrics = ("val_loss", "train_loss")
+    data_keys = frozenset()
+    reads = "the rows passed from Python"
 
     def prepare(self, inp: StageInput) -> tuple[Any, str]:
         parts = inp.parts
