@@ -30,6 +30,7 @@ class RunContext:
     world: World = field(default_factory=World)  # one process unless torchrun started several
     callbacks: tuple[Callback, ...] = ()  # the user's, called after the built-in reactions that veto
     _dropouts: dict[int, DropoutControl] = field(default_factory=dict)
+    dtype: torch.dtype | None = None  # the autocast dtype (None: fp32): what MFU's CPU peak is measured in
 
     def dropout_of(self, model: torch.nn.Module) -> DropoutControl:
         if id(model) not in self._dropouts:

@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 EvalHook = Callable[[str, int, dict[str, float]], None]
 
 
+def stop_nonfinite(trainer: StageTrainer, why: str | None) -> None:
+    """Stop the stage on a non-finite value (`why`), keeping the checkpoints saved before it."""
+    if why is None:
+        return
+    stage, step = trainer.stage, trainer.progress.step
+    good = max(trainer.checkpoints.steps(), default=None)
+    kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint of it is kept"
+    trainer.run.logs.event("nonfinite_stop", reason=why, **trainer.where(step))
+    raise RunStopped(f"stage '{stage.name}' stopped at step {step} (plan step {stage.start_step + step}): {why}; "
+                     f"nothing after it was saved and {kept}. A guard skips or rolls back such updates; "
+                     "allow_nonfinite: true trains on", code=3)
+
+
 class FaultInjection(Callback):
     """The plan's `inject`: a poisoned batch, or the loss multiplied (a spike, NaN), to test guards for real."""
 

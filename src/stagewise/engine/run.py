@@ -84,7 +84,7 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
         if world.sharded:
             shard_model(model, dtype)
-    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
+    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype), dtype=dtype,
                      logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
                      world=world, callbacks=callbacks)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
@@ -195,7 +195,7 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss,
-                       tokens=summary.tokens)
+                       tokens=summary.tokens, **summary.utilization())
         _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 

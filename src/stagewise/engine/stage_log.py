@@ -1,11 +1,16 @@
-"""A stage's metrics lines (metrics.jsonl, the `eval` event) and what the console shows of them."""
+"""A stage's metrics lines (metrics.jsonl, the `eval` event) and what the console shows of them;
+its utilization figures for its summary."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from torch import nn
+
 from stagewise.engine.context import RunContext
+from stagewise.engine.device import flops_per_token, model_shape
+from stagewise.engine.utilization import Utilization, utilization
 from stagewise.plan.resolve import ResolvedStage
 
 
@@ -36,3 +41,14 @@ def log_eval_line(run: RunContext, stage: ResolvedStage, step: int, attempt: int
                       if v is not None and k != "val_loss")
     run.view.print(f"[{stage.name}] eval at step {step}: val loss {metrics['val_loss']:.4f}"
                    + (f", {shown}" if shown else ""))
+
+
+def stage_utilization(run: RunContext, stage: ResolvedStage, model: nn.Module, unit: str, first: int, step: int,
+                      seconds: float) -> Utilization | None:
+    """The stage's rate per device, MFU and peak memory over the updates this process trained
+    (`first` to `step`, `seconds` in train_step; engine.utilization); None when it trained none."""
+    trained = stage.tokens_before(step) - stage.tokens_before(first)
+    if trained <= 0 or seconds <= 0:
+        return None
+    flops = flops_per_token(*model_shape(model), stage.block_size) if unit == "tokens" else None
+    return utilization(trained, seconds, run.world.size, flops, run.device, run.dtype)

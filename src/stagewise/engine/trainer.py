@@ -8,6 +8,7 @@ exactly is `StageProgress` plus the optimizer, sampler, rules, callbacks and RNG
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +25,11 @@ from stagewise.engine.device import derive_seed, seed_everything
 from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import nonfinite_metrics, weights_finite
 from stagewise.engine.handoff import StageOptimizer
-from stagewise.engine.reactions import Averaging, EndOnBest, FaultInjection, Guard, NonFiniteWatch, Rules, Swats
+from stagewise.engine.reactions import Averaging, EndOnBest, FaultInjection, Guard, NonFiniteWatch, Rules, Swats, stop_nonfinite
 from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
 from stagewise.engine.sharded import plain
-from stagewise.engine.stage_log import log_eval_line, log_train_line
-from stagewise.errors import RunStopped
+from stagewise.engine.stage_log import log_eval_line, log_train_line, stage_utilization
+from stagewise.engine.utilization import reset_peak_memory
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.optim.schedule_free import averaged, is_schedule_free
@@ -116,6 +117,7 @@ class StageTrainer:
         self.replicas = Replicas(task.loss, self.model, run.world, run.device)
         self.started = self.window_started = time.perf_counter()
         self.timed_steps = 0  # updates since window_started in this process (a resumed window began elsewhere)
+        self.step_seconds = 0.0  # in train_step, in this process: what the stage's rate is measured over
         self.resumed = self.restored = False  # restored: a callback went back to a checkpoint this update
         # Without a guard (which refuses bad updates itself) a non-finite update stops the stage,
         # unless the plan allows it; the stage's end is checked either way.
@@ -147,11 +149,15 @@ class StageTrainer:
         """Train from the stage's first update, or from where `resume` put it. `lr_factor`: on the
         planned LR, when only the hand-off knows the real one (StageOptimizer.hand_off)."""
         self._begin(lr_factor)
+        first = self.progress.step
         while self.progress.step < self.stage.steps and self.progress.ended is None:
-            epoch = self.sampler.epoch  # before the update draws its batches
+            epoch, started = self.sampler.epoch, time.perf_counter()  # the epoch before the update draws batches
             update = self.train_step()
+            self.step_seconds += time.perf_counter() - started
             if update is not None:
                 self._after_update(update, epoch)
+        used = stage_utilization(self.run, self.stage, self.model, self.task.unit, first, self.progress.step,
+                                 self.step_seconds)
         p = self.progress
         if p.eval_step != p.step:  # an evaluation that ended the stage is not repeated
             p.metrics = self._evaluate()
@@ -164,7 +170,8 @@ class StageTrainer:
         self._check_end()  # the weights and metrics the stage ends on
         summary = StageSummary(stage=self.stage.name, optimizer="merge" if self.stage.merged else self.opt.name, steps=p.step,
                                tokens=self.stage.tokens_before(p.step), seconds=time.perf_counter() - self.started,
-                               train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics)
+                               train_loss=p.train_loss, val_loss=p.val_loss, unit=self.task.unit, metrics=p.metrics,
+                               **(dataclasses.asdict(used) if used is not None else {}))
         return StageOutcome(summary, self.opt.optimizer, self.handoff_state())
 
     def train_step(self) -> StepState | None:
@@ -252,6 +259,7 @@ class StageTrainer:
             self.control.lr_factor = lr_factor
         self.layers.apply(self.sampler.epoch)
         self.model.train()
+        reset_peak_memory(self.run.device)
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
                             stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
                             settings={} if stage.merged else self._settings(),
@@ -285,7 +293,7 @@ class StageTrainer:
     def capture(self) -> dict[str, Any]:
         if self.strict:  # a checkpoint is never written after a non-finite update
             why = self.watch.watch.problem() if self.watch is not None else None
-            self._stop_nonfinite(why or (None if weights_finite(self.model) else "non-finite weights"))
+            stop_nonfinite(self, why or (None if weights_finite(self.model) else "non-finite weights"))
         for cb in self.callbacks:
             cb.on_checkpoint(self, self.progress.step)
         states = {cb.key: state for cb in self.callbacks if (state := cb.state_dict())}
@@ -333,27 +341,15 @@ class StageTrainer:
         self.sampler.skip(sum(self.stage.micro_batches_at(step + j) for j in range(skip_batches)))
         return step
 
-    def _stop_nonfinite(self, why: str | None) -> None:
-        """Stop the stage on a non-finite value (`why`), keeping the checkpoints saved before it."""
-        if why is None:
-            return
-        stage, step = self.stage, self.progress.step
-        good = max(self.checkpoints.steps(), default=None)
-        kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint of it is kept"
-        self.run.logs.event("nonfinite_stop", reason=why, **self.where(step))
-        raise RunStopped(f"stage '{stage.name}' stopped at step {step} (plan step {stage.start_step + step}): {why}; "
-                         f"nothing after it was saved and {kept}. A guard skips or rolls back such updates; "
-                         "allow_nonfinite: true trains on", code=3)
-
     def _check_end(self) -> None:
         """A stage whose weights or validation metrics are not finite never ends (nor is cached)."""
         if self.watch is not None:
-            self._stop_nonfinite(self.watch.watch.problem())
+            stop_nonfinite(self, self.watch.watch.problem())
         bad = nonfinite_metrics(self.progress.metrics)
         if not weights_finite(self.model):
             bad.insert(0, "weights")
         if bad:
-            self._stop_nonfinite(f"non-finite {', '.join(bad)} at the stage's end")
+            stop_nonfinite(self, f"non-finite {', '.join(bad)} at the stage's end")
 
     # --- logging and evaluation -------------------------------------------------------------------------
 
@@ -363,7 +359,7 @@ class StageTrainer:
             p.train_loss = (p.window_loss / p.window_steps).item()
         else:  # one host sync for the window's loss and its finiteness
             p.train_loss, why = self.watch.watch.read(p.window_loss / p.window_steps)
-            self._stop_nonfinite(why)
+            stop_nonfinite(self, why)
         now = time.perf_counter()
         log_train_line(self.run, self.stage, self.task.unit, p.step, self.control.attempt, update.lr, p.train_loss,
                        float(update.grad_norm), self.timed_steps, now - self.window_started)  # type: ignore[arg-type]
@@ -375,7 +371,7 @@ class StageTrainer:
         p = self.progress
         metrics = self._evaluate()
         if self.strict and (bad := nonfinite_metrics(metrics)):
-            self._stop_nonfinite(f"non-finite {', '.join(bad)} at the evaluation")
+            stop_nonfinite(self, f"non-finite {', '.join(bad)} at the evaluation")
         p.val_loss, p.eval_step, p.metrics = metrics["val_loss"], p.step, dict(metrics)
         return {**metrics, "train_loss": p.train_loss if p.train_loss is not None else math.nan}
 
