@@ -28,6 +28,7 @@ from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.stage_setup import plan_corpus, setup_stages
+from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
@@ -83,11 +84,17 @@ class Prepared:
         return StageStore(self.cache_root, stage.key)
 
 
-def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
+def prepare(plan: Plan, plan_path: Path, cache_root: Path, parts: UserParts | None = None) -> Prepared:
+    """`parts`: a Python caller's model, rows and loss (tasks.user_task); a model passed in takes
+    the place of the plan's and is trained in place; it takes part in the stage keys by its fingerprint."""
+    own_model = parts.model if parts is not None else None
     try:
         nodes = stage_tree(plan)
         device = resolve_device(plan.device)
-        check_model_keys(plan, device_memory(device))  # before any data is read or model built
+        if parts is not None:
+            parts.check([n.name for n in nodes])
+        if own_model is None:
+            check_model_keys(plan, device_memory(device))  # before any data is read or model built
         lm_data = lm = template = None
         compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
@@ -98,7 +105,8 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                                    corpus=plan_corpus(plan, nodes, template, plan_path.parent))
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         if lm_data is not None:
-            lm = build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            lm = (build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+                  if own_model is None else check_vocab(own_model, lm_data.vocab_size))
             compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
             set_attention(lm, plan.model.attention, compiled, device)
             if plan.model.activation_checkpointing:
@@ -108,10 +116,11 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         elif plan.model.activation_checkpointing or plan.model.liger:
             key = "activation_checkpointing" if plan.model.activation_checkpointing else "liger"
             raise UserError(f"model.{key}", "for causal LMs (a plan with a word tokenizer builds small task models)")
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root, parts)
         _check_handoffs(nodes, setups)
         dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
-        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"}),
+        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"})
+                    if own_model is None else {"object": model_fingerprint(own_model)},
                     "tokenizer": plan.tokenizer.model_dump(mode="json"), "data": lm_data.fingerprint if lm_data else None,
                     "seed": plan.seed, "precision": str(dtype)}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
