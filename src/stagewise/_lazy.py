@@ -8,10 +8,9 @@ from __future__ import annotations
 LAZY_IMPORTS: dict[str, frozenset[str]] = {
     # Each command imports what it runs: `runs` without torch, `report` without the trainer.
     "stagewise.cli": frozenset({
-        "stagewise.plan.load", "stagewise.search.lr_find", "stagewise.search.run_search", "stagewise.tasks.chat",
-        "stagewise.tasks.spec", "stagewise.track.plan_view", "stagewise.track.plots", "stagewise.track.report",
-        "stagewise.track.runs", "stagewise.track.trained", "stagewise.train.distributed", "stagewise.train.prepare_run",
-        "stagewise.train.run_plan", "stagewise.train.rundir", "stagewise.train.status", "stagewise.train.verify"}),
+        "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
+        "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
+        "stagewise.train.verify"}),
     # Reading logs back (report, runs) does not import torch; TensorBoard's writer does.
     "stagewise.train.run_logs": frozenset({"stagewise.train.tensorboard"}),
     # A search's report names its storage; the study module imports the trainer (torch).

@@ -52,9 +52,9 @@ Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index
 
 
 class DumpsAsBefore(Strict):
-    """A config that gained keys after stage keys were first written: each of `LATER`, while None,
-    stays out of the dump, so the data settings and stage keys of existing plans dump (and hash)
-    as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
+    """A config that gained keys after stage keys were first written: each of `LATER`, while at its
+    default, stays out of the dump, so the data settings and stage keys of existing plans dump (and
+    hash) as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
 
     LATER: ClassVar[tuple[str, ...]] = ()
 
@@ -62,6 +62,6 @@ class DumpsAsBefore(Strict):
     def _without_unset_later(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped = handler(self)
         for key in self.LATER:
-            if getattr(self, key) is None:
+            if getattr(self, key) == type(self).model_fields[key].default:
                 dumped.pop(key, None)
         return dumped

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.config.data_config import DataConfig
-from stagewise.config.fields import SEED_MAX, Path_, PositiveFloat, StageName, Steps, Strict
+from stagewise.config.fields import SEED_MAX, DumpsAsBefore, Path_, PositiveFloat, StageName, Steps, Strict
 from stagewise.config.stage_config import StageConfig
 
 
@@ -29,7 +29,7 @@ Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(DumpsAsBefore):
     """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
     built from config with the other keys as its config fields) or `pretrained` (a local directory
     or hub name). Size keys are checked against the model's constructor or the architecture's
@@ -42,8 +42,15 @@ class ModelConfig(BaseModel):
     pretrained: Path_ | None = None
     """A local directory or hub name of a pretrained model."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
-    """`auto`: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque to it, 1.9x
-    slower steps for a 4x256 GPT-2), else the model's own."""
+    """`auto`: SDPA on CUDA; on CPU eager when the plan compiles (inductor fuses it; SDPA's CPU kernels are opaque to
+    it, 1.9x slower steps for a 4x256 GPT-2), else the model's own."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute); the same losses and gradients, so not part of a stage's key."""
+    liger: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on the transformers models it supports: CUDA
+    only, the `stagewise[liger]` extra."""
+    LATER = ("activation_checkpointing", "liger")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

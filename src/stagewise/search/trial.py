@@ -18,8 +18,9 @@ from stagewise.plan.load import validate_plan
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
 from stagewise.search.space import Param, with_params
-from stagewise.train.context import on_eval
+from stagewise.train.callbacks import Callback
 from stagewise.train.prepare_run import prepare
+from stagewise.train.reactions import EvalReporter
 from stagewise.train.run_logs import read_jsonl
 from stagewise.train.run_plan import train
 from stagewise.train.rundir import make_run_directory
@@ -66,8 +67,7 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
     try:
         if setup.folds is None:
-            with on_eval(_reporter(setup.objective, trial)):
-                return _train(setup, raw, run_dir, trial.number)
+            return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))
         values: list[float] = []
         for k, fold in enumerate(setup.folds):
             values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
@@ -94,12 +94,13 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
         trial.set_user_attr("trained", trained)
 
 
-def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
+def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
+           callbacks: tuple[Callback, ...] = ()) -> float:
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
     prepared = prepare(plan, setup.plan_path, setup.cache)
     make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
-        summaries = train(prepared, run_dir, console=Console(file=log, width=160))
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160), callbacks=callbacks)
     summary = next(s for s in summaries if s.stage == setup.objective.stage)
     value = setup.objective.final_value(summary)
     if value is None:

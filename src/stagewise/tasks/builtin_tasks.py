@@ -9,6 +9,7 @@ from stagewise.tasks.lm import CausalLMSpec
 from stagewise.tasks.seq2seq import Seq2SeqSpec
 from stagewise.tasks.sft import SftSpec
 from stagewise.tasks.tag import TagSpec
+from stagewise.tasks.user_task import UserTaskSpec
 
-for _spec in (CausalLMSpec(), SftSpec(), ClassifySpec(), Seq2SeqSpec(), TagSpec()):
+for _spec in (CausalLMSpec(), SftSpec(), ClassifySpec(), Seq2SeqSpec(), TagSpec(), UserTaskSpec()):
     TASKS[_spec.name] = _spec
