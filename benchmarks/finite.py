@@ -1,4 +1,4 @@
-"""What checking every update for non-finite values costs without a guard (train/finite.py):
+"""What checking every update for non-finite values costs without a guard (engine/finite.py):
 the device-side note of each update's loss and gradient norm, against the update itself, for the
 demo's model (GPT-2 4x128, block 128, batch 16) on CPU. The note never waits for the device; the
 window's values are read with the loss the log line reads anyway.
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from stagewise.train.finite import FiniteWatch
+from stagewise.engine.finite import FiniteWatch
 
 RESULTS = Path(__file__).parent / "results" / "finite.json"
 

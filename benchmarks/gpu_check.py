@@ -93,7 +93,7 @@ def machine(device: str) -> dict[str, Any]:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: CUDA is not available here (use --dry-run on a machine without a GPU)")
-        from stagewise.train.utilization import gpu_peak_flops
+        from stagewise.engine.utilization import gpu_peak_flops
 
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, memory_gb=round(props.total_memory / 1e9, 1), cuda=torch.version.cuda,

@@ -27,11 +27,11 @@ from common import write_results
 
 from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.cpu_load import busy_cores
 from stagewise.models.gpt import GPT
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import SftRows, prepare_sft, sft_loss
-from stagewise.train.cpu_load import busy_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT.parent.parent / "shared" / "data" / "eng_fra.tsv"

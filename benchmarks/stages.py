@@ -38,9 +38,9 @@ from common import write_results
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_plan import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -30,14 +30,14 @@ from common import write_results
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.metrics import exact_match, rouge, span_f1, token_f1
 from stagewise.tasks.readers import read_conll, read_pairs, read_prompt_completion
 from stagewise.tasks.tag import most_frequent_tags
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_plan import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "tasks"

@@ -7,7 +7,7 @@ methods train the same token windows from the same initial weights, in one proce
 
   stagewise           a one-stage plan at its best: precision bf16, compile true, threads N
   stagewise_defaults  the same plan without the precision, compile and threads keys: what `auto`
-                      picks (train.device) is what is timed, and recorded
+                      picks (engine.device) is what is timed, and recorded
   loop                a nanoGPT-style loop at its best: bf16 autocast, torch.compile of model + loss,
                       fused AdamW, eager attention (inductor fuses it; SDPA's CPU kernels it cannot),
                       and stagewise's inductor options (tasks.lm.COMPILE_OPTIONS: decomposed tanh)
@@ -72,15 +72,15 @@ from stagewise.config.plan_config import Plan
 from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.cpu_load import busy_between, cpu_times
+from stagewise.engine.device import derive_seed, flops_per_token, model_shape, resolve_threads, seed_everything
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.models.build import build_model
 from stagewise.plan.load import load_plan
 from stagewise.tasks.lm import COMPILE_OPTIONS
-from stagewise.train.cpu_load import busy_between, cpu_times
-from stagewise.train.device import derive_seed, flops_per_token, model_shape, resolve_threads, seed_everything
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 if TYPE_CHECKING:
-    from stagewise.train.prepare_run import Prepared
+    from stagewise.engine.prepare_run import Prepared
 
 # Nothing downloads: pretrained models are saved into temporary directories (examples/tiny_pretrained.py).
 # Set before transformers / huggingface_hub are imported, which read it once.
@@ -92,9 +92,9 @@ def write_plan(directory: Path, plan: dict[str, Any], name: str = "plan.yaml") -
 def run_plan(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "run", stop_after: int | None = None,
              **top: Any) -> tuple[Prepared, Path]:
     """Train a tiny plan (a log line every step) into tmp/<tag>, with its own stage cache."""
+    from stagewise.engine.prepare_run import prepare  # after the environment above is set
+    from stagewise.engine.run_plan import train
     from stagewise.plan.load import load_plan
-    from stagewise.train.prepare_run import prepare  # after the environment above is set
-    from stagewise.train.run_plan import train
 
     top = {"log": {"every": 1}, **top}
     path = write_plan(tmp, tiny_plan(corpus, stages, **top), f"{tag}.yaml")
@@ -106,8 +106,8 @@ def run_plan(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "
 def resumes_identically(tmp: Path, corpus: Path, stages: list[dict[str, Any]], stop_after: int, **top: Any) -> Path:
     """Train the plan whole (tmp/whole), and cut off after `stop_after` updates then resumed
     (tmp/cut); assert both logged the same numbers and ended on the same weights. Returns tmp/whole."""
+    from stagewise.engine.verify import metrics_difference
     from stagewise.errors import RunStopped
-    from stagewise.train.verify import metrics_difference
 
     _, whole = run_plan(tmp, corpus, stages, "whole", **top)
     with pytest.raises(RunStopped):
@@ -121,7 +121,7 @@ def resumes_identically(tmp: Path, corpus: Path, stages: list[dict[str, Any]], s
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    from stagewise.train.run_logs import read_jsonl
+    from stagewise.engine.run_logs import read_jsonl
 
     return read_jsonl(path)
 

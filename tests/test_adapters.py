@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 from stagewise.cli import main
 from stagewise.config.stage_config import AdapterConfig
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.models.adapters import merge_into_base, stage_model
 from stagewise.plan.load import load_plan
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_plan import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)

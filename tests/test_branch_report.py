@@ -17,15 +17,15 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from stagewise.cli import main
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.progress import StageSummary, summary_table
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
 from stagewise.track.plan_view import lr_chart
 from stagewise.track.plots import compare_figure, loss_figure, plan_lr_figure, series_figure
 from stagewise.track.report import run_figures
 from stagewise.track.runs import load_run
-from stagewise.train.prepare_run import prepare
-from stagewise.train.progress import StageSummary, summary_table
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
 
 STAGES = [
     {"name": "stable", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 20, "eval": {"every": 5}},

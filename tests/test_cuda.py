@@ -15,11 +15,11 @@ from conftest import reversal_file, run_plan
 from test_sft import EOS, TOK, _packing_models
 
 from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
+from stagewise.engine.utilization import device_memory, gpu_peak_flops
 from stagewise.models.build import checkpoint_activations
 from stagewise.models.gpt import GPT
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.tasks.sft import prepare_sft, sft_loss
-from stagewise.train.utilization import device_memory, gpu_peak_flops
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

@@ -1,4 +1,4 @@
-"""What `auto` picks for precision, compile and threads (train.device), and how the plan keys
+"""What `auto` picks for precision, compile and threads (engine.device), and how the plan keys
 are checked. Pure functions of their inputs: no speed is measured here."""
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
 from stagewise.config.plan_config import ModelConfig
-from stagewise.models.build import build_model
-from stagewise.plan.load import validate_plan
-from stagewise.train import device as dev
-from stagewise.train.device import (
+from stagewise.engine import device as dev
+from stagewise.engine.device import (
     COMPILE_PAYS_AFTER_S,
     CPU_BF16_MIN_WIDTH,
     EAGER_FLOPS,
@@ -28,6 +26,8 @@ from stagewise.train.device import (
     pick_threads,
     plan_lm_tokens,
 )
+from stagewise.models.build import build_model
+from stagewise.plan.load import validate_plan
 
 PRECISION = [
     # name, device type, model width, native bf16 -> picked

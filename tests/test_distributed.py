@@ -1,4 +1,4 @@
-"""Data-parallel runs (train.distributed): 2 processes on CPU with gloo, started by torchrun as a
+"""Data-parallel runs (engine.distributed): 2 processes on CPU with gloo, started by torchrun as a
 user would, against the same plan in one process.
 
 Tolerance: the 2-process run computes each micro-batch's mean loss as the mean of two half-batch
@@ -25,8 +25,8 @@ import pytest
 import torch
 from conftest import events, metrics, stage_weights, tiny_plan, write_plan
 
+from stagewise.engine.distributed import World, check_split
 from stagewise.errors import UserError
-from stagewise.train.distributed import World, check_split
 
 TOLERANCE = 1e-4
 STAGES: list[dict[str, Any]] = [
@@ -55,9 +55,9 @@ def _two(plan: Path, out: Path, cache: Path) -> subprocess.CompletedProcess[str]
 
 
 def _one(plan: Path, out: Path, cache: Path) -> None:
+    from stagewise.engine.prepare_run import prepare
+    from stagewise.engine.run_plan import train
     from stagewise.plan.load import load_plan
-    from stagewise.train.prepare_run import prepare
-    from stagewise.train.run_plan import train
 
     train(prepare(load_plan(plan), plan, cache), out)
 
@@ -148,8 +148,8 @@ def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Pa
 
 
 def test_a_batch_that_does_not_split_is_one_line(tmp_path: Path, corpus: Path) -> None:
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
-    from stagewise.train.prepare_run import prepare
 
     plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
     prepared = prepare(load_plan(plan), plan, tmp_path / "cache")
@@ -207,8 +207,8 @@ def test_fsdp_trains_as_one_process_and_its_checkpoints_load_in_one(tmp_path: Pa
 ])
 def test_what_fsdp_does_not_do_yet_is_one_line_at_check(tmp_path: Path, corpus: Path, change: dict[int, Any],
                                                          line: str) -> None:
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
-    from stagewise.train.prepare_run import prepare
 
     stages = [{**s, **change.get(i, {})} for i, s in enumerate(FSDP_STAGES)]
     plan = _plan(tmp_path, corpus, "refused", stages, distributed=FSDP)
@@ -248,9 +248,9 @@ def _sft_plan(tmp: Path, corpus: Path) -> Path:
 def test_token_losses_weigh_each_rank_by_its_target_tokens(tmp_path: Path, corpus: Path) -> None:
     """An sft micro-batch split over 2 ranks: each rank's token mean weighted by its part of the
     target tokens is the micro-batch's token mean; weighted by rows (the way before) it is not."""
+    from stagewise.engine.device import autocast_factory
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
-    from stagewise.train.device import autocast_factory
-    from stagewise.train.prepare_run import prepare
 
     plan = _sft_plan(tmp_path, corpus)
     prepared = prepare(load_plan(plan), plan, tmp_path / "cache")

@@ -21,9 +21,9 @@ from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
 from stagewise.search.space import check_space, load_space
-from stagewise.train.run_logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -21,17 +21,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stagewise.cli import main
+from stagewise.engine import checkpoint as checkpoint_module
+from stagewise.engine import run_logs as logs_module
+from stagewise.engine.checkpoint import StageStore, verify
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.rundir import HOLDER, MARKER
+from stagewise.engine.status import stage_status
+from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.train import checkpoint as checkpoint_module
-from stagewise.train import run_logs as logs_module
-from stagewise.train.checkpoint import StageStore, verify
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
-from stagewise.train.rundir import HOLDER, MARKER
-from stagewise.train.status import stage_status
-from stagewise.train.verify import metrics_difference, state_difference
 
 A = {"name": "a", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 12}
 B = {"name": "b", "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": 6}
@@ -114,7 +114,7 @@ def test_fresh_empties_a_run_and_deletes_only_the_stores_own_files(tmp_path: Pat
 def test_a_second_process_on_a_run_says_who_holds_it(tmp_path: Path, reference: Any,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    script = ("import sys, time; from pathlib import Path; from stagewise.train.rundir import run_directory\n"
+    script = ("import sys, time; from pathlib import Path; from stagewise.engine.rundir import run_directory\n"
               "with run_directory(Path(sys.argv[1]), False):\n print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen(
         [sys.executable, "-c", script, str(out)],

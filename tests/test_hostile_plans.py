@@ -17,11 +17,11 @@ import yaml
 from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
+from stagewise.engine.prepare_run import prepare
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
 from stagewise.plan.model_keys import check_model_keys
 from stagewise.plan.tree import stage_tree
-from stagewise.train.prepare_run import prepare
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ONE_STAGE = [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 4}]

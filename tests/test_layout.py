@@ -15,7 +15,7 @@ import pytest
 
 import stagewise
 from stagewise._lazy import LAZY_IMPORTS
-from stagewise.train import cpu_load
+from stagewise.engine import cpu_load
 
 ROOT = Path(stagewise.__file__).parent
 # Bottom to top: a package imports only packages of lower layers (and itself); packages in one
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "models", "optim"),
     ("tasks",),
     ("plan",),  # plan resolution: the stage tree, each stage's settings and key
-    ("train",),  # the engine, by job: loop, checkpoints, distributed, device, ...
+    ("engine",),  # training, by job: loop, checkpoints, distributed, device, ... (`stagewise.train` is the API call)
     ("search",),
     ("track",),  # runs read back: logs, report, trained stages
     ("api",),  # the public API's modules

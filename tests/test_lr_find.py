@@ -13,16 +13,16 @@ from conftest import tiny_plan, write_plan
 from rich.console import Console
 
 from stagewise.cli import main
+from stagewise.engine.context import RunContext
+from stagewise.engine.device import autocast_factory
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.progress import ProgressView
+from stagewise.engine.run_logs import RunLogs, read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.stage_optimizer import StageOptimizer
+from stagewise.engine.status import stage_status
 from stagewise.plan.load import load_plan
 from stagewise.search.lr_find import lr_find, restored_sweep, suggestions
-from stagewise.train.context import RunContext
-from stagewise.train.device import autocast_factory
-from stagewise.train.prepare_run import prepare
-from stagewise.train.progress import ProgressView
-from stagewise.train.run_logs import RunLogs, read_jsonl
-from stagewise.train.run_plan import train
-from stagewise.train.stage_optimizer import StageOptimizer
-from stagewise.train.status import stage_status
 
 GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 STAGE = {"optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 60}

@@ -13,13 +13,13 @@ from conftest import events, metrics, stage_weights, tiny_plan, write_plan
 from safetensors.torch import load_file
 
 from stagewise.cli import main
+from stagewise.engine.checkpoint import StageStore
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
 from stagewise.track.plots import loss_figure
 from stagewise.track.runs import load_run
-from stagewise.train.checkpoint import StageStore
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_plan import train
 
 CONST = {"name": "const", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 12}
 EVERY = {"checkpoint": {"every": 4, "keep": 1}}  # keep 1: the steps a merge averages are kept regardless

@@ -17,16 +17,16 @@ from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
 from stagewise.cli import main
+from stagewise.engine import checkpoint as checkpoint_module
+from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.status import stage_status
+from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
 from stagewise.track.runs import load_run
-from stagewise.train import checkpoint as checkpoint_module
-from stagewise.train.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
-from stagewise.train.status import stage_status
-from stagewise.train.verify import metrics_difference, state_difference
 
 STAGES = [
     {"name": "warm", "optimizer": {"name": "adamw", "lr": 3e-3}, "schedule": {"name": "warmup_constant", "warmup": 5},

@@ -11,10 +11,10 @@ from conftest import events as _events
 from conftest import tiny_plan, write_plan
 from rich.console import Console
 
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_plan import train
 
 
 def test_a_resumed_stage_says_where_it_resumes_from(tmp_path: Path, corpus: Path) -> None:

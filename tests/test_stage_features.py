@@ -15,13 +15,13 @@ from conftest import stage_weights as _weights
 from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
+from stagewise.engine.checkpoint import StageStore
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.plan.load import load_plan
-from stagewise.train.checkpoint import StageStore
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.verify import metrics_difference
 
 ADAMW = {"name": "adamw", "lr": 3e-3}
 

@@ -14,12 +14,12 @@ from rich.console import Console
 
 from stagewise.cli import main
 from stagewise.config.registry import TASKS
+from stagewise.engine import loop as trainer
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.optim.optimizers import ProximalSGD
 from stagewise.plan.load import load_plan
 from stagewise.plan.tree import stage_tree
-from stagewise.train import loop as trainer
-from stagewise.train.prepare_run import prepare
-from stagewise.train.run_plan import train
 
 QUIET = Console(quiet=True)
 STABLE = {"name": "stable", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 4}
@@ -82,7 +82,7 @@ def test_every_task_is_declared_by_its_own_module() -> None:
 
 
 def _l1_strengths(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The L1 strength each update adds to the loss (train.loop's call of weight_penalty)."""
+    """The L1 strength each update adds to the loss (engine.loop's call of weight_penalty)."""
     seen: list[float] = []
     real = trainer.weight_penalty
 

@@ -12,9 +12,9 @@ from conftest import tiny_plan, write_plan
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagewise.cli import main
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_plan import train
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ _EXPORTS = {
     "Checked": "stagewise.api.calls",
     "Run": "stagewise.api.run_handle",
     "StageResult": "stagewise.api.run_handle",
-    "Callback": "stagewise.train.callbacks",
-    "StepState": "stagewise.train.callbacks",
-    "register_callback": "stagewise.train.callbacks",
-    "CALLBACKS": "stagewise.train.callbacks",
+    "Callback": "stagewise.engine.callbacks",
+    "StepState": "stagewise.engine.callbacks",
+    "register_callback": "stagewise.engine.callbacks",
+    "CALLBACKS": "stagewise.engine.callbacks",
     "UserError": "stagewise.errors",
     "RunStopped": "stagewise.errors",
 }
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from stagewise.api.calls import Checked, check, lr_find, open_run, search, train
     from stagewise.api.run_handle import Run, StageResult
     from stagewise.api.user_plan import Plan
+    from stagewise.engine.callbacks import CALLBACKS, Callback, StepState, register_callback
     from stagewise.errors import RunStopped, UserError
-    from stagewise.train.callbacks import CALLBACKS, Callback, StepState, register_callback
 
 
 def __getattr__(name: str) -> Any:

@@ -10,9 +10,9 @@ LAZY_IMPORTS: dict[str, frozenset[str]] = {
     "stagewise.cli": frozenset({
         "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
         "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
-        "stagewise.train.verify"}),
+        "stagewise.engine.verify"}),
     # Reading logs back (report, runs) does not import torch; TensorBoard's writer does.
-    "stagewise.train.run_logs": frozenset({"stagewise.train.tensorboard"}),
+    "stagewise.engine.run_logs": frozenset({"stagewise.engine.tensorboard"}),
     # A search's report names its storage; the study module imports the trainer (torch).
     "stagewise.track.report": frozenset({"stagewise.search.study"}),
 }

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from stagewise.engine.cpu_load import start_window
 from stagewise.errors import RunStopped, UserError
-from stagewise.train.cpu_load import start_window
 
 if TYPE_CHECKING:
     from stagewise.api.user_plan import Plan
@@ -211,7 +211,7 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _verify_resume(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.train.verify import verify_resume
+    from stagewise.engine.verify import verify_resume
 
     if args.steps < 2:
         raise UserError("--steps", f"must be >= 2 (got {args.steps})")

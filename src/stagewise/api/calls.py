@@ -14,6 +14,12 @@ from torch import nn
 
 from stagewise.api.run_handle import Run
 from stagewise.api.user_plan import Plan
+from stagewise.engine.callbacks import Callback, check_callbacks
+from stagewise.engine.distributed import joined
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train as train_plan
+from stagewise.engine.rundir import check_run_directory
+from stagewise.engine.status import stage_status
 from stagewise.errors import UserError
 from stagewise.plan.load import blame_overrides, read_yaml
 from stagewise.plan.resolved import ResolvedStage
@@ -22,12 +28,6 @@ from stagewise.search.lr_find import lr_find as find_lr
 from stagewise.search.run_search import SearchOptions, SearchResult
 from stagewise.search.run_search import search as run_search
 from stagewise.tasks.user_task import PLACEHOLDER, TASK, Loss, UserParts
-from stagewise.train.callbacks import Callback, check_callbacks
-from stagewise.train.distributed import joined
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_plan import train as train_plan
-from stagewise.train.rundir import check_run_directory
-from stagewise.train.status import stage_status
 
 PlanLike = Plan | str | Path | Mapping[str, Any]
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.errors import UserError
 from stagewise.tasks.export import MARKER
 from stagewise.tasks.spec import GenerateOptions
@@ -16,8 +18,6 @@ from stagewise.track.trained import evaluate as evaluate_stage
 from stagewise.track.trained import export as export_stage
 from stagewise.track.trained import generate as generate_stage
 from stagewise.track.trained import open_stage
-from stagewise.train.progress import StageSummary
-from stagewise.train.run_logs import read_jsonl
 
 
 @dataclass(frozen=True)

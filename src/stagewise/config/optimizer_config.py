@@ -90,7 +90,7 @@ SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
     "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
     "stlr": {"cut_frac": 0.1, "ratio": 32.0},
     # ReduceLROnPlateau (threshold_mode abs): plan.resolve turns it into `constant` + an
-    # `on_plateau` lr_scale rule, so there is one plateau mechanism (train.control).
+    # `on_plateau` lr_scale rule, so there is one plateau mechanism (engine.control).
     "plateau": {**_WARMUP, "factor": 0.1, "patience": 2, "threshold": 0.0, "min_lr": 0.0},
 }
 ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",

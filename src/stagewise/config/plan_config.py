@@ -119,9 +119,9 @@ class LogConfig(Strict):
 
 
 class DistributedConfig(Strict):
-    """How the processes of a torchrun launch share a stage (train.distributed): `ddp` replicates
+    """How the processes of a torchrun launch share a stage (engine.distributed): `ddp` replicates
     the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state
-    (FSDP2, train.sharded)."""
+    (FSDP2, engine.sharded)."""
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """`ddp` replicates the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state

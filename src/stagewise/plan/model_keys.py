@@ -32,7 +32,7 @@ _ACTIVATION_KEYS = ("activation_function", "hidden_act")
 
 def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
     """UserError naming `model.<key>` for the first key that cannot be right; also when the model
-    is far beyond `memory`: (bytes, whose) of the device it trains on (train.device.device_memory;
+    is far beyond `memory`: (bytes, whose) of the device it trains on (engine.device.device_memory;
     None: this machine's)."""
     memory = memory or host_memory()
     cfg = plan.model

@@ -20,23 +20,23 @@ import torch
 import yaml
 from rich.console import Console
 
+from stagewise.engine.context import RunContext
+from stagewise.engine.device import autocast_factory, derive_seed, resolve_device, seed_everything
+from stagewise.engine.loop import micro_batches
+from stagewise.engine.parent import load_parent
+from stagewise.engine.prepare_run import Prepared, Stage, prepare
+from stagewise.engine.progress import ProgressView
+from stagewise.engine.rng import rng_state, set_rng_state
+from stagewise.engine.run_logs import RunLogs
+from stagewise.engine.run_plan import train
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
+from stagewise.engine.status import complete
 from stagewise.errors import UserError
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.search.space import set_key
 from stagewise.tasks.base import Task
-from stagewise.train.context import RunContext
-from stagewise.train.device import autocast_factory, derive_seed, resolve_device, seed_everything
-from stagewise.train.loop import micro_batches
-from stagewise.train.parent import load_parent
-from stagewise.train.prepare_run import Prepared, Stage, prepare
-from stagewise.train.progress import ProgressView
-from stagewise.train.rng import rng_state, set_rng_state
-from stagewise.train.run_logs import RunLogs
-from stagewise.train.run_plan import train
-from stagewise.train.stage_optimizer import HeldState, StageOptimizer
-from stagewise.train.status import complete
 
 BETA = 0.98  # fastai's smoothing of the loss
 DIVERGED = 4.0  # the sweep stops once the smoothed loss exceeds this many times its minimum

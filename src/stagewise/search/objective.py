@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stagewise.config.plan_config import Plan
+from stagewise.engine.progress import StageSummary
 from stagewise.errors import UserError
 from stagewise.tasks.spec import task_spec
-from stagewise.train.progress import StageSummary
 
 _LOWER_IS_BETTER = ("loss", "ppl")
 Direction = Literal["minimize", "maximize"]

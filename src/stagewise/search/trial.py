@@ -13,17 +13,17 @@ from typing import Any
 
 from rich.console import Console
 
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.reactions import EvalReporter
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
 from stagewise.plan.load import validate_plan
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
 from stagewise.search.space import Param, with_params
-from stagewise.train.callbacks import Callback
-from stagewise.train.prepare_run import prepare
-from stagewise.train.reactions import EvalReporter
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
-from stagewise.train.rundir import make_run_directory
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from stagewise.engine.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.errors import UserError
 from stagewise.search.results import BEST, HEADERS, SETTINGS, load_settings, trial_rows, write_plots
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
 from stagewise.track.runs import Run, StageRow, load_run, when
-from stagewise.train.progress import SUMMARY_TEXT_COLUMNS, summary_table
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1040px; color: #222; }

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from stagewise.config.data_config import MixSource
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.rundir import is_training
 from stagewise.errors import UserError
-from stagewise.train.progress import StageSummary
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.rundir import is_training
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_model
 
+from stagewise.engine.sharded import is_sharded
 from stagewise.errors import WriteFailed
-from stagewise.train.sharded import is_sharded
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"

@@ -24,7 +24,7 @@ class StageSummary:
     reused: bool = False  # taken from the stage cache, not trained in this run
     unit: str = "tokens"  # what `tokens` counts: tokens (causal_lm) or examples
     metrics: dict[str, float] = field(default_factory=dict)  # the final evaluation's task metrics
-    # How the device was used while training (train.utilization); None when not trained in this run
+    # How the device was used while training (engine.utilization); None when not trained in this run
     per_second: float | None = None  # tokens (or examples) a second per device
     mfu: float | None = None  # model FLOPs utilization: a fraction of the device's bf16 peak
     peak_memory_gb: float | None = None  # CUDA: the most allocated; CPU: the process's peak RSS

@@ -1,4 +1,4 @@
-"""How busy the machine is: the cores other processes keep busy (`threads: auto`, train.device).
+"""How busy the machine is: the cores other processes keep busy (`threads: auto`, engine.device).
 
 Torch-free, so that the CLI can open the window over which other processes' CPU use is measured
 (`start_window`) as it starts, before torch is imported: by the time a plan is prepared (imports,

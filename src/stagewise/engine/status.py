@@ -9,11 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, check_checkpoint
+from stagewise.engine.prepare_run import Prepared
+from stagewise.engine.stage_optimizer import HeldState
 from stagewise.plan.resolve import pinned_steps
 from stagewise.plan.resolved import ResolvedStage
-from stagewise.train.checkpoint import InvalidCheckpoint, StageStore, check_checkpoint
-from stagewise.train.prepare_run import Prepared
-from stagewise.train.stage_optimizer import HeldState
 
 
 def complete(store: StageStore, pins: set[int]) -> bool:

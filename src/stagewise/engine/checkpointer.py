@@ -12,18 +12,18 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.errors import RunStopped
-from stagewise.plan.resolved import ResolvedStage
-from stagewise.train.checkpoint import (
+from stagewise.engine.checkpoint import (
     InvalidCheckpoint,
     StageStore,
     load_checkpoint,
     save_checkpoint,
 )
-from stagewise.train.context import RunContext
-from stagewise.train.progress import StageSummary
-from stagewise.train.sharded import full_model
-from stagewise.train.signals import StopRequest
+from stagewise.engine.context import RunContext
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.sharded import full_model
+from stagewise.engine.signals import StopRequest
+from stagewise.errors import RunStopped
+from stagewise.plan.resolved import ResolvedStage
 
 Capture = Callable[[], dict[str, Any]]
 

@@ -1,6 +1,6 @@
 """A whole plan: train the stages in order (a tree, when stages branch), handing the weights and,
 when asked, the optimizer state on; reusing every stage the store already holds and resuming the
-one that was cut off; then the summary and the sample. Setup is train.prepare_run's."""
+one that was cut off; then the summary and the sample. Setup is engine.prepare_run's."""
 
 from __future__ import annotations
 
@@ -15,29 +15,29 @@ import yaml
 from rich.console import Console
 
 from stagewise.data.tokenizers import save_tokenizer
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
+from stagewise.engine.checkpointer import Checkpointer
+from stagewise.engine.context import RunContext
+from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
+from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
+from stagewise.engine.loop import StageTrainer
+from stagewise.engine.merge_stage import load_merged
+from stagewise.engine.parent import load_parent
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.progress import ProgressView, StageSummary
+from stagewise.engine.run_logs import RunLogs, started_threads
+from stagewise.engine.rundir import run_directory
+from stagewise.engine.sample import generate_sample
+from stagewise.engine.sharded import full_model, shard_model
+from stagewise.engine.signals import StopRequest
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
+from stagewise.engine.status import bad_pin, complete, handoff_probe
 from stagewise.errors import RunStopped, WriteFailed
 from stagewise.plan.resolve import pinned_steps
 from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.train.callbacks import Callback
-from stagewise.train.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
-from stagewise.train.checkpointer import Checkpointer
-from stagewise.train.context import RunContext
-from stagewise.train.device import autocast_factory, resolve_device, resolve_threads, settings_line
-from stagewise.train.distributed import SINGLE, World, check_split, split_fields
-from stagewise.train.loop import StageTrainer
-from stagewise.train.merge_stage import load_merged
-from stagewise.train.parent import load_parent
-from stagewise.train.prepare_run import Prepared, Stage
-from stagewise.train.progress import ProgressView, StageSummary
-from stagewise.train.run_logs import RunLogs, started_threads
-from stagewise.train.rundir import run_directory
-from stagewise.train.sample import generate_sample
-from stagewise.train.sharded import full_model, shard_model
-from stagewise.train.signals import StopRequest
-from stagewise.train.stage_optimizer import HeldState, StageOptimizer
-from stagewise.train.status import bad_pin, complete, handoff_probe
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
@@ -47,7 +47,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
-    `callbacks`: the user's (train.callbacks), called in every stage trained (not in reused ones)."""
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from stagewise.config.plan_config import Plan
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.distributed import World
+from stagewise.engine.progress import ProgressView
+from stagewise.engine.run_logs import RunLogs
 from stagewise.models.build import DropoutControl
-from stagewise.train.callbacks import Callback
-from stagewise.train.distributed import World
-from stagewise.train.progress import ProgressView
-from stagewise.train.run_logs import RunLogs
 
 
 @dataclass

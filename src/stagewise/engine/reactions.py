@@ -1,4 +1,4 @@
-"""The plan's reactions to training as built-in callbacks (train.callbacks): injected faults,
+"""The plan's reactions to training as built-in callbacks (engine.callbacks): injected faults,
 the non-finite watch, the guard, SWATS's estimate, weight averaging and the rules, plus the
 evaluation hook a search's pruner listens on. What they remember lives in the stage's
 StageControl (rules, guard, faults, SWATS: its memory survives a rollback, its trajectory goes
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
+from stagewise.engine.callbacks import Callback, StepState
+from stagewise.engine.control import Fired
+from stagewise.engine.finite import FiniteWatch
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
 from stagewise.optim.swats import swats_lr
-from stagewise.train.callbacks import Callback, StepState
-from stagewise.train.control import Fired
-from stagewise.train.finite import FiniteWatch
 
 if TYPE_CHECKING:
-    from stagewise.train.loop import StageTrainer
+    from stagewise.engine.loop import StageTrainer
 
 # (stage name, stage step, metrics) after each mid-stage evaluation; it may raise to stop the run.
 EvalHook = Callable[[str, int, dict[str, float]], None]
@@ -55,7 +55,7 @@ class FaultInjection(Callback):
 
 class NonFiniteWatch(Callback):
     """Without a guard: each update's loss and gradient norm noted on the device, no host sync
-    (train.finite); the trainer reads it at log lines and checkpoints."""
+    (engine.finite); the trainer reads it at log lines and checkpoints."""
 
     def __init__(self, device: torch.device) -> None:
         self.watch = FiniteWatch(device)

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from stagewise.config.optimizer_config import ADAM
+from stagewise.engine.run_logs import RunLogs
+from stagewise.engine.sharded import full_optimizer_state, sharded_optimizer_state
 from stagewise.errors import RunStopped
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.optimizers import apply_settings, build_optimizer
 from stagewise.optim.swats import SwatsEstimate, convert_adam_to_sgd, swats_lr
 from stagewise.plan.resolved import ResolvedStage
-from stagewise.train.run_logs import RunLogs
-from stagewise.train.sharded import full_optimizer_state, sharded_optimizer_state
 
 
 @dataclass

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from stagewise.config.optimizer_config import ScheduleConfig
 from stagewise.config.plan_config import CheckpointConfig, Plan
+from stagewise.engine.checkpoint import STATE, WEIGHTS, StageStore
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.tree import StageNode, stage_tree
-from stagewise.train.checkpoint import STATE, WEIGHTS, StageStore
-from stagewise.train.prepare_run import Prepared, prepare
-from stagewise.train.run_logs import read_jsonl
-from stagewise.train.run_plan import train
 
 # Absolute-step settings of a schedule, scaled with the stage when it is shortened.
 _STEP_SETTINGS = ("warmup", "step_size", "decay")

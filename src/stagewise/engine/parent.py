@@ -4,14 +4,14 @@ prepares its adapter (models.adapters: merge the parent's, start a new one)."""
 
 from __future__ import annotations
 
+from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
+from stagewise.engine.context import RunContext
+from stagewise.engine.device import derive_seed
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.stage_optimizer import HeldState
+from stagewise.engine.status import handoff_probe
 from stagewise.errors import RunStopped
 from stagewise.plan.stage_setup import carry_head
-from stagewise.train.checkpoint import InvalidCheckpoint, load_checkpoint
-from stagewise.train.context import RunContext
-from stagewise.train.device import derive_seed
-from stagewise.train.prepare_run import Prepared, Stage
-from stagewise.train.stage_optimizer import HeldState
-from stagewise.train.status import handoff_probe
 
 
 def load_parent(run: RunContext, prepared: Prepared, stage: Stage, step: int, held: HeldState) -> None:

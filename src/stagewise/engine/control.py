@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from stagewise.config.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
+from stagewise.engine.distributed import SINGLE, World
 from stagewise.optim.swats import SwatsEstimate
 from stagewise.plan.resolved import ResolvedStage
-from stagewise.train.distributed import SINGLE, World
 
 ROLLBACK_MAX_FIRES = 3  # a rollback rule without max_fires: going back forever is never wanted
 

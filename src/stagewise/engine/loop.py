@@ -1,6 +1,6 @@
 """One stage of training (torchtitan's shape: `train` -> `train_step`). The update step reads on
 one screen; what reacts to training (injected faults, the non-finite watch, the guard, SWATS,
-weight averaging, the rules, a user's) are callbacks (train.callbacks, train.reactions) it
+weight averaging, the rules, a user's) are callbacks (engine.callbacks, engine.reactions) it
 calls at seven points; evaluation, logging, `until: time` and gradual unfreezing are methods
 around it, and all running state is on the trainer. What a checkpoint must hold to continue
 exactly is `StageProgress` plus the optimizer, sampler, rules, callbacks and RNG states (`capture`)."""
@@ -17,25 +17,25 @@ from typing import Any, TypeVar
 
 import torch
 
+from stagewise.engine.callbacks import Callback, StepState
+from stagewise.engine.checkpointer import Checkpointer
+from stagewise.engine.context import RunContext
+from stagewise.engine.control import StageControl
+from stagewise.engine.device import derive_seed, seed_everything
+from stagewise.engine.distributed import SINGLE, Replicas, World
+from stagewise.engine.finite import nonfinite_metrics, weights_finite
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.reactions import Averaging, EndOnBest, FaultInjection, Guard, NonFiniteWatch, Rules, Swats, stop_nonfinite
+from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
+from stagewise.engine.sharded import plain
+from stagewise.engine.stage_log import log_eval_line, log_train_line, stage_utilization
+from stagewise.engine.stage_optimizer import StageOptimizer
+from stagewise.engine.utilization import reset_peak_memory
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.optim.schedule_free import averaged, is_schedule_free
 from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Batch, BatchSource, Task
-from stagewise.train.callbacks import Callback, StepState
-from stagewise.train.checkpointer import Checkpointer
-from stagewise.train.context import RunContext
-from stagewise.train.control import StageControl
-from stagewise.train.device import derive_seed, seed_everything
-from stagewise.train.distributed import SINGLE, Replicas, World
-from stagewise.train.finite import nonfinite_metrics, weights_finite
-from stagewise.train.progress import StageSummary
-from stagewise.train.reactions import Averaging, EndOnBest, FaultInjection, Guard, NonFiniteWatch, Rules, Swats, stop_nonfinite
-from stagewise.train.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
-from stagewise.train.sharded import plain
-from stagewise.train.stage_log import log_eval_line, log_train_line, stage_utilization
-from stagewise.train.stage_optimizer import StageOptimizer
-from stagewise.train.utilization import reset_peak_memory
 
 T = TypeVar("T")
 

@@ -14,6 +14,10 @@ from stagewise.config.plan_config import Plan
 from stagewise.data.mixture import MixedData
 from stagewise.data.prepared_data import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.checkpoint import StageStore
+from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
+from stagewise.engine.sharded import check_sharded
+from stagewise.engine.utilization import device_memory
 from stagewise.errors import UserError
 from stagewise.models.build import apply_liger, checkpoint_activations, context_length, set_attention
 from stagewise.optim.layers import StageLayers
@@ -26,10 +30,6 @@ from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
-from stagewise.train.checkpoint import StageStore
-from stagewise.train.device import resolve_compile, resolve_device, resolve_precision, seed_everything
-from stagewise.train.sharded import check_sharded
-from stagewise.train.utilization import device_memory
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
@@ -70,7 +70,7 @@ class Prepared:
     cache_root: Path  # token cache and stage store
     root: nn.Module  # the plan's model: what a root stage starts from
     initial: dict[str, torch.Tensor] | None  # its weights as built, when a `from: init` stage needs them
-    compiled: bool  # the plan's `compile`, auto settled (train.device)
+    compiled: bool  # the plan's `compile`, auto settled (engine.device)
     dtype: torch.dtype | None  # its `precision`: the autocast dtype, None for fp32
 
     @property

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from stagewise.engine.cpu_load import busy_cores
 from stagewise.errors import UserError
 from stagewise.plan.stage_settings import stage_ramp
-from stagewise.train.cpu_load import busy_cores
 
 if TYPE_CHECKING:
     from stagewise.config.plan_config import Plan

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
+from stagewise.engine.context import RunContext
+from stagewise.engine.device import flops_per_token, model_shape
+from stagewise.engine.utilization import Utilization, utilization
 from stagewise.plan.resolved import ResolvedStage
-from stagewise.train.context import RunContext
-from stagewise.train.device import flops_per_token, model_shape
-from stagewise.train.utilization import Utilization, utilization
 
 
 def _line(stage: ResolvedStage, step: int, attempt: int) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def log_eval_line(run: RunContext, stage: ResolvedStage, step: int, attempt: int
 def stage_utilization(run: RunContext, stage: ResolvedStage, model: nn.Module, unit: str, first: int, step: int,
                       seconds: float) -> Utilization | None:
     """The stage's rate per device, MFU and peak memory over the updates this process trained
-    (`first` to `step`, `seconds` in train_step; train.utilization); None when it trained none."""
+    (`first` to `step`, `seconds` in train_step; engine.utilization); None when it trained none."""
     trained = stage.tokens_before(step) - stage.tokens_before(first)
     if trained <= 0 or seconds <= 0:
         return None

@@ -1,6 +1,6 @@
 """Callbacks: code that reacts to training, called by the stage trainer at seven points of each
 stage. The plan's own reactions (fault injection, the non-finite watch, the guard, SWATS, weight
-averaging, the rules) are built-in callbacks (train.reactions); a user's are passed to
+averaging, the rules) are built-in callbacks (engine.reactions); a user's are passed to
 `stagewise.train(..., callbacks=[...])`, and a search reports evaluations to its pruner through one.
 
 Order: the built-ins that look at an update before it is applied (faults, watch, guard) come
@@ -24,7 +24,7 @@ import torch
 from stagewise.errors import UserError
 
 if TYPE_CHECKING:
-    from stagewise.train.loop import StageTrainer
+    from stagewise.engine.loop import StageTrainer
 
 
 @dataclass
@@ -49,7 +49,7 @@ class StepState:
 class Callback:
     """Base class of callbacks: every hook does nothing. Override the ones you need.
 
-    `trainer` (train.loop.StageTrainer) is the stage being trained: `trainer.stage.name`,
+    `trainer` (engine.loop.StageTrainer) is the stage being trained: `trainer.stage.name`,
     `trainer.progress.step` (updates done), `trainer.model`, `trainer.opt.optimizer`,
     `trainer.run.logs.event(...)`. Hooks run on every rank of a data-parallel run."""
 

@@ -15,7 +15,7 @@ How a run splits (docs/how-to/distributed.md):
   same numbers on every rank; flags that come from a clock or a signal are agreed (`any`).
 - Rank 0 evaluates and sends the metrics to the others (`from_main`); it alone writes logs,
   checkpoints and exports, and holds the run's and the stages' locks.
-- `distributed: {strategy: fsdp}` shards the weights instead of replicating them (train.sharded):
+- `distributed: {strategy: fsdp}` shards the weights instead of replicating them (engine.sharded):
   no DDP wrapper; every rank evaluates in step, and a checkpoint's or export's weights are
   gathered from all ranks for rank 0 to write.
 """
@@ -43,7 +43,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    sharded: bool = False  # fsdp: the weights are sharded over the ranks (train.sharded)
+    sharded: bool = False  # fsdp: the weights are sharded over the ranks (engine.sharded)
 
     @property
     def is_main(self) -> bool:

@@ -9,11 +9,11 @@ from torch import nn
 
 from stagewise.data.prepared_data import PreparedData
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.context import RunContext
 from stagewise.models.build import context_length
 from stagewise.models.generate import sample
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.lm import lm_stop
-from stagewise.train.context import RunContext
 
 
 def generate_sample(run: RunContext, model: nn.Module, data: PreparedData, template: ChatTemplate | None) -> str:

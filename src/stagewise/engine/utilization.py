@@ -1,7 +1,7 @@
 """How well a stage uses its device: tokens per second per device, model FLOPs utilization (MFU)
 against the device's bf16 peak, and peak memory; and the memory a plan's model is checked against.
 
-MFU = training FLOPs per token (train.device.flops_per_token: 6 N + 12 L d T) x tokens/s per
+MFU = training FLOPs per token (engine.device.flops_per_token: 6 N + 12 L d T) x tokens/s per
 device / the device's peak, as PaLM (appendix B) and nanoGPT's estimate_mfu count it. A GPU's peak
 is its dense bf16 tensor-core figure from the vendor's data sheet (BF16_PEAK_TFLOPS); a CPU's is
 measured: the fastest of a few square GEMMs in the dtype the run computes in (the data sheets of
