@@ -315,12 +315,11 @@ def _lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
-    import stagewise
+    from stagewise.api.calls import search  # not stagewise.search: the search package's name shadows it
     from stagewise.api.user_plan import Plan
 
-    result = stagewise.search(Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
-                              storage=args.storage, study=args.study, out=args.out, metric=args.metric,
-                              direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv,
-                              console=console)
+    result = search(Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
+                    storage=args.storage, study=args.study, out=args.out, metric=args.metric,
+                    direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv, console=console)
     console.print(f"search written to {result.out}")
     return 0
