@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# the study of what multi-step plans buy (benchmarks/study.py): runs/study/full, resumable
+study: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py
 
 clean:
 	rm -rf $(VENV) runs
