@@ -39,7 +39,7 @@ from typing import Any
 
 from common import write_results
 from study_docs import write_docs
-from study_jobs import Job, StageResult, example, read_run
+from study_jobs import Job, StageResult, example, read_run, run_span
 from study_plan import FULL, QUICK, SWEEP, Size, cooldown_name, plan_for, sweep_name
 from study_stats import Comparison, compare, summary
 
@@ -81,6 +81,10 @@ SECTIONS: list[tuple[str, str, list[Comparison]]] = [
         Comparison("adam_to_sgd", "constant", "same", "SWATS (Keskar & Socher 2017)"),
     ]),
 ]
+RECIPE_JOBS = ("classification", "classification_fixed", "translation")
+# a recipe row's sides: (job kind, stage) of the run each is read from
+RECIPE_SIDES = {"anneal": ("translation", "anneal"), "baseline": ("translation", "baseline"),
+                "plateau_rule": ("classification", "adam"), "fixed_lr": ("classification_fixed", "adam")}
 RECIPES: list[tuple[str, list[Comparison]]] = [
     ("translation", [Comparison("anneal", "baseline", "better", "the recipe", metric, higher_is_better=True)
                      for metric in ("val_bleu", "val_chrf")]),
@@ -96,25 +100,26 @@ def lm_job(seed: int, size: Size, data: Path) -> Job:
 def recipe_jobs(seed: int, quick: bool, data: Path) -> list[Job]:
     """The reference point and the two recipes (each needs its data file), shrunk in quick mode."""
     tiny_seq2seq = {"model": {"d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                              "dim_feedforward": 64}, "tokenizer": {"vocab_size": 2000}}
-    epochs = {"baseline": 2, "adam": 1, "sgd": 1, "anneal": 1} if quick else {}
+                              "dim_feedforward": 64}, "tokenizer": {"vocab_size": 2000}, "data": {"max_len": 8}}
     translation = example("translation", data, {"seed": seed, "threads": 1, **(tiny_seq2seq if quick else {})})
-    for stage in translation["stages"]:
-        stage["epochs"] = epochs.get(stage["name"], stage["epochs"])
+    if quick:  # the same shape: a baseline as long as the three stages together
+        for stage in translation["stages"]:
+            stage["epochs"] = 3 if stage["name"] == "baseline" else 1
     classify = example("classification", data, {"seed": seed, "threads": 1, **(
-        {"model": {"embed_dim": 16, "hidden": 8, "dense": 8}} if quick else {})})
+        {"model": {"embed_dim": 16, "hidden": 8, "dense": 8}, "data": {"max_len": 16}} if quick else {})})
     stage = classify["stages"][0]
     if quick:
-        stage["epochs"] = 2
-    fixed = {**classify, "stages": [{k: v for k, v in stage.items() if k != "on_plateau"} | {"name": "fixed_lr"}]}
-    classify["stages"] = [{**stage, "name": "plateau_rule"}]
+        stage["epochs"] = 1
+    # the same stage name in both runs: the same data order, so they match until the LR is first halved
+    fixed = {**classify, "stages": [{k: v for k, v in stage.items() if k != "on_plateau"}]}
     nanogpt = example("nanogpt", data, {"seed": seed, "threads": 1, **(
         {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}} if quick else {})})
     if quick:
         nanogpt["stages"][0] |= {"steps": 20, "schedule": {"name": "cosine", "warmup": 2, "min_lr": 1e-4}}
         del nanogpt["sample"]
-    jobs = [Job(f"nanogpt-{seed}", nanogpt), Job(f"classification-{seed}", classify),
-            Job(f"classification_fixed-{seed}", fixed), Job(f"translation-{seed}", translation)]
+    plans = {"nanogpt": nanogpt, "classification": classify, "classification_fixed": fixed, "translation": translation}
+    assert tuple(plans) == ("nanogpt", *RECIPE_JOBS)
+    jobs = [Job(f"{kind}-{seed}", plan) for kind, plan in plans.items()]
     return [j for j in jobs if Path(j.plan["data"]["train"]).is_file()]
 
 
@@ -202,8 +207,8 @@ def cache_savings(runs: dict[int, dict[str, StageResult]]) -> dict[str, Any]:
 
 
 def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -> dict[str, Any]:
-    runs = {s: read_run(work / lm_job(s, size, data).name / "run") for s in seeds}
-    runs = {s: r for s, r in runs.items() if r}
+    logged = {s: read_run(work / lm_job(s, size, data).name / "run") for s in seeds}
+    runs = {s: done for s, r in logged.items() if (done := {k: v for k, v in r.items() if v.finished})}
     variants = sorted({v for r in runs.values() for v in r})
     report: dict[str, Any] = {
         "mode": "quick" if quick else "full", "size": size.__dict__, "seeds": seeds,
@@ -214,26 +219,41 @@ def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -
         "sweep_tokens": sweep_tokens(runs), "muon_to_target": muon_to_target(runs), "cache": cache_savings(runs),
         "curves": {v: {str(s): [[step, round(m["val_loss"], 4)] for step, m in r[v].evals] for s, r in runs.items() if v in r}
                    for v in ("constant", "cosine", "muon")},
+        "spread_along": {v: _spread(logged, v) for v in ("constant", "cosine")},
         "planned_stages": [s["name"] for s in plan_for(seeds[0], size, data / "tinyshakespeare.txt")["stages"]],
         "finished": {str(s): sorted(r) for s, r in runs.items()},
     }
     recipes = {}
     for name, comparisons in RECIPES:
-        seeds_runs: dict[int, dict[str, StageResult]] = {}
-        for s in seeds:
-            stages: dict[str, StageResult] = {}
-            for job in (f"{name}-{s}", f"{name}_fixed-{s}"):
-                stages |= read_run(work / job / "run")
-            if stages:
-                seeds_runs[s] = stages
-        recipes[name] = [compare(c, *({s: r[side].final[c.metric] for s, r in seeds_runs.items()
-                                       if side in r and c.metric in r[side].final} for side in (c.variant, c.baseline)),
-                                 shares_prefix=False) for c in comparisons]
+        recipes[name] = []
+        for c in comparisons:
+            sides = []
+            for side in (c.variant, c.baseline):
+                kind, stage = RECIPE_SIDES[side]
+                results = {s: read_run(work / f"{kind}-{s}" / "run").get(stage) for s in seeds}
+                sides.append({s: r.final[c.metric] for s, r in results.items() if r and r.finished and c.metric in r.final})
+            recipes[name].append(compare(c, *sides, shares_prefix=False))
     report["recipes"] = recipes
     nanogpt = [read_run(work / f"nanogpt-{s}" / "run").get("train") for s in seeds]
-    values = [r.final["val_loss"] for r in nanogpt if r]
+    values = [r.final["val_loss"] for r in nanogpt if r and r.finished]
     report["reference"] = {"published": NANOGPT_PUBLISHED, **summary(values), "per_seed": [round(v, 4) for v in values]}
+    names = [f"{kind}-{s}" for s in seeds for kind in ("lm", "nanogpt", *RECIPE_JOBS)]
+    spans = {name: span for name in names if (span := run_span(work / name / "run")) is not None}
+    report["runs_span"] = {name: {"from": _iso(a), "to": _iso(b), "minutes": round((b - a) / 60, 1)}
+                           for name, (a, b) in spans.items()}
     return report
+
+
+def _spread(runs: dict[int, dict[str, StageResult]], stage: str) -> dict[str, Any]:
+    """The std over seeds of the stage's val loss at each evaluation step all of them reached
+    (finished or not: a stage in progress has evaluated too)."""
+    curves = [dict((step, m["val_loss"]) for step, m in r[stage].evals) for r in runs.values() if stage in r]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if len(curves) > 1 else []
+    return {str(step): summary([c[step] for c in curves]) for step in steps}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

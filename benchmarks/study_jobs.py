@@ -61,7 +61,7 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class StageResult:
-    """A stage as its run logged it. `trained_tokens`: what this run trained of it (0 when the
+    """A stage as its run logged it (so far, when not `finished`). `trained_tokens`: what this run trained of it (0 when the
     stage cache supplied it); `path_tokens`: the tokens along its path from the initial weights,
     from the last train metric (a merge's: its parent's)."""
 
@@ -75,10 +75,13 @@ class StageResult:
     final: dict[str, float]
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     path_tokens: int | None = None
+    finished: bool = True
 
 
 def read_run(run: Path) -> dict[str, StageResult]:
-    """The finished stages of the run in `run` (empty when it has not started)."""
+    """The stages of the run in `run` that finished (`finished`) or evaluated so far (empty when
+    it has not started). A stage logged twice (trained, then reused by a later invocation) keeps
+    what its training logged."""
     events_path = run / "events.jsonl"
     if not events_path.is_file():
         return {}
@@ -91,13 +94,14 @@ def read_run(run: Path) -> dict[str, StageResult]:
         stage = e.get("stage")
         if e["event"] == "stage_start":
             trained[stage] = True
-            evals[stage] = [x for x in evals.get(stage, []) if x[0] < e["stage_step"]]
+            # a resumed stage goes on from a checkpoint: what it evaluated after that is logged again
+            evals[stage] = [x for x in evals.get(stage, []) if x[0] <= e["stage_step"]]
         elif e["event"] == "eval":
             metrics = {k: v for k, v in e.items() if k.startswith("val_") and isinstance(v, float)}
             evals.setdefault(stage, []).append((e["step"] - layout[stage]["start_step"], metrics))
-        elif e["event"] in ("stage_end", "stage_reused"):
+        elif e["event"] == "stage_end" or (e["event"] == "stage_reused" and stage not in done):
             info = layout[stage]
-            final = evals.get(stage, [(0, {})])[-1][1] if evals.get(stage) else {"val_loss": e["val_loss"]}
+            final = evals[stage][-1][1] if evals.get(stage) else {}
             done[stage] = StageResult(
                 name=stage, parent=info["parent"], start_step=info["start_step"], steps=info["steps"],
                 tokens=e["tokens"], trained_tokens=e["tokens"] if trained.get(stage) else 0,
@@ -110,7 +114,18 @@ def read_run(run: Path) -> dict[str, StageResult]:
             last_tokens[m["stage"]] = m["tokens"]
     for result in done.values():
         result.path_tokens = last_tokens.get(result.name)
-    return done
+    unfinished = {name: StageResult(name=name, parent=layout[name]["parent"], start_step=layout[name]["start_step"],
+                                    steps=layout[name]["steps"], tokens=0, trained_tokens=0, seconds=0.0, final={},
+                                    evals=curve, finished=False)
+                  for name, curve in evals.items() if name not in done}
+    return {**done, **unfinished}
+
+
+def run_span(run: Path) -> tuple[float, float] | None:
+    """The wall-clock times of the run's first and last events (over every invocation)."""
+    path = run / "events.jsonl"
+    times = [e["time"] for e in _jsonl(path)] if path.is_file() else []
+    return (min(times), max(times)) if times else None
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
