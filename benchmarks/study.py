@@ -39,7 +39,7 @@ from typing import Any
 
 from common import write_results
 from study_docs import write_docs
-from study_jobs import Job, StageResult, example, read_run, run_span
+from study_jobs import Job, StageResult, example, read_job, read_run, run_span
 from study_plan import FULL, QUICK, SWEEP, Size, cooldown_name, plan_for, sweep_name
 from study_stats import Comparison, compare, summary
 
@@ -207,7 +207,7 @@ def cache_savings(runs: dict[int, dict[str, StageResult]]) -> dict[str, Any]:
 
 
 def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -> dict[str, Any]:
-    logged = {s: read_run(work / lm_job(s, size, data).name / "run") for s in seeds}
+    logged = {s: read_job(work / lm_job(s, size, data).name) for s in seeds}
     runs = {s: done for s, r in logged.items() if (done := {k: v for k, v in r.items() if v.finished})}
     variants = sorted({v for r in runs.values() for v in r})
     report: dict[str, Any] = {
@@ -238,7 +238,8 @@ def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -
     values = [r.final["val_loss"] for r in nanogpt if r and r.finished]
     report["reference"] = {"published": NANOGPT_PUBLISHED, **summary(values), "per_seed": [round(v, 4) for v in values]}
     names = [f"{kind}-{s}" for s in seeds for kind in ("lm", "nanogpt", *RECIPE_JOBS)]
-    spans = {name: span for name in names if (span := run_span(work / name / "run")) is not None}
+    spans = {f"{name}/{run.name}": span for name in names for run in sorted((work / name).glob("*run"))
+             if (span := run_span(run)) is not None}
     report["runs_span"] = {name: {"from": _iso(a), "to": _iso(b), "minutes": round((b - a) / 60, 1)}
                            for name, (a, b) in spans.items()}
     return report

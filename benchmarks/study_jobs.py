@@ -121,6 +121,20 @@ def read_run(run: Path) -> dict[str, StageResult]:
     return {**done, **unfinished}
 
 
+def read_job(folder: Path) -> dict[str, StageResult]:
+    """The stages of every run in the job's folder (`run`, and any other `*run` sharing its stage
+    cache: a stage trained there is only reused by the others): per stage, the run that trained
+    it, else one that finished it, else one where it is in progress."""
+    best: dict[str, StageResult] = {}
+    for run in sorted(folder.glob("*run")):
+        for name, result in read_run(run).items():
+            rank = (result.finished and result.trained_tokens > 0, result.finished)
+            held = best.get(name)
+            if held is None or rank > (held.finished and held.trained_tokens > 0, held.finished):
+                best[name] = result
+    return best
+
+
 def run_span(run: Path) -> tuple[float, float] | None:
     """The wall-clock times of the run's first and last events (over every invocation)."""
     path = run / "events.jsonl"
