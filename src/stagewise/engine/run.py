@@ -36,6 +36,8 @@ from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
 from stagewise.track.logs import RunLogs, started_threads
 from stagewise.track.progress import ProgressView, StageSummary
+from stagewise.track.trackers import check_installed, make_trackers
+from stagewise.track.trackers.base import RunEnd, Tracking
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
@@ -45,6 +47,7 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
+    check_installed(prepared.plan.track, str(prepared.plan_path))
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)
     check_split(world, prepared.resolved, str(prepared.plan_path))
@@ -81,9 +84,11 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
         if world.sharded:
             shard_model(model, dtype)
+    # Only rank 0 logs, so only rank 0 opens the trackers.
+    tracking = Tracking(run_dir, make_trackers(plan.track), resolved) if world.is_main else None
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
-                     logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
-                     world=world)
+                     logs=RunLogs(run_dir, write=world.is_main, tracking=tracking),
+                     view=ProgressView(prepared.total_steps, console), world=world)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
@@ -124,18 +129,38 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         fields = {"reason": str(e) or "interrupted"} if stopped else {"error": f"{type(e).__name__}: {e}"}
         _quietly(lambda: run.logs.event("plan_interrupted" if stopped else "plan_failed", plan=plan.name, **fields))
         run.view.close()
-        _quietly(run.logs.close)  # a full disk may refuse the last flush too; the first failure is the one told
+        # a full disk may refuse the last flush too; the first failure is the one told
+        _quietly(lambda: run.logs.close(RunEnd("interrupted" if stopped else "failed")))
         raise
     run.view.close()
-    run.logs.close()
     run.view.summary(summaries)
-    last = prepared.stages[-1]
-    if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
-        text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
-        if world.is_main:
-            _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
-            run.view.print(f"sample:\n{text}")
+    try:
+        last = prepared.stages[-1]
+        if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
+            text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
+            if world.is_main:
+                _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
+                run.view.print(f"sample:\n{text}")
+    except BaseException:
+        _quietly(lambda: run.logs.close(RunEnd("failed")))
+        raise
+    run.logs.close(_complete(run, summaries) if tracking is not None and tracking.wants_files else RunEnd("complete"))
     return summaries
+
+
+def _complete(run: RunContext, summaries: list[StageSummary]) -> RunEnd:
+    """A complete run's end for the trackers: its report page (written as `stagewise report` would),
+    the summary rows and each stage's export. A report that cannot be written is left out."""
+    from stagewise.track.report import write_report
+
+    try:
+        report: Path | None = write_report([run.run_dir])
+    except OSError as e:
+        run.view.print(f"warning: the report for the trackers could not be written ({e})")
+        report = None
+    exports = {s.stage: str(run.run_dir / "stages" / s.stage) for s in summaries
+               if (run.run_dir / "stages" / s.stage / MARKER).is_file()}
+    return RunEnd("complete", report, [dataclasses.asdict(s) for s in summaries], exports)
 
 
 def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int]) -> ResolvedStage:

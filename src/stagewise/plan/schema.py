@@ -11,11 +11,21 @@ import re
 from pathlib import PurePath
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from stagewise.plan.base import MAX_STEPS, SEED_MAX, Name, NonNegativeFloat, Path_, PositiveFloat, Steps, Strict
 from stagewise.plan.rules import GuardConfig, InjectConfig, OnPlateauConfig, RuleConfig, TaskName, UntilConfig
+from stagewise.plan.track import AnyTracker, TensorBoardTracker, as_trackers
 
 
 def _duration(value: Any) -> int | float:
@@ -554,6 +564,8 @@ class Plan(Strict):
     log: LogConfig = LogConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # Experiment trackers (plan.track); a list replaces the default, [] writes none.
+    track: Annotated[list[AnyTracker], BeforeValidator(as_trackers), Field(max_length=8)] = [TensorBoardTracker()]
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

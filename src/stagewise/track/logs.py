@@ -7,9 +7,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagewise.errors import WriteFailed
+from stagewise.track.trackers.base import RunEnd
+
+if TYPE_CHECKING:
+    from stagewise.track.trackers.base import Tracking
 
 
 class JsonlLog:
@@ -71,42 +75,48 @@ class _Discarded(JsonlLog):
 
 
 class RunLogs:
-    """The run's two logs, each record mirrored to TensorBoard (RUN/tensorboard/). Events carry a
-    wall-clock timestamp; metrics carry the global step. `write=False`: nothing is written (the
-    ranks of a data-parallel run other than 0)."""
+    """The run's two logs, each record also fed to the run's trackers (track.trackers: TensorBoard
+    in RUN/tensorboard/ unless the plan's `track:` says otherwise). Events carry a wall-clock
+    timestamp; metrics carry the global step. `write=False`: nothing is written (the ranks of a
+    data-parallel run other than 0)."""
 
-    def __init__(self, run_dir: Path, write: bool = True) -> None:
-        # imported here: reading logs back (report, runs) should not pay for torch's import
-        from stagewise.track.tensorboard import TensorBoardLog
-
+    def __init__(self, run_dir: Path, write: bool = True, tracking: Tracking | None = None) -> None:
         log = JsonlLog if write else _Discarded
         self.write = write
         self.metrics = log(run_dir / "metrics.jsonl")
         self.events = log(run_dir / "events.jsonl")
-        self.tensorboard = TensorBoardLog(run_dir / "tensorboard")
+        self.tracking = tracking if write else None
 
     def event(self, event: str, **fields: Any) -> None:
         if not self.write:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         self.events.write(record)
-        self.tensorboard.event(record)
+        if self.tracking is not None:
+            self.tracking.event(record)
 
     def metric(self, kind: str, **fields: Any) -> None:
         if not self.write:
             return
         record = {"kind": kind, **fields}
         self.metrics.write(record)
-        self.tensorboard.metric(record)
+        if self.tracking is not None:
+            self.tracking.metric(record)
 
-    def close(self) -> None:
-        """Close all three; the first failure is raised once all are closed."""
+    def close(self, end: RunEnd | None = None) -> None:
+        """Close the logs and finish the trackers (`end`: how the run ended, failed when not
+        given); the first failure is raised once all are closed."""
         if not self.write:
             return
         failed = None
-        for log in (self.metrics, self.events, self.tensorboard):
+        for log in (self.metrics, self.events):
             try:
                 log.close()
+            except WriteFailed as e:
+                failed = failed or e
+        if self.tracking is not None:
+            try:
+                self.tracking.finish(end or RunEnd("failed"))
             except WriteFailed as e:
                 failed = failed or e
         if failed is not None:
