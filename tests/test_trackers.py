@@ -206,16 +206,18 @@ def test_track_key_forms_errors_and_round_trip(tmp_path: Path, corpus: Path, cap
     track = ["tensorboard", {"wandb": {"project": "p", "mode": "online", "tags": ["a"]}},
              {"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}}, {"trackio": None}]
     plan = load_plan(write_plan(tmp_path, tiny_plan(corpus, STAGES, track=track)))
-    assert [t.tracker for t in plan.track] == ["tensorboard", "wandb", "mlflow", "trackio"]
+    assert [t.name for t in plan.track] == ["tensorboard", "wandb", "mlflow", "trackio"]
+    assert plan.track[1].settings.model_dump() == {"project": "p", "run_name": None, "tags": ["a"], "mode": "online",
+                                                   "entity": None}
     dumped = plan.model_dump(mode="json", by_alias=True, exclude_none=True)["track"]
-    assert dumped == ["tensorboard", {"wandb": {"project": "p", "mode": "online", "tags": ["a"]}},
-                      {"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}}, "trackio"]
     assert load_plan(write_plan(tmp_path, tiny_plan(corpus, STAGES, track=dumped), "again.yaml")) == plan
     default = load_plan(write_plan(tmp_path, tiny_plan(corpus, STAGES), "default.yaml"))
-    assert [t.tracker for t in default.track] == ["tensorboard"]
-    for bad, message in [(["wandbb"], "track[0]: no tracker 'wandbb' (did you mean 'wandb'?)"),
+    assert [t.name for t in default.track] == ["tensorboard"]
+    for bad, message in [(["wandbb"], "track[0].wandbb: unknown key (did you mean 'wandb'?)"),
                          ([{"wandb": {"projekt": "p"}}], "track[0].wandb.projekt: unknown key (did you mean 'project'?)"),
                          ([{"mlflow": {"mode": "offline"}}], "track[0].mlflow.mode: unknown key"),
+                         ([{"tensorboard": {"project": "p"}}], "track[0].tensorboard.project: unknown key"),
+                         ([{"mlflow": {}, "wandb": {}}], "track[0]: one tracker per entry (got 2)"),
                          (["mlflow", "mlflow"], "track[1]: 'mlflow' is named twice")]:
         path = write_plan(tmp_path, tiny_plan(corpus, STAGES, track=bad), "bad.yaml")
         assert main(["check", str(path)]) == 2

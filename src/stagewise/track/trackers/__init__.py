@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stagewise.errors import UserError
-from stagewise.plan.track import TrackerConfig
+from stagewise.plan.track import TrackEntry
 from stagewise.track.trackers.base import Tracker
 
 
@@ -28,23 +28,23 @@ TRACKERS: dict[str, Entry] = {
 }
 
 
-def check_installed(configs: Sequence[TrackerConfig], where: str) -> None:
+def check_installed(entries: Sequence[TrackEntry], where: str) -> None:
     """UserError naming the extra when a named tracker's library cannot be imported (not
     installed, or broken): before a run starts, never part way. The run imports it next anyway."""
-    for i, config in enumerate(configs):
-        entry = TRACKERS[config.tracker]
+    for i, tracker in enumerate(entries):
+        entry = TRACKERS[tracker.name]
         try:
             importlib.import_module(entry.package)
         except ImportError:
             install = f"'stagewise[{entry.extra}]'" if entry.extra else entry.package
-            raise UserError(f"{where}: track[{i}]", f"tracker '{config.tracker}' needs the {entry.package} package, "
+            raise UserError(f"{where}: track[{i}]", f"tracker '{tracker.name}' needs the {entry.package} package, "
                                                     f"which cannot be imported: pip install {install}") from None
 
 
-def make_trackers(configs: Sequence[TrackerConfig]) -> list[Tracker]:
+def make_trackers(entries: Sequence[TrackEntry]) -> list[Tracker]:
     out = []
-    for config in configs:
-        entry = TRACKERS[config.tracker]
+    for tracker in entries:
+        entry = TRACKERS[tracker.name]
         module = importlib.import_module(f"stagewise.track.trackers.{entry.module}")
-        out.append(getattr(module, entry.cls)(config))
+        out.append(getattr(module, entry.cls)(tracker.name, tracker.settings))
     return out

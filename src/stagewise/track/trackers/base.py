@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewise.errors import WriteFailed
-from stagewise.plan.track import TrackerConfig
+from stagewise.plan.base import Strict
 
 STATE = "trackers.json"  # in the run directory: each tracker's run id and what it was sent
 
@@ -59,8 +59,9 @@ class Tracker(ABC):
 
     fatal = False
 
-    def __init__(self, config: TrackerConfig) -> None:
-        self.config = config
+    def __init__(self, name: str, settings: Strict) -> None:
+        self.name = name
+        self.settings = settings
 
     @abstractmethod
     def start(self, run: TrackedRun) -> str:
@@ -131,10 +132,10 @@ class Tracking:
         self._returned: Any = None
         project, run_name = str(plan.get("name", "stagewise")), run_dir.resolve().name
         for tracker in trackers:
-            name = tracker.config.tracker
-            mine = self._state.setdefault(name, {})
-            run = TrackedRun(run_dir, plan, tracker.config.project or project, tracker.config.run_name or run_name,
-                             mine.get("run_id"), mine.setdefault("own", {}))
+            mine = self._state.setdefault(tracker.name, {})
+            run = TrackedRun(run_dir, plan, getattr(tracker.settings, "project", None) or project,
+                             getattr(tracker.settings, "run_name", None) or run_name, mine.get("run_id"),
+                             mine.setdefault("own", {}))
             mine.setdefault("sent", {})
             self.live.append(tracker)
             if self._call(tracker, "start", tracker.start, run):
@@ -152,7 +153,7 @@ class Tracking:
         numbers = series(record, self._branches.get(str(record.get("stage"))))
         sent = False
         for tracker in list(self.live):
-            done = self._state[tracker.config.tracker]["sent"]
+            done = self._state[tracker.name]["sent"]
             if key in done and int(record.get("stage_step", 0)) <= done[key]:
                 continue  # logged before the run was cut off; a resumed stage logs it again
             if self._call(tracker, "metric", tracker.metric, record, numbers):
@@ -196,7 +197,7 @@ class Tracking:
             return True
         except Exception as e:  # whatever the library raises (server gone, disk full): never the run's end
             message = " ".join(str(e).split())[:300]
-            self._warn(f"warning: tracker {tracker.config.tracker} failed at {what} ({type(e).__name__}: {message}); "
+            self._warn(f"warning: tracker {tracker.name} failed at {what} ({type(e).__name__}: {message}); "
                        "the run goes on without it")
             if tracker in self.live:
                 self.live.remove(tracker)

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from stagewise.plan.track import MlflowTracker as MlflowConfig
+from stagewise.plan.track import MlflowSettings
 from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
 
 # MLflow's limits: a param value's length and the params of one log_batch call.
@@ -37,13 +37,13 @@ def flatten(plan: Any, prefix: str = "") -> dict[str, str]:
 
 
 class MlflowTracker(Tracker):
-    config: MlflowConfig
+    settings: MlflowSettings
 
     def start(self, run: TrackedRun) -> str:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        uri = self.config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = self.settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         artifacts = None
         if uri is None:
             uri = f"sqlite:///{(run.run_dir / 'mlflow.db').resolve()}"
@@ -59,7 +59,7 @@ class MlflowTracker(Tracker):
         experiment_id = (experiment.experiment_id if experiment is not None
                          else client.create_experiment(run.project, artifact_location=artifacts))
         tags = {"mlflow.runName": run.run_name, "stagewise.run_dir": str(run.run_dir.resolve()),
-                **{tag: "" for tag in self.config.tags}}
+                **{tag: "" for tag in self.settings.tags}}
         self.run_id = client.create_run(experiment_id, run_name=run.run_name, tags=tags).info.run_id
         params = [Param(k, v[:_PARAM_CHARS]) for k, v in flatten(run.plan).items()]
         for i in range(0, len(params), _BATCH):

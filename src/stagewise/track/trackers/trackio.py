@@ -14,19 +14,19 @@ import io
 import json
 from typing import Any
 
-from stagewise.plan.track import TrackioTracker as TrackioConfig
+from stagewise.plan.track import TrackioSettings
 from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
 
 
 class TrackioTracker(Tracker):
-    config: TrackioConfig
+    settings: TrackioSettings
 
     def start(self, run: TrackedRun) -> str:
         import trackio
 
         self._trackio = trackio
         name = run.run_id or run.run_name
-        self.run = trackio.init(project=run.project, name=name, space_id=self.config.space_id, config=run.plan,
+        self.run = trackio.init(project=run.project, name=name, space_id=self.settings.space_id, config=run.plan,
                                 resume="allow" if run.run_id else "never", embed=False, auto_log_cpu=False,
                                 auto_log_gpu=False, capture_console=False)
         return name

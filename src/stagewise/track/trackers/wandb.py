@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stagewise.plan.track import WandbTracker as WandbConfig
+from stagewise.plan.track import WandbSettings
 from stagewise.track.logs import read_jsonl
 from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
 
 
 class WandbTracker(Tracker):
-    config: WandbConfig
+    settings: WandbSettings
 
     def start(self, run: TrackedRun) -> str:
         import wandb
@@ -33,9 +33,9 @@ class WandbTracker(Tracker):
         self._state = run.state
         self._run_dir = run.run_dir
         self.run = wandb.init(
-            project=run.project, entity=self.config.entity, name=run.run_name, tags=self.config.tags or None,
+            project=run.project, entity=self.settings.entity, name=run.run_name, tags=self.settings.tags or None,
             config=run.plan, id=run.run_id, resume="allow" if run.run_id else None, dir=str(run.run_dir),
-            mode=self.config.mode,
+            mode=self.settings.mode,
             # several runs in one process (a search, a test) each get their own; the training
             # process's stdout and machine stats stay out of it
             settings=wandb.Settings(reinit="create_new", console="off", silent=True, x_disable_stats=True),
