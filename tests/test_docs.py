@@ -13,12 +13,12 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
 from conftest import tiny_plan, write_plan
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
@@ -85,6 +85,31 @@ def test_a_key_without_a_description_is_found() -> None:
     assert list(keys) == ["inner", "inner[].said", "inner[].silent"]
     assert [p for p, k in keys.items() if not k.description] == ["inner[].silent"]
     assert keys["inner[].said"].default == "`1`" and keys["inner"].type == "list of mapping"
+
+
+def test_mappings_picked_by_a_key_are_listed_under_their_names() -> None:
+    class Loud(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["loud"] = "loud"
+        volume: int = 11
+        """How loud."""
+
+    class Quiet(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["quiet"] = "quiet"
+        volume: int = 1
+        """How quiet."""
+
+    class Holder(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        sinks: list[Annotated[Loud | Quiet, Field(discriminator="kind")]] = []
+        """Where it goes."""
+
+    keys = {k.path: k for k in gen.plan_keys(Holder)}
+    assert list(keys) == ["sinks", "sinks[].loud.volume", "sinks[].quiet.volume"]
+    assert keys["sinks[].quiet.volume"].description == "How quiet." and keys["sinks[].loud.volume"].parent == "sinks[].loud"
+    page_order = [k.parent for k in sorted(keys.values(), key=lambda k: gen._order(list(keys.values()), k.parent))]
+    assert page_order == ["", "sinks[].loud", "sinks[].quiet"]
 
 
 def test_the_plan_page_states_types_defaults_and_allowed_values() -> None:

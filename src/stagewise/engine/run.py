@@ -200,18 +200,18 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
             then = (f"stage '{stage.name}' resumes from step {trainer.progress.step}" if trainer is not None
                     else f"stage '{stage.name}' is trained again from its start")
             checkpointer.invalid(broken[0], broken[1], then)
-        start_lr = None
+        lr_factor = None
         if trainer is None:
             optimizer = StageOptimizer(numbers, task.model, stage.layers)
             if numbers.merged:  # no updates: evaluated and saved as the stage's end
                 load_merged(run, prepared, stage, held)
             else:
                 load_parent(run, prepared, stage, numbers.start_step, held)
-                start_lr = optimizer.hand_off(held, run.logs)
+                lr_factor = optimizer.hand_off(held, run.logs)
             trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
         resumed_at = trainer.progress.step
         run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, trainer.control.attempt))
-        outcome = trainer.train(start_lr)
+        outcome = trainer.train(lr_factor)
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
@@ -235,6 +235,8 @@ def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedS
                                 f"({type(e).__name__})") from None
     state, _ = load_checkpoint(store.final_dir, stage.key, stage.model, apply=handoff_probe(numbers))
     held.hold((stage.key, None), numbers, state)
+    if "logs" in state:  # absent from the caches of older versions
+        run.logs.bring_back(stage.name, state["logs"])
     run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
                    tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss, tokens=summary.tokens)
     run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")

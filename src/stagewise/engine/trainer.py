@@ -145,10 +145,10 @@ class StageTrainer:
                                 f"has {world}: the data goes on in the same order, the updates agree within float "
                                 "rounding, not bit for bit")
 
-    def train(self, start_lr: float | None) -> StageOutcome:
-        """Train from the stage's first update, or from where `resume` put it. `start_lr`: the LR
-        of the first update when only the hand-off knows it (lr auto)."""
-        self._begin(start_lr)
+    def train(self, lr_factor: float | None) -> StageOutcome:
+        """Train from the stage's first update, or from where `resume` put it. `lr_factor`: on the
+        planned LR, when only the hand-off knows the real one (StageOptimizer.hand_off)."""
+        self._begin(lr_factor)
         while self.progress.step < self.stage.steps and self.progress.ended is None:
             update = self.train_step()
             if update is not None:
@@ -275,26 +275,33 @@ class StageTrainer:
         guard = self.control.guard
         return self.control.rollback_rules or (guard is not None and guard.action == "rollback")
 
-    def _begin(self, start_lr: float | None) -> None:
+    def _begin(self, lr_factor: float | None) -> None:
         stage, p = self.stage, self.progress
         if self.resumed:
             if self.rollbacks:  # the roles of the checkpoints a rollback may go back to
                 self.checkpoints.keep("start", 0)
             if self.control.best is not None:
                 self.checkpoints.keep("best", self.control.best["step"])
-        elif start_lr is not None:
-            self.control.set_lr(0, start_lr)
+        elif lr_factor is not None:
+            self.control.lr_factor = lr_factor
         self.layers.apply(self.sampler.epoch)
         self.model.train()
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
                             stage_step=p.step, steps=stage.steps, optimizer=stage.trains_with,
-                            settings={} if stage.merged else stage.optimizer_settings,
+                            settings={} if stage.merged else self._settings(),
                             schedule=stage.config.schedule.name, task=self.task.kind,
                             block_size=stage.block_size, tokens_per_step=stage.tokens_per_step, unit=self.task.unit,
                             dropout=sorted(self.run.dropout_of(self.model).rates()), key=stage.key)
         self.run.view.stage_start(stage.name, stage.steps, at=p.step)
         if self.rollbacks and p.step == 0:
             self.checkpoints.save(0, self.capture, keep="start")  # where a rollback goes when nothing later is good
+
+    def _settings(self) -> dict[str, Any]:
+        """The optimizer's settings, with the real peak LR where the plan's was a placeholder."""
+        stage = self.stage
+        if not (stage.auto_lr or stage.lr_at_run):
+            return stage.optimizer_settings
+        return {**stage.optimizer_settings, "lr": stage.peak_lr * self.control.lr_factor}
 
     def _rank_seed(self, *more: str) -> int:
         """The stage's seed; each further rank of a data-parallel run draws (dropout) from its own stream."""

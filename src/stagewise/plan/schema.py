@@ -96,8 +96,9 @@ class OptimizerConfig(Strict):
     """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
     optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
-    """Peak learning rate. Unset: continues from the LR the parent ends on. `auto` (adam/adamw -> sgd): the SWATS
-    estimate of the SGD LR that matches the parent's Adam steps."""
+    """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
+    it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
+    steps."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
     """Adam's (beta1, beta2); for muon, those of the AdamW it uses on non-matrix parameters."""
     eps: PositiveFloat | None = None

@@ -15,6 +15,10 @@ from stagewise.track.trackers.base import RunEnd
 if TYPE_CHECKING:
     from stagewise.track.trackers.base import Tracking
 
+# Events about the process that trained a stage, not about the stage: a run reusing it logs its own.
+PROCESS_EVENTS = frozenset({"stage_start", "stage_resumed", "stage_end", "checkpoint_saved", "stage_saved",
+                            "stage_reused", "checkpoint_invalid"})
+
 
 class JsonlLog:
     """One JSON object per line, flushed on every write so a killed run keeps what it logged. A
@@ -90,18 +94,42 @@ class RunLogs:
     def event(self, event: str, **fields: Any) -> None:
         if not self.write:
             return
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        self.events.write(record)
-        if self.tracking is not None:
-            self.tracking.event(record)
+        self._event({"event": event, "time": round(time.time(), 3), **fields})
 
     def metric(self, kind: str, **fields: Any) -> None:
         if not self.write:
             return
-        record = {"kind": kind, **fields}
+        self._metric({"kind": kind, **fields})
+
+    def _event(self, record: dict[str, Any]) -> None:
+        self.events.write(record)
+        if self.tracking is not None:
+            self.tracking.event(record)
+
+    def _metric(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
         if self.tracking is not None:
             self.tracking.metric(record)
+
+    def stage_lines(self, stage: str) -> dict[str, list[dict[str, Any]]]:
+        """A stage's metric lines and the events that say what happened in it (evaluations and
+        decisions, not those about this process: its start, checkpoints, end), to keep with its
+        final checkpoint: a run that reuses the stage shows its history too."""
+        if not self.write:
+            return {"metrics": [], "events": []}
+        return {"metrics": [r for r in read_jsonl(self.metrics.path) if r.get("stage") == stage],
+                "events": [r for r in read_jsonl(self.events.path)
+                           if r.get("stage") == stage and r.get("event") not in PROCESS_EVENTS]}
+
+    def bring_back(self, stage: str, lines: dict[str, list[dict[str, Any]]]) -> None:
+        """A reused stage's lines (stage_lines), unless this run's log has the stage already (it
+        trained or reused the stage before)."""
+        if not self.write or any(r.get("stage") == stage for r in read_jsonl(self.events.path)):
+            return
+        for record in lines["metrics"]:
+            self._metric(record)
+        for record in lines["events"]:
+            self._event(record)
 
     def close(self, end: RunEnd | None = None) -> None:
         """Close the logs and finish the trackers (`end`: how the run ended, failed when not
