@@ -3,7 +3,7 @@
 Metrics are the same series as every tracker's (track.trackers.base.series) at the plan's step:
 `train/loss` over the whole plan, `stage/<stage>/train/loss` for one stage. The resolved plan is
 the run's params (flattened: `stages.0.optimizer.lr`) and its `plan.yaml` artifact. Each event a
-person looks for is a tag (`event.<n>.<event>` -> its plan step and fields) and the whole events.jsonl
+person looks for is a tag (`event.<n>.<event>` -> `<event> at step <plan step>: {fields}`) and the whole events.jsonl
 an artifact; at the end the report page, `summary.json` and `exports.json` (each stage's export
 directory) are artifacts.
 
@@ -79,7 +79,7 @@ class MlflowTracker(Tracker):
         detail = {k: v for k, v in record.items() if k not in ("event", "time")}
         n = int(self._state.get("events", 0))  # numbered: two events at one step are two tags
         self.client.set_tag(self.run_id, f"event.{n:04d}.{record['event']}",
-                            f"step {step}: {json.dumps(detail, default=str)}"[:5000])
+                            f"{record['event']} at step {step}: {json.dumps(detail, default=str)}"[:5000])
         self._state["events"] = n + 1
 
     def finish(self, end: RunEnd) -> None:
