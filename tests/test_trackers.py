@@ -232,3 +232,15 @@ def test_branches_get_their_own_line() -> None:
     assert branches(stages) == {"a": None, "b": None, "c": None, "x": "x", "y": "x", "z": "z"}
     assert series({"kind": "train", "step": 3, "stage": "y", "stage_step": 1, "loss": 2.0}, "x") == {
         "x/train/loss": 2.0, "stage/y/train/loss": 2.0}
+
+
+def test_the_python_api_takes_the_trackers(tmp_path: Path, corpus: Path) -> None:
+    import stagewise
+
+    plan = tiny_plan(corpus, [{**STAGES[0], "steps": 4, "eval": {"every": 4}}])  # the default: tensorboard only
+    run = stagewise.train(plan, out=tmp_path / "run", cache=tmp_path / "cache", track=[{"mlflow": {"project": "tracked"}}])
+    client, tracked = _mlflow_run(run.path)
+    assert tracked.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/loss")] == [
+        m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"]
+    assert not (tmp_path / "run" / "tensorboard").exists()  # `track` replaced the plan's

@@ -251,9 +251,9 @@ class RampConfig(Strict):
 
 
 class DumpsAsBefore(Strict):
-    """A config that gained keys after stage keys were first written: each of `LATER`, while None,
-    stays out of the dump, so the data settings and stage keys of existing plans dump (and hash)
-    as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
+    """A config that gained keys after stage keys were first written: each of `LATER`, while at its
+    default, stays out of the dump, so the data settings and stage keys of existing plans dump (and
+    hash) as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
 
     LATER: ClassVar[tuple[str, ...]] = ()
 
@@ -261,7 +261,7 @@ class DumpsAsBefore(Strict):
     def _without_unset_later(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped = handler(self)
         for key in self.LATER:
-            if getattr(self, key) is None:
+            if getattr(self, key) == type(self).model_fields[key].default:
                 dumped.pop(key, None)
         return dumped
 
@@ -564,7 +564,7 @@ class StageConfig(Strict):
         return self
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(DumpsAsBefore):
     """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
     built from config with the other keys as its config fields) or `pretrained` (a local directory
     or hub name). Size keys are checked against the model's constructor or the architecture's
@@ -577,8 +577,15 @@ class ModelConfig(BaseModel):
     pretrained: Path_ | None = None
     """A local directory or hub name of a pretrained model."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
-    """`auto`: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque to it, 1.9x
-    slower steps for a 4x256 GPT-2), else the model's own."""
+    """`auto`: SDPA on CUDA; on CPU eager when the plan compiles (inductor fuses it; SDPA's CPU kernels are opaque to
+    it, 1.9x slower steps for a 4x256 GPT-2), else the model's own."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute); the same losses and gradients, so not part of a stage's key."""
+    liger: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on the transformers models it supports: CUDA
+    only, the `stagewise[liger]` extra."""
+    LATER = ("activation_checkpointing", "liger")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
