@@ -244,3 +244,9 @@ def test_the_python_api_takes_the_trackers(tmp_path: Path, corpus: Path) -> None
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/loss")] == [
         m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"]
     assert not (tmp_path / "run" / "tensorboard").exists()  # `track` replaced the plan's
+
+
+def test_the_example_plan_is_valid() -> None:
+    """examples/trackers/tracked.yaml (what the docs' screenshot script trains) loads as a plan."""
+    plan = load_plan(Path(__file__).resolve().parents[1] / "examples" / "trackers" / "tracked.yaml")
+    assert [t.name for t in plan.track] == ["tensorboard", "wandb", "mlflow"] and len(plan.stages) == 3
