@@ -237,7 +237,7 @@ def test_branches_get_their_own_line() -> None:
 def test_the_python_api_takes_the_trackers(tmp_path: Path, corpus: Path) -> None:
     import stagewise
 
-    plan = tiny_plan(corpus, [{**STAGES[0], "steps": 4, "eval": {"every": 4}}])  # the default: tensorboard only
+    plan = tiny_plan(corpus, [{**STAGES[0], "steps": 6, "eval": {"every": 6}}])  # the default: tensorboard only
     run = stagewise.train(plan, out=tmp_path / "run", cache=tmp_path / "cache", track=[{"mlflow": {"project": "tracked"}}])
     client, tracked = _mlflow_run(run.path)
     assert tracked.info.status == "FINISHED"
