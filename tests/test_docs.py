@@ -21,11 +21,11 @@ from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
+from stagewise.config.registry import TASKS
 from stagewise.engine.callbacks import CALLBACKS
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
 from stagewise.search.space import check_space, load_space
-from stagewise.tasks.registry import TASKS
-from stagewise.track.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

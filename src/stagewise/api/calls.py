@@ -16,17 +16,17 @@ from stagewise.api.run_handle import Run
 from stagewise.api.user_plan import Plan
 from stagewise.engine.callbacks import Callback, check_callbacks
 from stagewise.engine.distributed import joined
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train as train_plan
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train as train_plan
 from stagewise.engine.rundir import check_run_directory
 from stagewise.engine.status import stage_status
 from stagewise.errors import UserError
 from stagewise.plan.load import blame_overrides, read_yaml
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.search.lr_find import LrFindResult
 from stagewise.search.lr_find import lr_find as find_lr
-from stagewise.search.run import SearchOptions, SearchResult
-from stagewise.search.run import search as run_search
+from stagewise.search.run_search import SearchOptions, SearchResult
+from stagewise.search.run_search import search as run_search
 from stagewise.tasks.user_task import PLACEHOLDER, TASK, Loss, UserParts
 
 PlanLike = Plan | str | Path | Mapping[str, Any]

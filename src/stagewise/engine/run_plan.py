@@ -1,6 +1,6 @@
 """A whole plan: train the stages in order (a tree, when stages branch), handing the weights and,
 when asked, the optimizer state on; reusing every stage the store already holds and resuming the
-one that was cut off; then the summary and the sample. Setup is engine.prepare's."""
+one that was cut off; then the summary and the sample. Setup is engine.prepare_run's."""
 
 from __future__ import annotations
 
@@ -21,22 +21,23 @@ from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
-from stagewise.engine.handoff import HeldState, StageOptimizer
-from stagewise.engine.merge import load_merged
+from stagewise.engine.loop import StageTrainer
+from stagewise.engine.merge_stage import load_merged
 from stagewise.engine.parent import load_parent
-from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.progress import ProgressView, StageSummary
+from stagewise.engine.run_logs import RunLogs, started_threads
 from stagewise.engine.rundir import run_directory
 from stagewise.engine.sample import generate_sample
 from stagewise.engine.sharded import full_model, shard_model
 from stagewise.engine.signals import StopRequest
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import bad_pin, complete, handoff_probe
-from stagewise.engine.trainer import StageTrainer
 from stagewise.errors import RunStopped, WriteFailed
-from stagewise.plan.resolve import ResolvedStage, pinned_steps
+from stagewise.plan.resolve import pinned_steps
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.track.logs import RunLogs, started_threads
-from stagewise.track.progress import ProgressView, StageSummary
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
