@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from stagewise import cli
-from stagewise.plan.schema import Plan
+from stagewise.config.plan_config import Plan
 
 DOCS = Path(__file__).resolve().parent
 PAGES = {"reference/plan.md": lambda: plan_reference(), "reference/cli.md": lambda: cli_reference()}

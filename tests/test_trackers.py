@@ -14,14 +14,15 @@ import pytest
 import yaml
 from conftest import tiny_plan, write_plan
 
+from stagewise.api.calls import run_report
 from stagewise.cli import main
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.trackers.mlflow import flatten
+from stagewise.engine.trackers.tracking import QUIET, branches, series
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
-from stagewise.track.trackers.base import QUIET, branches, series
-from stagewise.track.trackers.mlflow import flatten
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="the wandb extra")
 mlflow_tracking = pytest.importorskip("mlflow.tracking", reason="the mlflow extra")
@@ -39,7 +40,7 @@ TRACK = [{"wandb": {"project": "tracked", "tags": ["test"]}}, {"mlflow": {"proje
 def _run(tmp: Path, corpus: Path, tag: str, stop_after: int | None = None, track: Any = TRACK) -> Path:
     path = write_plan(tmp, tiny_plan(corpus, STAGES, track=track, checkpoint={"every": 4}, log={"every": 2}),
                       f"{tag}.yaml")
-    train(prepare(load_plan(path), path, tmp / "cache"), tmp / tag, stop_after=stop_after)
+    train(prepare(load_plan(path), path, tmp / "cache"), tmp / tag, stop_after=stop_after, report=run_report)
     return tmp / tag
 
 

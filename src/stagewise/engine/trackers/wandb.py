@@ -1,6 +1,6 @@
 """Weights & Biases: one W&B run per plan run.
 
-Every metrics line is one history row holding its numbers (track.trackers.base.series), its
+Every metrics line is one history row holding its numbers (engine.trackers.tracking.series), its
 `plan_step` and its `stage`; every chart is drawn over `plan_step` (define_metric), so the whole
 plan is one axis even where branches and rollbacks go back in steps. W&B's own row counter
 (`_step`) only grows: it is kept in RUN/trackers.json, so a resumed run continues it and
@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stagewise.plan.track import WandbSettings
-from stagewise.track.logs import read_jsonl
-from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
+from stagewise.config.track_config import WandbSettings
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.trackers.tracking import RunEnd, TrackedRun, Tracker
 
 
 class WandbTracker(Tracker):

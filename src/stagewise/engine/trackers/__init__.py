@@ -7,14 +7,14 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from stagewise.config.track_config import TrackEntry
+from stagewise.engine.trackers.tracking import Tracker
 from stagewise.errors import UserError
-from stagewise.plan.track import TrackEntry
-from stagewise.track.trackers.base import Tracker
 
 
 @dataclass(frozen=True)
 class Entry:
-    module: str  # of stagewise.track.trackers
+    module: str  # of stagewise.engine.trackers
     cls: str
     package: str  # the library it drives
     extra: str | None  # the extra of stagewise that installs it (None: a dependency of stagewise)
@@ -45,6 +45,6 @@ def make_trackers(entries: Sequence[TrackEntry]) -> list[Tracker]:
     out = []
     for tracker in entries:
         entry = TRACKERS[tracker.name]
-        module = importlib.import_module(f"stagewise.track.trackers.{entry.module}")
+        module = importlib.import_module(f"stagewise.engine.trackers.{entry.module}")
         out.append(getattr(module, entry.cls)(tracker.name, tracker.settings))
     return out

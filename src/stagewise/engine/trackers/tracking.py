@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stagewise.config.fields import Strict
 from stagewise.errors import WriteFailed
-from stagewise.plan.base import Strict
 
 STATE = "trackers.json"  # in the run directory: each tracker's run id and what it was sent
 
@@ -40,6 +40,10 @@ class TrackedRun:
     run_name: str
     run_id: str | None
     state: dict[str, Any]  # the tracker's own, kept in RUN/trackers.json across resumes (JSON values)
+
+
+# Writes a run directory's report page and returns its path (track.report.write_report, passed down).
+ReportWriter = Callable[[Path], Path]
 
 
 @dataclass(frozen=True)

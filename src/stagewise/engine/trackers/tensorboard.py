@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.engine.trackers.tracking import RunEnd, TrackedRun, Tracker
 from stagewise.errors import WriteFailed
-from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -1,6 +1,6 @@
 """A whole plan: train the stages in order (a tree, when stages branch), handing the weights and,
 when asked, the optimizer state on; reusing every stage the store already holds and resuming the
-one that was cut off; then the summary and the sample. Setup is engine.prepare's."""
+one that was cut off; then the summary and the sample. Setup is engine.prepare_run's."""
 
 from __future__ import annotations
 
@@ -21,34 +21,36 @@ from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
-from stagewise.engine.handoff import HeldState, StageOptimizer
-from stagewise.engine.merge import load_merged
+from stagewise.engine.loop import StageTrainer
+from stagewise.engine.merge_stage import load_merged
 from stagewise.engine.parent import load_parent
-from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.progress import ProgressView, StageSummary
+from stagewise.engine.run_logs import RunLogs, started_threads
 from stagewise.engine.rundir import run_directory
 from stagewise.engine.sample import generate_sample
 from stagewise.engine.sharded import full_model, shard_model
 from stagewise.engine.signals import StopRequest
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import bad_pin, complete, handoff_probe
-from stagewise.engine.trainer import StageTrainer
+from stagewise.engine.trackers import check_installed, make_trackers
+from stagewise.engine.trackers.tracking import ReportWriter, RunEnd, Tracking
 from stagewise.errors import RunStopped, WriteFailed
-from stagewise.plan.resolve import ResolvedStage, pinned_steps
+from stagewise.plan.resolve import pinned_steps
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.track.logs import RunLogs, started_threads
-from stagewise.track.progress import ProgressView, StageSummary
-from stagewise.track.trackers import check_installed, make_trackers
-from stagewise.track.trackers.base import RunEnd, Tracking
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
           stop_after: int | None = None, world: World = SINGLE,
-          callbacks: Sequence[Callback] = ()) -> list[StageSummary]:
+          callbacks: Sequence[Callback] = (), report: ReportWriter | None = None) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
-    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones)."""
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones).
+    `report`: writes a run's report page (track.report, above this layer), for the trackers' end."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     check_installed(prepared.plan.track, str(prepared.plan_path))
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
@@ -62,14 +64,14 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                     with store.lock():  # not under a process training the same stage
                         store.clear()
             resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
-            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks))
+            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks), report)
     except WriteFailed as e:
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 
 
 def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
-           hint: str, world: World, callbacks: tuple[Callback, ...]) -> list[StageSummary]:
+           hint: str, world: World, callbacks: tuple[Callback, ...], report: ReportWriter | None) -> list[StageSummary]:
     plan = prepared.plan
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -147,20 +149,19 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     except BaseException:
         _quietly(lambda: run.logs.close(RunEnd("failed")))
         raise
-    run.logs.close(_complete(run, summaries) if tracking is not None and tracking.wants_files else RunEnd("complete"))
+    run.logs.close(_complete(run, summaries, report) if tracking is not None and tracking.wants_files
+                   else RunEnd("complete"))
     return summaries
 
 
-def _complete(run: RunContext, summaries: list[StageSummary]) -> RunEnd:
+def _complete(run: RunContext, summaries: list[StageSummary], write_report: ReportWriter | None) -> RunEnd:
     """A complete run's end for the trackers: its report page (written as `stagewise report` would),
     the summary rows and each stage's export. A report that cannot be written is left out."""
-    from stagewise.track.report import write_report
-
+    report = None
     try:
-        report: Path | None = write_report([run.run_dir])
+        report = write_report(run.run_dir) if write_report is not None else None
     except OSError as e:
         run.view.print(f"warning: the report for the trackers could not be written ({e})")
-        report = None
     exports = {s.stage: str(run.run_dir / "stages" / s.stage) for s in summaries
                if (run.run_dir / "stages" / s.stage / MARKER).is_file()}
     return RunEnd("complete", report, [dataclasses.asdict(s) for s in summaries], exports)

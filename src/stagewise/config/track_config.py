@@ -4,7 +4,7 @@ mapping of the name to its settings:
     track: [tensorboard, wandb, {mlflow: {tracking_uri: sqlite:///runs/mlflow.db}}]
 
 Each tracker has its own settings model (unknown keys and did-you-mean work per tracker); the
-trackers themselves live in track.trackers.
+trackers themselves live in engine.trackers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.plan.base import Name, Strict
+from stagewise.config.fields import Name, Strict
 
 Tag = Annotated[str, Field(min_length=1, max_length=256)]
 

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.engine.trackers.tracking import RunEnd
 from stagewise.errors import WriteFailed
-from stagewise.track.trackers.base import RunEnd
 
 if TYPE_CHECKING:
-    from stagewise.track.trackers.base import Tracking
+    from stagewise.engine.trackers.tracking import Tracking
 
 # Events about the process that trained a stage, not about the stage: a run reusing it logs its own.
 PROCESS_EVENTS = frozenset({"stage_start", "stage_resumed", "stage_end", "checkpoint_saved", "stage_saved",
@@ -79,7 +79,7 @@ class _Discarded(JsonlLog):
 
 
 class RunLogs:
-    """The run's two logs, each record also fed to the run's trackers (track.trackers: TensorBoard
+    """The run's two logs, each record also fed to the run's trackers (engine.trackers: TensorBoard
     in RUN/tensorboard/ unless the plan's `track:` says otherwise). Events carry a wall-clock
     timestamp; metrics carry the global step. `write=False`: nothing is written (the ranks of a
     data-parallel run other than 0)."""

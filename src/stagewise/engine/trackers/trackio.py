@@ -1,7 +1,7 @@
 """trackio: one trackio run per plan run, named by `run_name` (default: the run directory's name),
 in the project `project` (default: the plan's name).
 
-Metrics are every tracker's series (track.trackers.base.series) at the plan's step; events are
+Metrics are every tracker's series (engine.trackers.tracking.series) at the plan's step; events are
 trackio alerts (title: the event, text: its fields) at their step; at the end the report page is
 an artifact and the summary a table. The store is trackio's local one (TRACKIO_DIR, default
 ~/.cache/huggingface/trackio; `trackio show` opens it), or a Space with `space_id`.
@@ -14,8 +14,8 @@ import io
 import json
 from typing import Any
 
-from stagewise.plan.track import TrackioSettings
-from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
+from stagewise.config.track_config import TrackioSettings
+from stagewise.engine.trackers.tracking import RunEnd, TrackedRun, Tracker
 
 
 class TrackioTracker(Tracker):

@@ -1,6 +1,6 @@
 """MLflow: one MLflow run per plan run, in the experiment named by `project` (default: the plan's name).
 
-Metrics are the same series as every tracker's (track.trackers.base.series) at the plan's step:
+Metrics are the same series as every tracker's (engine.trackers.tracking.series) at the plan's step:
 `train/loss` over the whole plan, `stage/<stage>/train/loss` for one stage. The resolved plan is
 the run's params (flattened: `stages.0.optimizer.lr`) and its `plan.yaml` artifact. Each event a
 person looks for is a tag (`event.<n>.<event>` -> `<event> at step <plan step>: {fields}`) and the whole events.jsonl
@@ -19,8 +19,8 @@ import os
 import time
 from typing import Any
 
-from stagewise.plan.track import MlflowSettings
-from stagewise.track.trackers.base import RunEnd, TrackedRun, Tracker
+from stagewise.config.track_config import MlflowSettings
+from stagewise.engine.trackers.tracking import RunEnd, TrackedRun, Tracker
 
 # MLflow's limits: a param value's length and the params of one log_batch call.
 _PARAM_CHARS, _BATCH = 6000, 100
