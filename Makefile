@@ -28,7 +28,7 @@ lint: $(STAMP)
 # committed ones match), then mkdocs builds site/ offline.
 docs: $(STAMP)
 	$(PY) docs/gen_reference.py
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The pictures of the docs, from real runs (minutes; headless Chromium for the report screenshot).
 docs-figures: $(STAMP)

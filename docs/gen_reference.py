@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from stagewise import cli
-from stagewise.plan.schema import Plan
+from stagewise.config.plan_config import Plan
 
 DOCS = Path(__file__).resolve().parent
 PAGES = {"reference/plan.md": lambda: plan_reference(), "reference/cli.md": lambda: cli_reference()}
@@ -99,6 +99,15 @@ def _models(tp: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(tp) for m in _models(arg)]
 
 
+def _discriminator(tp: Any) -> str | None:
+    """The key that picks one of several mappings a field may hold (pydantic's discriminator)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        for item in typing.get_args(tp)[1:]:
+            if isinstance(item, FieldInfo) and isinstance(item.discriminator, str):
+                return item.discriminator
+    return next((d for arg in typing.get_args(tp) if (d := _discriminator(arg))), None)
+
+
 def _is_list(tp: Any) -> bool:
     """Whether a field holds a list (of mappings): its keys are spelled `key[].sub`."""
     return typing.get_origin(tp) is list or any(_is_list(arg) for arg in typing.get_args(tp))
@@ -123,9 +132,13 @@ def _default(field: FieldInfo) -> str:
     return f"`{_yaml(value)}`"
 
 
-def plan_keys(model: type[BaseModel] = Plan, prefix: str = "") -> Iterator[Key]:
-    """Every key a plan may hold, depth first, in the schema's order."""
+def plan_keys(model: type[BaseModel] = Plan, prefix: str = "", picked_by: str | None = None) -> Iterator[Key]:
+    """Every key a plan may hold, depth first, in the schema's order. A field that holds one of
+    several mappings picked by a key (`track: [{wandb: {mode: offline}}]`) lists each one's keys
+    under its name (`track[].wandb.mode`); the picking key itself is that name."""
     for name, field in model.model_fields.items():
+        if name == picked_by:
+            continue
         key = field.alias or name
         path = f"{prefix}{key}"
         tp = field.annotation
@@ -134,13 +147,24 @@ def plan_keys(model: type[BaseModel] = Plan, prefix: str = "") -> Iterator[Key]:
         kind = _type(tp) + (f" ({', '.join(limits)})" if limits else "")
         yield Key(path, prefix.removesuffix("."), kind, _default(field),
                   ", ".join(f"`{_yaml(v)}`" for v in allowed), " ".join((field.description or "").split()))
+        inner = f"{path}[]." if _is_list(tp) else f"{path}."
+        picker = field.discriminator if isinstance(field.discriminator, str) else _discriminator(tp)
         for sub in _models(tp):
-            yield from plan_keys(sub, f"{path}[]." if _is_list(tp) else f"{path}.")
+            if picker is None:
+                yield from plan_keys(sub, inner)
+            else:
+                (choice,) = typing.get_args(sub.model_fields[picker].annotation)
+                yield from plan_keys(sub, f"{inner}{choice}.", picker)
 
 
-def _order(keys: list[Key], parent: str) -> int:
-    """Sections in the order their mapping's key comes in the schema (the top level first)."""
-    return next((i for i, k in enumerate(keys) if k.path == parent.removesuffix("[]")), -1)
+def _order(keys: list[Key], parent: str) -> tuple[int, int]:
+    """Sections in the order their mapping's key comes in the schema (the top level first), a
+    mapping picked by name (`track[].wandb`) after its field, in order of appearance."""
+    held_by, path = -1, parent
+    while path and held_by < 0:
+        held_by = next((i for i, k in enumerate(keys) if k.path == path.removesuffix("[]")), -1)
+        path = path.rpartition(".")[0]
+    return held_by, next(i for i, k in enumerate(keys) if k.parent == parent)
 
 
 def plan_reference() -> str:

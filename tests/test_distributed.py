@@ -55,8 +55,8 @@ def _two(plan: Path, out: Path, cache: Path) -> subprocess.CompletedProcess[str]
 
 
 def _one(plan: Path, out: Path, cache: Path) -> None:
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
+    from stagewise.engine.prepare_run import prepare
+    from stagewise.engine.run_plan import train
     from stagewise.plan.load import load_plan
 
     train(prepare(load_plan(plan), plan, cache), out)
@@ -148,7 +148,7 @@ def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Pa
 
 
 def test_a_batch_that_does_not_split_is_one_line(tmp_path: Path, corpus: Path) -> None:
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
@@ -207,7 +207,7 @@ def test_fsdp_trains_as_one_process_and_its_checkpoints_load_in_one(tmp_path: Pa
 ])
 def test_what_fsdp_does_not_do_yet_is_one_line_at_check(tmp_path: Path, corpus: Path, change: dict[int, Any],
                                                          line: str) -> None:
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     stages = [{**s, **change.get(i, {})} for i, s in enumerate(FSDP_STAGES)]
@@ -249,7 +249,7 @@ def test_token_losses_weigh_each_rank_by_its_target_tokens(tmp_path: Path, corpu
     """An sft micro-batch split over 2 ranks: each rank's token mean weighted by its part of the
     target tokens is the micro-batch's token mean; weighted by rows (the way before) it is not."""
     from stagewise.engine.device import autocast_factory
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     plan = _sft_plan(tmp_path, corpus)

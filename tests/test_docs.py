@@ -13,17 +13,19 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
 from conftest import tiny_plan, write_plan
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
+from stagewise.config.registry import TASKS
+from stagewise.engine.callbacks import CALLBACKS
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
 from stagewise.search.space import check_space, load_space
-from stagewise.track.logs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -85,6 +87,31 @@ def test_a_key_without_a_description_is_found() -> None:
     assert list(keys) == ["inner", "inner[].said", "inner[].silent"]
     assert [p for p, k in keys.items() if not k.description] == ["inner[].silent"]
     assert keys["inner[].said"].default == "`1`" and keys["inner"].type == "list of mapping"
+
+
+def test_mappings_picked_by_a_key_are_listed_under_their_names() -> None:
+    class Loud(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["loud"] = "loud"
+        volume: int = 11
+        """How loud."""
+
+    class Quiet(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        kind: Literal["quiet"] = "quiet"
+        volume: int = 1
+        """How quiet."""
+
+    class Holder(BaseModel):
+        model_config = ConfigDict(use_attribute_docstrings=True)
+        sinks: list[Annotated[Loud | Quiet, Field(discriminator="kind")]] = []
+        """Where it goes."""
+
+    keys = {k.path: k for k in gen.plan_keys(Holder)}
+    assert list(keys) == ["sinks", "sinks[].loud.volume", "sinks[].quiet.volume"]
+    assert keys["sinks[].quiet.volume"].description == "How quiet." and keys["sinks[].loud.volume"].parent == "sinks[].loud"
+    page_order = [k.parent for k in sorted(keys.values(), key=lambda k: gen._order(list(keys.values()), k.parent))]
+    assert page_order == ["", "sinks[].loud", "sinks[].quiet"]
 
 
 def test_the_plan_page_states_types_defaults_and_allowed_values() -> None:
@@ -238,13 +265,19 @@ def test_the_first_tutorials_plan_trains_and_resumes_exactly(tmp_path: Path, mon
 
 
 @pytest.mark.parametrize("page", sorted({b.page for b in _all_blocks("python")}))
-def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           request: pytest.FixtureRequest) -> None:
     """A page's Python blocks run in order in one directory beside a `shared/` (its plans read
     ../shared/data); a block after `<!-- validate-only -->` is compiled and its imports run."""
+    if not (snippets.SHARED / "data" / "tinyshakespeare.txt").is_file():
+        pytest.skip("shared/data is not beside the repository")
     root = tmp_path / "repo"
     root.mkdir()
     (tmp_path / "shared").symlink_to(snippets.SHARED)
     monkeypatch.chdir(root)
+    for registry in (TASKS, CALLBACKS):  # what a page registers stays on that page
+        saved = dict(registry)
+        request.addfinalizer(lambda registry=registry, saved=saved: (registry.clear(), registry.update(saved)))
     text = (DOCS / page).read_text(encoding="utf-8")
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in snippets.blocks(DOCS / page, "python"):

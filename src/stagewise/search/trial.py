@@ -15,12 +15,17 @@ from typing import Any
 
 from rich.console import Console
 
-from stagewise.engine.context import on_eval
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.reactions import EvalReporter
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.load import validate_plan
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
 from stagewise.search.space import Param, with_params
-from stagewise.track.logs import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,7 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     trial.set_user_attr("worker", worker_id())  # a search run again sees whether it is still running
     try:
         if setup.folds is None:
-            with on_eval(_reporter(setup.objective, trial)):
-                return _train(setup, raw, run_dir, trial.number)
+            return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))
         values: list[float] = []
         for k, fold in enumerate(setup.folds):
             values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
@@ -98,17 +102,13 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
         trial.set_user_attr("trained", trained)
 
 
-def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
-    from stagewise.engine.rundir import make_run_directory
-    from stagewise.plan.load import validate_plan
-
+def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
+           callbacks: tuple[Callback, ...] = ()) -> float:
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
     prepared = prepare(plan, setup.plan_path, setup.cache)
     make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
-        summaries = train(prepared, run_dir, console=Console(file=log, width=160))
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160), callbacks=callbacks)
     summary = next(s for s in summaries if s.stage == setup.objective.stage)
     value = setup.objective.final_value(summary)
     if value is None:

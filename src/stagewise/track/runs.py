@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.config.data_config import MixSource
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.engine.rundir import is_training
 from stagewise.errors import UserError
-from stagewise.plan.schema import MixSource
-from stagewise.track.logs import read_jsonl
-from stagewise.track.progress import StageSummary
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,8 @@ class Run:
                 tokens=end["tokens"] if isinstance(end.get("tokens"), int) else
                 per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
                 train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
-                unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
+                unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics,
+                **{k: float(end[k]) for k in ("per_second", "mfu", "peak_memory_gb") if _finite(end.get(k))}))
         return rows
 
 

@@ -1,12 +1,12 @@
 """A whole plan: train the stages in order (a tree, when stages branch), handing the weights and,
 when asked, the optimizer state on; reusing every stage the store already holds and resuming the
-one that was cut off; then the summary and the sample. Setup is engine.prepare's."""
+one that was cut off; then the summary and the sample. Setup is engine.prepare_run's."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +15,39 @@ import yaml
 from rich.console import Console
 
 from stagewise.data.tokenizers import save_tokenizer
+from stagewise.engine.callbacks import Callback
 from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, resolve_device, resolve_threads, settings_line
 from stagewise.engine.distributed import SINGLE, World, check_split, split_fields
-from stagewise.engine.handoff import HeldState, StageOptimizer
-from stagewise.engine.merge import load_merged
+from stagewise.engine.loop import StageTrainer
+from stagewise.engine.merge_stage import load_merged
 from stagewise.engine.parent import load_parent
-from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.progress import ProgressView, StageSummary
+from stagewise.engine.run_logs import RunLogs, started_threads
 from stagewise.engine.rundir import run_directory
 from stagewise.engine.sample import generate_sample
 from stagewise.engine.sharded import full_model, shard_model
 from stagewise.engine.signals import StopRequest
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import bad_pin, complete, handoff_probe
-from stagewise.engine.trainer import StageTrainer
 from stagewise.errors import RunStopped, WriteFailed
-from stagewise.plan.resolve import ResolvedStage, pinned_steps
+from stagewise.plan.resolve import pinned_steps
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
-from stagewise.track.logs import RunLogs, started_threads
-from stagewise.track.progress import ProgressView, StageSummary
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
-          stop_after: int | None = None, world: World = SINGLE) -> list[StageSummary]:
+          stop_after: int | None = None, world: World = SINGLE,
+          callbacks: Sequence[Callback] = ()) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
-    `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait)."""
+    `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)
@@ -56,14 +60,14 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                     with store.lock():  # not under a process training the same stage
                         store.clear()
             resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
-            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world)
+            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks))
     except WriteFailed as e:
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 
 
 def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
-           hint: str, world: World) -> list[StageSummary]:
+           hint: str, world: World, callbacks: tuple[Callback, ...]) -> list[StageSummary]:
     plan = prepared.plan
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -81,9 +85,9 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
         if world.sharded:
             shard_model(model, dtype)
-    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
+    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype), dtype=dtype,
                      logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
-                     world=world)
+                     world=world, callbacks=callbacks)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
@@ -192,7 +196,7 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss,
-                       tokens=summary.tokens)
+                       tokens=summary.tokens, **summary.utilization())
         _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 

@@ -81,7 +81,7 @@ class RunLogs:
 
     def __init__(self, run_dir: Path, write: bool = True) -> None:
         # imported here: reading logs back (report, runs) should not pay for torch's import
-        from stagewise.track.tensorboard import TensorBoardLog
+        from stagewise.engine.tensorboard import TensorBoardLog
 
         log = JsonlLog if write else _Discarded
         self.write = write
