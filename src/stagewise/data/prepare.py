@@ -27,6 +27,10 @@ from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
 from stagewise.plan.schema import DataConfig, TokenizerConfig
 
+# The most training text a BPE tokenizer learns from: its merges settle long before this, and its
+# trainer's memory grows with the distinct words it sees.
+BPE_SAMPLE_CHARS = 64 << 20
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -109,12 +113,15 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _tokenizer(cfg: TokenizerConfig, corpus: Corpus, plan_dir: Path, cache_dir: Path) -> Tokenizer:
-    """Built from the training text; a trained BPE is reused (training is the slow part)."""
+    """Built from the training text; a trained BPE is reused (training is the slow part). A BPE
+    learns its merges from at most BPE_SAMPLE_CHARS of the text, drawn evenly over it (its
+    file name says so when that is less than the whole)."""
     if cfg.kind != "bpe":
-        return build_tokenizer(cfg, corpus.train, plan_dir)
-    path = cache_dir / f"bpe-{cfg.vocab_size}-{corpus.fingerprint}.json"
+        return build_tokenizer(cfg, corpus.train.texts(), plan_dir)
+    sampled = f"-sample{BPE_SAMPLE_CHARS}" if corpus.train.chars > BPE_SAMPLE_CHARS else ""
+    path = cache_dir / f"bpe-{cfg.vocab_size}-{corpus.fingerprint}{sampled}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
-    tok = build_tokenizer(cfg, corpus.train, plan_dir)
+    tok = build_tokenizer(cfg, corpus.train.sample(BPE_SAMPLE_CHARS), plan_dir)
     _write_atomically(path, tok.to_str())  # a killed run leaves no half-written tokenizer under the real name
     return tok
