@@ -26,8 +26,9 @@ from stagewise.data.tokenizers import eos_id
 from stagewise.errors import WriteFailed
 
 # Documents are tokenized in batches of about this many characters: large enough for
-# encode_batch's threads, small enough that one batch's ids stay a modest amount of memory.
-BATCH_CHARS = 4 << 20
+# encode_batch's threads, small enough that one batch's encodings (~100 bytes a token, in the
+# `tokenizers` library) stay a modest amount of memory.
+BATCH_CHARS = 1 << 20
 
 
 def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str) -> np.ndarray:
@@ -102,7 +103,7 @@ def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
 
 
 # Texts whose ids, encoded in two pieces cut where data.documents cuts, must be the ids of the whole.
-_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end")
+_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext")
 
 
 def splits_cleanly(tok: Tokenizer) -> bool:
@@ -110,7 +111,7 @@ def splits_cleanly(tok: Tokenizer) -> bool:
     own tokenizers do; a pretrained one that marks the start of every text (a sentencepiece
     normalizer that prepends its space) does not, and is given documents whole."""
     for text in _PROBES:
-        at = text.index(" ", 1)
+        at = text.index("\n") + 1 if "\n" in text else text.index(" ", 1)
         whole = tok.encode(text, add_special_tokens=False).ids
         if whole != [*tok.encode(text[:at], add_special_tokens=False).ids,
                      *tok.encode(text[at:], add_special_tokens=False).ids]:

@@ -1,14 +1,15 @@
 """A split's documents as a stream of bounded pieces: what the tokenizer is built from and the token
 cache is written from, in memory that does not grow with the corpus.
 
-A document (a text file, a table row, a hub record) is handed out in pieces of about PIECE_CHARS
-characters, cut only before a space that follows a printable ASCII character and precedes an
-ASCII letter (`a| b`): there a byte-level BPE's pre-tokenizer (GPT-2's split), a char tokenizer
-and a sentencepiece-style one with a leading space all cut the text anyway, so the ids of the
-pieces joined are the ids of the whole document (token_array checks a tokenizer does this before
-relying on it). A stretch of more than MAX_STRETCH characters with no such place (a 1 GB line of
-one word) is a one-line error naming the file and line: stagewise never holds more of a document
-than that at once.
+A document (a text file, a table row, a hub record) is handed out in pieces of at most about
+PIECE_CHARS characters (the `tokenizers` library needs ~1.5 KB per character of a text while it
+encodes it, so pieces are kept small), cut only where a byte-level BPE's pre-tokenizer (GPT-2's
+split), a char tokenizer and a sentencepiece-style one with a leading space all cut the text
+anyway: before a space that follows a printable ASCII character and precedes an ASCII letter
+(`a| b`), else after a line break between two other characters (`a\n|b`). So the ids of the
+pieces joined are the ids of the whole document (token_array checks that a tokenizer does so
+before relying on it). A stretch of more than MAX_STRETCH characters with no such place (a 1 GB
+line of one word) is a one-line error naming the file and line.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import NamedTuple
 
 from stagewise.errors import UserError
 
-PIECE_CHARS = 1 << 20
-MAX_STRETCH = 16 << 20  # characters: the longest stretch of a document without a place to cut it
+PIECE_CHARS = 16 << 10
+MAX_STRETCH = 1 << 20  # characters: the longest stretch of a document without a place to cut it
+# The longest document given whole to a tokenizer that cannot encode one in pieces (cache.splits_cleanly).
+MAX_DOCUMENT = 64 << 20
 READ_BYTES = 4 << 20  # a text file is read (hashed, checked, counted, split) in chunks of this size
-_BREAK = re.compile(r"(?<=[!-~]) (?=[A-Za-z])")
+_BREAKS = (re.compile(r"(?<=[!-~]) (?=[A-Za-z])"), re.compile(r"(?<=[^\s]\n)(?=[^\s])"))
 
 
 class Piece(NamedTuple):
@@ -125,7 +128,7 @@ class Documents:
         return (piece.text for piece in self.pieces())
 
     def documents(self) -> Iterator[str]:
-        """Each document whole (up to MAX_STRETCH characters)."""
+        """Each document whole (up to MAX_DOCUMENT characters)."""
         return (piece.text for piece in whole(self.pieces()))
 
     def sample(self, chars: int) -> Iterator[str]:
@@ -161,28 +164,40 @@ class Documents:
 
 
 def cut(chunks: Iterator[str] | list[str], where: str) -> Iterator[str]:
-    """The text of `chunks` (one document) in pieces of about PIECE_CHARS, cut at _BREAK."""
-    buffer = ""
+    """The text of `chunks` (one document) in pieces of about PIECE_CHARS, cut at _BREAKS."""
+    buffer, at = "", 0  # the text read and not handed out yet is buffer[at:]
     lines = 0  # newlines handed out, for the line of an error
     for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= PIECE_CHARS:
-            found = _BREAK.search(buffer, len(buffer) - PIECE_CHARS // 2) or _BREAK.search(buffer, 1)
+        buffer, at = buffer[at:] + chunk, 0
+        while len(buffer) - at >= PIECE_CHARS:
+            found = _break(buffer, at)
             if found is None:
-                if len(buffer) > MAX_STRETCH:
-                    raise UserError(f"{where}:{lines + 1}", f"more than {MAX_STRETCH >> 20} Mi characters without a "
-                                                            "space between words (the most stagewise holds of a "
-                                                            "document at once): break the text into lines of words")
+                if len(buffer) - at > MAX_STRETCH:
+                    raise UserError(f"{where}:{lines + 1}", f"more than {MAX_STRETCH >> 10} Ki characters without "
+                                                            "a space between words or a line break (the most "
+                                                            "stagewise encodes at once): break the text into lines")
                 break
-            piece, buffer = buffer[:found.start()], buffer[found.start():]
+            piece, at = buffer[at:found], found
             lines += piece.count("\n")
             yield piece
-    if buffer:
-        yield buffer
+    if at < len(buffer):
+        yield buffer[at:]
+
+
+def _break(text: str, at: int) -> int | None:
+    """A place to cut text[at:]: the first in the second half of its first PIECE_CHARS, else the
+    first anywhere; None when there is none."""
+    for start, stop in ((at + PIECE_CHARS // 2, at + PIECE_CHARS), (at + 1, at + PIECE_CHARS),
+                        (at + PIECE_CHARS, len(text))):
+        for pattern in _BREAKS:
+            found = pattern.search(text, start, stop)
+            if found is not None:
+                return found.start()
+    return None
 
 
 def whole(pieces: Iterator[Piece]) -> Iterator[Piece]:
-    """The pieces of each document joined into one, up to MAX_STRETCH characters."""
+    """The pieces of each document joined into one, up to MAX_DOCUMENT characters."""
     joined: list[Piece] = []
     size = 0
     for piece in pieces:
@@ -191,8 +206,8 @@ def whole(pieces: Iterator[Piece]) -> Iterator[Piece]:
             joined, size = [], 0
         joined.append(piece)
         size += len(piece.text)
-        if size > MAX_STRETCH:
-            raise UserError(piece.where, f"a document of more than {MAX_STRETCH >> 20} Mi characters, and the "
+        if size > MAX_DOCUMENT:
+            raise UserError(piece.where, f"a document of more than {MAX_DOCUMENT >> 20} Mi characters, and the "
                                          "tokenizer encodes a text's start apart from the rest (it cannot be "
                                          "encoded in pieces): split the file into smaller documents")
     if joined:
