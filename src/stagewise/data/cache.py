@@ -103,7 +103,7 @@ def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
 
 
 # Texts whose ids, encoded in two pieces cut where data.documents cuts, must be the ids of the whole.
-_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext")
+_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext", "abc+def", "x.y/z")  # one of each place data.documents cuts
 
 
 def splits_cleanly(tok: Tokenizer) -> bool:
@@ -111,7 +111,7 @@ def splits_cleanly(tok: Tokenizer) -> bool:
     own tokenizers do; a pretrained one that marks the start of every text (a sentencepiece
     normalizer that prepends its space) does not, and is given documents whole."""
     for text in _PROBES:
-        at = text.index("\n") + 1 if "\n" in text else text.index(" ", 1)
+        at = text.index("\n") + 1 if "\n" in text else text.index(" ", 1) if " " in text else 3
         whole = tok.encode(text, add_special_tokens=False).ids
         if whole != [*tok.encode(text[:at], add_special_tokens=False).ids,
                      *tok.encode(text[at:], add_special_tokens=False).ids]:

@@ -6,7 +6,8 @@ PIECE_CHARS characters (the `tokenizers` library needs ~1.5 KB per character of 
 encodes it, so pieces are kept small), cut only where a byte-level BPE's pre-tokenizer (GPT-2's
 split), a char tokenizer and a sentencepiece-style one with a leading space all cut the text
 anyway: before a space that follows a printable ASCII character and precedes an ASCII letter
-(`a| b`), else after a line break between two other characters (`a\n|b`). So the ids of the
+(`a| b`), else after a line break between two other characters (`a\n|b`), else between an
+ASCII letter and ASCII punctuation (`a|+b`, in long runs of code or base64). So the ids of the
 pieces joined are the ids of the whole document (token_array checks that a tokenizer does so
 before relying on it). A stretch of more than MAX_STRETCH characters with no such place (a 1 GB
 line of one word) is a one-line error naming the file and line.
@@ -20,16 +21,17 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 from stagewise.errors import UserError
 
 PIECE_CHARS = 16 << 10
-MAX_STRETCH = 1 << 20  # characters: the longest stretch of a document without a place to cut it
+MAX_STRETCH = 256 << 10  # characters: the longest stretch of a document without a place to cut it
 # The longest document given whole to a tokenizer that cannot encode one in pieces (cache.splits_cleanly).
 MAX_DOCUMENT = 64 << 20
 READ_BYTES = 4 << 20  # a text file is read (hashed, checked, counted, split) in chunks of this size
-_BREAKS = (re.compile(r"(?<=[!-~]) (?=[A-Za-z])"), re.compile(r"(?<=[^\s]\n)(?=[^\s])"))
+_BREAKS = (re.compile(r"(?<=[!-~]) (?=[A-Za-z])"), re.compile(r"(?<=[^\s]\n)(?=[^\s])"),
+           re.compile(r"(?<=[A-Za-z])(?=[!-/:-@\[-`{-~])"))
 
 
 class Piece(NamedTuple):
@@ -53,8 +55,14 @@ class TextFile:
 
     def pieces(self) -> Iterator[Piece]:
         where = str(self.path)
-        for i, text in enumerate(cut(self._chunks(), where)):
-            yield Piece(text, i == 0, where)
+        with self.path.open(encoding="utf-8") as f:
+            skip, line = self.start, 1
+            while skip > 0:  # the text before `start` (a val split's tail): read past it
+                skipped = f.read(min(skip, READ_BYTES))
+                skip -= len(skipped)
+                line += skipped.count("\n")
+            for i, text in enumerate(cut(self._chunks(f), where, line)):
+                yield Piece(text, i == 0, where)
 
     def split(self, at: int) -> tuple[list[Part], list[Part]]:
         """The first `at` characters and the rest (an empty side is left out)."""
@@ -62,15 +70,11 @@ class TextFile:
         return ([TextFile(self.path, self.start, middle)] if at > 0 else [],
                 [TextFile(self.path, middle, self.stop)] if middle < self.stop else [])
 
-    def _chunks(self) -> Iterator[str]:
-        with self.path.open(encoding="utf-8") as f:
-            skip = self.start
-            while skip > 0:  # the text before `start` (a val split's tail): read past it
-                skip -= len(f.read(min(skip, READ_BYTES)))
-            left = self.chars
-            while left > 0 and (chunk := f.read(min(left, READ_BYTES))):
-                left -= len(chunk)
-                yield chunk
+    def _chunks(self, f: TextIO) -> Iterator[str]:
+        left = self.chars
+        while left > 0 and (chunk := f.read(min(left, READ_BYTES))):
+            left -= len(chunk)
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -163,22 +167,22 @@ class Documents:
         raise AssertionError("unreachable: 0 < at < chars")
 
 
-def cut(chunks: Iterator[str] | list[str], where: str) -> Iterator[str]:
-    """The text of `chunks` (one document) in pieces of about PIECE_CHARS, cut at _BREAKS."""
+def cut(chunks: Iterator[str] | list[str], where: str, line: int = 1) -> Iterator[str]:
+    """The text of `chunks` (one document, from line `line` of `where`) in pieces of about
+    PIECE_CHARS, cut at _BREAKS."""
     buffer, at = "", 0  # the text read and not handed out yet is buffer[at:]
-    lines = 0  # newlines handed out, for the line of an error
     for chunk in chunks:
         buffer, at = buffer[at:] + chunk, 0
         while len(buffer) - at >= PIECE_CHARS:
             found = _break(buffer, at)
             if found is None:
                 if len(buffer) - at > MAX_STRETCH:
-                    raise UserError(f"{where}:{lines + 1}", f"more than {MAX_STRETCH >> 10} Ki characters without "
+                    raise UserError(f"{where}:{line}", f"more than {MAX_STRETCH >> 10} Ki characters without "
                                                             "a space between words or a line break (the most "
                                                             "stagewise encodes at once): break the text into lines")
                 break
             piece, at = buffer[at:found], found
-            lines += piece.count("\n")
+            line += piece.count("\n")
             yield piece
     if at < len(buffer):
         yield buffer[at:]

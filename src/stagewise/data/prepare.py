@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stagewise.data.cache import open_token_array, token_array
-from stagewise.data.sources import Corpus, load_corpus, source_digest
+from stagewise.data.sources import Corpus, data_file_keys, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
 from stagewise.plan.schema import DataConfig, TokenizerConfig
@@ -53,18 +53,19 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
         return warm
     if corpus is None:
         corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
-    tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
-    fingerprint = hashlib.sha256(
-        f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
-    ).hexdigest()
-    tokens = cache_root / "tokens"
-    prepared = PreparedData(
-        tokenizer=tok,
-        train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
-        val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
-        fingerprint=fingerprint,
-        vocab_size=tok.get_vocab_size(),
-    )
+    with data_file_keys(data, plan_dir):  # text files are read (and found wanting) from here on too
+        tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
+        fingerprint = hashlib.sha256(
+            f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
+        ).hexdigest()
+        tokens = cache_root / "tokens"
+        prepared = PreparedData(
+            tokenizer=tok,
+            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
+            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
+            fingerprint=fingerprint,
+            vocab_size=tok.get_vocab_size(),
+        )
     if entry is not None:
         _write_atomically(entry, json.dumps({"fingerprint": fingerprint, "tokenizer": tok.to_str()}))
     return prepared
