@@ -102,8 +102,9 @@ def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
     return meta
 
 
-# Texts whose ids, encoded in two pieces cut where data.documents cuts, must be the ids of the whole.
-_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext", "abc+def", "x.y/z")  # one of each place data.documents cuts
+# Texts whose ids, encoded in two pieces cut where data.documents cuts (one of each place it cuts), must
+# be the ids of the whole.
+_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext", "abc+def", "x.y/z")
 
 
 def splits_cleanly(tok: Tokenizer) -> bool:
