@@ -44,7 +44,7 @@ def test_the_default_template_is_the_documented_format() -> None:
     assert ChatTemplate().render(messages, add_generation_prompt=False) == \
         "<|system|>\nS\n<|user|>\nU\n<|assistant|>\nA<|end|>\n"
     assert ChatTemplate().split(messages, "x") == ("<|system|>\nS\n<|user|>\nU\n<|assistant|>\n", "A<|end|>\n")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "fine-tune-pretrained.md").read_text(encoding="utf-8")
     assert "<|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{reply}<|end|>\\n" in readme
 
 

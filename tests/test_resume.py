@@ -26,6 +26,7 @@ from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
 from stagewise.track.logs import read_jsonl
+from stagewise.track.runs import load_run
 
 STAGES = [
     {"name": "warm", "optimizer": {"name": "adamw", "lr": 3e-3}, "schedule": {"name": "warmup_constant", "warmup": 5},
@@ -289,3 +290,20 @@ def test_bad_from_is_one_line(tmp_path: Path, corpus: Path, capsys: pytest.Captu
     path = write_plan(tmp_path, _plan(corpus, stages))
     assert main(["check", str(path), "--cache", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err == f"error: {path}: stages[2].from: no stage 'later'\n"
+
+
+def test_a_reused_stage_brings_its_history_into_a_new_run_dir(tmp_path: Path, reference: Any) -> None:
+    """The run directory deleted (here: another one) and the plan trained again: every stage comes
+    back from the cache, and so do its metric lines and evaluations (the report's plots, the best
+    loss `runs` shows); training once more into the same directory adds nothing twice."""
+    path, prepared, ref_run = reference
+    again = tmp_path / "again"
+    for _ in range(2):
+        train(_prepared(path, prepared.cache_root), again)
+        assert [e["stage"] for e in read_jsonl(again / "events.jsonl") if e["event"] == "stage_reused"][-3:] == [
+            "warm", "accum", "sgd"]
+        assert read_jsonl(again / "metrics.jsonl") == read_jsonl(ref_run / "metrics.jsonl")
+    evals = [e for e in read_jsonl(again / "events.jsonl") if e["event"] == "eval"]
+    assert evals == [e for e in read_jsonl(ref_run / "events.jsonl") if e["event"] == "eval"] and evals
+    listed = load_run(again, with_metrics=False)
+    assert listed.best_val_loss is not None and listed.best_val_loss == load_run(ref_run).best_val_loss

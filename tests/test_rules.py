@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import events as _events
 from conftest import metrics as _metrics
+from conftest import resumes_identically, tiny_plan, write_plan
 from conftest import run_plan as _run
 from conftest import stage_weights as _weights
-from conftest import tiny_plan, write_plan
+from rich.console import Console
 
 from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
@@ -22,6 +23,7 @@ from stagewise.errors import RunStopped, UserError
 from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd
 from stagewise.plan.load import load_plan
 from stagewise.plan.rules import PlateauConfig
+from stagewise.track.plan_view import print_plan
 
 ADAMW = {"name": "adamw", "lr": 3e-3}
 
@@ -146,6 +148,34 @@ def test_stage_handoff_convert_and_lr_auto(tmp_path: Path, corpus: Path) -> None
     assert _events(run, "optimizer_converted")[0]["converted_parameters"] > 0
     assert _metrics(run, "train", "sgd")[0]["lr"] == pytest.approx(auto["lr"])  # constant schedule from there
     assert prepared.resolved[1].track_swats is False and prepared.resolved[0].track_swats is True
+
+
+def test_a_stage_after_lr_auto_continues_from_the_swats_lr(tmp_path: Path, corpus: Path) -> None:
+    """Adam -> sgd lr auto -> a carried stage with no lr (the translation recipe's shape): the last
+    stage continues from the LR SWATS gave, not Adam's; stage_start logs the real LR; `check`
+    marks both LRs as known at run time; cut after the SGD stage (the anneal then reads its parent
+    back from the store) and mid-anneal, the run ends bit-identical to one never cut."""
+    stages = [{"name": "adam", "optimizer": {"name": "adam", "lr": 3e-3}, "steps": 15},
+              {"name": "sgd", "optimizer": {"name": "sgd", "lr": "auto", "momentum": 0.9, "handoff": "convert"},
+               "steps": 5},
+              {"name": "anneal", "optimizer": {"handoff": "carry"}, "schedule": {"name": "cosine"}, "steps": 5},
+              {"name": "branch", "from": "sgd@3", "optimizer": {"momentum": 0.5}, "steps": 2}]
+    for stop in (20, 22):
+        (tmp_path / f"cut{stop}").mkdir()
+        run = resumes_identically(tmp_path / f"cut{stop}", corpus, stages, stop_after=stop)
+    (auto,) = _events(run, "lr_auto")
+    anneal = [m["lr"] for m in _metrics(run, "train", "anneal")]
+    assert anneal[0] == pytest.approx(auto["lr"]) and anneal[-1] < anneal[0] / 5  # the cosine from SWATS's LR
+    assert [m["lr"] for m in _metrics(run, "train", "branch")] == [pytest.approx(auto["lr"])] * 2
+    starts = {e["stage"]: e["settings"]["lr"] for e in _events(run, "stage_start")}
+    assert starts["adam"] == 3e-3 and starts["sgd"] == pytest.approx(auto["lr"]) == starts["anneal"]
+    path = write_plan(tmp_path, tiny_plan(corpus, stages))
+    console = Console(record=True, width=250)
+    print_plan(console, "tiny", prepare(load_plan(path), path, tmp_path / "c").resolved,
+               {s["name"]: "train" for s in stages})
+    text = console.export_text()
+    assert "sgd lr=auto (SWATS)" in text and "sgd lr=sgd's (run time)" in text and "3.00e-03 carry" not in text
+    assert "known only at run time, drawn at the LR planned before them: sgd, anneal, branch" in text
 
 
 def test_swats_switches_once_and_then_stops_reading_the_steps(tmp_path: Path, corpus: Path) -> None:

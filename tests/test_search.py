@@ -19,8 +19,8 @@ from rich.console import Console
 
 from stagewise.cli import main
 from stagewise.data.split import held_out, stratified_folds
-from stagewise.engine.context import on_eval
 from stagewise.engine.prepare import prepare
+from stagewise.engine.reactions import EvalReporter
 from stagewise.engine.run import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
@@ -188,14 +188,14 @@ def test_the_eval_hook_sees_each_evaluation_and_can_stop_the_run(tmp_path: Path,
             raise Pruned("pruned here", code=0)
 
     prepared = prepare(load_plan(path), path, tmp_path / "cache")
-    with on_eval(hook), pytest.raises(RunStopped, match="pruned here"):
-        train(prepared, tmp_path / "run")
+    with pytest.raises(RunStopped, match="pruned here"):
+        train(prepared, tmp_path / "run", callbacks=[EvalReporter(hook)])
     evals = [(m["stage"], m["stage_step"], m["val_loss"]) for m in read_jsonl(tmp_path / "run/metrics.jsonl")
              if m["kind"] == "eval"]
     assert [e[:2] for e in evals] == [("stable", 16), ("cooldown", 3)]
     assert seen == evals[1:]  # the mid-stage evaluations (a stage's final one is its result)
     assert read_jsonl(tmp_path / "run/events.jsonl")[-1]["event"] == "plan_interrupted"
-    # outside the block, runs call no hook
+    # without the callback, runs call no hook
     train(prepare(load_plan(path), path, tmp_path / "cache"), tmp_path / "run2")
     assert len(seen) == 1
 

@@ -73,7 +73,7 @@ def test_every_example_plan_checks(name: str, data: Path, tmp_path: Path, capsys
     assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 0
     assert "plan OK" in capsys.readouterr().out
     assert yaml.safe_load(path.read_text())["stages"][0].get("task", "causal_lm") == TASKS[name]
-    readme = (EXAMPLES.parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (EXAMPLES.parents[1] / "docs" / "reference" / "tasks.md").read_text(encoding="utf-8")
     assert f"examples/tasks/{name}.yaml" in readme
 
 

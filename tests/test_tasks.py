@@ -313,7 +313,7 @@ def ids(text: str) -> list[int]:
 
 
 def test_sft_labels_mask_exactly_the_prompt_and_padding():
-    input_ids, labels = encode_sft([("ab", "cd"), ("e", "fghi")], TOK, EOS, max_len=16, pack=False)
+    input_ids, labels, _ = encode_sft([("ab", "cd"), ("e", "fghi")], TOK, EOS, max_len=16, pack=False)
     m = IGNORE
     assert input_ids.tolist() == [[*ids("abcd"), EOS, EOS], [*ids("efghi"), EOS]]
     assert labels.tolist() == [[m, m, *ids("cd"), EOS, m], [m, *ids("fghi"), EOS]]
@@ -321,18 +321,18 @@ def test_sft_labels_mask_exactly_the_prompt_and_padding():
 
 
 def test_sft_truncation_keeps_the_prompt_end_and_the_completion():
-    input_ids, labels = encode_sft([("abcdefgh", "ij")], TOK, EOS, max_len=6, pack=False)
+    input_ids, labels, _ = encode_sft([("abcdefgh", "ij")], TOK, EOS, max_len=6, pack=False)
     assert input_ids.tolist() == [[*ids("fghij"), EOS]]
     assert labels.tolist() == [[IGNORE, IGNORE, IGNORE, *ids("ij"), EOS]]
     # A completion that would leave the prompt less than half the row is cut at its end.
-    input_ids, labels = encode_sft([("abcdef", "ghij")], TOK, EOS, max_len=6, pack=False)
+    input_ids, labels, _ = encode_sft([("abcdef", "ghij")], TOK, EOS, max_len=6, pack=False)
     assert input_ids.tolist() == [ids("defghi")]
     assert labels.tolist() == [[IGNORE] * 3 + ids("ghi")]
 
 
 def test_sft_packing_keeps_every_completion_label():
     pairs = [("ab", "c"), ("d", "efg"), ("hij", "a"), ("b", "cdefghi"), ("j", "j")]
-    input_ids, labels = encode_sft(pairs, TOK, EOS, max_len=10, pack=True)
+    input_ids, labels, positions = encode_sft(pairs, TOK, EOS, max_len=10, pack=True)
     # Next-fit, in order, never splitting an example: [ab c E d efg E] [hij a E] [b cdefghi E] [j j E]
     assert input_ids.shape == (4, 9)
     m = IGNORE
@@ -340,6 +340,10 @@ def test_sft_packing_keeps_every_completion_label():
     assert labels[0].tolist() == [m, m, *ids("c"), EOS, m, *ids("efg"), EOS]
     assert input_ids[3].tolist() == [*ids("jj"), EOS] + [EOS] * 6
     assert labels[3].tolist() == [m, *ids("j"), EOS] + [m] * 6
+    # Positions restart with each example; the padding after a row's last one goes on counting.
+    assert positions is not None and positions.shape == input_ids.shape
+    assert positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4]
+    assert positions[3].tolist() == list(range(9))
     assert labels[labels != m].tolist() == [t for _, c in pairs for t in [*ids(c), EOS]]
     unpacked = encode_sft(pairs, TOK, EOS, max_len=10, pack=False)[1]
     assert labels[labels != m].tolist() == unpacked[unpacked != m].tolist()

@@ -96,6 +96,8 @@ class Checkpointer:
         self.run.view.print(f"warning: {error}; {then}")
 
     def save_final(self, state: dict[str, Any], summary: StageSummary) -> None:
+        """The stage's end, with its log lines (a run reusing it brings them back)."""
+        state = {**state, "logs": self.run.logs.stage_lines(self.stage.name)}
         self._save(self.store.final_dir, state, summary.steps, summary=dataclasses.asdict(summary))
         self._prune()
 

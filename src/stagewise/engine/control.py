@@ -133,6 +133,11 @@ class StageControl:
     def checks_updates(self) -> bool:
         return self.guard is not None
 
+    @property
+    def rollbacks(self) -> bool:
+        """A rule or the guard may go back to a checkpoint (the stage keeps its start and best ones)."""
+        return self.rollback_rules or (self.guard is not None and self.guard.action == "rollback")
+
     def lr(self, step: int) -> float:
         lr = self.stage.lr(step) * self.lr_factor
         for i, f in enumerate(self.faults):

@@ -1,5 +1,5 @@
 """Where, how and on how many threads to train: every `auto` of the plan's `device`, `precision`,
-`compile` and `threads` is settled here (README, "What auto picks").
+`compile` and `threads` is settled here (docs/explanation/auto.md).
 
 - `device: auto`: CUDA when present, else CPU.
 - `compile: auto`: torch.compile when the plan's causal-LM training is long enough to pay back the

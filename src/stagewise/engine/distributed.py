@@ -3,7 +3,7 @@ stagewise train PLAN`): which process this is, the process group, and the few co
 engine needs. A single process (no torchrun, or WORLD_SIZE 1) gets `World()`, whose collectives
 return their inputs: it never touches torch.distributed.
 
-How a run splits (README, "More than one process"):
+How a run splits (docs/how-to/distributed.md):
 - The sampler draws the plan's global micro-batch on every rank (its state stays global, so a run
   resumes at any world size); each rank trains on its contiguous share of the rows (`shard`),
   weighted by its part of what the task's loss is a mean over (rows, or target tokens: counted

@@ -32,6 +32,7 @@ class HeldState:
     optimizer_state: dict[str, Any] | None = None  # else its saved state, when loaded from the store
     optimizer_spec: dict[str, Any] | None = None  # {"name", "settings"} of that optimizer
     swats: dict[str, Any] | None = None  # its SWATS estimate, when the stage kept one
+    lr_factor: float = 1.0  # its last update's LR over the planned one (lr auto, a rule's scaling)
 
     def hold(self, marker: tuple[str, int | None], stage: ResolvedStage, state: dict[str, Any],
              optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -40,9 +41,21 @@ class HeldState:
         self.optimizer_state = None if optimizer is not None else state["optimizer"]
         self.optimizer_spec = state["optimizer_spec"] or {"name": stage.optimizer, "settings": stage.optimizer_settings}
         self.swats = state["swats"]
+        self.lr_factor = _lr_factor(stage, marker[1], optimizer.param_groups if optimizer is not None
+                                    else state["optimizer"]["param_groups"])
 
     def forget(self) -> None:
-        self.marker, self.optimizer, self.optimizer_state = None, None, None
+        self.marker, self.optimizer, self.optimizer_state, self.lr_factor = None, None, None, 1.0
+
+
+def _lr_factor(stage: ResolvedStage, step: int | None, groups: list[dict[str, Any]]) -> float:
+    """The LR of the last update before `step` (None: the stage's end), read from the optimizer
+    that made it (the engine sets each group's to the stage's LR times its scale), over the LR
+    planned there. Read from the state, not saved beside it: stage caches from before hold it too."""
+    last = (stage.steps if step is None else step) - 1
+    planned = stage.lr(last) if last >= 0 else 0.0
+    group = groups[0]
+    return group["lr"] / group["lr_scale"] / planned if planned > 0.0 and group["lr_scale"] > 0.0 else 1.0
 
 
 class StageOptimizer:
@@ -73,12 +86,13 @@ class StageOptimizer:
 
     def hand_off(self, held: HeldState, logs: RunLogs) -> float | None:
         """Take what the parent's optimizer hands on: its state (carry), Adam's moment as SGD's
-        momentum (convert), or nothing (reset); always logged, with the reason. Returns the LR to
-        start from when only now known (lr auto), else None."""
+        momentum (convert), or nothing (reset); always logged, with the reason. Returns the factor
+        on the planned LR when the LR is only now known (lr auto, or continuing a parent's that
+        was), else None."""
         stage = self.stage
         settings = dict(stage.optimizer_settings)
         where = {"stage": stage.name, "step": stage.start_step, "optimizer": stage.optimizer}
-        start_lr = None
+        factor = held.lr_factor if stage.lr_at_run else None
         if stage.auto_lr:
             if held.swats is None:
                 raise RunStopped(f"stage '{stage.name}' has lr auto, but its parent's checkpoint holds no SWATS "
@@ -86,6 +100,8 @@ class StageOptimizer:
             swats = SwatsEstimate(0.0)
             swats.load_state_dict(held.swats)
             settings["lr"] = start_lr = swats_lr(swats, settings.get("momentum", 0.0), f"stages.{stage.name}.optimizer.lr")
+            base = stage.lr(0)  # the LR at the stage's first update becomes the estimate
+            factor = start_lr / base if base > 0.0 else 1.0
             logs.event("lr_auto", **where, lr=start_lr, swats_estimate=swats.corrected, swats_steps=swats.k)
         parent, spec = held.optimizer, held.optimizer_spec
         if parent is None and held.optimizer_state is not None and spec is not None and stage.handoff != "reset":
@@ -96,20 +112,20 @@ class StageOptimizer:
             self.optimizer = self._build(stage.optimizer, settings)
             logs.event("optimizer_reset", **where, reason=f"handoff {stage.handoff} asked for, but a rule "
                                                           f"switched the parent to {spec['name']}")
-            return start_lr
+            return factor
         if stage.handoff == "carry" and parent is not None:
             apply_settings(parent, stage.optimizer, settings, l1=stage.config.regularization.l1)
             self.optimizer = parent
             logs.event("optimizer_carried", **where)
-            return start_lr
+            return factor
         self.optimizer = self._build(stage.optimizer, settings)
         if stage.handoff == "convert" and parent is not None:
             converted = convert_adam_to_sgd(parent, self.optimizer)
             logs.event("optimizer_converted", **where, converted_parameters=converted,
                        how="sgd momentum buffer = adam m_hat / (1 - momentum)")
-            return start_lr
+            return factor
         logs.event("optimizer_reset", **where, reason="first stage" if stage.parent is None else "handoff: reset")
-        return start_lr
+        return factor
 
     # --- mid-stage ---------------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
 from stagewise.engine.sharded import check_sharded
+from stagewise.engine.utilization import device_memory
 from stagewise.errors import UserError
-from stagewise.models.build import context_length, set_attention
+from stagewise.models.build import apply_liger, checkpoint_activations, context_length, set_attention
 from stagewise.models.keys import check_model_keys
 from stagewise.optim.layers import StageLayers
 from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
@@ -27,6 +28,7 @@ from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.stage_setup import plan_corpus, setup_stages
+from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
@@ -82,10 +84,17 @@ class Prepared:
         return StageStore(self.cache_root, stage.key)
 
 
-def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
+def prepare(plan: Plan, plan_path: Path, cache_root: Path, parts: UserParts | None = None) -> Prepared:
+    """`parts`: a Python caller's model, rows and loss (tasks.user_task); a model passed in takes
+    the place of the plan's and is trained in place; it takes part in the stage keys by its fingerprint."""
+    own_model = parts.model if parts is not None else None
     try:
         nodes = stage_tree(plan)
-        check_model_keys(plan)  # before any data is read or model built
+        device = resolve_device(plan.device)
+        if parts is not None:
+            parts.check([n.name for n in nodes])
+        if own_model is None:
+            check_model_keys(plan, device_memory(device))  # before any data is read or model built
         lm_data = lm = template = None
         compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
@@ -95,17 +104,25 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
             lm_data = prepare_data(plan.data, plan.tokenizer, plan_path.parent, cache_root, seed=plan.seed,
                                    corpus=plan_corpus(plan, nodes, template, plan_path.parent))
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
-        device = resolve_device(plan.device)
         if lm_data is not None:
-            lm = build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            lm = (build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+                  if own_model is None else check_vocab(own_model, lm_data.vocab_size))
             compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
             set_attention(lm, plan.model.attention, compiled, device)
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root)
+            if plan.model.activation_checkpointing:
+                checkpoint_activations(lm, plan.model.arch or str(plan.model.pretrained))
+            if plan.model.liger:
+                apply_liger(lm, device)
+        elif plan.model.activation_checkpointing or plan.model.liger:
+            key = "activation_checkpointing" if plan.model.activation_checkpointing else "liger"
+            raise UserError(f"model.{key}", "for causal LMs (a plan with a word tokenizer builds small task models)")
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root, parts)
         _check_handoffs(nodes, setups)
         dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
-        identity = {"model": plan.model.model_dump(mode="json"), "tokenizer": plan.tokenizer.model_dump(mode="json"),
-                    "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
-                    "precision": str(dtype)}
+        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"})
+                    if own_model is None else {"object": model_fingerprint(own_model)},
+                    "tokenizer": plan.tokenizer.model_dump(mode="json"), "data": lm_data.fingerprint if lm_data else None,
+                    "seed": plan.seed, "precision": str(dtype)}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
                               n.where, s.adapter.trainable(s.model) if s.adapter is not None else None)
                   for n, s in zip(nodes, setups, strict=True)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 
 from stagewise.data.tokenizers import save_tokenizer
+from stagewise.engine.callbacks import Callback
 from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
@@ -39,11 +40,13 @@ from stagewise.track.progress import ProgressView, StageSummary
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
-          stop_after: int | None = None, world: World = SINGLE) -> list[StageSummary]:
+          stop_after: int | None = None, world: World = SINGLE,
+          callbacks: Sequence[Callback] = ()) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
-    `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait)."""
+    `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones)."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)
@@ -56,14 +59,14 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                     with store.lock():  # not under a process training the same stage
                         store.clear()
             resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
-            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world)
+            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks))
     except WriteFailed as e:
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 
 
 def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
-           hint: str, world: World) -> list[StageSummary]:
+           hint: str, world: World, callbacks: tuple[Callback, ...]) -> list[StageSummary]:
     plan = prepared.plan
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -81,9 +84,9 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
         if world.sharded:
             shard_model(model, dtype)
-    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype),
+    run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype), dtype=dtype,
                      logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
-                     world=world)
+                     world=world, callbacks=callbacks)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
@@ -175,24 +178,24 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
             then = (f"stage '{stage.name}' resumes from step {trainer.progress.step}" if trainer is not None
                     else f"stage '{stage.name}' is trained again from its start")
             checkpointer.invalid(broken[0], broken[1], then)
-        start_lr = None
+        lr_factor = None
         if trainer is None:
             optimizer = StageOptimizer(numbers, task.model, stage.layers)
             if numbers.merged:  # no updates: evaluated and saved as the stage's end
                 load_merged(run, prepared, stage, held)
             else:
                 load_parent(run, prepared, stage, numbers.start_step, held)
-                start_lr = optimizer.hand_off(held, run.logs)
+                lr_factor = optimizer.hand_off(held, run.logs)
             trainer = StageTrainer(run, numbers, task, stage.layers, optimizer, checkpointer)
         resumed_at = trainer.progress.step
         run.logs.metrics.keep_only(lambda r: _logged_before(r, numbers, resumed_at, trainer.control.attempt))
-        outcome = trainer.train(start_lr)
+        outcome = trainer.train(lr_factor)
         summary = outcome.summary
         checkpointer.save_final(outcome.final_state, summary)
         held.hold((stage.key, None), numbers, outcome.final_state, outcome.optimizer)
         run.logs.event("stage_end", stage=stage.name, step=numbers.start_step + summary.steps,
                        seconds=round(summary.seconds, 3), train_loss=summary.train_loss, val_loss=summary.val_loss,
-                       tokens=summary.tokens)
+                       tokens=summary.tokens, **summary.utilization())
         _export(run, prepared, stage, numbers.start_step + summary.steps, held)
         return summary
 
@@ -210,6 +213,8 @@ def _reuse(run: RunContext, prepared: Prepared, stage: Stage, numbers: ResolvedS
                                 f"({type(e).__name__})") from None
     state, _ = load_checkpoint(store.final_dir, stage.key, stage.model, apply=handoff_probe(numbers))
     held.hold((stage.key, None), numbers, state)
+    if "logs" in state:  # absent from the caches of older versions
+        run.logs.bring_back(stage.name, state["logs"])
     run.logs.event("stage_reused", stage=stage.name, key=stage.key, step=numbers.start_step, steps=numbers.steps,
                    tokens_per_step=numbers.tokens_per_step, val_loss=summary.val_loss, tokens=summary.tokens)
     run.view.print(f"[{stage.name}] reused from the stage cache ({stage.key})")

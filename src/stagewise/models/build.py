@@ -83,13 +83,43 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
 
 
 def set_attention(model: torch.nn.Module, choice: str, compiled: bool, device: torch.device) -> str:
-    """Pick the attention implementation (see ModelConfig.attention); returns the one in use."""
+    """Pick the attention implementation (see ModelConfig.attention); returns the one in use.
+    auto: SDPA on CUDA (its flash and memory-efficient kernels never hold the T x T scores)."""
     config: Any = model.config
     if choice == "auto":
-        choice = "eager" if compiled and device.type == "cpu" else config._attn_implementation
+        if device.type == "cuda":
+            choice = "sdpa"
+        else:
+            choice = "eager" if compiled else config._attn_implementation
     if choice != config._attn_implementation:
         model.set_attn_implementation(choice)  # type: ignore[operator]
     return choice
+
+
+def checkpoint_activations(model: torch.nn.Module, arch: str) -> None:
+    """`model.activation_checkpointing`: each block (a transformer layer) recomputed in the backward
+    pass, through the model's own `activation_checkpointing_enable` (transformers', models.gpt's)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", True):
+        raise UserError("model.activation_checkpointing", f"{arch} does not support activation checkpointing")
+    # non-reentrant: works with torch.compile, FSDP2 and inputs that need no gradient
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_liger(model: torch.nn.Module, device: torch.device) -> None:
+    """`model.liger`: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) patched into a
+    transformers model of a type Liger supports; on CUDA only, from the `stagewise[liger]` extra."""
+    if device.type != "cuda":
+        raise UserError("model.liger", f"Liger's kernels are Triton kernels for CUDA; this run is on {device.type}")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("model.liger", "needs the liger-kernel package: pip install 'stagewise[liger]'") from None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError("model.liger", f"Liger has no kernels for {model_type} (it has: "
+                                       f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})")
+    _apply_liger_kernel_to_instance(model=model)
 
 
 def context_length(model: torch.nn.Module) -> int:

@@ -12,7 +12,12 @@ It answers the causal-LM calls the rest of stagewise makes of a transformers mod
 same names: `model(input_ids=..., past_key_values=..., use_cache=...)` returns `.logits` and
 `.past_key_values`; `config` has `max_position_embeddings`, `hidden_size`, `num_hidden_layers`,
 `model_type` and `_attn_implementation` ("sdpa", or "eager": plain matmul and softmax, which
-inductor fuses on CPU), and `set_attn_implementation` switches it.
+inductor fuses on CPU), and `set_attn_implementation` switches it; `activation_checkpointing_enable`
+recomputes each block in the backward pass (torch.utils.checkpoint), as transformers' models do.
+
+Packed rows (several examples laid end to end, tasks.sft) pass `position_ids` that restart at 0
+with each example: positions are embedded from them, and attention is block-diagonal, so no
+example attends to the one before it in the row (transformers' packed position_ids path).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one block's keys and values, each (B, nh, T, hs)
 ATTENTION = ("sdpa", "eager")
@@ -79,7 +85,9 @@ class CausalSelfAttention(nn.Module):
         self.causal: torch.Tensor
         self.register_buffer("causal", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, past: KV | None, documents: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """`documents` (B, 1, T, T), True where a query may look: packed rows' block-diagonal
+        causal mask (GPT.forward); None: plain causal attention."""
         B, T, C = x.shape
         nh = self.config.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -87,11 +95,12 @@ class CausalSelfAttention(nn.Module):
         if past is not None:  # generation: the new positions attend to the cached ones too
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         S = k.size(2)
-        visible = self.causal[S - T:S, :S]  # (T, S): the new queries sit at the end of the sequence
+        visible = self.causal[S - T:S, :S] if documents is None else documents  # the new queries sit at the end
         p = self.attn_dropout.p if self.training else 0.0
         if self.config._attn_implementation == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if past is None else visible,
-                                               dropout_p=p, is_causal=past is None)
+            plain = past is None and documents is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else visible,
+                                               dropout_p=p, is_causal=plain)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             att = self.attn_dropout(att.masked_fill(~visible, float("-inf")).softmax(dim=-1))
@@ -120,8 +129,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
-        a, kv = self.attn(self.ln_1(x), past)
+    def forward(self, x: torch.Tensor, past: KV | None, documents: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(self.ln_1(x), past, documents)
         x = x + a
         return x + self.mlp(self.ln_2(x)), kv
 
@@ -140,6 +149,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied (weight tying: Press & Wolf 2017)
+        self.checkpointing: dict[str, Any] | None = None  # torch.utils.checkpoint's options, while on
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2 n_layer)
@@ -166,6 +176,11 @@ class GPT(nn.Module):
             raise ValueError(f"gpt attention is one of {', '.join(ATTENTION)} (got '{name}')")
         self.config._attn_implementation = name
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Keep only each block's input in training; its activations are recomputed in the backward
+        pass (torch.utils.checkpoint with `activation_checkpointing_kwargs`, transformers' signature)."""
+        self.checkpointing = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -173,16 +188,30 @@ class GPT(nn.Module):
         return self.wte
 
     def forward(self, input_ids: torch.Tensor, past_key_values: list[KV] | None = None,
-                use_cache: bool = False) -> LMOutput:
-        """Logits (B, T, V) of input_ids (B, T), which continue the cached positions if any."""
+                use_cache: bool = False, position_ids: torch.Tensor | None = None) -> LMOutput:
+        """Logits (B, T, V) of input_ids (B, T), which continue the cached positions if any.
+        `position_ids` (B, T): packed rows' positions, restarting at 0 with each example."""
         start = 0 if past_key_values is None else past_key_values[0][0].size(2)
         T = input_ids.size(1)
         if start + T > self.config.n_positions:
             raise ValueError(f"{start + T} positions: the model has {self.config.n_positions}")
-        pos = torch.arange(start, start + T, device=input_ids.device)
+        documents = None
+        if position_ids is not None:
+            pos = position_ids
+            document = (position_ids == 0).cumsum(dim=1)  # (B, T): which example of the row each token is in
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            documents = (document[:, :, None] == document[:, None, :]) & causal  # (B, T, T)
+            documents = documents[:, None]  # (B, 1, T, T): the same for every head
+        else:
+            pos = torch.arange(start, start + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
         cache: list[KV] = []
+        recompute = self.checkpointing is not None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
-            x, kv = block(x, None if past_key_values is None else past_key_values[i])
+            past = None if past_key_values is None else past_key_values[i]
+            if recompute:
+                x, kv = checkpoint(block, x, past, documents, **self.checkpointing)  # type: ignore[arg-type]
+            else:
+                x, kv = block(x, past, documents)
             cache.append(kv)
         return LMOutput(self.lm_head(self.ln_f(x)), cache if use_cache else None)

@@ -2,7 +2,8 @@
 `train` alike), so that a plan from anyone fails as one line naming the key instead of inside
 transformers or torch: each key typed against the architecture's own defaults (a transformers
 config class, or a built-in model's constructor), sizes positive and bounded, hidden sizes
-divisible by head counts, and the model's size estimated against this machine's memory."""
+divisible by head counts, and the model's size estimated against the memory of the device it
+trains on (a GPU's own on CUDA, else this machine's)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ _DIVIDES = (("hidden_size", "num_attention_heads"), ("hidden_size", "num_key_val
 _ACTIVATION_KEYS = ("activation_function", "hidden_act")
 
 
-def check_model_keys(plan: Plan) -> None:
+def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
     """UserError naming `model.<key>` for the first key that cannot be right; also when the model
-    is far beyond this machine's memory."""
+    is far beyond `memory`: (bytes, whose) of the device it trains on (engine.device.device_memory;
+    None: this machine's)."""
+    memory = memory or host_memory()
     cfg = plan.model
     if cfg.arch is None:  # pretrained: what it loads is checked as it loads
         return
@@ -43,7 +46,7 @@ def check_model_keys(plan: Plan) -> None:
                     if p.default is not inspect.Parameter.empty}
         _check_types(keys, defaults, cfg.arch)
         _check_divisible({**defaults, **keys}, {}, cfg.arch)
-        _check_memory(_builtin_parameters(cls, {**defaults, **keys}, vocab))
+        _check_memory(_builtin_parameters(cls, {**defaults, **keys}, vocab), memory)
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -68,7 +71,7 @@ def check_model_keys(plan: Plan) -> None:
     if "head_dim" in names or {"head_dim", "d_kv"} & set(keys):  # heads of their own width (t5's d_kv)
         values["hidden_size"] = None
     _check_divisible(values, names, cfg.arch)
-    _check_memory(_transformers_parameters(config))
+    _check_memory(_transformers_parameters(config), memory)
 
 
 def _check_types(keys: dict[str, Any], defaults: dict[str, Any], arch: str) -> None:
@@ -171,15 +174,21 @@ def _builtin_parameters(cls: type, settings: dict[str, Any], vocab: int) -> int:
     return base + sum((settings[k] - 1) * grow[k] for k in layer_keys)
 
 
-def _check_memory(parameters: int) -> None:
+def host_memory() -> tuple[int, str] | None:
+    """(bytes, whose) of this machine's memory; None where the OS does not say."""
     try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not on this OS: nothing to compare with
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(parameters: int, memory: tuple[int, str] | None) -> None:
+    if memory is None:  # nothing known to compare with
         return
     need = parameters * BYTES_PER_PARAMETER
-    if need > memory:
+    if need > memory[0]:
         raise UserError("model", f"about {parameters:.3g} parameters need {need / 1e9:,.1f} GB to train (weights, "
-                                 f"gradients, Adam's moments), beyond this machine's {memory / 1e9:.1f} GB")
+                                 f"gradients, Adam's moments), beyond {memory[1]} {memory[0] / 1e9:.1f} GB")
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -29,6 +29,7 @@ Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
 class Strict(BaseModel):
     """Rejects unknown keys and non-finite numbers; frozen, so a validated plan cannot change
-    under the engine."""
+    under the engine. A field's docstring is its description, which the plan reference shows
+    (docs/gen_reference.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)

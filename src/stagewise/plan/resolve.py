@@ -35,6 +35,9 @@ class ResolvedStage:
     optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
     handoff: str  # what becomes of the parent's optimizer state: carry | convert | reset
     auto_lr: bool  # lr auto: the SWATS estimate replaces the planned (continued) LR at the start
+    # no lr set, continuing a parent whose LR is known only at run time (lr auto, or continuing
+    # one that is): the plan holds a placeholder, and the parent's real LR scales it at the start
+    lr_at_run: bool
     track_swats: bool  # keep the SWATS estimate: a rule or a child stage needs it
     steps: int  # optimizer updates in this stage
     start_step: int  # global step of this stage's first update
@@ -189,7 +192,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
             index=node.index, node=node, config=cfg, parent=parent.name, parent_step=parent_step,
             key=_key(cfg, parent, parent_step, {"merged": list(merged), "block_size": block}, identity),
             optimizer=parent.optimizer, optimizer_settings={**parent.optimizer_settings, "lr": parent.lr(branch_at)},
-            handoff="reset", auto_lr=False, track_swats=False, steps=0, start_step=parent.start_step + branch_at,
+            handoff="reset", auto_lr=False, lr_at_run=False, track_swats=False, steps=0, start_step=parent.start_step + branch_at,
             start_tokens=parent.start_tokens + parent.tokens_before(branch_at), block_size=block,
             batch_size=cfg.batch.size, micro_batches=1, full_batch=False, windows_per_epoch=windows, unit=data.unit,
             merged=merged)
@@ -266,6 +269,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
                                        + (f" (got {parent.optimizer} -> {name})" if parent else ""))
         assert branch_at is not None  # a parent is there
         settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
+    lr_at_run = "lr" not in settings and parent is not None and (parent.auto_lr or parent.lr_at_run)
     if "lr" not in settings:
         settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)
     min_lr = cfg.schedule.settings().get("min_lr", 0.0)
@@ -279,11 +283,13 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         numbers["data"] = data.fingerprint
     if cfg.name in swats:  # its checkpoints then hold the estimate
         numbers["track_swats"] = True
+    if lr_at_run:  # trained at the parent's real LR since this was known (the planned one before)
+        numbers["lr_at_run"] = True
     return ResolvedStage(
         index=node.index, node=node, config=cfg, key=_key(cfg, parent, parent_step, numbers, identity),
         parent=parent.name if parent else None, parent_step=parent_step,
         optimizer=name, optimizer_settings=settings, handoff=handoff, auto_lr=auto_lr,
-        track_swats=cfg.name in swats, steps=steps,
+        lr_at_run=lr_at_run, track_swats=cfg.name in swats, steps=steps,
         start_step=parent.start_step + branch_at if parent else 0,  # type: ignore[operator]
         start_tokens=parent.start_tokens + parent.tokens_before(branch_at) if parent else 0,  # type: ignore[arg-type]
         block_size=block, batch_size=cfg.batch.size, micro_batches=micro, full_batch=full,

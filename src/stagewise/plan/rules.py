@@ -47,18 +47,26 @@ class PlateauConfig(Strict):
     evaluations, and counts anew."""
 
     metric: Metric = "val_loss"
+    """The metric watched: val_loss, val_ppl, train_loss or any metric the stage's task logs."""
     patience: Count = 2
+    """Evaluations without improvement tolerated; it holds on the one that makes patience + 1."""
     min_delta: NonNegativeFloat = 0.0
+    """The least change that counts as an improvement (absolute)."""
     mode: Literal["min", "max"] = "min"
+    """`min`: lower is better; `max`: higher is better."""
     cooldown: Count = 0
+    """Evaluations to stay quiet after it held."""
 
 
 class TargetConfig(Strict):
     """Holds once the metric reaches `value` (<= for mode min, >= for max)."""
 
     metric: Metric = "val_loss"
+    """The metric watched."""
     value: float
+    """Holds once the metric reaches this (<= for mode min, >= for max)."""
     mode: Literal["min", "max"] = "min"
+    """`min`: holds at or below value; `max`: at or above."""
 
 
 class TimeConfig(Strict):
@@ -66,6 +74,7 @@ class TimeConfig(Strict):
     Not repeatable from run to run, unlike everything else."""
 
     minutes: PositiveFloat
+    """Holds once the stage has trained this long (wall clock, over resumes)."""
 
 
 class SwatsConfig(Strict):
@@ -73,15 +82,20 @@ class SwatsConfig(Strict):
     matches Adam's step has converged to the current estimate, within `tolerance`."""
 
     tolerance: PositiveFloat = 1e-9
+    """How close the averaged SGD step-size estimate must come to the current one."""
     min_steps: Annotated[int, Field(ge=2, le=MAX_STEPS)] = 2
+    """Adam steps before the test may hold."""
 
 
 class UntilConfig(Strict):
     """Ends the stage early when any condition holds; steps/epochs/tokens stay the upper bound."""
 
     plateau: PlateauConfig | None = None
+    """End on a plateau of the metric."""
     target: TargetConfig | None = None
+    """End once the metric reaches a value."""
     time: TimeConfig | None = None
+    """End after so many minutes of training."""
 
     @model_validator(mode="after")
     def _something(self) -> UntilConfig:
@@ -94,8 +108,11 @@ class WhenConfig(Strict):
     """Exactly one condition."""
 
     plateau: PlateauConfig | None = None
+    """Holds on a plateau of the metric."""
     target: TargetConfig | None = None
+    """Holds once the metric reaches a value."""
     swats: SwatsConfig | None = None
+    """Keskar & Socher's test for switching from Adam to SGD, checked every update (adam/adamw stages)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -120,7 +137,9 @@ class LrScaleAction(Strict):
     on the stage's schedule from then on."""
 
     factor: Fraction = 0.1
+    """The LR becomes max(lr x factor, min_lr), as a factor on the schedule from then on."""
     min_lr: NonNegativeFloat = 0.0
+    """The LR is never scaled below this."""
 
 
 class SwitchAction(Strict):
@@ -130,13 +149,22 @@ class SwitchAction(Strict):
     scaled to start from the new LR."""
 
     to: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"]
+    """The optimizer for the rest of the stage."""
     lr: PositiveFloat | Literal["auto"] | None = None
+    """Its LR; `auto` (adam/adamw -> sgd): the SWATS estimate; unset: the current LR."""
     handoff: Literal["reset", "convert"] = "reset"
+    """`reset`: fresh state; `convert` (adam/adamw -> sgd with momentum): the momentum buffer starts from Adam's
+    first moment."""
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """The new optimizer's momentum."""
     nesterov: bool | None = None
+    """The new optimizer's Nesterov setting."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    """The new optimizer's betas."""
     eps: PositiveFloat | None = None
+    """The new optimizer's epsilon."""
     weight_decay: NonNegativeFloat | None = None
+    """The new optimizer's weight decay."""
 
     def settings(self) -> dict[str, Any]:
         """The optimizer settings this switch sets (lr apart)."""
@@ -149,16 +177,22 @@ class RollbackAction(Strict):
     the LR scaled by `lr_scale`, after skipping `skip_batches` batches of data."""
 
     lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Scale the LR by this from the rollback on."""
     skip_batches: Count = 0
+    """Batches of data to skip after going back."""
 
 
 class ActionConfig(Strict):
     """Exactly one action; `next_stage` may be written bare (`do: next_stage`)."""
 
     lr_scale: LrScaleAction | None = None
+    """Reduce the LR (ReduceLROnPlateau's reduction)."""
     switch: SwitchAction | None = None
+    """Change the optimizer for the rest of the stage."""
     next_stage: Literal[True] | None = None
+    """End the stage now (may be written bare: `do: next_stage`)."""
     rollback: RollbackAction | None = None
+    """Go back to the stage's best evaluation so far and train on from it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -185,15 +219,20 @@ class ActionConfig(Strict):
 
 class RuleConfig(Strict):
     when: WhenConfig
+    """The condition (exactly one)."""
     do: ActionConfig
-    max_fires: Steps | None = None  # None: no limit (rollback/switch: see rules)
+    """The action (exactly one)."""
+    max_fires: Steps | None = None
+    """How often the rule may fire; unset: no limit (rollback: 3)."""
 
 
 class OnPlateauConfig(PlateauConfig):
     """`on_plateau: {patience: 2, do: ...}`: a rule on a plateau; by default ReduceLROnPlateau's x0.1."""
 
     do: ActionConfig = ActionConfig(lr_scale=LrScaleAction())
+    """The action on a plateau; default: lr_scale by 0.1."""
     max_fires: Steps | None = None
+    """How often it may fire; unset: no limit."""
 
     def rule(self) -> RuleConfig:
         plateau = PlateauConfig(**self.model_dump(exclude={"do", "max_fires"}))
@@ -206,10 +245,15 @@ class SpikeConfig(Strict):
     stage's first `warmup` steps."""
 
     metric: Literal["loss", "grad_norm"] = "loss"
+    """What a spike is measured on: the update's loss or gradient norm."""
     z: PositiveFloat | None = None
+    """A spike: more than z standard deviations above the mean of the previous `window` steps."""
     factor: Annotated[float, Field(gt=1.0)] | None = None
+    """A spike: more than factor x the mean of the previous `window` steps."""
     window: Annotated[int, Field(ge=2, le=10**6)] = 50
+    """Steps in the running mean."""
     warmup: Count = 20
+    """Steps at the stage's start not checked for spikes."""
 
     @model_validator(mode="after")
     def _one_test(self) -> SpikeConfig:
@@ -223,8 +267,11 @@ class GuardRollbackConfig(Strict):
     the next `skip_batches` batches of data, and scale the LR by `lr_scale` from then on."""
 
     steps_back: Count = 0
+    """Go back to the newest checkpoint at least this many updates before the bad one."""
     skip_batches: Count = 0
+    """Batches of data to skip after going back."""
     lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Scale the LR by this from then on."""
 
 
 class GuardResetConfig(Strict):
@@ -233,6 +280,7 @@ class GuardResetConfig(Strict):
     count, SGD's momentum), so the spike does not linger in the moments."""
 
     clip: PositiveFloat = 1.0
+    """The spiking update's gradient is clipped to this norm."""
 
 
 class GuardConfig(Strict):
@@ -242,10 +290,15 @@ class GuardConfig(Strict):
     one is skipped). After `max_retries` actions the run stops, resumable, with a message."""
 
     spike: SpikeConfig | None = None
+    """What counts as a spike; unset: only non-finite values are caught."""
     action: Literal["skip", "rollback", "reset_moments"] = "skip"
+    """`skip` the update, `rollback` to a checkpoint, or `reset_moments` (SPAM)."""
     rollback: GuardRollbackConfig | None = None
+    """Settings of action rollback."""
     reset: GuardResetConfig | None = None
+    """Settings of action reset_moments."""
     max_retries: Count = 3
+    """Actions before the run stops (exit 3, resumable)."""
 
     @model_validator(mode="after")
     def _rollback_settings(self) -> GuardConfig:
@@ -270,12 +323,16 @@ class InjectConfig(Strict):
     only skipping data gets past it)."""
 
     at: Count
+    """The update the fault is put on."""
     kind: Literal["nan", "loss_spike", "lr_burst", "corrupt_batch"]
+    """`nan` loss, `loss_spike` (x factor), `lr_burst` (LR x factor for `steps`), `corrupt_batch`."""
     factor: PositiveFloat = 10.0
+    """loss_spike, lr_burst: the multiplier."""
     steps: Steps = 1
-    # nan, loss_spike: only on this rank of a data-parallel run (the others see it in the
-    # all-reduced loss and gradients); unset: every rank
+    """lr_burst: updates it lasts."""
     rank: Annotated[int, Field(ge=0, le=2**20)] | None = None
+    """nan, loss_spike: only on this rank of a data-parallel run (the others see it in the all-reduced loss); unset:
+    every rank."""
 
     @model_validator(mode="after")
     def _rank_faults(self) -> InjectConfig:

@@ -84,16 +84,25 @@ class OptimizerConfig(Strict):
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
     name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
-    # auto (adam/adamw -> sgd): the SWATS estimate of the LR that matches the parent's Adam steps
+    """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
+    optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
+    """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
+    it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
+    steps."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    """Adam's (beta1, beta2); for muon, those of the AdamW it uses on non-matrix parameters."""
     eps: PositiveFloat | None = None
+    """Adam's epsilon, added to the denominator."""
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """SGD momentum (heavy ball); muon's momentum; schedulefree_sgd's averaging beta."""
     nesterov: bool | None = None
+    """Nesterov momentum (needs momentum > 0)."""
     weight_decay: NonNegativeFloat | None = None
-    # The parent's optimizer state: `carry` keeps it (same optimizer), `convert` turns Adam's first
-    # moment into SGD's momentum (adam/adamw -> sgd), `reset` starts fresh.
+    """Weight decay: coupled (added to the gradient) for sgd/adam, decoupled for adamw/muon, as torch defines each."""
     handoff: Literal["carry", "reset", "convert"] = "reset"
+    """The parent's optimizer state: `reset` starts fresh, `carry` keeps it (same optimizer), `convert` turns Adam's
+    bias-corrected first moment into SGD's momentum buffer (adam/adamw -> sgd)."""
 
     @model_validator(mode="after")
     def _settings_apply(self) -> OptimizerConfig:
@@ -131,22 +140,40 @@ class ScheduleConfig(Strict):
     """
 
     name: ScheduleName = "constant"
+    """The LR schedule over the stage, a multiple of the stage's peak LR. `warmup_<name>` means `<name>` with a
+    required `warmup`."""
     warmup: Duration | None = None
+    """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float in [0, 1])."""
     step_size: Duration | None = None
+    """step: the LR is multiplied by `gamma` every `step_size` steps (or fraction of the stage)."""
     milestones: Annotated[list[Duration], Field(max_length=1000)] | None = None
+    """multistep: the steps (or fractions) at which the LR is multiplied by `gamma`."""
     gamma: PositiveFloat | None = None
+    """step, multistep, exponential: the factor per step size, milestone or step."""
     min_lr: NonNegativeFloat | None = None
+    """cosine, decay, wsd, plateau: the LR the decay ends on (absolute)."""
     decay: Duration | None = None
+    """wsd: the length of the final decay, steps or a fraction of the stage."""
     shape: Literal["linear", "cosine", "1-sqrt"] | None = None
+    """decay, wsd: the decay's shape."""
     pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """onecycle: the fraction of the stage spent rising to the peak LR."""
     div_factor: PositiveFloat | None = None
+    """onecycle: the start LR is the peak / div_factor."""
     final_div_factor: PositiveFloat | None = None
+    """onecycle: the end LR is the start LR / final_div_factor."""
     anneal: Literal["cos", "linear"] | None = None
+    """onecycle: the shape of both phases."""
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """stlr (ULMFiT's slanted triangular LR): the fraction of the stage spent rising."""
     ratio: Annotated[float, Field(ge=1.0)] | None = None
+    """stlr: how much smaller the lowest LR is than the peak."""
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    """plateau: the LR is multiplied by this on a plateau (ReduceLROnPlateau)."""
     patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
+    """plateau: evaluations without improvement before the LR is reduced."""
     threshold: NonNegativeFloat | None = None
+    """plateau: the least decrease of the validation loss that counts as an improvement (absolute)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -178,9 +205,13 @@ class RegularizationConfig(Strict):
     weight matrices; with `sgd_l1` the L1 term is applied by its proximal step instead."""
 
     l1: NonNegativeFloat = 0.0
+    """L1 penalty on weight matrices added to the loss (with `sgd_l1`: applied by its proximal step instead)."""
     l2: NonNegativeFloat = 0.0
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None  # None: the model's own
+    """L2 penalty on weight matrices added to the loss."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """Dropout probability for this stage only; unset: the model's own."""
     grad_clip: PositiveFloat | None = None
+    """Clip the gradient's global norm to this before every update."""
 
 
 class RampConfig(Strict):
@@ -190,10 +221,15 @@ class RampConfig(Strict):
     (Megatron-LM's rampup); the LR optionally scaled with the batch (relative to the start batch)."""
 
     to: Annotated[int, Field(ge=1, le=10**7)]
+    """The batch (sequences per update) the ramp ends on, rounded down to whole micro-batches."""
     over: Duration
+    """Updates the ramp takes: a step count or a fraction of the stage's steps."""
     shape: Literal["linear", "steps"] = "linear"
-    increment: Annotated[int, Field(ge=1, le=10**7)] | None = None  # steps: sequences each step adds
+    """`linear` grows every update; `steps` grows by `increment` in equal steps (Megatron-LM's rampup)."""
+    increment: Annotated[int, Field(ge=1, le=10**7)] | None = None
+    """shape steps: sequences each step of the ramp adds (a multiple of batch.size)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Scale each update's LR by (batch / start batch) ** 1 (`linear`) or ** 0.5 (`sqrt`)."""
 
     @model_validator(mode="after")
     def _increment_with_steps(self) -> RampConfig:
@@ -206,9 +242,9 @@ class RampConfig(Strict):
 
 
 class DumpsAsBefore(Strict):
-    """A config that gained keys after stage keys were first written: each of `LATER`, while None,
-    stays out of the dump, so the data settings and stage keys of existing plans dump (and hash)
-    as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
+    """A config that gained keys after stage keys were first written: each of `LATER`, while at its
+    default, stays out of the dump, so the data settings and stage keys of existing plans dump (and
+    hash) as before. (StageConfig's own later keys are left out of its key in plan.resolve.)"""
 
     LATER: ClassVar[tuple[str, ...]] = ()
 
@@ -216,18 +252,23 @@ class DumpsAsBefore(Strict):
     def _without_unset_later(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped = handler(self)
         for key in self.LATER:
-            if getattr(self, key) is None:
+            if getattr(self, key) == type(self).model_fields[key].default:
                 dumped.pop(key, None)
         return dumped
 
 
 class BatchConfig(DumpsAsBefore):
     LATER = ("ramp",)
-    size: Annotated[int, Field(ge=1, le=10**6)]  # sequences per micro-batch
-    accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1  # micro-batches per update
-    full: bool = False  # one update per pass over the whole training set
-    block_size: Annotated[int, Field(ge=2, le=2**20)] | None = None  # None: the model's context length
-    ramp: RampConfig | None = None  # None: the same batch every update
+    size: Annotated[int, Field(ge=1, le=10**6)]
+    """Sequences (or examples) per micro-batch."""
+    accumulate: Annotated[int, Field(ge=1, le=10**5)] = 1
+    """Micro-batches per update (gradient accumulation)."""
+    full: bool = False
+    """One update per pass over the whole training set (full-batch gradient descent, by accumulation)."""
+    block_size: Annotated[int, Field(ge=2, le=2**20)] | None = None
+    """Tokens per training sequence of a causal_lm stage; unset: the model's context length."""
+    ramp: RampConfig | None = None
+    """A batch that grows over the stage; unset: the same batch every update."""
 
     @model_validator(mode="after")
     def _full_excludes_accumulate(self) -> BatchConfig:
@@ -265,6 +306,8 @@ class AverageConfig(Strict):
     ends on it (its children and export take the averaged weights)."""
 
     ema: Annotated[float, Field(gt=0.0, lt=1.0)]
+    """Decay of an exponential moving average of the weights, updated after every update; evaluations use it and the
+    stage ends on it."""
 
 
 class MergeConfig(Strict):
@@ -274,11 +317,16 @@ class MergeConfig(Strict):
     .. `to`: those in that range of the parent's steps. `weights`: uniform, or linear (the i-th
     oldest of K weighs i). The parent saves those steps and keeps them (as a branch's `@STEP`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     last: Annotated[int, Field(ge=2, le=10_000)] | None = None
+    """Average the parent's last K checkpoints at the plan's checkpoint.every, its end included."""
     from_: Steps | None = Field(None, alias="from")
+    """Average the parent's checkpoints from this step (with `to`)."""
     to: Steps | None = None
+    """Average the parent's checkpoints up to this step (with `from`)."""
     weights: Literal["uniform", "linear"] = "uniform"
+    """`uniform`: a plain mean; `linear`: the i-th oldest of K checkpoints weighs i."""
 
     @model_validator(mode="after")
     def _last_or_range(self) -> MergeConfig:
@@ -302,13 +350,17 @@ class EvalConfig(Strict):
     validation example. `beam`: seq2seq's decoding for BLEU / chrF (1: greedy)."""
 
     every: Steps | None = None
+    """Evaluate every N steps (besides the stage's end, always evaluated)."""
     each_epoch: bool = False
+    """Evaluate at the end of every epoch."""
     batches: Annotated[int, Field(ge=1, le=10**7)] | Literal["all"] = 50
+    """Validation batches per evaluation of a causal_lm stage, or `all`; the fine-tuning tasks evaluate every
+    validation example."""
     beam: Annotated[int, Field(ge=1, le=16)] = 1
-    # The metrics of decoded outputs to compute (without `val_`: rouge1, exact_match, ...), instead
-    # of the task's own; what each task can compute is its spec's (tasks.spec). sft decodes the
-    # first `batches` x batch.size validation prompts for them.
+    """seq2seq: beam width of the decoding scored by BLEU / chrF (1: greedy)."""
     metrics: Annotated[list[Name], Field(min_length=1, max_length=64)] | None = None
+    """The scores of decoded outputs to compute instead of the task's own (without `val_`: rouge1, exact_match, ...);
+    sft decodes the first `batches` x batch.size validation prompts for them."""
 
 
 class LayersConfig(Strict):
@@ -318,8 +370,11 @@ class LayersConfig(Strict):
     LRs, each layer group below the top one learns `lr_factor` times slower (ULMFiT: 2.6)."""
 
     freeze: Annotated[list[Name], Field(max_length=256)] = []
+    """Glob patterns of parameter names that get no gradient in this stage."""
     unfreeze: Literal["all", "gradual"] = "all"
+    """`gradual`: ULMFiT's schedule, the top layer group in the first epoch and one more each epoch (needs epochs)."""
     lr_factor: Annotated[float, Field(ge=1.0)] = 1.0
+    """Discriminative LRs: each layer group below the top learns lr_factor times slower (ULMFiT: 2.6)."""
 
 
 class MixSource(Strict):
@@ -328,9 +383,13 @@ class MixSource(Strict):
     validation loss, `val_loss/<name>`."""
 
     name: StageName | None = None
+    """Names the source's validation loss, `val_loss/<name>`; default: the train file's stem."""
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)]
+    """The source's training files (paths or globs, relative to the plan)."""
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    """The source's validation files; unset: held out of its training files by val_fraction."""
     weight: NonNegativeFloat
+    """The source's share of the sequences drawn (weights need not sum to 1)."""
 
     def label(self, index: int) -> str:
         if self.name is not None:
@@ -346,19 +405,30 @@ class DataConfig(DumpsAsBefore):
 
     LATER = ("mix",)
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
+    """Training files: paths or globs relative to the plan file (`{stdlib}`: the running Python's standard library),
+    or `hub:NAME[:CONFIG]`."""
     mix: Annotated[list[MixSource], Field(min_length=1, max_length=64)] | None = None
+    """causal_lm stages only: a weighted mixture of sources instead of `train` (never the plan's own data)."""
     val: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
-    # Without `val`: held out of a table as rows drawn by the plan's seed (the same rows for
-    # every task that reads the table), of text files as their last characters (nanoGPT).
+    """Validation files; unset: held out of the training data by val_fraction."""
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    # Columns: a name, or a 0-based index for a csv/tsv file without a header row (or JSON Lines of arrays).
-    field: Name | Column = "text"  # the text (causal_lm, classify)
-    label: Name | Column | None = None  # classify: the label column (default "label")
-    source: Name | Column | None = None  # seq2seq: the source column (default "source")
-    target: Name | Column | None = None  # seq2seq: the target column (default "target")
+    """Without `val`: the share held out, as rows of a table drawn by the plan's seed (the same rows for every task
+    that reads the table), or the last characters of text files (nanoGPT's split)."""
+    field: Name | Column = "text"
+    """The text column (causal_lm, classify): a name, or a 0-based index for a csv/tsv without header or JSON Lines
+    of arrays."""
+    label: Name | Column | None = None
+    """classify: the label column (name or 0-based index; default `label`)."""
+    source: Name | Column | None = None
+    """seq2seq: the source column (name or 0-based index; default `source`)."""
+    target: Name | Column | None = None
+    """seq2seq: the target column (name or 0-based index; default `target`)."""
     format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
-    max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None  # fine-tuning tasks: tokens per example (cut)
-    pack: bool = False  # sft: pack several examples into one row
+    """How the files are read; `auto`: by extension."""
+    max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None
+    """Fine-tuning tasks: tokens per example (longer ones are cut)."""
+    pack: bool = False
+    """sft: pack several examples into one row."""
 
     @model_validator(mode="after")
     def _train_or_mix(self) -> DataConfig:
@@ -388,9 +458,13 @@ class LoraSettings(Strict):
     the modules it adapts (names or "all-linear"; unset: peft's default for the architecture)."""
 
     r: Annotated[int, Field(ge=1, le=4096)] = 8
+    """The adapter's rank."""
     alpha: PositiveFloat = 16.0
+    """The adapter's scale is alpha / r."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Dropout on the adapter's input."""
     target_modules: Annotated[list[Name], Field(min_length=1, max_length=256)] | Literal["all-linear"] | None = None
+    """The modules it adapts (names, or `all-linear`); unset: peft's default for the architecture."""
 
 
 class AdapterConfig(Strict):
@@ -400,42 +474,65 @@ class AdapterConfig(Strict):
     this stage's, `new` leaves it out (the parent's base weights) and starts this stage's."""
 
     lora: LoraSettings | None = None
+    """A LoRA adapter (peft's LoraConfig); may be left out with from_parent keep."""
     from_parent: Literal["keep", "merge", "new"] = "keep"
+    """When the parent has an adapter: `keep` trains it on, `merge` folds it into the weights and starts a new one,
+    `new` starts a new one on the parent's base weights."""
 
 
 class StageConfig(Strict):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     name: StageName
-    # The parent: `NAME` (its end) or `NAME@STEP` (its checkpoint at that step); default: the
-    # previous stage. A plan with branches is a tree.
-    # `init`: the model as built, before any stage (a second root, e.g. a baseline to compare with).
+    """The stage's name: unique in the plan; it also seeds the stage's data order."""
     from_: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(@[0-9]+)?$",
                                      max_length=100)] | None = Field(None, alias="from")
+    """The parent: `NAME` (its end), `NAME@STEP` (its checkpoint at that step) or `init` (the model as built);
+    default: the previous stage. A plan with branches is a tree."""
     task: TaskName = "causal_lm"
-    data: DataConfig | None = None  # None: the plan's `data`
-    adapter: AdapterConfig | None = None  # None: the stage trains the model's own weights
+    """What the stage trains: causal_lm, sft, classify, seq2seq, tag (or a registered plug-in task)."""
+    data: DataConfig | None = None
+    """The stage's own data; unset: the plan's `data`."""
+    adapter: AdapterConfig | None = None
+    """Train an adapter, the base weights frozen; unset: the stage trains the model's own weights."""
     layers: LayersConfig = LayersConfig()
+    """Which parameters train, and how fast."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """The stage's optimizer and its hand-off from the parent."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """The stage's LR schedule."""
     regularization: RegularizationConfig = RegularizationConfig()
+    """Penalties, dropout and gradient clipping; not inherited (use `defaults`)."""
     batch: BatchConfig
+    """The batch: micro-batch size, accumulation, full batch, ramp."""
     steps: Steps | None = None
+    """Duration in updates (exactly one of steps, epochs, tokens)."""
     epochs: Annotated[int, Field(ge=1, le=10**6)] | None = None
+    """Duration in passes over the training data."""
     tokens: Annotated[int, Field(ge=1, le=10**15)] | None = None
+    """Duration in training tokens."""
     eval: EvalConfig = EvalConfig()
+    """When and how the stage is evaluated."""
     until: UntilConfig | None = None
+    """End the stage early when a condition holds; the duration stays the upper bound."""
     rules: Annotated[list[RuleConfig], Field(max_length=64)] = []
+    """Conditions and actions checked during the stage (`when` -> `do`)."""
     on_plateau: OnPlateauConfig | None = None
+    """A rule on a plateau of the metric; by default ReduceLROnPlateau's x0.1."""
     guard: GuardConfig | None = None
+    """Checks before every update: non-finite values and spikes never reach the weights."""
     inject: Annotated[list[InjectConfig], Field(max_length=64)] = []
-    # best: the stage ends on (and hands on, and exports) the weights of its best evaluation, by
-    # val_loss or the metric its `until` / `on_plateau` names; last: those of its last update.
+    """Faults on purpose, for tests and benchmarks."""
     end: Literal["best", "last"] = "last"
+    """`best`: the stage ends on (hands on, exports) the weights of its best evaluation, by val_loss or the metric
+    its until / on_plateau names; `last`: those of its last update."""
     average: AverageConfig | None = None
-    merge: MergeConfig | None = None  # a stage of averaged parent checkpoints, trained nothing
-    # A non-finite loss or gradient norm stops a stage without a guard; true: train on (the
-    # stage's end is still checked: non-finite weights or metrics are never saved as complete).
+    """Weight averaging during the stage (EMA)."""
+    merge: MergeConfig | None = None
+    """A stage that trains nothing: the average of its parent's checkpoints."""
     allow_nonfinite: bool = False
+    """`true`: a non-finite loss or gradient norm does not stop a stage without a guard (its end is still checked:
+    non-finite weights or metrics are never saved as complete)."""
 
     def all_rules(self) -> list[RuleConfig]:
         """`on_plateau` first, then `rules`, in the order they are checked."""
@@ -458,18 +555,28 @@ class StageConfig(Strict):
         return self
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(DumpsAsBefore):
     """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
     built from config with the other keys as its config fields) or `pretrained` (a local directory
     or hub name). Size keys are checked against the model's constructor or the architecture's
     config class (models.keys)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
     arch: Annotated[str, Field(max_length=64)] | None = None
+    """A task's built-in model (`gpt`, `bigru`, `transformer`) or a transformers model type built from config, with
+    the model's other keys as its config fields."""
     pretrained: Path_ | None = None
-    # auto: eager when the plan compiles on CPU (inductor fuses it; SDPA's CPU kernels are opaque
-    # to it and their backward is slow: 1.9x slower steps for a 4x256 GPT-2), else the model's own.
+    """A local directory or hub name of a pretrained model."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
+    """`auto`: SDPA on CUDA; on CPU eager when the plan compiles (inductor fuses it; SDPA's CPU kernels are opaque to
+    it, 1.9x slower steps for a 4x256 GPT-2), else the model's own."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute); the same losses and gradients, so not part of a stage's key."""
+    liger: bool = False
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on the transformers models it supports: CUDA
+    only, the `stagewise[liger]` extra."""
+    LATER = ("activation_checkpointing", "liger")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -486,11 +593,13 @@ class ModelConfig(BaseModel):
 
 
 class TokenizerConfig(Strict):
-    # word: a word-level vocabulary of the training texts (the built-in bigru / transformer
-    # models of the fine-tuning tasks); the others are for transformers models.
     kind: Literal["char", "byte", "bpe", "word", "pretrained"]
-    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None  # bpe, word (default 10000)
-    path: Path_ | None = None  # pretrained only: a directory or hub name
+    """char, byte, bpe (trained, with vocab_size), word (a word vocabulary for the built-in bigru / transformer
+    models) or pretrained (with path)."""
+    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None
+    """bpe, word: the vocabulary size (word's default: 10000)."""
+    path: Path_ | None = None
+    """pretrained: a directory or hub name."""
 
     @model_validator(mode="after")
     def _kind_settings(self) -> TokenizerConfig:
@@ -507,11 +616,15 @@ class SampleConfig(Strict):
     """A short generation printed after training."""
 
     prompt: Annotated[str, Field(max_length=10_000)] = ""
+    """The text generation starts from."""
     max_tokens: Annotated[int, Field(ge=1, le=10**5)] = 200
+    """Tokens to generate."""
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
+    """Sampling temperature (0: greedy)."""
     top_k: Annotated[int, Field(ge=1, le=10**7)] | None = None
-    # texts that end it (besides EOS and the end marker)
+    """Sample among the k most likely tokens only."""
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=64)] = []
+    """Texts that end the generation (besides EOS and the chat template's end marker)."""
 
 
 class CheckpointConfig(Strict):
@@ -519,12 +632,16 @@ class CheckpointConfig(Strict):
     minutes; the newest `keep` are kept, plus every stage's final one and those branches start from."""
 
     every: Steps | None = None
+    """Save a mid-stage checkpoint every N steps (each stage's end is always saved)."""
     minutes: PositiveFloat | None = None
+    """Save a mid-stage checkpoint every M minutes."""
     keep: Annotated[int, Field(ge=1, le=10_000)] = 3
+    """Mid-stage checkpoints kept per stage (besides the final one and those branches start from)."""
 
 
 class LogConfig(Strict):
-    every: Steps = 10  # steps between metrics lines
+    every: Steps = 10
+    """Steps between metrics lines."""
 
 
 class DistributedConfig(Strict):
@@ -533,27 +650,43 @@ class DistributedConfig(Strict):
     (FSDP2, engine.sharded)."""
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp` replicates the model and all-reduces gradients; `fsdp` shards weights, gradients and optimizer state
+    (FSDP2)."""
 
 
 class Plan(Strict):
     name: StageName
+    """The plan's name: the default run directory is runs/<name>."""
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
-    device: Annotated[str, Field(max_length=32)] = "auto"  # auto | cpu | cuda | cuda:N
-    # auto: what runs faster on the device for this plan (engine.device; README "What auto picks")
+    """Seeds the model's initialisation, the data order (with each stage's name) and every RNG."""
+    device: Annotated[str, Field(max_length=32)] = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: what runs faster on the device for this plan; `bf16` is autocast. Part of every stage's key."""
     compile: Compile = "auto"
-    threads: Threads = "auto"  # CPU threads for torch (torch.set_num_threads)
+    """torch.compile the causal LM: `auto` when the run is long enough to earn the compile time back."""
+    threads: Threads = "auto"
+    """CPU threads for torch (torch.set_num_threads), 1 to 4096; `auto`: the cores this process may use."""
     model: ModelConfig
+    """The model: `arch` (built from config) or `pretrained`; other keys are the architecture's config fields."""
     tokenizer: TokenizerConfig
+    """The tokenizer, trained on the plan's data unless pretrained."""
     data: DataConfig
+    """The data every stage reads unless it has its own; it also trains the tokenizer."""
     stages: Annotated[list[StageConfig], Field(min_length=1, max_length=1000)]
+    """The stages, in order; `defaults` (a plan-level key merged into every stage, the stage's own keys winning) is
+    applied before this schema."""
     sample: SampleConfig | None = None
-    # How conversations become text (tasks.chat): a Jinja string, a file, or `pretrained` (the
-    # pretrained tokenizer's own); unset: the built-in template.
+    """A short generation printed and saved (sample.txt) after training."""
     chat_template: Annotated[str, Field(min_length=1)] | None = None
+    """How conversations become text: a Jinja string, a file, or `pretrained` (the pretrained tokenizer's own);
+    unset: the built-in template."""
     log: LogConfig = LogConfig()
+    """How often metrics lines are written."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Mid-stage checkpoints."""
     distributed: DistributedConfig = DistributedConfig()
+    """How the processes of a torchrun launch share a stage."""
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

@@ -57,9 +57,11 @@ class LrFindResult:
 
 def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: float = 1e-7, end: float = 10.0,
             steps: int = 100, out: Path | None = None, cache: Path | None = None, write: Path | None = None,
-            suggestion: str = "minimum", console: Console | None = None) -> LrFindResult:
+            suggestion: str = "minimum", console: Console | None = None,
+            raw: dict[str, Any] | None = None) -> LrFindResult:
     """The range test of stage `stage_name`; `write`: a copy of the plan with the stage's LR set to
-    the `suggestion` (minimum: the minimum's LR / 10; steep: the steepest descent's LR)."""
+    the `suggestion` (minimum: the minimum's LR / 10; steep: the steepest descent's LR). `raw`:
+    the plan as read, overrides applied (stagewise.Plan), in place of reading `plan_path`."""
     console = console or Console()
     if not 0 < start < end:
         raise UserError("--start/--end", f"need 0 < start < end (got {start:g}, {end:g})")
@@ -67,9 +69,10 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
         raise UserError("--steps", f"a range test needs >= 10 updates (got {steps})")
     if write is not None and write.exists():
         raise UserError(str(write), "exists: lr-find writes a new plan, never over a file")
-    raw = read_yaml(plan_path)
-    for item in overrides:
-        apply_override(raw, item)
+    if raw is None:
+        raw = read_yaml(plan_path)
+        for item in overrides:
+            apply_override(raw, item)
     plan = validate_plan(raw, where=str(plan_path))
     nodes = stage_tree(plan)
     node = next((n for n in nodes if n.name == stage_name), None)

@@ -13,7 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
-from stagewise.engine.context import on_eval
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.reactions import EvalReporter
 from stagewise.errors import RunStopped, UserError
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
@@ -62,8 +63,7 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
     try:
         if setup.folds is None:
-            with on_eval(_reporter(setup.objective, trial)):
-                return _train(setup, raw, run_dir, trial.number)
+            return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))
         values: list[float] = []
         for k, fold in enumerate(setup.folds):
             values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
@@ -90,7 +90,8 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
         trial.set_user_attr("trained", trained)
 
 
-def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
+def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
+           callbacks: tuple[Callback, ...] = ()) -> float:
     from stagewise.engine.prepare import prepare
     from stagewise.engine.run import train
     from stagewise.engine.rundir import make_run_directory
@@ -100,7 +101,7 @@ def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) 
     prepared = prepare(plan, setup.plan_path, setup.cache)
     make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
-        summaries = train(prepared, run_dir, console=Console(file=log, width=160))
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160), callbacks=callbacks)
     summary = next(s for s in summaries if s.stage == setup.objective.stage)
     value = setup.objective.final_value(summary)
     if value is None:

@@ -31,8 +31,8 @@ def targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: int, max_len: int,
-               pack: bool, unknown: Counter[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) for supervised fine-tuning of a causal LM on (prompt, completion).
+               pack: bool, unknown: Counter[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, labels, position_ids) for supervised fine-tuning of a causal LM on (prompt, completion).
 
     Each example is prompt tokens + completion tokens + EOS; labels equal input_ids on the
     completion and its EOS and are -100 on the prompt and padding. Labels are aligned with
@@ -47,9 +47,11 @@ def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: i
     prompt, if shorter), and then it is cut at its end, EOS included.
 
     `pack`: examples are laid end to end, in order, into rows of max_len; an example never
-    straddles two rows, so every completion token keeps its label. Examples in a row attend to
-    the ones before them in that row (plain packing, no block-diagonal mask; the EOS between
-    them marks the boundary).
+    straddles two rows, so every completion token keeps its label. position_ids (None unpacked)
+    restart at 0 with each example (the padding after a row's last example goes on counting):
+    the model embeds each example's positions as if it were alone, and reads the restarts as the
+    examples' boundaries, attending within each example only (models.gpt; transformers' packed
+    position_ids path). So a packed row's loss is that of its examples unpacked.
 
     `unknown`: counts the symbols the tokenizer maps to its unknown token (data.tokenizers).
     """
@@ -87,7 +89,15 @@ def encode_sft(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, eos_id: i
     input_ids[where] = flat
     label_rows = np.full(shape, IGNORE, dtype=np.int64)
     label_rows[where] = labels
-    return torch.from_numpy(input_ids), torch.from_numpy(label_rows)
+    if not pack:
+        return torch.from_numpy(input_ids), torch.from_numpy(label_rows), None
+    positions = np.broadcast_to(np.arange(shape[1]), shape).copy()
+    positions[where] = position
+    fill = np.maximum.accumulate(np.where(positions == 0, np.arange(shape[1]), 0), axis=1)  # the last restart
+    pad = np.ones(shape, dtype=bool)
+    pad[where] = False
+    positions = np.where(pad, np.arange(shape[1]) - fill, positions)  # the padding continues the last example
+    return torch.from_numpy(input_ids), torch.from_numpy(label_rows), torch.from_numpy(positions)
 
 
 def _pack(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

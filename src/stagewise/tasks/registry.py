@@ -10,9 +10,10 @@ from stagewise.tasks.seq2seq import Seq2SeqSpec
 from stagewise.tasks.sft import SftSpec
 from stagewise.tasks.spec import TaskSpec
 from stagewise.tasks.tag import TagSpec
+from stagewise.tasks.user_task import UserTaskSpec
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (CausalLMSpec(), SftSpec(), ClassifySpec(), Seq2SeqSpec(),
-                                                           TagSpec())}
+                                                           TagSpec(), UserTaskSpec())}
 
 
 def task_spec(name: str, where: str = "task") -> TaskSpec:

@@ -46,16 +46,19 @@ MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets n
 class SftRows:
     input_ids: torch.Tensor  # (N, T), EOS-padded on the right
     labels: torch.Tensor  # (N, T), -100 on prompt tokens and padding; aligned with input_ids
+    position_ids: torch.Tensor | None = None  # (N, T) packed rows: restarting with each example (encode_sft)
     references: tuple[str, ...] = ()  # unpacked rows: each completion's reply (ChatTemplate.reply), for metrics
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
 
-    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows `index`, cut after their last labelled token (the padding teaches nothing)."""
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows `index` (input_ids, labels and, packed, position_ids), cut after their last
+        labelled token (the padding teaches nothing)."""
         labels = self.labels[index]
         width = int((labels != IGNORE).nonzero()[:, 1].max()) + 1
-        return self.input_ids[index, :width], labels[:, :width]
+        packed = () if self.position_ids is None else (self.position_ids[index, :width],)
+        return self.input_ids[index, :width], labels[:, :width], *packed
 
     def prompt(self, i: int) -> list[int]:
         """An unpacked row's prompt: its tokens before the first labelled one."""
@@ -93,14 +96,16 @@ def _split(records: Records[tuple[str, str]], val_path: Path | None, val_fractio
 def sft_rows(records: list[tuple[str, str]], tokenizer: Tokenizer, eos_id: int, max_len: int, template: ChatTemplate,
              unknown: Counter[str] | None = None) -> SftRows:
     """Unpacked rows with their references: what validation measures."""
-    return SftRows(*encode_sft(records, tokenizer, eos_id, max_len, False, unknown),
-                   tuple(template.reply(c) for _, c in records))
+    input_ids, labels, _ = encode_sft(records, tokenizer, eos_id, max_len, False, unknown)
+    return SftRows(input_ids, labels, references=tuple(template.reply(c) for _, c in records))
 
 
-def sft_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the completion tokens (and their EOS) only."""
-    input_ids, labels = batch
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+def sft_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens (and their EOS) only; a packed
+    batch's position_ids keep each example's attention to itself."""
+    input_ids, labels, *packed = batch
+    positions = {"position_ids": packed[0]} if packed else {}
+    logits = model(input_ids=input_ids, use_cache=False, **positions).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
@@ -155,7 +160,7 @@ class SftTask(ExampleTask):
         self.data, self.text_metrics, self.max_len = data, metrics, max_len
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
-        return sft_loss(self.model, batch)  # type: ignore[arg-type]
+        return sft_loss(self.model, batch)
 
     def targets(self, batch: Batch) -> torch.Tensor:
         return targets(batch[1][:, 1:])  # the completion tokens sft_loss predicts
@@ -175,10 +180,10 @@ class SftTask(ExampleTask):
         return evaluate_sft(self.model, self.data.val, batch_size, self.device)
 
     def corrupt(self, batch: Batch, step: int) -> Batch:
-        ids, labels = batch
+        ids, labels = batch[:2]
         g = torch.Generator().manual_seed(step)
         bad = torch.randint(0, self.vocab_size, ids.shape, generator=g).to(ids.device)
-        return bad, torch.where(labels == IGNORE, labels, bad)
+        return bad, torch.where(labels == IGNORE, labels, bad), *batch[2:]
 
 
 class SftSpec(TaskSpec):

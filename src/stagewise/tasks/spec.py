@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from stagewise.tasks.base import Task
     from stagewise.tasks.chat import ChatTemplate
     from stagewise.tasks.export import TrainedStage
+    from stagewise.tasks.user_task import UserParts
 
 LM_FAMILY = "causal_lm"  # the tasks that train a causal LM (causal_lm, sft)
 
@@ -84,6 +85,8 @@ class StageInput:
     lm_based: bool  # the stage reads the plan's tokenizer
     template: ChatTemplate | None = None  # the plan's chat template (with the plan's tokenizer)
     cache_root: Path | None = None  # the token cache's, for a stage's own text in the plan's tokenizer
+    stage: str = ""  # the name of the (first) stage reading it
+    parts: UserParts | None = None  # what a Python caller passed (task python: tasks.user_task)
 
     @property
     def word_vocab_size(self) -> int:

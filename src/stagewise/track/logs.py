@@ -11,6 +11,10 @@ from typing import Any
 
 from stagewise.errors import WriteFailed
 
+# Events about the process that trained a stage, not about the stage: a run reusing it logs its own.
+PROCESS_EVENTS = frozenset({"stage_start", "stage_resumed", "stage_end", "checkpoint_saved", "stage_saved",
+                            "stage_reused", "checkpoint_invalid"})
+
 
 class JsonlLog:
     """One JSON object per line, flushed on every write so a killed run keeps what it logged. A
@@ -98,6 +102,28 @@ class RunLogs:
         record = {"kind": kind, **fields}
         self.metrics.write(record)
         self.tensorboard.metric(record)
+
+    def stage_lines(self, stage: str) -> dict[str, list[dict[str, Any]]]:
+        """A stage's metric lines and the events that say what happened in it (evaluations and
+        decisions, not those about this process: its start, checkpoints, end), to keep with its
+        final checkpoint: a run that reuses the stage shows its history too."""
+        if not self.write:
+            return {"metrics": [], "events": []}
+        return {"metrics": [r for r in read_jsonl(self.metrics.path) if r.get("stage") == stage],
+                "events": [r for r in read_jsonl(self.events.path)
+                           if r.get("stage") == stage and r.get("event") not in PROCESS_EVENTS]}
+
+    def bring_back(self, stage: str, lines: dict[str, list[dict[str, Any]]]) -> None:
+        """A reused stage's lines (stage_lines), unless this run's log has the stage already (it
+        trained or reused the stage before)."""
+        if not self.write or any(r.get("stage") == stage for r in read_jsonl(self.events.path)):
+            return
+        for record in lines["metrics"]:
+            self.metrics.write(record)
+            self.tensorboard.metric(record)
+        for record in lines["events"]:
+            self.events.write(record)
+            self.tensorboard.event(record)
 
     def close(self) -> None:
         """Close all three; the first failure is raised once all are closed."""

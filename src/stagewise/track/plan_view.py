@@ -41,6 +41,14 @@ def print_plan(console: Console, name: str, stages: list[ResolvedStage], status:
     console.print(f"LR over the plan ({sum(s.steps for s in stages)} steps, peak {max(curve):.2e}{scale}):")
     for line in lr_chart(stages, width, height):
         console.print(line, highlight=False)
+    at_run = run_time_lr(stages)
+    if at_run:
+        console.print(f"known only at run time, drawn at the LR planned before them: {', '.join(at_run)}")
+
+
+def run_time_lr(stages: Sequence[ResolvedStage]) -> list[str]:
+    """The stages whose LR the plan cannot know (lr auto, or continuing one that is)."""
+    return [s.name for s in stages if s.auto_lr or s.lr_at_run]
 
 
 def lr_chart(stages: list[ResolvedStage], width: int, height: int) -> list[str]:
@@ -94,7 +102,7 @@ def _optimizer(s: ResolvedStage) -> str:
         return "- (a merge)"
     keep = {k: v for k, v in s.optimizer_settings.items() if k != "lr"}
     extra = " ".join(f"{k}={v}" for k, v in keep.items())
-    lr = "auto (SWATS)" if s.auto_lr else f"{s.peak_lr:.2e}"
+    lr = "auto (SWATS)" if s.auto_lr else f"{s.parent}'s (run time)" if s.lr_at_run else f"{s.peak_lr:.2e}"
     handoff = f" {s.handoff}" if s.handoff != "reset" else ""
     return f"{s.optimizer} lr={lr}{handoff}" + (f"\n{extra}" if extra else "")
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from stagewise.plan.resolve import ResolvedStage
 from stagewise.track.branches import Line, lanes, lines
-from stagewise.track.plan_view import plan_lr_curve, wide
+from stagewise.track.plan_view import plan_lr_curve, run_time_lr, wide
 from stagewise.track.runs import Run, StageSpan
 
 # Routine events are shown otherwise (stage start/end by the bands, eval by the val curve) or are
@@ -188,7 +188,9 @@ def plan_lr_figure(stages: Sequence[ResolvedStage]) -> Figure:
     fig, (ax,) = _figure(height=3.0)
     stage_bands(ax, spans)
     _draw_paths(ax, lines(spans, points))
-    ax.set(title="planned learning rate", xlabel="global step", ylabel="lr")
+    at_run = run_time_lr(stages)
+    ax.set(title="planned learning rate" + (f" ({', '.join(at_run)}: known at run time)" if at_run else ""),
+           xlabel="global step", ylabel="lr")
     _log_if_wide(ax, plan_lr_curve(list(stages)))
     return fig
 

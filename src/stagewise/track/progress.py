@@ -24,6 +24,15 @@ class StageSummary:
     reused: bool = False  # taken from the stage cache, not trained in this run
     unit: str = "tokens"  # what `tokens` counts: tokens (causal_lm) or examples
     metrics: dict[str, float] = field(default_factory=dict)  # the final evaluation's task metrics
+    # How the device was used while training (engine.utilization); None when not trained in this run
+    per_second: float | None = None  # tokens (or examples) a second per device
+    mfu: float | None = None  # model FLOPs utilization: a fraction of the device's bf16 peak
+    peak_memory_gb: float | None = None  # CUDA: the most allocated; CPU: the process's peak RSS
+
+    def utilization(self) -> dict[str, float]:
+        """The figures known, rounded for the logs (a stage_end event's)."""
+        known = {"per_second": self.per_second, "mfu": self.mfu, "peak_memory_gb": self.peak_memory_gb}
+        return {k: round(v, 4) for k, v in known.items() if v is not None}
 
     @property
     def perplexity(self) -> float | None:
@@ -95,11 +104,20 @@ SUMMARY_TEXT_COLUMNS = ("stage", "optimizer", "val metrics")  # the others are n
 def summary_table(rows: list[StageSummary]) -> tuple[list[str], list[list[str]]]:
     """The end-of-run table (the console's, and the report's): column names and cells."""
     tasks = any(r.metrics.keys() - {"val_loss", "val_ppl"} for r in rows)
+    used = any(r.per_second is not None for r in rows)
     columns = ["stage", "optimizer", "steps", "seen", "time", "train loss", "val loss", "val ppl"]
     cells = [[r.stage, r.optimizer, str(r.steps), f"{r.tokens:,} {'tok' if r.unit == 'tokens' else 'ex'}",
               "reused" if r.reused else f"{r.seconds:.1f}s", _num(r.train_loss), _num(r.val_loss),
-              _num(r.perplexity, 2), *((r.task_metrics(),) if tasks else ())] for r in rows]
-    return columns + (["val metrics"] if tasks else []), cells
+              _num(r.perplexity, 2), *(_used(r) if used else ()), *((r.task_metrics(),) if tasks else ())]
+             for r in rows]
+    return columns + (["per s/device", "MFU", "peak mem"] if used else []) + (["val metrics"] if tasks else []), cells
+
+
+def _used(r: StageSummary) -> tuple[str, str, str]:
+    """A stage's device figures: its rate per device, MFU, peak memory."""
+    rate = "-" if r.per_second is None else f"{r.per_second:,.0f} {'tok' if r.unit == 'tokens' else 'ex'}"
+    return (rate, "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+            "-" if r.peak_memory_gb is None else f"{r.peak_memory_gb:.2f} GB")
 
 
 def _num(x: float | None, digits: int = 4) -> str:

@@ -253,7 +253,8 @@ class Run:
                 tokens=end["tokens"] if isinstance(end.get("tokens"), int) else
                 per_step * steps if isinstance(per_step, int) else 0, seconds=float(end.get("seconds") or 0.0),
                 train_loss=end.get("train_loss"), val_loss=end.get("val_loss"), reused=reused,
-                unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics))
+                unit=str(start.get("unit") or resolved.get(name, {}).get("unit") or "tokens"), metrics=metrics,
+                **{k: float(end[k]) for k in ("per_second", "mfu", "peak_memory_gb") if _finite(end.get(k))}))
         return rows
 
 
