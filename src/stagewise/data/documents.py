@@ -3,7 +3,7 @@ cache is written from, in memory that does not grow with the corpus.
 
 A document (a text file, a table row, a hub record) is handed out in pieces of at most about
 PIECE_CHARS characters (the `tokenizers` library needs ~1.5 KB per character of a text while it
-encodes it, so pieces are kept small), cut only where a byte-level BPE's pre-tokenizer (GPT-2's
+encodes it, and encodes 1-2 Ki-character texts 1.7x faster than 16 Ki ones), cut only where a byte-level BPE's pre-tokenizer (GPT-2's
 split), a char tokenizer and a sentencepiece-style one with a leading space all cut the text
 anyway: before a space that follows a printable ASCII character and precedes an ASCII letter
 (`a| b`), else after a line break between two other characters (`a\n|b`), else between an
@@ -25,7 +25,7 @@ from typing import NamedTuple, TextIO
 
 from stagewise.errors import UserError
 
-PIECE_CHARS = 16 << 10
+PIECE_CHARS = 2 << 10
 MAX_STRETCH = 256 << 10  # characters: the longest stretch of a document without a place to cut it
 # The longest document given whole to a tokenizer that cannot encode one in pieces (cache.splits_cleanly).
 MAX_DOCUMENT = 64 << 20
