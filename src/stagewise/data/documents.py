@@ -124,6 +124,10 @@ class Documents:
     def chars(self) -> int:
         return sum(part.chars for part in self.parts)
 
+    def __len__(self) -> int:
+        """How many documents."""
+        return sum(1 if isinstance(part, TextFile) else len(part.documents) for part in self.parts)
+
     def pieces(self) -> Iterator[Piece]:
         for part in self.parts:
             yield from part.pieces()
