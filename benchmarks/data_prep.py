@@ -74,8 +74,9 @@ def make_corpus(path: Path, megabytes: int) -> None:
 STAGEWISE = """
 import json, sys, time
 from pathlib import Path
-from stagewise.data.prepare import prepare_data
-from stagewise.plan.schema import DataConfig, TokenizerConfig
+from stagewise.data.prepared_data import prepare_data
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
 path, kind, cache = sys.argv[1:4]
 tok = {"kind": "byte"} if kind == "byte" else {"kind": "bpe", "vocab_size": int(kind.removeprefix("bpe"))}
 start = time.perf_counter()

@@ -16,13 +16,14 @@ import pytest
 from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
-from stagewise.data import cache, documents, prepare, tables
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
+from stagewise.data import cache, documents, prepared_data, tables
 from stagewise.data.cache import open_token_array, splits_cleanly
 from stagewise.data.documents import Documents, TextFile, cut
-from stagewise.data.prepare import prepare_data
+from stagewise.data.prepared_data import prepare_data
 from stagewise.data.tokenizers import build_tokenizer, eos_id
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, TokenizerConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -97,7 +98,7 @@ def test_bpe_learns_from_an_even_sample_named_in_its_file(tmp_path: Path, small_
     assert 1500 <= sum(map(len, drawn)) <= 3000 + documents.PIECE_CHARS
     starts = [int(t.split("part")[1][:3]) for t in drawn if "part" in t]
     assert min(starts) < 40 and max(starts) > 360  # drawn over the whole text, not its start
-    monkeypatch.setattr(prepare, "BPE_SAMPLE_CHARS", 3000)
+    monkeypatch.setattr(prepared_data, "BPE_SAMPLE_CHARS", 3000)
     p = prepare_data(DataConfig(train="big.txt"), TokenizerConfig(kind="bpe", vocab_size=300), tmp_path,
                      tmp_path / "cache", seed=0)
     [saved] = (tmp_path / "cache" / "tokenizers").iterdir()
@@ -132,8 +133,9 @@ CHILD = """
 import resource, sys
 from pathlib import Path
 from stagewise.data import cache, documents
-from stagewise.data.prepare import prepare_data
-from stagewise.plan.schema import DataConfig, TokenizerConfig
+from stagewise.data.prepared_data import prepare_data
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
 documents.PIECE_CHARS, documents.READ_BYTES, cache.BATCH_CHARS = 4096, 1 << 20, 1 << 16
 corpus, cache_dir, headroom = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 warm = corpus.with_name("warm.txt")  # every code path (and the tokenizers' threads) started first
@@ -168,8 +170,9 @@ KILLED = """
 import sys
 from pathlib import Path
 from stagewise.data import cache, documents
-from stagewise.data.prepare import prepare_data
-from stagewise.plan.schema import DataConfig, TokenizerConfig
+from stagewise.data.prepared_data import prepare_data
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
 documents.PIECE_CHARS, cache.BATCH_CHARS = 4096, 1 << 16
 prepare_data(DataConfig(train=sys.argv[1]), TokenizerConfig(kind="byte"), Path("/"), Path(sys.argv[2]), seed=0)
 """

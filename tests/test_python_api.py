@@ -19,10 +19,10 @@ from conftest import tiny_plan, write_plan
 from rich.console import Console
 
 import stagewise
-from stagewise.engine.run import train as train_prepared
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train as train_prepared
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
-from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
@@ -112,7 +112,7 @@ def test_a_changed_model_rows_or_loss_gives_new_stage_keys_and_unchanged_ones_th
 def test_plans_without_objects_keep_their_stage_keys(tmp_path: Path, corpus: Path) -> None:
     path = write_plan(tmp_path, tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3},
                                                     "steps": 4}]))
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     direct = prepare(load_plan(path), path, tmp_path / "cache").resolved[0].key

@@ -19,16 +19,16 @@ from rich.console import Console
 
 from stagewise.cli import main
 from stagewise.data.split import held_out, stratified_folds
-from stagewise.engine.prepare import prepare
+from stagewise.engine.prepare_run import prepare
 from stagewise.engine.reactions import EvalReporter
-from stagewise.engine.run import train
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
 from stagewise.search import study as study_module
 from stagewise.search.results import trial_rows
-from stagewise.search.run import SearchOptions, prepare_search, search
+from stagewise.search.run_search import SearchOptions, prepare_search, search
 from stagewise.search.trial import Pruned, run_trial
-from stagewise.track.logs import read_jsonl
 
 TWO_STAGES = [
     {"name": "stable", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 16},

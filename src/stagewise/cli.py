@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-import stagewise.engine.cpu_load  # noqa: F401 - first: its load window starts before torch is imported
+from stagewise.engine.cpu_load import start_window
 from stagewise.errors import RunStopped, UserError
 
 if TYPE_CHECKING:
@@ -152,6 +152,7 @@ def _cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_window()  # `threads: auto` measures the machine's load from here, before torch is imported
     args = _parse(_parser(), argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -277,7 +278,7 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
     import json
 
     import stagewise
-    from stagewise.trained import COUNTS
+    from stagewise.track.trained import COUNTS
 
     result = stagewise.open_run(args.run).evaluate(args.data, stage=args.stage, format=args.format, beam=args.beam)
     if args.json:

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.errors import UserError
 from stagewise.tasks.export import MARKER
 from stagewise.tasks.spec import GenerateOptions
-from stagewise.track.logs import read_jsonl
-from stagewise.track.progress import StageSummary
 from stagewise.track.runs import Run as RunLogs
-from stagewise.trained import evaluate as evaluate_stage
-from stagewise.trained import export as export_stage
-from stagewise.trained import generate as generate_stage
-from stagewise.trained import open_stage
+from stagewise.track.trained import evaluate as evaluate_stage
+from stagewise.track.trained import export as export_stage
+from stagewise.track.trained import generate as generate_stage
+from stagewise.track.trained import open_stage
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from stagewise.errors import UserError
 
 if TYPE_CHECKING:
-    from stagewise.engine.trainer import StageTrainer
+    from stagewise.engine.loop import StageTrainer
 
 
 @dataclass
@@ -49,7 +49,7 @@ class StepState:
 class Callback:
     """Base class of callbacks: every hook does nothing. Override the ones you need.
 
-    `trainer` (engine.trainer.StageTrainer) is the stage being trained: `trainer.stage.name`,
+    `trainer` (engine.loop.StageTrainer) is the stage being trained: `trainer.stage.name`,
     `trainer.progress.step` (updates done), `trainer.model`, `trainer.opt.optimizer`,
     `trainer.run.logs.event(...)`. Hooks run on every rank of a data-parallel run."""
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from stagewise.config.plan_config import Plan
 from stagewise.engine.callbacks import Callback
 from stagewise.engine.distributed import World
+from stagewise.engine.progress import ProgressView
+from stagewise.engine.run_logs import RunLogs
 from stagewise.models.build import DropoutControl
-from stagewise.plan.schema import Plan
-from stagewise.track.logs import RunLogs
-from stagewise.track.progress import ProgressView
 
 
 @dataclass

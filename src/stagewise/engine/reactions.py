@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
 from stagewise.engine.callbacks import Callback, StepState
 from stagewise.engine.control import Fired
 from stagewise.engine.finite import FiniteWatch
 from stagewise.errors import RunStopped
 from stagewise.optim.average import WeightEMA
-from stagewise.optim.handoff import swats_lr
-from stagewise.plan.schema import OPTIMIZER_SETTINGS
+from stagewise.optim.swats import swats_lr
 
 if TYPE_CHECKING:
-    from stagewise.engine.trainer import StageTrainer
+    from stagewise.engine.loop import StageTrainer
 
 # (stage name, stage step, metrics) after each mid-stage evaluation; it may raise to stop the run.
 EvalHook = Callable[[str, int, dict[str, float]], None]

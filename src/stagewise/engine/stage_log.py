@@ -11,7 +11,7 @@ from torch import nn
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import flops_per_token, model_shape
 from stagewise.engine.utilization import Utilization, utilization
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 
 
 def _line(stage: ResolvedStage, step: int, attempt: int) -> dict[str, Any]:

@@ -22,21 +22,21 @@ from rich.console import Console
 
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, derive_seed, resolve_device, seed_everything
-from stagewise.engine.handoff import HeldState, StageOptimizer
+from stagewise.engine.loop import micro_batches
 from stagewise.engine.parent import load_parent
-from stagewise.engine.prepare import Prepared, Stage, prepare
+from stagewise.engine.prepare_run import Prepared, Stage, prepare
+from stagewise.engine.progress import ProgressView
 from stagewise.engine.rng import rng_state, set_rng_state
-from stagewise.engine.run import train
+from stagewise.engine.run_logs import RunLogs
+from stagewise.engine.run_plan import train
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import complete
-from stagewise.engine.trainer import micro_batches
 from stagewise.errors import UserError
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.search.space import set_key
 from stagewise.tasks.base import Task
-from stagewise.track.logs import RunLogs
-from stagewise.track.progress import ProgressView
 
 BETA = 0.98  # fastai's smoothing of the loss
 DIVERGED = 4.0  # the sweep stops once the smoothed loss exceeds this many times its minimum
@@ -255,8 +255,6 @@ def _plot(lrs: list[float], smooth: list[float], losses: list[float], steep: flo
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from stagewise.track.plots import save_png
-
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display
     ax = fig.add_subplot()
@@ -275,4 +273,5 @@ def _plot(lrs: list[float], smooth: list[float], losses: list[float], steep: flo
     ax.set_title(f"LR range test of stage '{stage}'")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)

@@ -14,12 +14,16 @@ from typing import Any
 from rich.console import Console
 
 from stagewise.engine.callbacks import Callback
+from stagewise.engine.prepare_run import prepare
 from stagewise.engine.reactions import EvalReporter
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.load import validate_plan
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
 from stagewise.search.space import Param, with_params
-from stagewise.track.logs import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,6 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
 
 def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
            callbacks: tuple[Callback, ...] = ()) -> float:
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
-    from stagewise.engine.rundir import make_run_directory
-    from stagewise.plan.load import validate_plan
-
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
     prepared = prepare(plan, setup.plan_path, setup.cache)
     make_run_directory(run_dir)

@@ -33,9 +33,11 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.stage_config import StageConfig
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.export import WEIGHTS
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec

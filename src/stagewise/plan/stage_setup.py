@@ -18,17 +18,18 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.data.prepare import PreparedData
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import Plan
+from stagewise.config.registry import TASKS
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sources import Corpus, data_file_keys
 from stagewise.errors import UserError
 from stagewise.models.adapters import stage_model
 from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
-from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.registry import TASKS, task_spec
-from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec, task_spec
 from stagewise.tasks.user_task import UserParts
 
 

@@ -24,18 +24,18 @@ from stagewise.engine.control import StageControl
 from stagewise.engine.device import derive_seed, seed_everything
 from stagewise.engine.distributed import SINGLE, Replicas, World
 from stagewise.engine.finite import nonfinite_metrics, weights_finite
-from stagewise.engine.handoff import StageOptimizer
+from stagewise.engine.progress import StageSummary
 from stagewise.engine.reactions import Averaging, EndOnBest, FaultInjection, Guard, NonFiniteWatch, Rules, Swats, stop_nonfinite
 from stagewise.engine.rng import as_tensor, rng_bytes, rng_state, set_rng_state, set_rng_tensor
 from stagewise.engine.sharded import plain
 from stagewise.engine.stage_log import log_eval_line, log_train_line, stage_utilization
+from stagewise.engine.stage_optimizer import StageOptimizer
 from stagewise.engine.utilization import reset_peak_memory
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.optim.schedule_free import averaged, is_schedule_free
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Batch, BatchSource, Task
-from stagewise.track.progress import StageSummary
 
 T = TypeVar("T")
 

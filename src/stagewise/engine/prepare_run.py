@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stagewise.config.plan_config import Plan
 from stagewise.data.mixture import MixedData
-from stagewise.data.prepare import PreparedData, prepare_data
+from stagewise.data.prepared_data import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
@@ -19,15 +20,15 @@ from stagewise.engine.sharded import check_sharded
 from stagewise.engine.utilization import device_memory
 from stagewise.errors import UserError
 from stagewise.models.build import apply_liger, checkpoint_activations, context_length, set_attention
-from stagewise.models.keys import check_model_keys
 from stagewise.optim.layers import StageLayers
-from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
-from stagewise.plan.schema import Plan
+from stagewise.plan.model_keys import check_model_keys
+from stagewise.plan.resolve import resolve_stages
+from stagewise.plan.resolved import ResolvedStage, StageData
+from stagewise.plan.stage_setup import plan_corpus, setup_stages
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
-from stagewise.tasks.stage_setup import plan_corpus, setup_stages
 from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
@@ -36,7 +37,7 @@ _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_
 @dataclass(frozen=True, eq=False)
 class Stage:
     """One stage of the plan: its resolved numbers (config, steps, optimizer, key: plan.resolve),
-    its task, data and model (tasks.stage_setup), its layers, and its parent stage."""
+    its task, data and model (plan.stage_setup), its layers, and its parent stage."""
 
     resolved: ResolvedStage
     setup: StageSetup
