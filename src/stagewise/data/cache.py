@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from stagewise.data.documents import Documents, Piece, whole
-from stagewise.data.progress import Progress
+from stagewise.data.prep_progress import Progress
 from stagewise.data.tokenizers import eos_id
 from stagewise.errors import WriteFailed
 
