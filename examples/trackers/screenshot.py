@@ -53,6 +53,12 @@ def main() -> None:
                 call("Page.enable")
                 call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
                 call("Page.navigate", url=args.url)
+                # drawn: the page's search box is there (a loaded machine may take a minute), then its charts load
+                deadline = time.monotonic() + 4 * args.wait
+                while time.monotonic() < deadline and not call("Runtime.evaluate", returnByValue=True, expression=(
+                        "!!document.querySelector('input[type=search], input[placeholder*=earch]')")).get(
+                        "result", {}).get("value"):
+                    time.sleep(1)
                 time.sleep(args.wait / 2)
                 if args.search:
                     call("Runtime.evaluate", expression="document.querySelector('input[type=search], "
