@@ -112,8 +112,9 @@ class OptimizerConfig(Strict):
     # Extra keys: a plug-in optimizer's own settings (checked by its settings model).
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
     name: Annotated[str, _registered(OPTIMIZERS)] | None = None
-    """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
-    optimizer's defaults."""
+    """The optimizer: gd, sgd, sgd_l1, adam, adamw, muon, schedulefree_adamw, schedulefree_sgd, or a plug-in's
+    (--plugin, entry points). Unset: the parent stage's optimizer and its settings; a different name starts from
+    that optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
     """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
     it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
@@ -151,8 +152,9 @@ class ScheduleConfig(Strict):
     # Extra keys: a plug-in schedule's own settings (checked by its settings model).
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
     name: Annotated[str, _registered(SCHEDULES)] = "constant"
-    """The LR schedule over the stage, a multiple of the stage's peak LR. `warmup_<name>` means `<name>` with a
-    required `warmup`."""
+    """The LR schedule over the stage, a multiple of the stage's peak LR: constant, step, multistep, exponential,
+    cosine, decay, wsd, onecycle, stlr, plateau, or a plug-in's (--plugin, entry points). `warmup_<name>` means
+    `<name>` with a required `warmup`."""
     warmup: Duration | None = None
     """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float in [0, 1])."""
     step_size: Duration | None = None
