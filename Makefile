@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,docs]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,docs,wandb,mlflow,trackio]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -30,7 +30,7 @@ from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from stagewise.track.logs import read_jsonl
+from stagewise.engine.run_logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

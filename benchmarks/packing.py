@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from common import write_results
 
+from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.cpu_load import busy_cores
 from stagewise.models.gpt import GPT
-from stagewise.plan.schema import TokenizerConfig
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import SftRows, prepare_sft, sft_loss

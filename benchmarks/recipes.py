@@ -26,8 +26,8 @@ from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
 from stagewise.tasks.classify import majority_accuracy
 

@@ -37,10 +37,10 @@ from rich.console import Console
 from rich.table import Table
 
 from stagewise.engine.checkpoint import load_checkpoint, save_checkpoint
-from stagewise.engine.prepare import prepare
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "examples" / "demo.yaml"

@@ -31,10 +31,10 @@ from common import write_results
 from rich.console import Console
 from rich.table import Table
 
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -68,19 +68,19 @@ from rich.table import Table
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from stagewise.data.prepare import PreparedData
+from stagewise.config.plan_config import Plan
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.cpu_load import busy_between, cpu_times
 from stagewise.engine.device import derive_seed, flops_per_token, model_shape, resolve_threads, seed_everything
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.models.build import build_model
 from stagewise.plan.load import load_plan
-from stagewise.plan.schema import Plan
 from stagewise.tasks.lm import COMPILE_OPTIONS
-from stagewise.track.logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

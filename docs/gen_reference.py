@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from stagewise import cli
-from stagewise.plan.schema import Plan
+from stagewise.config.plan_config import Plan
 
 DOCS = Path(__file__).resolve().parent
 PAGES = {"reference/plan.md": lambda: plan_reference(), "reference/cli.md": lambda: cli_reference()}
@@ -129,6 +129,8 @@ def _default(field: FieldInfo) -> str:
         return "{}" if not value.model_fields_set else f"`{value.model_dump(exclude_unset=True)}`"
     if value == []:
         return "`[]`"
+    if isinstance(value, list) and all(isinstance(v, BaseModel) for v in value):
+        return f"`{_yaml([v.model_dump(exclude_unset=True) for v in value])}`"
     return f"`{_yaml(value)}`"
 
 

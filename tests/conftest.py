@@ -12,7 +12,7 @@ import torch
 import yaml
 
 if TYPE_CHECKING:
-    from stagewise.engine.prepare import Prepared
+    from stagewise.engine.prepare_run import Prepared
 
 # Nothing downloads: pretrained models are saved into temporary directories (examples/tiny_pretrained.py).
 # Set before transformers / huggingface_hub are imported, which read it once.
@@ -92,8 +92,8 @@ def write_plan(directory: Path, plan: dict[str, Any], name: str = "plan.yaml") -
 def run_plan(tmp: Path, corpus: Path, stages: list[dict[str, Any]], tag: str = "run", stop_after: int | None = None,
              **top: Any) -> tuple[Prepared, Path]:
     """Train a tiny plan (a log line every step) into tmp/<tag>, with its own stage cache."""
-    from stagewise.engine.prepare import prepare  # after the environment above is set
-    from stagewise.engine.run import train
+    from stagewise.engine.prepare_run import prepare  # after the environment above is set
+    from stagewise.engine.run_plan import train
     from stagewise.plan.load import load_plan
 
     top = {"log": {"every": 1}, **top}
@@ -121,7 +121,7 @@ def resumes_identically(tmp: Path, corpus: Path, stages: list[dict[str, Any]], s
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    from stagewise.track.logs import read_jsonl
+    from stagewise.engine.run_logs import read_jsonl
 
     return read_jsonl(path)
 

@@ -17,11 +17,11 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from stagewise.cli import main
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.config.stage_config import AdapterConfig
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.models.adapters import merge_into_base, stage_model
 from stagewise.plan.load import load_plan
-from stagewise.plan.schema import AdapterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)

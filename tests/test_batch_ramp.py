@@ -15,13 +15,13 @@ from conftest import run_plan as _run
 from rich.console import Console
 
 from stagewise.data.sampler import WindowSampler
-from stagewise.engine.prepare import prepare
-from stagewise.engine.trainer import micro_batches
+from stagewise.engine.loop import micro_batches
+from stagewise.engine.prepare_run import prepare
 from stagewise.errors import UserError
 from stagewise.optim.batch_ramp import floor_sum
 from stagewise.optim.schedules import lr_at
 from stagewise.plan.load import load_plan
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.track.plan_view import print_plan
 
 ADAMW = {"name": "adamw", "lr": 3e-3}

@@ -17,13 +17,13 @@ from matplotlib.figure import Figure
 from rich.console import Console
 
 from stagewise.cli import main
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.progress import StageSummary, summary_table
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 from stagewise.track.plan_view import lr_chart
 from stagewise.track.plots import compare_figure, loss_figure, plan_lr_figure, series_figure
-from stagewise.track.progress import StageSummary, summary_table
 from stagewise.track.report import run_figures
 from stagewise.track.runs import load_run
 

@@ -13,9 +13,9 @@ import yaml
 from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 STAGES = [
     {"name": "a", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 6, "eval": {"every": 3}},

@@ -14,11 +14,11 @@ import torch
 from conftest import reversal_file, run_plan
 from test_sft import EOS, TOK, _packing_models
 
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
 from stagewise.engine.utilization import device_memory, gpu_peak_flops
 from stagewise.models.build import checkpoint_activations
 from stagewise.models.gpt import GPT
 from stagewise.optim.optimizers import build_optimizer
-from stagewise.plan.schema import OPTIMIZER_SETTINGS
 from stagewise.tasks.sft import prepare_sft, sft_loss
 
 pytestmark = pytest.mark.cuda

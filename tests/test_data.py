@@ -13,15 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stagewise.data import prepare as prepare_module
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
+from stagewise.data import prepared_data as prepare_module
 from stagewise.data import sources
 from stagewise.data.cache import token_array
-from stagewise.data.prepare import prepare_data
+from stagewise.data.prepared_data import prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import load_corpus
 from stagewise.data.tokenizers import EOS, UNK, build_tokenizer, eos_id, save_tokenizer, to_transformers
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.readers import read_labeled
 
@@ -485,7 +486,8 @@ def test_prepare_twice_neither_retrains_nor_retokenizes(tmp_path, monkeypatch):
 
 
 def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypatch):
-    from stagewise.plan.schema import DataConfig, TokenizerConfig
+    from stagewise.config.data_config import DataConfig
+    from stagewise.config.plan_config import TokenizerConfig
 
     (tmp_path / "a.txt").write_text("hello world\n" * 50, encoding="utf-8")
     cfg, tok = DataConfig(train="a.txt"), TokenizerConfig(kind="char")
@@ -495,7 +497,7 @@ def test_warm_start_opens_the_prepared_tokens_without_parsing(tmp_path, monkeypa
         raise AssertionError("the files were parsed again")
 
     monkeypatch.setattr(sources, "load_corpus", no_parsing)
-    monkeypatch.setattr("stagewise.data.prepare.load_corpus", no_parsing)
+    monkeypatch.setattr("stagewise.data.prepared_data.load_corpus", no_parsing)
     warm = prepare_data(cfg, tok, tmp_path, tmp_path / "cache", seed=0)
     assert warm.fingerprint == cold.fingerprint and warm.tokenizer.to_str() == cold.tokenizer.to_str()
     assert (warm.train == cold.train).all() and (warm.val == cold.val).all()

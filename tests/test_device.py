@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
+from stagewise.config.plan_config import ModelConfig
 from stagewise.engine import device as dev
 from stagewise.engine.device import (
     COMPILE_PAYS_AFTER_S,
@@ -27,7 +28,6 @@ from stagewise.engine.device import (
 )
 from stagewise.models.build import build_model
 from stagewise.plan.load import validate_plan
-from stagewise.plan.schema import ModelConfig
 
 PRECISION = [
     # name, device type, model width, native bf16 -> picked

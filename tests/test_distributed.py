@@ -10,6 +10,7 @@ differences are ~1e-6 relative; the tests allow 1e-4. Resuming at the same world
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -55,8 +56,8 @@ def _two(plan: Path, out: Path, cache: Path) -> subprocess.CompletedProcess[str]
 
 
 def _one(plan: Path, out: Path, cache: Path) -> None:
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
+    from stagewise.engine.prepare_run import prepare
+    from stagewise.engine.run_plan import train
     from stagewise.plan.load import load_plan
 
     train(prepare(load_plan(plan), plan, cache), out)
@@ -75,7 +76,7 @@ def _close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
 def runs(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Path]:
     """The plan trained once in one process and once in two (torchrun)."""
     tmp = tmp_path_factory.mktemp("dp")
-    plan = _plan(tmp, corpus, "plan")
+    plan = _plan(tmp, corpus, "plan", track=["tensorboard", "mlflow"] if importlib.util.find_spec("mlflow") else [])
     _one(plan, tmp / "one", tmp / "cache-one")
     assert not torch.distributed.is_initialized()  # one process never starts a process group
     done = _two(plan, tmp / "two", tmp / "cache-two")
@@ -94,6 +95,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs: dict[str, P
     assert len(metrics(runs["two"], "train")) == 70  # one line per update, not one per rank
     assert "data parallel: 2 processes (ddp)" in str(runs["stdout"])
     assert (runs["two"] / "stages" / "b" / "model.safetensors").is_file()
+    if importlib.util.find_spec("mlflow"):  # only rank 0 logs to the trackers: one MLflow run, one point per update
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{runs['two'] / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 70
 
 
 def _wait_for_step(proc: subprocess.Popen[str], run: Path, step: int, timeout: float = 180) -> None:
@@ -148,7 +155,7 @@ def test_nan_on_one_rank_is_seen_by_the_guard_of_both(tmp_path: Path, corpus: Pa
 
 
 def test_a_batch_that_does_not_split_is_one_line(tmp_path: Path, corpus: Path) -> None:
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     plan = _plan(tmp_path, corpus, "odd", [{**STAGES[0], "batch": {"size": 6}}])
@@ -207,7 +214,7 @@ def test_fsdp_trains_as_one_process_and_its_checkpoints_load_in_one(tmp_path: Pa
 ])
 def test_what_fsdp_does_not_do_yet_is_one_line_at_check(tmp_path: Path, corpus: Path, change: dict[int, Any],
                                                          line: str) -> None:
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     stages = [{**s, **change.get(i, {})} for i, s in enumerate(FSDP_STAGES)]
@@ -249,7 +256,7 @@ def test_token_losses_weigh_each_rank_by_its_target_tokens(tmp_path: Path, corpu
     """An sft micro-batch split over 2 ranks: each rank's token mean weighted by its part of the
     target tokens is the micro-batch's token mean; weighted by rows (the way before) it is not."""
     from stagewise.engine.device import autocast_factory
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
     from stagewise.plan.load import load_plan
 
     plan = _sft_plan(tmp_path, corpus)

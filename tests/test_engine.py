@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagewise.cli import main
 from stagewise.data.sampler import WindowSampler
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
-from stagewise.engine.trainer import micro_batches
+from stagewise.engine.loop import micro_batches
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 
 def _run(tmp_path: Path, plan: dict[str, Any], name: str = "run") -> tuple[Path, list]:

@@ -22,16 +22,16 @@ from safetensors.torch import load_file, save_file
 
 from stagewise.cli import main
 from stagewise.engine import checkpoint as checkpoint_module
+from stagewise.engine import run_logs as logs_module
 from stagewise.engine.checkpoint import StageStore, verify
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.engine.rundir import HOLDER, MARKER
 from stagewise.engine.status import stage_status
 from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.track import logs as logs_module
-from stagewise.track.logs import read_jsonl
 
 A = {"name": "a", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 12}
 B = {"name": "b", "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": 6}

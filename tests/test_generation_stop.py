@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.data.tokenizers import _char, count_unknown, unknown_report
 from stagewise.models.build import build_model
 from stagewise.models.generate import Stop, sample
-from stagewise.plan.schema import ModelConfig
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.lm import lm_stop
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
 from stagewise.models.build import build_model
 from stagewise.models.heads import carry_weights, classifier_from_lm
-from stagewise.plan.schema import ModelConfig
 
 EOS = 0
 

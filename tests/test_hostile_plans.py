@@ -17,10 +17,10 @@ import yaml
 from conftest import tiny_plan, write_plan
 
 from stagewise.cli import main
-from stagewise.engine.prepare import prepare
+from stagewise.engine.prepare_run import prepare
 from stagewise.errors import UserError
-from stagewise.models.keys import check_model_keys
 from stagewise.plan.load import load_plan
+from stagewise.plan.model_keys import check_model_keys
 from stagewise.plan.tree import stage_tree
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -125,7 +125,7 @@ def test_bombs_are_refused_fast_in_bounded_memory(tmp_path: Path, corpus: Path, 
     text, message = _bombs(corpus)[name]
     path = tmp_path / "plan.yaml"
     path.write_text(text)
-    import stagewise.models.keys  # noqa: F401 - transformers' import is not the bomb's cost
+    import stagewise.plan.model_keys  # noqa: F401 - transformers' import is not the bomb's cost
     warm = write_plan(tmp_path, tiny_plan(corpus, ONE_STAGE), "warm.yaml")
     main(["check", str(warm), "--cache", str(tmp_path / "c")])
     capsys.readouterr()

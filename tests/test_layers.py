@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.build import build_model
 from stagewise.optim.layers import discriminative_scales, layer_groups, matching, set_trainable, unfrozen_count
-from stagewise.plan.schema import ModelConfig
 
 
 def _gpt2() -> torch.nn.Module:

@@ -15,14 +15,14 @@ from rich.console import Console
 from stagewise.cli import main
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory
-from stagewise.engine.handoff import StageOptimizer
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.progress import ProgressView
+from stagewise.engine.run_logs import RunLogs, read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.stage_optimizer import StageOptimizer
 from stagewise.engine.status import stage_status
 from stagewise.plan.load import load_plan
 from stagewise.search.lr_find import lr_find, restored_sweep, suggestions
-from stagewise.track.logs import RunLogs, read_jsonl
-from stagewise.track.progress import ProgressView
 
 GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 STAGE = {"optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 60}

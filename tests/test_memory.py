@@ -13,10 +13,10 @@ from conftest import tiny_plan, write_plan
 from torch.nn import functional as F
 
 from stagewise.cli import main
+from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
 from stagewise.models.build import apply_liger, build_model, checkpoint_activations, set_attention
 from stagewise.models.gpt import GPT
-from stagewise.plan.schema import ModelConfig
 
 VOCAB = 40
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from stagewise.cli import main
 from stagewise.engine.checkpoint import StageStore
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
 from stagewise.track.plots import loss_figure

@@ -14,7 +14,7 @@ from conftest import run_plan as _run
 from rich.console import Console
 
 from stagewise.data.mixture import MixedData, MixtureSampler
-from stagewise.engine.prepare import Prepared, prepare
+from stagewise.engine.prepare_run import Prepared, prepare
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
 from stagewise.track.plan_view import print_plan

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
 from stagewise.models.build import DropoutControl, build_model, context_length, set_attention
 from stagewise.models.generate import sample
-from stagewise.plan.schema import ModelConfig
 
 
 @pytest.mark.parametrize("arch,keys", [

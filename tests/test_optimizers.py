@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
 from stagewise.optim.optimizers import MuonWithAdamW, ProximalSGD, apply_settings, build_optimizer
 from stagewise.optim.regularizers import weight_penalty
-from stagewise.plan.schema import OPTIMIZER_SETTINGS
 
 
 def settings(name: str, **overrides: object) -> dict:

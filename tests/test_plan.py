@@ -133,7 +133,7 @@ def test_check_prints_stage_tree_and_lr_curve(tmp_path: Path, corpus: Path, caps
 
 
 def test_lr_continues_from_parent_unless_stage_sets_peak(tmp_path: Path, corpus: Path) -> None:
-    from stagewise.engine.prepare import prepare
+    from stagewise.engine.prepare_run import prepare
 
     plan = _base(corpus)
     plan["stages"][0]["schedule"] = {"name": "cosine", "min_lr": 1e-4}

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from stagewise.cli import main
 from stagewise.engine.checkpoint import WEIGHTS, StageStore
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 QUIET = Console(quiet=True)
 ADAMW = {"name": "adamw", "lr": 3e-3}
@@ -42,7 +42,7 @@ def test_a_stage_stopped_early_hands_on_its_last_weights(tmp_path: Path, corpus:
     assert stopped["stage_step"] == 4
     store = StageStore(prepared.cache_root, prepared.stages[0].key)
     manifest = store.final_manifest()
-    assert manifest is not None and manifest["step"] == 4  # what `b` loads (engine.run._load_parent)
+    assert manifest is not None and manifest["step"] == 4  # what `b` loads (engine.run_plan._load_parent)
     final = load_file(store.final_dir / WEIGHTS)
     at_stop, at_best = load_file(store.step_dir(4) / WEIGHTS), load_file(store.step_dir(2) / WEIGHTS)
     assert all(torch.equal(final[k], at_stop[k]) for k in final)

@@ -16,10 +16,10 @@ from conftest import tiny_plan, write_plan
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stagewise.cli import main
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 from stagewise.track.plots import compare_figure, loss_figure, plan_lr_figure
 from stagewise.track.runs import find_runs, load_run
 

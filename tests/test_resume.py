@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from stagewise.cli import main
 from stagewise.engine import checkpoint as checkpoint_module
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, load_checkpoint, verify
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.engine.status import stage_status
 from stagewise.engine.verify import metrics_difference, state_difference
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 from stagewise.track.runs import load_run
 
 STAGES = [

@@ -15,14 +15,14 @@ from conftest import run_plan as _run
 from conftest import stage_weights as _weights
 from rich.console import Console
 
+from stagewise.config.rules import PlateauConfig
 from stagewise.engine.checkpoint import StageStore, load_checkpoint
 from stagewise.engine.control import Plateau
-from stagewise.engine.prepare import prepare
+from stagewise.engine.prepare_run import prepare
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
-from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd
+from stagewise.optim.swats import SwatsEstimate, convert_adam_to_sgd
 from stagewise.plan.load import load_plan
-from stagewise.plan.rules import PlateauConfig
 from stagewise.track.plan_view import print_plan
 
 ADAMW = {"name": "adamw", "lr": 3e-3}

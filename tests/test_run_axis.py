@@ -11,8 +11,8 @@ from conftest import events as _events
 from conftest import tiny_plan, write_plan
 from rich.console import Console
 
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+from stagewise.config.optimizer_config import ScheduleConfig
 from stagewise.optim.schedules import lr_at, resolve_duration, schedule_problems
-from stagewise.plan.schema import ScheduleConfig
 
 
 def cfg(**kwargs: object) -> ScheduleConfig:
@@ -118,7 +118,7 @@ def test_closed_form(config: dict, step: int, total: int, peak: float, expected:
 def test_every_schedule_has_a_table() -> None:
     from typing import get_args
 
-    from stagewise.plan.schema import ScheduleName
+    from stagewise.config.optimizer_config import ScheduleName
 
     assert set(CASES) == set(get_args(ScheduleName))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED, fit
 
-from stagewise.models.seq2seq import TransformerSeq2Seq
+from stagewise.models.transformer_seq2seq import TransformerSeq2Seq
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.metrics import bleu, chrf
 from stagewise.tasks.seq2seq import detokenize, evaluate_seq2seq, prepare_seq2seq, seq2seq_loss

@@ -12,9 +12,9 @@ from conftest import reversal_file
 from test_tasks import char_tokenizer
 from torch.nn import functional as F
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.models.build import build_model
 from stagewise.models.gpt import GPT
-from stagewise.plan.schema import ModelConfig
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import evaluate_sft, prepare_sft, sft_loss

@@ -16,12 +16,12 @@ from conftest import tiny_plan, write_plan
 from safetensors.torch import load_file
 
 from stagewise.engine.checkpoint import StageStore
-from stagewise.engine.prepare import prepare
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.engine.verify import metrics_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.optimizers import build_optimizer
 from stagewise.plan.load import load_plan
-from stagewise.track.logs import read_jsonl
 
 ADAMW = {"name": "adamw", "lr": 3e-3}
 

@@ -13,13 +13,13 @@ from conftest import tiny_plan, write_plan
 from rich.console import Console
 
 from stagewise.cli import main
-from stagewise.engine import trainer
-from stagewise.engine.prepare import prepare
-from stagewise.engine.run import train
+from stagewise.config.registry import TASKS
+from stagewise.engine import loop as trainer
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.run_plan import train
 from stagewise.optim.optimizers import ProximalSGD
 from stagewise.plan.load import load_plan
 from stagewise.plan.tree import stage_tree
-from stagewise.tasks.registry import TASKS
 
 QUIET = Console(quiet=True)
 STABLE = {"name": "stable", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 4}
@@ -82,7 +82,7 @@ def test_every_task_is_declared_by_its_own_module() -> None:
 
 
 def _l1_strengths(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The L1 strength each update adds to the loss (engine.trainer's call of weight_penalty)."""
+    """The L1 strength each update adds to the loss (engine.loop's call of weight_penalty)."""
     seen: list[float] = []
     real = trainer.weight_penalty
 

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 from conftest import tiny_plan, write_plan
 
-from stagewise.data.prepare import prepare_data
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
+from stagewise.data.prepared_data import prepare_data
 from stagewise.data.sources import load_corpus
 from stagewise.errors import UserError
 from stagewise.plan.load import load_plan
-from stagewise.plan.schema import DataConfig, TokenizerConfig
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.readers import read_labeled
 
@@ -122,9 +123,10 @@ def test_tables_and_warm_starts_never_import_datasets(tmp_path):
     script = f"""
 import sys
 from pathlib import Path
-from stagewise.data.prepare import prepare_data
+from stagewise.data.prepared_data import prepare_data
 from stagewise.data.sources import load_corpus
-from stagewise.plan.schema import DataConfig, TokenizerConfig
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
 from stagewise.tasks.readers import read_labeled
 d = Path({str(tmp_path)!r})
 warm = prepare_data(DataConfig(train="a.txt"), TokenizerConfig(kind="char"), d, d / "cache", seed=0)

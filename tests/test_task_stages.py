@@ -26,8 +26,9 @@ from transformers import (
 )
 
 from stagewise.cli import main
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.engine.verify import state_difference
 from stagewise.errors import RunStopped, UserError
 from stagewise.optim.layers import layer_groups
@@ -37,7 +38,6 @@ from stagewise.tasks.classify import majority_accuracy
 from stagewise.tasks.metrics import bleu, chrf, span_f1
 from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.sft import evaluate_sft
-from stagewise.track.logs import read_jsonl
 
 QUIET = Console(quiet=True)
 SMS = SHARED / "sms_spam.tsv"

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models
 
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
-from stagewise.models.seq2seq import TransformerSeq2Seq, sinusoids, until_eos
+from stagewise.models.transformer_seq2seq import TransformerSeq2Seq, sinusoids, until_eos
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_classification, encode_seq2seq, encode_sft, encode_tagging
 from stagewise.tasks.labels import LabelMap

@@ -11,8 +11,8 @@ import pytest
 from conftest import write_plan
 
 from stagewise.cli import main
+from stagewise.config.registry import TASKS
 from stagewise.tasks.metrics import exact_match, normalize_answer, rouge, text_scores, token_f1
-from stagewise.tasks.registry import TASKS
 
 
 def test_rouge_is_rouge_scores_mean_f_measure_in_percent() -> None:

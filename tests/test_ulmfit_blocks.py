@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import SHARED
 
+from stagewise.config.plan_config import ModelConfig, TokenizerConfig
 from stagewise.data.tokenizers import build_tokenizer, eos_id
 from stagewise.models.build import build_model
 from stagewise.models.heads import classifier_from_lm
 from stagewise.optim.layers import discriminative_scales, layer_groups, set_trainable, unfrozen_count
-from stagewise.plan.schema import ModelConfig, TokenizerConfig
 from stagewise.tasks.batches import ExampleSampler
 from stagewise.tasks.classify import classify_loss, evaluate_classify, majority_accuracy, prepare_classify
 from stagewise.tasks.readers import read_labeled

@@ -12,8 +12,8 @@ from conftest import tiny_plan, write_plan
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagewise.cli import main
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
 
 

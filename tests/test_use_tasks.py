@@ -16,11 +16,11 @@ from conftest import conll_file, reversal_file, tiny_plan, write_plan
 from rich.console import Console
 
 from stagewise.cli import main
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.plan.load import load_plan
 from stagewise.tasks.seq2seq import detokenize, translate
-from stagewise.track.logs import read_jsonl
 
 QUIET = Console(quiet=True)
 GPT = {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}

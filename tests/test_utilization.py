@@ -14,10 +14,10 @@ from conftest import run_plan
 from stagewise.cli import main
 from stagewise.engine import utilization as use
 from stagewise.engine.device import flops_per_token, model_shape
+from stagewise.engine.progress import summary_table
 from stagewise.errors import UserError
-from stagewise.models.keys import check_model_keys
 from stagewise.plan.load import validate_plan
-from stagewise.track.progress import summary_table
+from stagewise.plan.model_keys import check_model_keys
 from stagewise.track.runs import load_run
 
 

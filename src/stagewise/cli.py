@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from collections.abc import Callable
@@ -12,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-import stagewise.engine.cpu_load  # noqa: F401 - first: its load window starts before torch is imported
+from stagewise.engine.cpu_load import start_window
 from stagewise.errors import RunStopped, UserError
 
 if TYPE_CHECKING:
-    from stagewise.engine.prepare import Prepared
+    from stagewise.api.user_plan import Plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +152,7 @@ def _cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start_window()  # `threads: auto` measures the machine's load from here, before torch is imported
     args = _parse(_parser(), argv)
     # Off a terminal (CI logs, pipes) rich assumes 80 columns and would cut the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -175,45 +175,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.distributed import joined
-    from stagewise.engine.run import train
+def _plan(args: argparse.Namespace) -> Plan:
+    """The plan file with the command line's overrides."""
+    from stagewise.api.user_plan import Plan
 
-    with joined() as world:  # the processes torchrun started, if it did
-        if not world.is_main:  # rank 0 speaks for all
-            console = Console(file=io.StringIO())
-        with world.main_first():  # rank 0 fills the token cache, the others read it
-            prepared, out = _prepare(args, fresh=args.fresh)
-        train(prepared, out, fresh=args.fresh, console=console, world=world)
-    console.print(f"run written to {out}")
+    return Plan.from_yaml(args.plan, args.overrides)
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    import stagewise
+
+    run = stagewise.train(_plan(args), out=args.out, cache=args.cache, fresh=args.fresh, console=console)
+    console.print(f"run written to {run.path}")
     return 0
 
 
-def _prepare(args: argparse.Namespace, fresh: bool | None = None) -> tuple[Prepared, Path]:
-    """The plan with its overrides, prepared, and the run directory. train and check agree on the
-    cache: --cache, else .cache beside the run directory (--out, else runs/<plan name>). A problem
-    in what an override set names the command line. `fresh` (train): the run directory is checked
-    first, before the slow part (train checks again under its lock)."""
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.rundir import check_run_directory
-    from stagewise.plan.load import blame_overrides, load_plan, override_keys
-
-    plan = load_plan(args.plan, args.overrides)
-    out = args.out or Path("runs") / plan.name
-    if fresh is not None:
-        check_run_directory(out, fresh)
-    try:
-        return prepare(plan, args.plan, args.cache or out.parent / ".cache"), out
-    except UserError as e:
-        raise blame_overrides(e, str(args.plan), override_keys(args.plan, args.overrides)) from None
-
-
 def _check(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.engine.status import stage_status
+    import stagewise
     from stagewise.track.plan_view import print_plan
 
-    prepared, _ = _prepare(args)
-    print_plan(console, prepared.plan.name, prepared.resolved, stage_status(prepared))
+    checked = stagewise.check(_plan(args), out=args.out, cache=args.cache)
+    prepared = checked.prepared
+    print_plan(console, prepared.plan.name, prepared.resolved, checked.status)
     if args.plot is not None:
         from stagewise.track.plots import plan_lr_figure, save_png
 
@@ -229,11 +212,10 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
 def _verify_resume(args: argparse.Namespace, console: Console) -> int:
     from stagewise.engine.verify import verify_resume
-    from stagewise.plan.load import load_plan
 
     if args.steps < 2:
         raise UserError("--steps", f"must be >= 2 (got {args.steps})")
-    result = verify_resume(load_plan(args.plan, args.overrides), args.plan, steps=args.steps)
+    result = verify_resume(_plan(args).config, args.plan, steps=args.steps)
     where = f"stopped after plan step {result.stopped_at} of {result.total_steps}, then resumed"
     if result.identical:
         console.print(f"resume is exact: {where}; weights, optimizer state and logged losses are bit-identical")
@@ -257,23 +239,16 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.tasks.spec import GenerateOptions
-    from stagewise.trained import generate, open_stage
+    import stagewise
 
-    if (args.max_tokens is not None and args.max_tokens < 1) or args.temperature < 0 \
-            or (args.top_k is not None and args.top_k < 1) or (args.top_p is not None and not 0 < args.top_p <= 1) \
-            or args.beam < 1:
-        raise UserError("generate", "need --max-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, "
-                                    "--beam >= 1")
-    options = GenerateOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, beam=args.beam, stop=tuple(args.stop),
-                              messages=_conversation(args))
-    text = generate(open_stage(args.run, args.stage), args.prompt, options)
+    text = stagewise.open_run(args.run).generate(
+        args.prompt, stage=args.stage, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, beam=args.beam, stop=tuple(args.stop), messages=_conversation(args))
     console.print(text, markup=False, highlight=False)
     return 0
 
 
-def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None:
+def _conversation(args: argparse.Namespace) -> list[dict[str, str]] | None:
     """generate's conversation: a JSON file's messages (--chat FILE) or the --system/--user/--assistant turns."""
     import json
 
@@ -288,7 +263,7 @@ def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None
     if not args.chat:
         if not args.turns:
             raise UserError("--chat", "give a JSON file of messages or --user TEXT")
-        return tuple(args.turns)
+        return list(args.turns)
     path = Path(args.chat)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -296,41 +271,41 @@ def _conversation(args: argparse.Namespace) -> tuple[dict[str, str], ...] | None
         raise UserError(str(path), f"cannot read: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(str(path), f"not a JSON file: {e}") from None
-    return tuple(read_messages(value, str(path)))
+    return list(read_messages(value, str(path)))
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from stagewise.trained import COUNTS, evaluate, open_stage
+    import stagewise
+    from stagewise.track.trained import COUNTS
 
-    if args.beam is not None and args.beam < 1:
-        raise UserError("--beam", f"must be >= 1 (got {args.beam})")
-    stage = open_stage(args.run, args.stage)
-    metrics = evaluate(stage, args.data, args.format, args.beam)
+    result = stagewise.open_run(args.run).evaluate(args.data, stage=args.stage, format=args.format, beam=args.beam)
     if args.json:
-        print(json.dumps({"stage": stage.name, "task": stage.task, **metrics}))
+        print(json.dumps(result))
         return 0
+    metrics = {k: v for k, v in result.items() if k not in ("stage", "task")}
     unit = next(k for k in COUNTS if k in metrics)
     shown = ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in metrics.items() if k != unit)
-    console.print(f"{stage.name} on {args.data}: {shown} ({metrics[unit]:,} {unit})", markup=False, highlight=False)
+    console.print(f"{result['stage']} on {args.data}: {shown} ({metrics[unit]:,} {unit})", markup=False,
+                  highlight=False)
     return 0
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.trained import export
+    import stagewise
 
-    name, to = export(args.run, args.stage, args.to)
+    name, to = stagewise.open_run(args.run).export(args.to, stage=args.stage)
     console.print(f"stage '{name}' exported to {to}")
     return 0
 
 
 def _lr_find(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.search.lr_find import lr_find
+    import stagewise
 
-    found = lr_find(args.plan, args.overrides, args.stage, start=args.start, end=args.end, steps=args.steps,
-                    out=args.out, cache=args.cache, write=args.write, suggestion=args.suggestion,
-                    console=console)
+    found = stagewise.lr_find(_plan(args), args.stage, start=args.start, end=args.end, steps=args.steps,
+                              out=args.out, cache=args.cache, write=args.write, suggestion=args.suggestion,
+                              console=console)
     shown = {"steepest descent": found.steep, "minimum / 10": found.minimum}
     console.print(f"lr-find of stage '{found.stage}': {len(found.lrs)} updates, {found.stopped}; suggested LR: "
                   + ", ".join(f"{k} {'-' if v is None else f'{v:.2e}'}" for k, v in shown.items()),
@@ -340,11 +315,12 @@ def _lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.search.run import SearchOptions, search
+    import stagewise
+    from stagewise.api.user_plan import Plan
 
-    options = SearchOptions(space=args.space, trials=args.trials, workers=args.workers, storage=args.storage,
-                            study=args.study, out=args.out, metric=args.metric, direction=args.direction,
-                            pruner=args.pruner, sampler=args.sampler, cv=args.cv)
-    result = search(args.plan, options, console)
+    result = stagewise.search(Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
+                              storage=args.storage, study=args.study, out=args.out, metric=args.metric,
+                              direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv,
+                              console=console)
     console.print(f"search written to {result.out}")
     return 0

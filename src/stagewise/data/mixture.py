@@ -1,5 +1,5 @@
 """A stage's data as a weighted mixture of sources (`data: {mix: [...]}`): each source's files are
-read and tokenized with the plan's tokenizer through the token cache (data.prepare), and its own
+read and tokenized with the plan's tokenizer through the token cache (data.prepared_data), and its own
 window sampler (data.sampler) deals its sequences in its own shuffled order.
 
 Mixing is per sequence: every sequence of a micro-batch picks its source by the weights, so each
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from stagewise.data.prepare import PreparedData, prepare_data
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
+from stagewise.data.prepared_data import PreparedData, prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import data_file_keys
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, TokenizerConfig
 
 
 @dataclass(frozen=True)

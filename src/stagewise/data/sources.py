@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stagewise.config.data_config import DataConfig
 from stagewise.data import tables
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig
 
 if TYPE_CHECKING:  # `datasets` takes a second to import: only runs that parse files pay for it
     import datasets

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from stagewise.config.plan_config import TokenizerConfig
 from stagewise.errors import UserError
-from stagewise.plan.schema import TokenizerConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

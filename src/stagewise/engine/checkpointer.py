@@ -19,11 +19,11 @@ from stagewise.engine.checkpoint import (
     save_checkpoint,
 )
 from stagewise.engine.context import RunContext
+from stagewise.engine.progress import StageSummary
 from stagewise.engine.sharded import full_model
 from stagewise.engine.signals import StopRequest
 from stagewise.errors import RunStopped
-from stagewise.plan.resolve import ResolvedStage
-from stagewise.track.progress import StageSummary
+from stagewise.plan.resolved import ResolvedStage
 
 Capture = Callable[[], dict[str, Any]]
 

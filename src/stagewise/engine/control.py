@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stagewise.config.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
 from stagewise.engine.distributed import SINGLE, World
-from stagewise.optim.handoff import SwatsEstimate
-from stagewise.plan.resolve import ResolvedStage
-from stagewise.plan.rules import PlateauConfig, RuleConfig, SpikeConfig, TargetConfig
+from stagewise.optim.swats import SwatsEstimate
+from stagewise.plan.resolved import ResolvedStage
 
 ROLLBACK_MAX_FIRES = 3  # a rollback rule without max_fires: going back forever is never wanted
 
@@ -132,6 +132,11 @@ class StageControl:
     @property
     def checks_updates(self) -> bool:
         return self.guard is not None
+
+    @property
+    def rollbacks(self) -> bool:
+        """A rule or the guard may go back to a checkpoint (the stage keeps its start and best ones)."""
+        return self.rollback_rules or (self.guard is not None and self.guard.action == "rollback")
 
     def lr(self, step: int) -> float:
         lr = self.stage.lr(step) * self.lr_factor

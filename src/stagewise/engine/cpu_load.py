@@ -1,8 +1,9 @@
 """How busy the machine is: the cores other processes keep busy (`threads: auto`, engine.device).
 
-Torch-free, so that the CLI imports it first: the window over which other processes' CPU use is
-measured starts before torch is imported, and by the time a plan is prepared (imports, data,
-model: a second or more) it is long enough to average over without sleeping to measure it."""
+Torch-free, so that the CLI can open the window over which other processes' CPU use is measured
+(`start_window`) as it starts, before torch is imported: by the time a plan is prepared (imports,
+data, model: a second or more) it is long enough to average over without sleeping to measure it.
+Without a window opened, `busy_cores` opens one and waits out its minimum length."""
 
 from __future__ import annotations
 
@@ -22,14 +23,22 @@ def cpu_times() -> tuple[float, int, int] | None:
     return time.monotonic(), user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
 
 
-_SINCE = cpu_times()
+_SINCE: tuple[float, int, int] | None = None
 _MIN_WINDOW_S = 0.3
 
 
-def busy_cores() -> float:
-    """Cores other processes kept busy, on average, since this module was imported (/proc/stat
-    minus this process's own time); the 1-minute load average where /proc is absent."""
+def start_window() -> None:
+    """Start measuring other processes' CPU use now (`busy_cores` averages over the time since)."""
     global _SINCE
+    _SINCE = cpu_times()
+
+
+def busy_cores() -> float:
+    """Cores other processes kept busy, on average, since `start_window` (/proc/stat minus this
+    process's own time); the 1-minute load average where /proc is absent."""
+    global _SINCE
+    if _SINCE is None:
+        start_window()
     start = _SINCE
     if start is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

@@ -25,9 +25,10 @@ import torch
 
 from stagewise.engine.cpu_load import busy_cores
 from stagewise.errors import UserError
+from stagewise.plan.stage_settings import stage_ramp
 
 if TYPE_CHECKING:
-    from stagewise.plan.schema import Plan
+    from stagewise.config.plan_config import Plan
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,8 +129,6 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int | None, int | None]:
 def plan_lm_tokens(plan: Plan, train_tokens: int, context: int) -> list[tuple[int, int]]:
     """(tokens trained, block size) of each causal_lm stage: an estimate from its duration, made
     before the stages are resolved (compile must be settled before the model is set up)."""
-    from stagewise.plan.resolve import stage_ramp
-
     out = []
     for cfg in plan.stages:
         if cfg.task != "causal_lm":

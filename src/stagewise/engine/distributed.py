@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from stagewise.errors import UserError
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 
 T = TypeVar("T")
 Batch = tuple[torch.Tensor, ...]

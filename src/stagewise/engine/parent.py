@@ -7,11 +7,11 @@ from __future__ import annotations
 from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import derive_seed
-from stagewise.engine.handoff import HeldState
-from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.stage_optimizer import HeldState
 from stagewise.engine.status import handoff_probe
 from stagewise.errors import RunStopped
-from stagewise.tasks.stage_setup import carry_head
+from stagewise.plan.stage_setup import carry_head
 
 
 def load_parent(run: RunContext, prepared: Prepared, stage: Stage, step: int, held: HeldState) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from stagewise.data.prepare import PreparedData
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.context import RunContext
 from stagewise.models.build import context_length

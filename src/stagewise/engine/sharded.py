@@ -29,7 +29,7 @@ from stagewise.optim.schedule_free import SCHEDULE_FREE
 
 if TYPE_CHECKING:
     from stagewise.engine.distributed import World
-    from stagewise.engine.prepare import Prepared
+    from stagewise.engine.prepare_run import Prepared
 
 # A sharded model's twin with its weights on the meta device: what a gathered full state is
 # loaded into (on rank 0) to be written as a plain model is.

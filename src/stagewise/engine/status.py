@@ -10,9 +10,10 @@ from typing import Any
 from torch import nn
 
 from stagewise.engine.checkpoint import InvalidCheckpoint, StageStore, check_checkpoint
-from stagewise.engine.handoff import HeldState
-from stagewise.engine.prepare import Prepared
-from stagewise.plan.resolve import ResolvedStage, pinned_steps
+from stagewise.engine.prepare_run import Prepared
+from stagewise.engine.stage_optimizer import HeldState
+from stagewise.plan.resolve import pinned_steps
+from stagewise.plan.resolved import ResolvedStage
 
 
 def complete(store: StageStore, pins: set[int]) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stagewise.models.keys import host_memory
+from stagewise.plan.model_keys import host_memory
 
 # Dense bf16 TFLOP/s (no sparsity, the vendor's data sheets) by the name torch.cuda.get_device_name
 # reports; the first entry whose words all occur in it wins, so the variants come before the family

@@ -12,13 +12,14 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from stagewise.config.optimizer_config import ScheduleConfig
+from stagewise.config.plan_config import CheckpointConfig, Plan
 from stagewise.engine.checkpoint import STATE, WEIGHTS, StageStore
-from stagewise.engine.prepare import Prepared, prepare
-from stagewise.engine.run import train
+from stagewise.engine.prepare_run import Prepared, prepare
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
-from stagewise.plan.schema import CheckpointConfig, Plan, ScheduleConfig
 from stagewise.plan.tree import StageNode, stage_tree
-from stagewise.track.logs import read_jsonl
 
 # Absolute-step settings of a schedule, scaled with the stage when it is shortened.
 _STEP_SETTINGS = ("warmup", "step_size", "decay")

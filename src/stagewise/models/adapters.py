@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.config.stage_config import AdapterConfig, LoraSettings
 from stagewise.errors import UserError
-from stagewise.plan.schema import AdapterConfig, LoraSettings
 
 ADAPTER = "default"  # peft's adapter name; each adapter stage's model holds one
 ADAPTER_DIR = "adapter"  # inside an export: the adapter as PeftModel.from_pretrained reads it

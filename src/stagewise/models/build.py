@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
-from stagewise.plan.schema import ModelConfig
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the functions that build with it do
     from transformers import PretrainedConfig, PreTrainedModel
@@ -26,7 +26,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) 
     config = model_config(cfg, vocab_size, eos_id)
     try:
         return AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001 - keys past models.keys' checks that the architecture refuses
+    except Exception as e:  # noqa: BLE001 - keys past plan.model_keys' checks that the architecture refuses
         raise UserError("model", f"{cfg.arch} cannot be built from these keys: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:100] if str(e) else ''}") from None
 

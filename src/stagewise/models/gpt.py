@@ -158,7 +158,7 @@ class GPT(nn.Module):
     @staticmethod
     def parameter_count(*, vocab_size: int, n_layer: int = 12, n_embd: int = 768, n_positions: int = 1024,
                         bias: bool = True, **_: object) -> int:
-        """What the constructor would build, without building it (models.keys checks a plan's size
+        """What the constructor would build, without building it (plan.model_keys checks a plan's size
         before any data is read; a model on the meta device would still import torch's compiler)."""
         C = n_embd
         block = 12 * C * C + (9 * C if bias else 0) + 2 * C * (2 if bias else 1)  # 4 Linear, 2 LayerNorm

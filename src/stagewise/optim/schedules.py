@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from stagewise.plan.schema import ScheduleConfig
+from stagewise.config.optimizer_config import ScheduleConfig
 
 # Decay shapes: 1 at p = 0 (start of the decay), 0 at p = 1 (end).
 _SHAPES: dict[str, Callable[[float], float]] = {

@@ -18,8 +18,9 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from stagewise.config.plan_config import Plan
+from stagewise.config.stage_config import MERGE_DEFAULTS, StageConfig
 from stagewise.errors import UserError
-from stagewise.plan.schema import MERGE_DEFAULTS, Plan, StageConfig
 
 COMMAND_LINE = "command line"
 

@@ -9,101 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
+from stagewise.config.optimizer_config import ADAM
+from stagewise.config.stage_config import StageConfig
 from stagewise.errors import UserError
-from stagewise.optim.batch_ramp import LR_POWER, BatchRamp, fewest_steps, ramp_steps
+from stagewise.optim.batch_ramp import fewest_steps, ramp_steps
 from stagewise.optim.schedule_free import SCHEDULE_FREE
-from stagewise.optim.schedules import lr_at, schedule_problems
-from stagewise.plan.keys import stage_key
-from stagewise.plan.rules import ActionConfig, LrScaleAction, OnPlateauConfig
-from stagewise.plan.schema import ADAM, OPTIMIZER_SETTINGS, MergeConfig, ScheduleConfig, StageConfig
+from stagewise.optim.schedules import schedule_problems
+from stagewise.plan.resolved import ResolvedStage, StageData
+from stagewise.plan.stage_keys import stage_key
+from stagewise.plan.stage_settings import (
+    continued_lr,
+    evaluates_midway,
+    merged_steps,
+    metrics_used,
+    optimizer_of,
+    plateau_as_rule,
+    stage_ramp,
+)
 from stagewise.plan.tree import StageNode
-from stagewise.tasks.registry import task_spec
-
-
-@dataclass(frozen=True)
-class ResolvedStage:
-    index: int
-    node: StageNode  # its place in the stage tree
-    config: StageConfig
-    key: str  # the stage cache's identity of this stage (plan.keys)
-    parent: str | None
-    parent_step: int | None  # the parent's step this stage branches from; None: its end
-    optimizer: str  # optimizer name, inherited when the stage does not set one
-    optimizer_settings: dict[str, Any]  # complete; "lr" is the stage's peak LR
-    handoff: str  # what becomes of the parent's optimizer state: carry | convert | reset
-    auto_lr: bool  # lr auto: the SWATS estimate replaces the planned (continued) LR at the start
-    # no lr set, continuing a parent whose LR is known only at run time (lr auto, or continuing
-    # one that is): the plan holds a placeholder, and the parent's real LR scales it at the start
-    lr_at_run: bool
-    track_swats: bool  # keep the SWATS estimate: a rule or a child stage needs it
-    steps: int  # optimizer updates in this stage
-    start_step: int  # global step of this stage's first update
-    start_tokens: int  # training tokens seen before this stage
-    block_size: int  # tokens per sequence (causal_lm); 1 for the example-level tasks
-    batch_size: int  # sequences (examples) per micro-batch
-    micro_batches: int  # micro-batches per update (1 + accumulation, or a whole pass when full)
-    full_batch: bool
-    windows_per_epoch: int  # training sequences (examples) in one pass over the data
-    unit: str = "tokens"  # what the stage counts: tokens (causal_lm) or examples
-    ramp: BatchRamp | None = None  # a batch that grows over the stage (optim.batch_ramp)
-    merged: tuple[int, ...] = ()  # a merge stage (0 steps): the parent's steps whose checkpoints it averages
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def trains_with(self) -> str:
-        """What the console, events and report name the stage's updates by ("merge": it has none)."""
-        return "merge" if self.merged else self.optimizer
-
-    @property
-    def peak_lr(self) -> float:
-        return float(self.optimizer_settings["lr"])
-
-    @property
-    def tokens_per_step(self) -> int | None:
-        """Tokens (examples, for the example-level tasks) per update; None when the batch ramps
-        (`tokens_before`)."""
-        if self.ramp is not None:
-            return None
-        return self.sequences_at(0) * self.block_size
-
-    def micro_batches_at(self, step: int) -> int:
-        """Micro-batches of update `step` (not of a full batch: that is the rest of the epoch)."""
-        return self.micro_batches if self.ramp is None else self.ramp.micro_batches(step)
-
-    def sequences_at(self, step: int) -> int:
-        """Sequences (examples) of update `step`."""
-        if self.full_batch:
-            return self.windows_per_epoch
-        return self.batch_size * self.micro_batches_at(step)
-
-    def tokens_before(self, step: int) -> int:
-        """Tokens (examples) of the stage's first `step` updates."""
-        if self.ramp is None:
-            return step * self.sequences_at(0) * self.block_size
-        return self.ramp.sequences_before(step) * self.block_size
-
-    def lr(self, step: int) -> float:
-        """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on), scaled
-        with the batch when it ramps with `lr_scaling`."""
-        if not self.steps:  # a merge stage: the LR its parent ended on, for a child to continue from
-            return self.peak_lr
-        lr = lr_at(self.config.schedule, step, self.steps, self.peak_lr)
-        return lr if self.ramp is None or self.ramp.lr_power == 0.0 else lr * self.ramp.lr_factor(step)
-
-
-@dataclass(frozen=True)
-class StageData:
-    """What resolution needs of a stage's data: its size and what identifies it."""
-
-    n_train: int  # tokens (causal_lm) or examples in the training split
-    unit: str  # "tokens" | "examples"
-    fingerprint: str  # of the encoded data (causal_lm: in `identity` already)
+from stagewise.tasks.spec import task_spec
 
 
 def resolve_stages(nodes: list[StageNode], data: list[StageData], context_length: int | None,
@@ -163,7 +89,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         return UserError(where, f"{node.where}.{key}: {message}")
 
     if cfg.schedule.name == "plateau":
-        cfg = _plateau_as_rule(cfg, fail)
+        cfg = plateau_as_rule(cfg, fail)
 
     parent, parent_step = _parent(node, earlier, fail)
     branch_at = parent.steps if parent and parent_step is None else parent_step
@@ -187,7 +113,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         raise fail("layers.unfreeze", "gradual unfreezing adds a layer group each epoch: give the stage epochs")
     if cfg.merge is not None:
         assert parent is not None and branch_at is not None  # plan.tree: a merge stage has a parent
-        merged = _merged_steps(cfg.merge, parent, branch_at, checkpoint_every, fail)
+        merged = merged_steps(cfg.merge, parent, branch_at, checkpoint_every, fail)
         return ResolvedStage(
             index=node.index, node=node, config=cfg, parent=parent.name, parent_step=parent_step,
             key=_key(cfg, parent, parent_step, {"merged": list(merged), "block_size": block}, identity),
@@ -197,7 +123,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
             batch_size=cfg.batch.size, micro_batches=1, full_batch=False, windows_per_epoch=windows, unit=data.unit,
             merged=merged)
 
-    name, settings, handoff = _optimizer(cfg, parent, fail)
+    name, settings, handoff = optimizer_of(cfg, parent, fail)
     full = cfg.batch.full or name == "gd"  # gd is full-batch gradient descent by definition
     mixed = cfg.data is not None and cfg.data.mix is not None
     if mixed:  # a mix is drawn from, sequence by sequence: no pass over it is one over its sources
@@ -234,10 +160,10 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
                        if over > steps else f"{ramp_cfg.over} of {steps} steps is no step")
         ramp = stage_ramp(cfg, steps)
 
-    for key, metric in _metrics_used(cfg):
+    for key, metric in metrics_used(cfg):
         if metric not in spec.reported(cfg.eval):
             raise fail(key, f"task {cfg.task} does not report {metric} (it reports: {', '.join(spec.reported(cfg.eval))})")
-    if cfg.end == "best" and not _evaluates_midway(cfg):
+    if cfg.end == "best" and not evaluates_midway(cfg):
         raise fail("end", "best needs evaluations during the stage (eval.every or eval.each_epoch)")
     for key, message in schedule_problems(cfg.schedule, steps):
         raise fail(f"schedule.{key}", message)
@@ -271,7 +197,7 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         settings["lr"] = parent.lr(branch_at) or parent.peak_lr  # planned until the estimate is known
     lr_at_run = "lr" not in settings and parent is not None and (parent.auto_lr or parent.lr_at_run)
     if "lr" not in settings:
-        settings["lr"] = _continued_lr(cfg, name, parent, branch_at, fail)
+        settings["lr"] = continued_lr(cfg, name, parent, branch_at, fail)
     min_lr = cfg.schedule.settings().get("min_lr", 0.0)
     if min_lr > settings["lr"]:
         raise fail("schedule.min_lr", f"must be <= the stage's peak lr {settings['lr']:.3g} (got {min_lr:.3g})")
@@ -296,17 +222,6 @@ def _resolve_one(node: StageNode, earlier: list[ResolvedStage], data: StageData,
         windows_per_epoch=windows, unit=data.unit, ramp=ramp)
 
 
-def stage_ramp(cfg: StageConfig, steps: int) -> BatchRamp:
-    """The batch ramp of a `steps`-step stage (its `over` a fraction of them, or a step count)."""
-    batch, ramp = cfg.batch, cfg.batch.ramp
-    assert ramp is not None
-    end = ramp.to // batch.size
-    per_level = 1 if ramp.increment is None else ramp.increment // batch.size
-    return BatchRamp(size=batch.size, start=batch.accumulate, end=end,
-                     steps=max(1, min(steps, ramp_steps(ramp.over, steps))),
-                     levels=(end - batch.accumulate) // per_level, lr_power=LR_POWER[ramp.lr_scaling])
-
-
 def _key(cfg: StageConfig, parent: ResolvedStage | None, parent_step: int | None, numbers: dict[str, Any],
          identity: dict[str, Any]) -> str:
     # Evaluation only decides the weights when rules, `until` or `end: best` act on it.
@@ -316,42 +231,6 @@ def _key(cfg: StageConfig, parent: ResolvedStage | None, parent_step: int | None
                      {**cfg.model_dump(mode="json", by_alias=True, exclude=excluded), **numbers}, identity)
 
 
-def _merged_steps(merge: MergeConfig, parent: ResolvedStage, end: int, every: int | None, fail: Any) -> tuple[int, ...]:
-    """The parent's steps a merge stage averages: of its checkpoints every `checkpoint.every` steps
-    and its end (where the merge branches off), the last K or those in a range."""
-    pcfg, name = parent.config, parent.name
-    if parent.merged:
-        raise fail("merge", f"stage '{name}' is a merge stage: it has no checkpoints of its own")
-    if pcfg.adapter is not None:
-        raise fail("merge", f"stage '{name}' trains an adapter: a merge averages a stage's whole weights")
-    if pcfg.until is not None or any(r.do.next_stage for r in pcfg.all_rules()):
-        raise fail("merge", f"stage '{name}' may end early (until, next_stage): a merge picks its checkpoints by step")
-    ends_on = ("its best evaluation" if pcfg.end == "best" else "its EMA" if pcfg.average is not None
-               else "its averaged weights" if parent.optimizer in SCHEDULE_FREE else None)
-    if ends_on is not None:
-        raise fail("merge", f"stage '{name}' ends on {ends_on}, not on its last update's weights as its "
-                            "checkpoints hold them")
-    if every is None:
-        raise fail("merge", f"averages checkpoints of stage '{name}': set checkpoint.every (the plan's)")
-    saved = [*range(every, end, every), end]
-    if merge.last is not None:
-        if len(saved) < merge.last:
-            fewer = (end - 1) // (merge.last - 1)
-            change = (f"set checkpoint.every <= {fewer} or merge.last <= {len(saved)}" if fewer >= 1
-                      else f"merge.last <= {len(saved)}")
-            raise fail("merge.last", f"stage '{name}' has {len(saved)} checkpoints up to step {end} at "
-                                     f"checkpoint.every {every}: {change}")
-        return tuple(saved[-merge.last:])
-    assert merge.from_ is not None and merge.to is not None  # MergeConfig: last, or a range
-    if merge.to > end:
-        raise fail("merge.to", f"stage '{name}' ends at step {end} (got {merge.to})")
-    picked = tuple(s for s in saved if merge.from_ <= s <= merge.to)
-    if len(picked) < 2:
-        raise fail("merge.from", f"stage '{name}' has {len(picked)} checkpoint(s) in steps {merge.from_}..{merge.to} "
-                                 f"at checkpoint.every {every}: widen the range or lower checkpoint.every")
-    return picked
-
-
 # Keys added after stage keys were first written: at their default they stay out of the key, so
 # the stages of existing plans keep their cache.
 _NEW_KEYS = ("end", "average", "allow_nonfinite", "merge")
@@ -359,88 +238,3 @@ _NEW_KEYS = ("end", "average", "allow_nonfinite", "merge")
 
 def _unset_new_keys(cfg: StageConfig) -> set[str]:
     return {k for k in _NEW_KEYS if getattr(cfg, k) == StageConfig.model_fields[k].default}
-
-
-def _evaluates_midway(cfg: StageConfig) -> bool:
-    return cfg.eval.every is not None or cfg.eval.each_epoch
-
-
-def _plateau_as_rule(cfg: StageConfig, fail: Any) -> StageConfig:
-    """`schedule: plateau` is ReduceLROnPlateau: a constant schedule (its warmup kept) and the
-    on_plateau rule that scales the LR by `factor` down to `min_lr`; the stage then trains (and is
-    keyed) exactly as one written that way."""
-    if cfg.on_plateau is not None:
-        raise fail("schedule.name", "plateau is an on_plateau lr_scale rule, and the stage has on_plateau already")
-    if not _evaluates_midway(cfg):
-        raise fail("schedule.name", "plateau reacts to evaluations: give eval.every or eval.each_epoch")
-    s = cfg.schedule.settings()
-    rule = OnPlateauConfig(patience=s["patience"], min_delta=s["threshold"],
-                           do=ActionConfig(lr_scale=LrScaleAction(factor=s["factor"], min_lr=s["min_lr"])))
-    constant = ScheduleConfig.model_validate({"name": "constant", **({"warmup": cfg.schedule.warmup}
-                                                                      if cfg.schedule.warmup is not None else {})})
-    return cfg.model_copy(update={"schedule": constant, "on_plateau": rule})
-
-
-def _metrics_used(cfg: StageConfig) -> list[tuple[str, str]]:
-    """(key path, metric) of every metric the stage's rules and `until` read."""
-    used = []
-    if cfg.until is not None:
-        used += [(f"until.{k}.metric", c.metric) for k in ("plateau", "target")
-                 if (c := getattr(cfg.until, k)) is not None]
-    if cfg.on_plateau is not None:
-        used.append(("on_plateau.metric", cfg.on_plateau.metric))
-    for j, rule in enumerate(cfg.rules):
-        used += [(f"rules[{j}].when.{k}.metric", c.metric) for k in ("plateau", "target")
-                 if (c := getattr(rule.when, k)) is not None]
-    return used
-
-
-def _optimizer(cfg: StageConfig, parent: ResolvedStage | None, fail: Any) -> tuple[str, dict[str, Any], str]:
-    """The stage's optimizer name, settings and hand-off: the parent's settings when the name is
-    unchanged, that optimizer's defaults when it changes; settings the stage gives override either."""
-    opt = cfg.optimizer
-    # an explicit null is an unset setting (else `lr: null` would pass as an LR of None)
-    given = {k: v for k in opt.model_fields_set - {"name", "handoff"} if (v := getattr(opt, k)) is not None}
-    if parent is None and opt.name is None:
-        raise fail("optimizer.name", "required in the first stage")
-    name = opt.name or parent.optimizer  # type: ignore[union-attr]
-    same = parent is not None and parent.optimizer == name
-    for key in given:
-        if key not in OPTIMIZER_SETTINGS[name]:
-            raise fail(f"optimizer.{key}", f"not a setting of optimizer '{name}' (inherited from stage "
-                                           f"'{parent.name}')")  # type: ignore[union-attr]
-    if same:
-        base = {k: v for k, v in parent.optimizer_settings.items() if k != "lr"}  # type: ignore[union-attr]
-    else:
-        base = {k: v for k, v in OPTIMIZER_SETTINGS[name].items() if v is not None}
-    settings = {**base, **given}
-    if opt.handoff != "reset" and parent is None:
-        raise fail("optimizer.handoff", f"{opt.handoff} needs a parent stage (this one starts from the model "
-                                        "as built)")
-    if opt.handoff != "reset" and parent.merged:  # type: ignore[union-attr]
-        raise fail("optimizer.handoff", f"stage '{parent.name}' is a merge: it hands on weights only (use reset)")  # type: ignore[union-attr]
-    if opt.handoff != "reset" and (name in SCHEDULE_FREE or parent.optimizer in SCHEDULE_FREE):  # type: ignore[union-attr]
-        raise fail("optimizer.handoff", "a schedule-free optimizer hands on its averaged weights only: use reset")
-    if opt.handoff == "carry" and not same:
-        raise fail("optimizer.handoff", f"carry keeps the state of the same optimizer; {parent.optimizer} -> "  # type: ignore[union-attr]
-                                        f"{name} can reset, or convert (adam/adamw -> sgd)")
-    if opt.handoff == "convert":
-        if parent.optimizer not in ADAM or name != "sgd":  # type: ignore[union-attr]
-            raise fail("optimizer.handoff", f"convert turns Adam's moment into SGD's momentum: it needs "
-                                            f"adam/adamw -> sgd (got {parent.optimizer} -> {name})")  # type: ignore[union-attr]
-        if settings["momentum"] == 0.0:
-            raise fail("optimizer.handoff", "convert needs sgd momentum > 0 (the buffer it fills)")
-    return name, settings, opt.handoff
-
-
-def _continued_lr(cfg: StageConfig, name: str, parent: ResolvedStage | None, at: int | None, fail: Any) -> float:
-    """A stage that sets no LR continues from its parent's LR where it branches off (its end by default)."""
-    if parent is None or at is None:
-        raise fail("optimizer.lr", "required in the first stage")
-    if parent.optimizer != name:
-        raise fail("optimizer.lr", f"required when switching from {parent.optimizer} to {name}")
-    end = parent.lr(at)
-    if end <= 0.0:
-        raise fail("optimizer.lr", f"required: stage '{parent.name}' is at lr 0 at step {at}, "
-                                   "so there is none to continue from")
-    return end

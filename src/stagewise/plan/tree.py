@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from stagewise.config.plan_config import Plan
+from stagewise.config.stage_config import StageConfig
 from stagewise.errors import UserError
-from stagewise.plan.schema import Plan, StageConfig
 
 INIT = "init"  # `from: init`: the plan's model as built
 

@@ -12,13 +12,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from stagewise.config.plan_config import Plan
 from stagewise.data.split import stratified_folds
 from stagewise.errors import UserError
 from stagewise.plan.load import deep_merge
-from stagewise.plan.schema import Plan
 from stagewise.tasks.readers import read_labeled
-from stagewise.tasks.registry import task_spec
-from stagewise.tasks.spec import column
+from stagewise.tasks.spec import column, task_spec
 
 FoldData = dict[str, Any]  # the raw `data` of the stage for one fold
 

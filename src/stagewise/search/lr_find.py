@@ -22,21 +22,21 @@ from rich.console import Console
 
 from stagewise.engine.context import RunContext
 from stagewise.engine.device import autocast_factory, derive_seed, resolve_device, seed_everything
-from stagewise.engine.handoff import HeldState, StageOptimizer
+from stagewise.engine.loop import micro_batches
 from stagewise.engine.parent import load_parent
-from stagewise.engine.prepare import Prepared, Stage, prepare
+from stagewise.engine.prepare_run import Prepared, Stage, prepare
+from stagewise.engine.progress import ProgressView
 from stagewise.engine.rng import rng_state, set_rng_state
-from stagewise.engine.run import train
+from stagewise.engine.run_logs import RunLogs
+from stagewise.engine.run_plan import train
+from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import complete
-from stagewise.engine.trainer import micro_batches
 from stagewise.errors import UserError
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.search.space import set_key
 from stagewise.tasks.base import Task
-from stagewise.track.logs import RunLogs
-from stagewise.track.progress import ProgressView
 
 BETA = 0.98  # fastai's smoothing of the loss
 DIVERGED = 4.0  # the sweep stops once the smoothed loss exceeds this many times its minimum
@@ -57,9 +57,11 @@ class LrFindResult:
 
 def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: float = 1e-7, end: float = 10.0,
             steps: int = 100, out: Path | None = None, cache: Path | None = None, write: Path | None = None,
-            suggestion: str = "minimum", console: Console | None = None) -> LrFindResult:
+            suggestion: str = "minimum", console: Console | None = None,
+            raw: dict[str, Any] | None = None) -> LrFindResult:
     """The range test of stage `stage_name`; `write`: a copy of the plan with the stage's LR set to
-    the `suggestion` (minimum: the minimum's LR / 10; steep: the steepest descent's LR)."""
+    the `suggestion` (minimum: the minimum's LR / 10; steep: the steepest descent's LR). `raw`:
+    the plan as read, overrides applied (stagewise.Plan), in place of reading `plan_path`."""
     console = console or Console()
     if not 0 < start < end:
         raise UserError("--start/--end", f"need 0 < start < end (got {start:g}, {end:g})")
@@ -67,9 +69,10 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
         raise UserError("--steps", f"a range test needs >= 10 updates (got {steps})")
     if write is not None and write.exists():
         raise UserError(str(write), "exists: lr-find writes a new plan, never over a file")
-    raw = read_yaml(plan_path)
-    for item in overrides:
-        apply_override(raw, item)
+    if raw is None:
+        raw = read_yaml(plan_path)
+        for item in overrides:
+            apply_override(raw, item)
     plan = validate_plan(raw, where=str(plan_path))
     nodes = stage_tree(plan)
     node = next((n for n in nodes if n.name == stage_name), None)
@@ -252,8 +255,6 @@ def _plot(lrs: list[float], smooth: list[float], losses: list[float], steep: flo
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from stagewise.track.plots import save_png
-
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display
     ax = fig.add_subplot()
@@ -272,4 +273,5 @@ def _plot(lrs: list[float], smooth: list[float], losses: list[float], steep: flo
     ax.set_title(f"LR range test of stage '{stage}'")
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)

@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from stagewise.config.plan_config import Plan
+from stagewise.engine.progress import StageSummary
 from stagewise.errors import UserError
-from stagewise.plan.schema import Plan
-from stagewise.tasks.registry import task_spec
-from stagewise.track.progress import StageSummary
+from stagewise.tasks.spec import task_spec
 
 _LOWER_IS_BETTER = ("loss", "ppl")
 Direction = Literal["minimize", "maximize"]

@@ -5,6 +5,8 @@ right now: the stage store's lock makes the second one wait) are reused, not tra
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +15,17 @@ from typing import Any
 
 from rich.console import Console
 
-from stagewise.engine.context import on_eval
+from stagewise.engine.callbacks import Callback
+from stagewise.engine.prepare_run import prepare
+from stagewise.engine.reactions import EvalReporter
+from stagewise.engine.run_logs import read_jsonl
+from stagewise.engine.run_plan import train
+from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.load import validate_plan
 from stagewise.search.cv import FoldData, fold_plan
 from stagewise.search.objective import Objective
 from stagewise.search.space import Param, with_params
-from stagewise.track.logs import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class Pruned(RunStopped):
     plan_interrupted), then the trial is told pruned."""
 
 
+def worker_id() -> dict[str, Any]:
+    """What a running trial records of the process running it (user attr `worker`)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> float:
     """Train the trial's plan (each fold's, with --cv) and return its objective value."""
     import optuna
@@ -60,10 +72,10 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     raw = with_params(setup.raw, params)
     run_dir = setup.trial_dir(trial.number)
     trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
+    trial.set_user_attr("worker", worker_id())  # a search run again sees whether it is still running
     try:
         if setup.folds is None:
-            with on_eval(_reporter(setup.objective, trial)):
-                return _train(setup, raw, run_dir, trial.number)
+            return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))
         values: list[float] = []
         for k, fold in enumerate(setup.folds):
             values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
@@ -90,17 +102,13 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
         trial.set_user_attr("trained", trained)
 
 
-def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int) -> float:
-    from stagewise.engine.prepare import prepare
-    from stagewise.engine.run import train
-    from stagewise.engine.rundir import make_run_directory
-    from stagewise.plan.load import validate_plan
-
+def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
+           callbacks: tuple[Callback, ...] = ()) -> float:
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
     prepared = prepare(plan, setup.plan_path, setup.cache)
     make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
-        summaries = train(prepared, run_dir, console=Console(file=log, width=160))
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160), callbacks=callbacks)
     summary = next(s for s in summaries if s.stage == setup.objective.stage)
     value = setup.objective.final_value(summary)
     if value is None:

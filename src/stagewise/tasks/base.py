@@ -1,5 +1,5 @@
 """What the engine asks of a stage's task: batches that resume exactly, the loss of a batch, and
-the validation metrics rules read. The trainer (engine.trainer) is the same for every task; a task is
+the validation metrics rules read. The trainer (engine.loop) is the same for every task; a task is
 its data, its model and these three things.
 
 causal_lm is tasks.lm.LanguageModelTask (windows of a token stream, counted in tokens); the

@@ -31,6 +31,7 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from stagewise.data.tokenizers import EOS
 from stagewise.errors import UserError
 
 DEFAULT = ("{% for message in messages %}"
@@ -191,8 +192,6 @@ def read_messages(value: Any, where: str) -> list[dict[str, str]]:
 def special_tokens(kind: str, path: str | None, plan_dir: Path) -> dict[str, str]:
     """The special tokens a template may name: the built tokenizers' EOS; a pretrained tokenizer
     directory's bos_token / eos_token (tokenizer_config.json)."""
-    from stagewise.data.tokenizers import EOS
-
     if kind != PRETRAINED or path is None:
         return {"eos_token": EOS}
     config = (plan_dir / path).expanduser() / "tokenizer_config.json"

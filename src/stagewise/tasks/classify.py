@@ -22,11 +22,13 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig, Plan
+from stagewise.config.stage_config import StageConfig
 from stagewise.data.tables import Field
 from stagewise.data.tokenizers import eos_id, warn_unknown
 from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
-from stagewise.plan.schema import DataConfig, ModelConfig, Plan, StageConfig
 from stagewise.tasks.base import ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import encode_classification

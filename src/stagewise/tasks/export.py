@@ -7,7 +7,7 @@ reading it back: both sides of the format in one place.
   settings, sizes, labels) + their word tokenizers (`tokenizers` JSON files).
 
 `stagewise.json`, written last by the engine, marks an export complete and names its task; each
-task's spec (tasks.registry) says what its directory holds.
+task's spec (config.registry) says what its directory holds.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import Tokenizer
 from torch import nn
 
-from stagewise.plan.schema import DataConfig
+from stagewise.config.data_config import DataConfig
 from stagewise.tasks.labels import LabelMap
+from stagewise.tasks.models import builtin_model
 from stagewise.tasks.vocab import PAD, UNK
 
 if TYPE_CHECKING:
@@ -67,8 +68,6 @@ class TrainedStage:
     def builtin(self) -> tuple[nn.Module, dict[str, Any]]:
         """A built-in model rebuilt as its task built it, with the stage's weights; and its model.json."""
         from safetensors.torch import load_model
-
-        from stagewise.tasks.models import builtin_model
 
         description = json.loads((self.directory / BUILTIN_FILE).read_text(encoding="utf-8"))
         model = builtin_model(description["arch"], description["task"], description["sizes"], description["settings"])

@@ -17,8 +17,11 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.stage_config import StageConfig
 from stagewise.data.mixture import MixedData, MixtureSampler, prepare_mixture
-from stagewise.data.prepare import PreparedData
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
 from stagewise.errors import UserError
@@ -26,12 +29,11 @@ from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
 from stagewise.models.build import build_model, context_length
 from stagewise.models.generate import Stop, sample
 from stagewise.models.gpt import GPT
-from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.models import build_builtin
-from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, task_spec
 
 # Inductor options of the compiled loss module. cpp.use_decompose_tanh: tanh as 2 / (1 + exp(-2x)) - 1
 # on CPU instead of Sleef's tanh, which cost a 2-core CPU (1 thread) ~24% of a bf16 GPT-2 step in
@@ -51,8 +53,6 @@ def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> 
     """The plan's causal LM: one of LM_MODELS, else a transformers model from config or
     pretrained weights (models.build)."""
     if cfg.pretrained is None and cfg.arch in LM_MODELS:
-        from stagewise.tasks.registry import task_spec
-
         return build_builtin(cfg, task_spec(LM_FAMILY), {"vocab_size": vocab_size})
     return build_model(cfg, vocab_size, eos_id, plan_dir)
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.registry import TASKS
 from stagewise.errors import UserError
-from stagewise.plan.schema import ModelConfig
-
-if TYPE_CHECKING:
-    from stagewise.tasks.spec import TaskSpec
+from stagewise.tasks.spec import TaskSpec, task_spec
 
 # Constructor arguments the data sets, which the plan may not.
 _SET_BY_DATA = {"num_classes", "num_tags", "vocab_size", "src_vocab_size", "tgt_vocab_size", "pad_id"}
@@ -24,8 +23,6 @@ def root_model(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int],
                transformers_model: Callable[[str, dict[str, Any]], nn.Module]) -> nn.Module:
     """The plan's model for a first stage of `task`: one of the task's built-in models given its
     data `sizes`, else `transformers_model(arch, size keys)`."""
-    from stagewise.tasks.registry import TASKS
-
     arch = cfg.arch
     if cfg.pretrained is not None or arch is None:
         raise UserError("model.pretrained", f"a first {task.name} stage builds its model from arch (pretrained "
@@ -55,8 +52,6 @@ def build_builtin(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int]) -> nn
 
 def builtin_model(arch: str, task: str, sizes: dict[str, int], settings: dict[str, Any]) -> nn.Module:
     """A built-in model rebuilt from an export's model.json."""
-    from stagewise.tasks.registry import task_spec
-
     return task_spec(task).builtin[arch](**sizes, **settings)
 
 

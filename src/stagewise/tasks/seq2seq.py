@@ -1,4 +1,4 @@
-"""The `seq2seq` task for the built-in encoder-decoder (models.seq2seq.TransformerSeq2Seq) and
+"""The `seq2seq` task for the built-in encoder-decoder (models.transformer_seq2seq.TransformerSeq2Seq) and
 transformers' t5 / bart built from config: (source, target) files -> word vocabularies (one per
 side; one for both for t5 / bart, whose embeddings are shared) -> teacher-forced batches, their
 loss, and validation BLEU / chrF (sacrebleu), or the `eval.metrics` asked for (ROUGE for
@@ -23,10 +23,12 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.stage_config import StageConfig
 from stagewise.data.tables import Field
 from stagewise.errors import UserError
-from stagewise.models.seq2seq import TransformerSeq2Seq, until_eos
-from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
+from stagewise.models.transformer_seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.encode import IGNORE, encode_seq2seq, targets

@@ -23,11 +23,13 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.stage_config import StageConfig
 from stagewise.data.sources import Corpus
 from stagewise.data.tokenizers import eos_id, warn_unknown
 from stagewise.models.build import context_length
 from stagewise.models.generate import sample
-from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate

@@ -1,5 +1,5 @@
 """What a task is to the rest of stagewise: one `TaskSpec` per task module, found through
-tasks.registry. The engine, the plan's checks, exports and the trained-run commands ask the spec;
+config.registry. The engine, the plan's checks, exports and the trained-run commands ask the spec;
 nothing outside `tasks/` compares task or model names.
 
 A spec declares its data keys and defaults, the metrics it reports, which tasks it can follow,
@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig, Plan
+from stagewise.config.registry import TASKS
+from stagewise.config.stage_config import EvalConfig, StageConfig
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig, EvalConfig, ModelConfig, Plan, StageConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,12 +31,13 @@ if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
-    from stagewise.data.prepare import PreparedData
+    from stagewise.data.prepared_data import PreparedData
     from stagewise.data.sources import Corpus
     from stagewise.models.adapters import AdapterStep
     from stagewise.tasks.base import Task
     from stagewise.tasks.chat import ChatTemplate
     from stagewise.tasks.export import TrainedStage
+    from stagewise.tasks.user_task import UserParts
 
 LM_FAMILY = "causal_lm"  # the tasks that train a causal LM (causal_lm, sft)
 
@@ -84,6 +88,8 @@ class StageInput:
     lm_based: bool  # the stage reads the plan's tokenizer
     template: ChatTemplate | None = None  # the plan's chat template (with the plan's tokenizer)
     cache_root: Path | None = None  # the token cache's, for a stage's own text in the plan's tokenizer
+    stage: str = ""  # the name of the (first) stage reading it
+    parts: UserParts | None = None  # what a Python caller passed (task python: tasks.user_task)
 
     @property
     def word_vocab_size(self) -> int:
@@ -214,8 +220,6 @@ class TaskSpec(ABC):
     def can_follow(self) -> list[str]:
         """The tasks whose model a stage of this task can train (its family), then those it can put
         a head on (heads_on_lm)."""
-        from stagewise.tasks.registry import TASKS
-
         own = [t.name for t in TASKS.values() if t.family == self.family]
         heads = [t.name for t in TASKS.values() if self.heads_on_lm and t.family == LM_FAMILY and t.name not in own]
         return own + heads
@@ -276,3 +280,11 @@ class TaskSpec(ABC):
     def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, float], int]:
         """The task's validation metrics on a file like the stage's own, and how many
         `counts` were scored."""
+
+
+def task_spec(name: str, where: str = "task") -> TaskSpec:
+    """The registered task `name` (config.registry)."""
+    if name not in TASKS:
+        raise UserError(where, f"unknown task '{name}' (tasks: {', '.join(TASKS)})")
+    spec: TaskSpec = TASKS[name]
+    return spec

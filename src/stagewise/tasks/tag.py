@@ -19,8 +19,10 @@ from tokenizers import Tokenizer
 from torch import nn
 from torch.nn import functional as F
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import ModelConfig
+from stagewise.config.stage_config import StageConfig
 from stagewise.models.bigru import BiGRUTagger
-from stagewise.plan.schema import DataConfig, ModelConfig, StageConfig
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 
 
 def plan_lr_curve(stages: list[ResolvedStage]) -> list[float]:

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from stagewise.plan.resolve import ResolvedStage
+from stagewise.plan.resolved import ResolvedStage
 from stagewise.track.branches import Line, lanes, lines
 from stagewise.track.plan_view import plan_lr_curve, run_time_lr, wide
 from stagewise.track.runs import Run, StageSpan

@@ -15,9 +15,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from stagewise.engine.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.errors import UserError
+from stagewise.search.results import BEST, HEADERS, SETTINGS, load_settings, trial_rows, write_plots
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
-from stagewise.track.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.track.runs import Run, StageRow, load_run, when
 
 _STYLE = """
@@ -55,8 +56,6 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
 
 
 def _is_search(directory: Path) -> bool:
-    from stagewise.search.results import SETTINGS
-
     return (directory / SETTINGS).is_file()
 
 
@@ -64,7 +63,6 @@ def write_search_report(directory: Path, out: Path | None = None) -> Path:
     """A search directory's page: its trials, the best plan, Optuna's history and importance plots."""
     import optuna
 
-    from stagewise.search.results import BEST, HEADERS, load_settings, trial_rows, write_plots
     from stagewise.search.study import storage_of
 
     settings = load_settings(directory)

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.config.data_config import MixSource
+from stagewise.engine.progress import StageSummary
+from stagewise.engine.run_logs import read_jsonl
 from stagewise.engine.rundir import is_training
 from stagewise.errors import UserError
-from stagewise.plan.schema import MixSource
-from stagewise.track.logs import read_jsonl
-from stagewise.track.progress import StageSummary
 
 
 @dataclass(frozen=True)

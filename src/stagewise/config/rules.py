@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.plan.base import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
+from stagewise.config.fields import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
+from stagewise.config.registry import TASKS
 
 
 def _known(value: str, kind: str, names: list[str]) -> str:
@@ -20,18 +21,14 @@ def _known(value: str, kind: str, names: list[str]) -> str:
 
 
 def _known_metric(value: str) -> str:
-    """A metric some task reports (tasks.registry); which ones a stage's task reports is checked
+    """A metric some task reports (config.registry); which ones a stage's task reports is checked
     when the plan is resolved. Known when rules are evaluated (after each evaluation): the
     validation metrics, and the mean training loss since the previous log line."""
-    from stagewise.tasks.registry import TASKS
-
     metrics = [m for spec in TASKS.values() for m in (*spec.metrics, *(f"val_{s}" for s in spec.selectable))]
     return _known(value, "metric", list(dict.fromkeys(metrics)))
 
 
 def _known_task(value: str) -> str:
-    from stagewise.tasks.registry import TASKS
-
     return _known(value, "task", list(TASKS))
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.cache import open_token_array, token_array
 from stagewise.data.sources import Corpus, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
-from stagewise.plan.schema import DataConfig, TokenizerConfig
 
 
 @dataclass(frozen=True)

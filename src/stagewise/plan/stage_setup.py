@@ -18,24 +18,28 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.data.prepare import PreparedData
+from stagewise.config.data_config import DataConfig
+from stagewise.config.plan_config import Plan
+from stagewise.config.registry import TASKS
+from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sources import Corpus, data_file_keys
 from stagewise.errors import UserError
 from stagewise.models.adapters import stage_model
 from stagewise.models.build import context_length
 from stagewise.models.heads import carry_weights
-from stagewise.plan.schema import DataConfig, Plan
 from stagewise.plan.tree import StageNode
 from stagewise.tasks.chat import ChatTemplate
-from stagewise.tasks.registry import TASKS, task_spec
-from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.spec import LM_FAMILY, TASK_DATA_KEYS, StageInput, StageSetup, TaskSpec, task_spec
+from stagewise.tasks.user_task import UserParts
 
 
 def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | None, lm: nn.Module | None,
-                 plan_dir: Path, template: ChatTemplate | None = None, cache_root: Path | None = None) -> list[StageSetup]:
+                 plan_dir: Path, template: ChatTemplate | None = None, cache_root: Path | None = None,
+                 parts: UserParts | None = None) -> list[StageSetup]:
     """Every stage's data and model, in plan order. `lm_data`/`lm`: the plan's token streams and
     causal LM, when its tokenizer is not `word`; the plan's model is then that LM, and `template`
-    its chat template (tasks.chat). `cache_root`: the token cache's (a stage's own mixture)."""
+    its chat template (tasks.chat). `cache_root`: the token cache's (a stage's own mixture).
+    `parts`: a Python caller's model, rows and loss (tasks.user_task)."""
     _check_fields({task_spec(n.config.task) for n in nodes if n.config.data is None} or {task_spec("causal_lm")},
                   plan.data, "data")
     setups: list[StageSetup] = []
@@ -48,13 +52,14 @@ def setup_stages(plan: Plan, nodes: list[StageNode], lm_data: PreparedData | Non
         parent = setups[node.parent.index] if node.parent is not None else root
         lm_based = spec.uses_lm_tokenizer(parent, plan)
         data_cfg = cfg.data or plan.data
-        key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based], sort_keys=True)
+        rows = id(parts.data_for(node.name)) if parts is not None else None  # a stage's own rows: its own data
+        key = json.dumps([cfg.task, data_cfg.model_dump(mode="json"), lm_based, rows], sort_keys=True)
         if key not in prepared:
             where = f"{node.where}.data" if cfg.data is not None else "data"
             with data_file_keys(data_cfg, plan_dir, where):  # a bad file also names the plan key
                 prepared[key] = _prepare(spec, StageInput(data_cfg, where, cfg.data is not None, plan, plan_dir,
                                                           lm_data, lm_based, template if lm_based else None,
-                                                          cache_root))
+                                                          cache_root, node.name, parts))
         data, fingerprint = prepared[key]
         if parent is None:  # a plan of the tasks' own models: the first stage's task builds it
             parent = root = StageSetup(spec, data, fingerprint, spec.root_model(plan.model, data), lm_based=False)

@@ -1,7 +1,7 @@
 """A merge stage's start: instead of its parent's end, the weighted mean of the parent's
 checkpoints at the steps plan.resolve picked (`ResolvedStage.merged`: the parent saves and keeps
 them, as it does a branch's `@STEP`). The stage then makes no update; it is evaluated, saved,
-cached and exported as any stage's end (engine.run)."""
+cached and exported as any stage's end (engine.run_plan)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from stagewise.engine.checkpoint import InvalidCheckpoint, load_checkpoint
 from stagewise.engine.context import RunContext
-from stagewise.engine.handoff import HeldState
-from stagewise.engine.prepare import Prepared, Stage
+from stagewise.engine.prepare_run import Prepared, Stage
+from stagewise.engine.stage_optimizer import HeldState
 from stagewise.errors import RunStopped
 from stagewise.optim.average import merge_coefficients, merge_states
 

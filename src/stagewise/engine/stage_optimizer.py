@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.config.optimizer_config import ADAM
+from stagewise.engine.run_logs import RunLogs
 from stagewise.engine.sharded import full_optimizer_state, sharded_optimizer_state
 from stagewise.errors import RunStopped
-from stagewise.optim.handoff import SwatsEstimate, convert_adam_to_sgd, swats_lr
 from stagewise.optim.layers import StageLayers
 from stagewise.optim.optimizers import apply_settings, build_optimizer
-from stagewise.plan.resolve import ResolvedStage
-from stagewise.plan.schema import ADAM
-from stagewise.track.logs import RunLogs
+from stagewise.optim.swats import SwatsEstimate, convert_adam_to_sgd, swats_lr
+from stagewise.plan.resolved import ResolvedStage
 
 
 @dataclass

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stagewise.config.plan_config import Plan
 from stagewise.data.mixture import MixedData
-from stagewise.data.prepare import PreparedData, prepare_data
+from stagewise.data.prepared_data import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
@@ -19,15 +20,16 @@ from stagewise.engine.sharded import check_sharded
 from stagewise.engine.utilization import device_memory
 from stagewise.errors import UserError
 from stagewise.models.build import apply_liger, checkpoint_activations, context_length, set_attention
-from stagewise.models.keys import check_model_keys
 from stagewise.optim.layers import StageLayers
-from stagewise.plan.resolve import ResolvedStage, StageData, resolve_stages
-from stagewise.plan.schema import Plan
+from stagewise.plan.model_keys import check_model_keys
+from stagewise.plan.resolve import resolve_stages
+from stagewise.plan.resolved import ResolvedStage, StageData
+from stagewise.plan.stage_setup import plan_corpus, setup_stages
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.chat import plan_template, special_tokens
 from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
-from stagewise.tasks.stage_setup import plan_corpus, setup_stages
+from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
 
 _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
 
@@ -35,7 +37,7 @@ _PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_
 @dataclass(frozen=True, eq=False)
 class Stage:
     """One stage of the plan: its resolved numbers (config, steps, optimizer, key: plan.resolve),
-    its task, data and model (tasks.stage_setup), its layers, and its parent stage."""
+    its task, data and model (plan.stage_setup), its layers, and its parent stage."""
 
     resolved: ResolvedStage
     setup: StageSetup
@@ -83,11 +85,17 @@ class Prepared:
         return StageStore(self.cache_root, stage.key)
 
 
-def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
+def prepare(plan: Plan, plan_path: Path, cache_root: Path, parts: UserParts | None = None) -> Prepared:
+    """`parts`: a Python caller's model, rows and loss (tasks.user_task); a model passed in takes
+    the place of the plan's and is trained in place; it takes part in the stage keys by its fingerprint."""
+    own_model = parts.model if parts is not None else None
     try:
         nodes = stage_tree(plan)
         device = resolve_device(plan.device)
-        check_model_keys(plan, device_memory(device))  # before any data is read or model built
+        if parts is not None:
+            parts.check([n.name for n in nodes])
+        if own_model is None:
+            check_model_keys(plan, device_memory(device))  # before any data is read or model built
         lm_data = lm = template = None
         compiled = False
         if plan.tokenizer.kind != "word":  # a transformers causal LM and its token streams
@@ -98,7 +106,8 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
                                    corpus=plan_corpus(plan, nodes, template, plan_path.parent))
         seed_everything(plan.seed)  # the model's initial weights come from the plan's seed
         if lm_data is not None:
-            lm = build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+            lm = (build_lm(plan.model, lm_data.vocab_size, eos_id(lm_data.tokenizer), plan_path.parent)
+                  if own_model is None else check_vocab(own_model, lm_data.vocab_size))
             compiled = resolve_compile(plan, device, lm, len(lm_data.train), context_length(lm))
             set_attention(lm, plan.model.attention, compiled, device)
             if plan.model.activation_checkpointing:
@@ -108,10 +117,11 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path) -> Prepared:
         elif plan.model.activation_checkpointing or plan.model.liger:
             key = "activation_checkpointing" if plan.model.activation_checkpointing else "liger"
             raise UserError(f"model.{key}", "for causal LMs (a plan with a word tokenizer builds small task models)")
-        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root)
+        setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root, parts)
         _check_handoffs(nodes, setups)
         dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
-        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"}),
+        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"})
+                    if own_model is None else {"object": model_fingerprint(own_model)},
                     "tokenizer": plan.tokenizer.model_dump(mode="json"), "data": lm_data.fingerprint if lm_data else None,
                     "seed": plan.seed, "precision": str(dtype)}
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,

@@ -1,7 +1,7 @@
 """Using a trained run: find a finished stage, copy its export, run it on a prompt, evaluate it on
 a file. These read only the stage's export (tasks.export) and the run's `plan.yaml`, for the
 stage's data settings (columns, max_len, batch size, beam); what a task does with them is its
-spec's (tasks.registry), so evaluating the stage's validation file gives its own final metrics.
+spec's (config.registry), so evaluating the stage's validation file gives its own final metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from stagewise.config.data_config import DataConfig
+from stagewise.config.registry import TASKS
 from stagewise.errors import UserError
-from stagewise.plan.schema import DataConfig
 from stagewise.tasks.export import MARKER, TrainedStage
 from stagewise.tasks.labels import LabelMap
-from stagewise.tasks.registry import TASKS, task_spec
-from stagewise.tasks.spec import GenerateOptions
+from stagewise.tasks.spec import GenerateOptions, task_spec
 
 COUNTS = tuple(dict.fromkeys(spec.counts for spec in TASKS.values()))  # what `evaluate` counts, by task
 

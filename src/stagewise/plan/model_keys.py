@@ -13,8 +13,12 @@ import math
 import os
 from typing import Any
 
+from stagewise.config.plan_config import Plan
+from stagewise.config.registry import TASKS
 from stagewise.errors import UserError
-from stagewise.plan.schema import Plan
+from stagewise.models.build import config_keys
+from stagewise.plan.load import echo
+from stagewise.tasks.spec import task_spec
 
 MAX_SIZE = 2**24  # any width, length or count
 MAX_LAYERS = 256  # a thousand blocks take minutes to build on a CPU
@@ -34,8 +38,6 @@ def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
     cfg = plan.model
     if cfg.arch is None:  # pretrained: what it loads is checked as it loads
         return
-    from stagewise.tasks.registry import TASKS, task_spec
-
     keys = cfg.size_keys()
     vocab = keys.get("vocab_size") or plan.tokenizer.vocab_size or 256
     if any(cfg.arch in spec.builtin for spec in TASKS.values()):
@@ -52,8 +54,6 @@ def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
 
     if cfg.arch not in CONFIG_MAPPING:  # an unknown arch: said when the model is built
         return
-    from stagewise.models.build import config_keys
-
     config_class = CONFIG_MAPPING[cfg.arch]
     known = config_keys(config_class)
     for key in sorted(keys):
@@ -192,6 +192,4 @@ def _check_memory(parameters: int, memory: tuple[int, str] | None) -> None:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    from stagewise.plan.load import echo
-
     return echo(value, limit)

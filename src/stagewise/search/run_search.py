@@ -45,8 +45,9 @@ class SearchResult:
     notes: list[str]
 
 
-def search(plan_path: Path, options: SearchOptions, console: Console) -> SearchResult:
-    setup = prepare_search(plan_path, options)
+def search(plan_path: Path, options: SearchOptions, console: Console, raw: dict[str, Any] | None = None) -> SearchResult:
+    """`raw`: the plan as read (stagewise.Plan), in place of reading `plan_path`."""
+    setup = prepare_search(plan_path, options, raw)
     study = open_study(setup)
     again = retry_interrupted(study)
     if again:
@@ -60,11 +61,11 @@ def search(plan_path: Path, options: SearchOptions, console: Console) -> SearchR
     return summarize(setup, console)
 
 
-def prepare_search(plan_path: Path, options: SearchOptions) -> SearchSetup:
+def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] | None = None) -> SearchSetup:
     """Every check that needs no training, then the search directory's settings (and folds)."""
     if options.trials < 1 or options.workers < 1:
         raise UserError("--trials" if options.trials < 1 else "--workers", "must be >= 1")
-    raw = read_yaml(plan_path)
+    raw = read_yaml(plan_path) if raw is None else raw
     plan = validate_plan(raw, where=str(plan_path))
     space = load_space(options.space)
     check_space(space, raw, plan_path, options.space)
@@ -104,6 +105,12 @@ def summarize(setup: SearchSetup, console: Console) -> SearchResult:
     study = open_study(setup)
     rows = trial_rows(study)
     print_trials(console, rows, str(setup.objective))
+    done = sum(r.state in ("complete", "pruned") for r in rows)
+    if done < setup.trials:  # a running trial is not a done one
+        running = sum(r.state == "running" for r in rows)
+        console.print(f"{done} of {setup.trials} trials done" + (f", {running} running (other workers: run the "
+                      "search again once they end)" if running else "; run the search again to go on"),
+                      markup=False, highlight=False)
     best = write_best(setup.out, setup.raw, setup.plan_path, study)
     plots, notes = write_plots(study, setup.out)
     for note in notes:
