@@ -106,6 +106,12 @@ def summarize(setup: SearchSetup, console: Console) -> SearchResult:
     study = open_study(setup)
     rows = trial_rows(study)
     print_trials(console, rows, str(setup.objective))
+    done = sum(r.state in ("complete", "pruned") for r in rows)
+    if done < setup.trials:  # a running trial is not a done one
+        running = sum(r.state == "running" for r in rows)
+        console.print(f"{done} of {setup.trials} trials done" + (f", {running} running (other workers: run the "
+                      "search again once they end)" if running else "; run the search again to go on"),
+                      markup=False, highlight=False)
     best = write_best(setup.out, setup.raw, setup.plan_path, study)
     plots, notes = write_plots(study, setup.out)
     for note in notes:
