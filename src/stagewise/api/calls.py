@@ -155,13 +155,13 @@ def lr_find(plan: PlanLike, stage: str, *, start: float = 1e-7, end: float = 10.
 def search(plan: PlanLike, space: Path, *, trials: int, workers: int = 1, storage: str | None = None,
            study: str | None = None, out: Path | None = None, metric: str | None = None,
            direction: str | None = None, pruner: str = "median", sampler: str = "tpe", cv: int | None = None,
-           console: Console | None = None) -> SearchResult:
+           plugins: tuple[str, ...] = (), console: Console | None = None) -> SearchResult:
     """A hyperparameter search (Optuna) over plan keys: `space` a SPACE.yaml file (key path ->
     {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}); trials share stages through the cache."""
     plan = as_plan(plan)
     options = SearchOptions(space=space, trials=trials, workers=workers, storage=storage, study=study, out=out,
                             metric=metric, direction=direction, pruner=pruner, sampler=sampler,  # type: ignore[arg-type]
-                            cv=cv)
+                            cv=cv, plugins=plugins)
     return run_search(plan.file, options, console or Console(), raw=plan.raw)
 
 

@@ -34,6 +34,7 @@ class SearchOptions:
     pruner: str = "median"
     sampler: str = "tpe"
     cv: int | None = None
+    plugins: tuple[str, ...] = ()  # --plugin: what each worker process imports first
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] 
     return SearchSetup(plan_path=plan_path, raw=raw, space=space, objective=objective, out=out,
                        storage=storage, study=study, trials=options.trials,
                        workers=options.workers, sampler=options.sampler, pruner=options.pruner, seed=plan.seed,
-                       folds=folds)
+                       folds=folds, plugins=options.plugins)
 
 
 def _check_same_search(out: Path, settings: dict[str, Any]) -> None:

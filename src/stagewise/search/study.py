@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.plugins import load_plugins
 from stagewise.search.trial import SearchSetup, run_trial
 
 HEARTBEAT_SECONDS = 30  # a trial whose worker stopped beating for twice this is failed, then retried
@@ -200,6 +201,7 @@ def work(setup: SearchSetup, worker: int = 0, console: Console | None = None) ->
 def _worker_main(setup: SearchSetup, worker: int) -> None:
     """A spawned worker process's entry: a stop is one line, as in the CLI."""
     try:
+        load_plugins(list(setup.plugins))
         work(setup, worker)
     except UserError as e:
         print(f"error: {e}", flush=True)

@@ -45,6 +45,7 @@ class SearchSetup:
     pruner: str
     seed: int
     folds: list[FoldData] | None  # --cv: the objective stage's data for each fold
+    plugins: tuple[str, ...] = ()  # --plugin: imported first by each spawned worker
 
     @property
     def cache(self) -> Path:
