@@ -5,13 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs docs-figures clean
+.PHONY: demo test lint bench study docs docs-figures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,docs]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench,docs,wandb,mlflow,trackio]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +36,10 @@ docs-figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# the study of what multi-step plans buy (benchmarks/study.py): runs/study/full, resumable
+study: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py
 
 clean:
 	rm -rf $(VENV) runs site

@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="the character corpus (tinyshakespeare)")
     parser.add_argument("--tests", default="tests", help="where pytest looks for the tests marked cuda")
     args = parser.parse_args()
+    if not args.text.is_file():
+        raise SystemExit(f"gpu_check: no corpus at {args.text} (--text FILE: a character corpus, tinyshakespeare.txt)")
     work = args.work or args.out.parent / "gpu_check_work"
     if work.exists() and args.work is None:
         shutil.rmtree(work)  # ours: made by an earlier check at this default place

@@ -129,6 +129,8 @@ def _default(field: FieldInfo) -> str:
         return "{}" if not value.model_fields_set else f"`{value.model_dump(exclude_unset=True)}`"
     if value == []:
         return "`[]`"
+    if isinstance(value, list) and all(isinstance(v, BaseModel) for v in value):
+        return f"`{_yaml([v.model_dump(exclude_unset=True) for v in value])}`"
     return f"`{_yaml(value)}`"
 
 

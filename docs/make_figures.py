@@ -3,8 +3,9 @@
 - images/lr-curve.png: `stagewise check --plot` of the plan of tutorials/first-plan.md;
 - images/branches.png: the loss curves of the branched plan of how-to/branch-and-merge.md, trained;
 - images/report.png: that run's report.html, `stagewise report`, in headless Chromium;
-- images/throughput.png, images/stages.png: the measured tables of the benchmarks page, drawn from
-  benchmarks/results/*.json (`--benchmarks-only` draws just these, in seconds).
+- images/throughput.png: the measured table of the benchmarks page, drawn from
+  benchmarks/results/throughput.json (`--benchmarks-only` draws just it, in seconds); the study's
+  plots (images/study-*.png) are drawn by benchmarks/study.py with its tables.
 
 It trains for a few minutes on a CPU; the runs go to runs/docs-figures/ (ignored).
 """
@@ -56,7 +57,7 @@ def screenshot(url: str, out: Path, size: str = "1400,1000") -> None:
 
 
 def benchmark_figures() -> None:
-    """Bar charts of benchmarks/results/throughput.json and stages.json (the benchmarks page's tables)."""
+    """A bar chart of benchmarks/results/throughput.json (the benchmarks page's table)."""
     throughput = json.loads((RESULTS / "throughput.json").read_text(encoding="utf-8"))
     methods = {"stagewise": "stagewise", "stagewise_defaults": "stagewise, no settings", "loop": "hand-written loop",
                "trainer_compiled": "HF Trainer, compiled", "trainer": "HF Trainer"}
@@ -73,23 +74,6 @@ def benchmark_figures() -> None:
             ax.set_yticklabels([])
     fig.tight_layout()
     save_png(fig, IMAGES / "throughput.png")
-
-    stages = json.loads((RESULTS / "stages.json").read_text(encoding="utf-8"))
-    names = {"constant": "constant LR", "cooldown": "cooldown (1-sqrt)", "merge": "merge, uniform",
-             "merge_linear": "merge, linear", "ema": "EMA 0.99", "schedulefree": "schedule-free AdamW"}
-    fig = Figure(figsize=(7, 3))
-    ax = fig.add_subplot(1, 1, 1)
-    for offset, seed in zip((-0.2, 0.2), sorted(next(iter(stages["val_loss"].values()))), strict=True):
-        ax.barh([i + offset for i in range(len(names))], [stages["val_loss"][n][seed] for n in names], height=0.4,
-                label=f"seed {seed}")
-    ax.set_yticks(range(len(names)), list(names.values()))
-    ax.invert_yaxis()
-    losses = [v for per_seed in stages["val_loss"].values() for v in per_seed.values()]
-    ax.set_xlim(min(losses) - 0.01, max(losses) + 0.005)
-    ax.set_title("validation loss after 400 updates (lower is better)")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    save_png(fig, IMAGES / "stages.png")
 
 
 def main() -> None:

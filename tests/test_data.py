@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sysconfig
@@ -18,6 +19,7 @@ from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data import prepared_data as prepare_module
 from stagewise.data import sources
 from stagewise.data.cache import token_array
+from stagewise.data.documents import Documents
 from stagewise.data.prepared_data import prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import load_corpus
@@ -37,7 +39,12 @@ def shakespeare() -> str:
 
 
 def corpus(tmp_path: Path, seed: int = 0, **cfg) -> sources.Corpus:
-    return load_corpus(DataConfig(**cfg), tmp_path, seed=seed, cache_dir=tmp_path / "hf")
+    return listed(load_corpus(DataConfig(**cfg), tmp_path, seed=seed, cache_dir=tmp_path / "hf"))
+
+
+def listed(c: sources.Corpus) -> sources.Corpus:
+    """The corpus with its splits as lists of whole documents, to compare with lists."""
+    return dataclasses.replace(c, train=list(c.train.documents()), val=list(c.val.documents()))
 
 
 def write(path: Path, text: str) -> Path:
@@ -120,7 +127,7 @@ def test_stdlib_placeholder(tmp_path):
 
 
 def test_val_fraction_matches_nanogpt_split(tmp_path, shakespeare):
-    c = load_corpus(DataConfig(train=str(SHAKESPEARE)), tmp_path, seed=0, cache_dir=tmp_path / "hf")
+    c = listed(load_corpus(DataConfig(train=str(SHAKESPEARE)), tmp_path, seed=0, cache_dir=tmp_path / "hf"))
     assert [len(d) for d in c.train] == [1_003_854]
     assert [len(d) for d in c.val] == [111_540]
     assert c.train[0] + c.val[0] == shakespeare
@@ -351,33 +358,33 @@ class CountingTokenizer:
 def test_token_cache_writes_once_and_reuses(tmp_path):
     docs = ["abc", "", "cab"]
     tok = CountingTokenizer(build_tokenizer(TokenizerConfig(kind="char"), docs, tmp_path))
-    first = token_array(docs, tok, tmp_path / "tokens", "k1")
+    first = token_array(Documents.of(docs), tok, tmp_path / "tokens", "k1")
     eos, (a, b, c) = eos_id(tok.tok), (tok.token_to_id(ch) for ch in "abc")
     assert first.tolist() == [a, b, c, eos, eos, c, a, b]  # eos between documents only
     assert isinstance(first, np.memmap) and first.dtype == np.uint16 and not first.flags.writeable
     assert json.loads((tmp_path / "tokens/k1.json").read_text())["length"] == 8
     assert tok.batches == 1
 
-    again = token_array(docs, tok, tmp_path / "tokens", "k1")
+    again = token_array(Documents.of(docs), tok, tmp_path / "tokens", "k1")
     assert tok.batches == 1  # reused, not retokenized
     assert np.array_equal(again, first)
-    token_array(docs, tok, tmp_path / "tokens", "k2")
+    token_array(Documents.of(docs), tok, tmp_path / "tokens", "k2")
     assert tok.batches == 2
     assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["k1.bin", "k1.json", "k2.bin", "k2.json"]
 
 
 def test_token_cache_rewrites_an_incomplete_entry(tmp_path):
     tok = CountingTokenizer(build_tokenizer(TokenizerConfig(kind="byte"), [], tmp_path))
-    first = token_array(["hello"], tok, tmp_path, "k").tolist()
+    first = token_array(Documents.of(["hello"]), tok, tmp_path, "k").tolist()
     (tmp_path / "k.bin").write_bytes(b"\0")  # e.g. a disk-full write
-    assert token_array(["hello"], tok, tmp_path, "k").tolist() == first
+    assert token_array(Documents.of(["hello"]), tok, tmp_path, "k").tolist() == first
     assert tok.batches == 2
 
 
 def test_token_cache_uses_uint32_past_65536_ids(tmp_path):
     text = "".join(map(chr, range(0x10000, 0x10000 + 65_600)))
     tok = build_tokenizer(TokenizerConfig(kind="char"), [text], tmp_path)
-    tokens = token_array([text], tok, tmp_path, "big")
+    tokens = token_array(Documents.of([text]), tok, tmp_path, "big")
     assert tokens.dtype == np.uint32 and int(tokens.max()) == 65_599
 
 
@@ -516,7 +523,7 @@ def test_text_files_read_as_datasets_text_builder_reads_them(tmp_path: Path) -> 
     (tmp_path / "a.txt").write_bytes(b"ROMEO:\r\nwhat light\rthrough\n\xc3\xa9\n")
     (tmp_path / "b.txt").write_bytes(b"second file\n\n")
     (tmp_path / "c.txt").write_text("held out\n", encoding="utf-8")
-    corpus = load_corpus(DataConfig(train=["a.txt", "b.txt"], val="c.txt"), tmp_path, seed=0)
+    corpus = listed(load_corpus(DataConfig(train=["a.txt", "b.txt"], val="c.txt"), tmp_path, seed=0))
     with tempfile.TemporaryDirectory() as scratch:
         ds = datasets.load_dataset("text", data_files=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
                                    split="train", sample_by="document", cache_dir=scratch, keep_in_memory=True)

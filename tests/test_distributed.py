@@ -10,6 +10,7 @@ differences are ~1e-6 relative; the tests allow 1e-4. Resuming at the same world
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -75,7 +76,7 @@ def _close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
 def runs(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Path]:
     """The plan trained once in one process and once in two (torchrun)."""
     tmp = tmp_path_factory.mktemp("dp")
-    plan = _plan(tmp, corpus, "plan")
+    plan = _plan(tmp, corpus, "plan", track=["tensorboard", "mlflow"] if importlib.util.find_spec("mlflow") else [])
     _one(plan, tmp / "one", tmp / "cache-one")
     assert not torch.distributed.is_initialized()  # one process never starts a process group
     done = _two(plan, tmp / "two", tmp / "cache-two")
@@ -94,6 +95,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs: dict[str, P
     assert len(metrics(runs["two"], "train")) == 70  # one line per update, not one per rank
     assert "data parallel: 2 processes (ddp)" in str(runs["stdout"])
     assert (runs["two"] / "stages" / "b" / "model.safetensors").is_file()
+    if importlib.util.find_spec("mlflow"):  # only rank 0 logs to the trackers: one MLflow run, one point per update
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{runs['two'] / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 70
 
 
 def _wait_for_step(proc: subprocess.Popen[str], run: Path, step: int, timeout: float = 180) -> None:

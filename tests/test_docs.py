@@ -21,6 +21,8 @@ from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
+from stagewise.config.registry import TASKS
+from stagewise.engine.callbacks import CALLBACKS
 from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
 from stagewise.search.space import check_space, load_space
@@ -263,7 +265,8 @@ def test_the_first_tutorials_plan_trains_and_resumes_exactly(tmp_path: Path, mon
 
 
 @pytest.mark.parametrize("page", sorted({b.page for b in _all_blocks("python")}))
-def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           request: pytest.FixtureRequest) -> None:
     """A page's Python blocks run in order in one directory beside a `shared/` (its plans read
     ../shared/data); a block after `<!-- validate-only -->` is compiled and its imports run."""
     if not (snippets.SHARED / "data" / "tinyshakespeare.txt").is_file():
@@ -272,6 +275,9 @@ def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatc
     root.mkdir()
     (tmp_path / "shared").symlink_to(snippets.SHARED)
     monkeypatch.chdir(root)
+    for registry in (TASKS, CALLBACKS):  # what a page registers stays on that page
+        saved = dict(registry)
+        request.addfinalizer(lambda registry=registry, saved=saved: (registry.clear(), registry.update(saved)))
     text = (DOCS / page).read_text(encoding="utf-8")
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in snippets.blocks(DOCS / page, "python"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,13 @@ def test_the_device_check_dry_run_writes_every_figure(tmp_path: Path, corpus: Pa
     assert set(goals) == {"ratio_to_nanogpt", "ratio_goal_met", "mfu_124m", "mfu_goal_met", "tests_passed",
                           "fsdp_checkpointing_same_loss"}
     assert goals["tests_passed"] and goals["fsdp_checkpointing_same_loss"]
+
+
+def test_the_device_check_without_its_wheels_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "x.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "GPU_CHECK_WHEELS": str(tmp_path / "none")})
+    assert done.returncode == 2
+    assert done.stderr == (f"gpu_check.sh: no wheels at {tmp_path / 'none'} (see the top of this script for how "
+                           "to make them)\n")
+    assert not (tmp_path / "x.json").exists()

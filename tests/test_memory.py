@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_plan, write_plan
 from torch.nn import functional as F
 
+from stagewise.cli import main
 from stagewise.config.plan_config import ModelConfig
 from stagewise.errors import UserError
 from stagewise.models.build import apply_liger, build_model, checkpoint_activations, set_attention
@@ -107,3 +109,14 @@ def test_liger_off_cuda_is_one_line() -> None:
     with pytest.raises(UserError, match="Triton kernels for CUDA; this run is on cpu") as e:
         apply_liger(MODELS["llama"](), torch.device("cpu"))
     assert e.value.where == "model.liger"
+
+
+def test_liger_asked_for_on_cpu_is_one_line_at_check(tmp_path: Path, corpus: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 2}], device="cpu")
+    plan["model"] = {"arch": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                     "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 32, "liger": True}
+    path = write_plan(tmp_path, plan)
+    assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: model.liger: Liger's kernels are Triton kernels for CUDA; "
+                                       "this run is on cpu\n")

@@ -303,3 +303,51 @@ def test_bad_input_is_one_line_before_any_trial(tmp_path: Path, corpus: Path, ca
     assert code == 2
     assert err == line.replace("SPACE", str(space_path)).replace("PLAN", str(plan)) + "\n"
     assert not (out / "trials").exists()
+
+
+def test_trials_of_a_search_killed_hard_run_again_with_their_values(tmp_path: Path, corpus: Path) -> None:
+    """kill -9 of the search mid-trial leaves that trial RUNNING in study.db (its worker could not
+    say otherwise); the search run again sees its worker is gone, runs it again with the same
+    values and ends with every trial done (none counted done while it was running)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plan, out = _plan(tmp_path, corpus), tmp_path / "search"
+    space = _space(tmp_path, SPACE)
+    proc = subprocess.Popen([sys.executable, "-m", "stagewise", "search", str(plan), "--space", str(space),
+                             "--trials", "2", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "trials" / "0000" / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and any(e["event"] == "checkpoint_saved" for e in read_jsonl(log))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
+    console = Console(width=200, file=open(tmp_path / "console.txt", "w"))
+    rows = search(plan, SearchOptions(space=space, trials=2, out=out), console).rows
+    assert [(r.state, r.note) for r in rows] == [
+        ("fail", f"its worker (process {proc.pid}) is gone"), ("complete", "retry of 0"), ("complete", "")]
+    assert rows[1].params == rows[0].params
+    assert "trials done" not in (tmp_path / "console.txt").read_text()  # all two are
+
+
+def test_a_search_says_how_many_trials_are_done_when_one_still_runs(tmp_path: Path, corpus: Path) -> None:
+    """A trial another worker is running (alive: here, this very test's parent process) is not done."""
+    import os
+
+    plan, out = _plan(tmp_path, corpus), tmp_path / "search"
+    options = SearchOptions(space=_space(tmp_path, SPACE), trials=1, out=out)
+    setup = prepare_search(plan, options)
+    study = study_module.open_study(setup)
+    with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used with Study.optimize"):
+        running = study.ask()  # as another worker's optimize does
+    running.set_user_attr("worker", {"host": __import__("socket").gethostname(), "pid": os.getppid()})
+    console = Console(width=200, file=open(tmp_path / "console.txt", "w"))
+    result = search(plan, options, console)
+    assert [r.state for r in result.rows] == ["running"]
+    assert "0 of 1 trials done, 1 running" in (tmp_path / "console.txt").read_text()

@@ -34,7 +34,7 @@ def lm_documents(path: Path, field: str | int, seed: int = 0, **cfg: Any) -> tup
     """(train, val) documents of a causal-LM stage reading `field` of `path`."""
     c = load_corpus(DataConfig(train=path.name, field=field, **cfg), path.parent, seed=seed,
                     cache_dir=path.parent / "hf")
-    return c.train, c.val
+    return list(c.train.documents()), list(c.val.documents())
 
 
 def test_a_stray_quote_in_a_headed_tsv_is_text_for_every_stage(tmp_path):

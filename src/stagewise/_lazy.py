@@ -11,8 +11,8 @@ LAZY_IMPORTS: dict[str, frozenset[str]] = {
         "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
         "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
         "stagewise.engine.verify"}),
-    # Reading logs back (report, runs) does not import torch; TensorBoard's writer does.
-    "stagewise.engine.run_logs": frozenset({"stagewise.engine.tensorboard"}),
+    # The trackers' copy of the report page is drawn (matplotlib) only at a run's end.
+    "stagewise.api.calls": frozenset({"stagewise.track.report"}),
     # A search's report names its storage; the study module imports the trainer (torch).
     "stagewise.track.report": frozenset({"stagewise.search.study"}),
 }

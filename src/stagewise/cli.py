@@ -13,6 +13,7 @@ from rich.console import Console
 
 from stagewise.engine.cpu_load import start_window
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.plugins import load_plugins
 
 if TYPE_CHECKING:
     from stagewise.api.user_plan import Plan
@@ -124,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run", type=Path)
     export.add_argument("--stage", help="default: the plan's last finished stage")
     export.add_argument("--to", type=Path, required=True)
+    for name, command in sub.choices.items():
+        if name not in ("report", "runs"):
+            command.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+                                 help="import this module or file first: the tasks, optimizers and schedules it "
+                                      "registers can be named in the plan (repeatable; a plan never imports code)")
     return parser
 
 
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 "search": _search}
     speaks = os.environ.get("RANK", "0") == "0"  # of the processes torchrun started, rank 0 tells what stopped them
     try:
+        load_plugins(getattr(args, "plugin", []))
         return commands[args.command](args, console)
     except UserError as e:
         if speaks:
@@ -320,6 +327,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
 
     result = search(Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
                     storage=args.storage, study=args.study, out=args.out, metric=args.metric,
-                    direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv, console=console)
+                    direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv,
+                    plugins=tuple(args.plugin), console=console)
     console.print(f"search written to {result.out}")
     return 0

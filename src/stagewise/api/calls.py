@@ -107,7 +107,8 @@ def check(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None,
 
 def train(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None, fresh: bool = False,
           callbacks: Sequence[Callback] = (), model: nn.Module | None = None, data: Mapping[str, Any] | None = None,
-          loss: Loss | None = None, console: Console | None = None) -> Run:
+          loss: Loss | None = None, track: Sequence[str | Mapping[str, Any]] | None = None,
+          console: Console | None = None) -> Run:
     """Run (or resume) the whole plan into `out` (default runs/<plan name>) and return the run.
 
     `model`: a torch module whose forward returns logits (or a transformers PreTrainedModel) in
@@ -116,10 +117,13 @@ def train(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None,
     stages' task is then `python`; tasks.user_task says what rows may be). Each object takes part
     in the stage keys by its fingerprint (tasks.user_task: what is fingerprinted and what is not).
     `callbacks`: stagewise.Callback instances called in every stage trained (not in reused ones).
-    `fresh`: start over, forgetting this run and its stages' cache. Under torchrun, every process
-    calls this; rank 0 writes."""
+    `track`: the experiment trackers, as the plan's `track:` key says them (`["mlflow", {"wandb":
+    {"project": "p"}}]`), in place of the plan's. `fresh`: start over, forgetting this run and its
+    stages' cache. Under torchrun, every process calls this; rank 0 writes."""
     parts = _parts(model, data, loss)
     plan = as_plan(plan, parts=parts)
+    if track is not None:
+        plan = Plan({**plan.raw, "track": list(track)}, path=plan.path, base_dir=plan.base_dir)
     checked = check_callbacks(callbacks)
     console = console or Console()
     with joined() as world:  # the processes torchrun started, if it did
@@ -127,8 +131,15 @@ def train(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None,
             console = Console(file=io.StringIO())
         with world.main_first():  # rank 0 fills the token cache, the others read it
             prepared, out = _prepare(plan, out, cache, parts, fresh=fresh)
-        train_plan(prepared, out, fresh=fresh, console=console, world=world, callbacks=checked)
+        train_plan(prepared, out, fresh=fresh, console=console, world=world, callbacks=checked, report=run_report)
     return Run.open(out)
+
+
+def run_report(run_dir: Path) -> Path:
+    """The run's report page, for the trackers to attach at its end (matplotlib imported only then)."""
+    from stagewise.track.report import write_report
+
+    return write_report([run_dir])
 
 
 def lr_find(plan: PlanLike, stage: str, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
@@ -144,13 +155,13 @@ def lr_find(plan: PlanLike, stage: str, *, start: float = 1e-7, end: float = 10.
 def search(plan: PlanLike, space: Path, *, trials: int, workers: int = 1, storage: str | None = None,
            study: str | None = None, out: Path | None = None, metric: str | None = None,
            direction: str | None = None, pruner: str = "median", sampler: str = "tpe", cv: int | None = None,
-           console: Console | None = None) -> SearchResult:
+           plugins: tuple[str, ...] = (), console: Console | None = None) -> SearchResult:
     """A hyperparameter search (Optuna) over plan keys: `space` a SPACE.yaml file (key path ->
     {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}); trials share stages through the cache."""
     plan = as_plan(plan)
     options = SearchOptions(space=space, trials=trials, workers=workers, storage=storage, study=study, out=out,
                             metric=metric, direction=direction, pruner=pruner, sampler=sampler,  # type: ignore[arg-type]
-                            cv=cv)
+                            cv=cv, plugins=plugins)
     return run_search(plan.file, options, console or Console(), raw=plan.raw)
 
 

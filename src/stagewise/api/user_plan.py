@@ -17,7 +17,7 @@ from stagewise.plan.load import apply_override, blame_overrides, read_yaml, vali
 
 class Plan:
     """A validated plan. `raw`: the mapping it was read from (overrides applied), what `to_yaml`
-    writes; `config`: the validated, typed plan (stagewise.plan.schema.Plan); `path`: its file
+    writes; `config`: the validated, typed plan (stagewise.config.plan_config.Plan); `path`: its file
     (None: built in Python); relative data paths are read from `base_dir` (the file's directory,
     else the working directory). Bad input raises UserError with the same one line as the CLI."""
 
@@ -54,7 +54,7 @@ class Plan:
 
     @classmethod
     def from_config(cls, config: PlanConfig, *, base_dir: str | Path | None = None) -> Plan:
-        """From the typed plan's pydantic objects (stagewise.plan.schema)."""
+        """From the typed plan's pydantic objects (stagewise.config)."""
         return cls.from_dict(config.model_dump(mode="json", by_alias=True, exclude_none=True), base_dir=base_dir)
 
     def with_overrides(self, *overrides: str) -> Plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer
@@ -65,3 +66,9 @@ class DumpsAsBefore(Strict):
             if getattr(self, key) == type(self).model_fields[key].default:
                 dumped.pop(key, None)
         return dumped
+
+
+def suggest(word: str, candidates: list[str]) -> str:
+    """' (did you mean 'X'?)' for the closest of `candidates`, if one is close; else ''."""
+    match = difflib.get_close_matches(word[:100], candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

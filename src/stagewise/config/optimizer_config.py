@@ -1,21 +1,101 @@
-"""The optimizer and learning-rate schedule of a stage: which settings each one takes and their
-defaults; a setting given to one that does not use it is an error, and one that is not given
-takes that optimizer's or schedule's default (`settings()`)."""
+"""The optimizer and learning-rate schedule of a stage. Which settings each one takes, and their
+defaults, are the fields of its settings model in the registry (config.registry; stagewise's own
+in config.builtin_settings); a setting given to one that does not use it is an error, and one
+that is not given takes that optimizer's or schedule's default (`settings()`). The settings of
+stagewise's own optimizers and schedules are typed here; a plug-in's own ones (extra keys) are
+checked against its settings model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.config.fields import MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict
+from stagewise.config.fields import MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict, suggest
+from stagewise.config.registry import OPTIMIZERS, SCHEDULES, Registry
+
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Betas = tuple[Beta, Beta]
+Momentum = Annotated[float, Field(ge=0.0, lt=1.0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
-def _only_settings_of(model: BaseModel, kind: str, table: dict[str, dict[str, Any]]) -> None:
+class OptimizerSettings(Strict):
+    """An optimizer's settings model: each field a setting it takes, with its default (None:
+    inherited from the parent stage, or required). Every optimizer takes `lr`."""
+
+    lr: PositiveFloat | None = None
+
+
+class ScheduleSettings(Strict):
+    """A schedule's settings model: each field a setting it takes, with its default (None: required)."""
+
+
+class SettingsTable(Mapping[str, dict[str, Any]]):
+    """Each registered optimizer's (schedule's) settings and their defaults, by name."""
+
+    def __init__(self, registry: Registry[Any]) -> None:
+        self.registry = registry
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return {key: field.default for key, field in self.registry[name].settings.model_fields.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.registry)
+
+    def __len__(self) -> int:
+        return len(self.registry)
+
+
+OPTIMIZER_SETTINGS = SettingsTable(OPTIMIZERS)
+SCHEDULE_SETTINGS = SettingsTable(SCHEDULES)
+ADAM = ("adam", "adamw")  # the optimizers whose steps SWATS reads and whose moment `convert` hands on
+_OWN = ("name", "handoff")  # keys of the config, not settings of the optimizer
+
+
+def _registered(registry: Registry[Any]) -> Any:
+    """A name in `registry`, refused as pydantic refuses a Literal (the same message)."""
+    def check(value: str) -> str:
+        if value not in registry:
+            names = [f"'{n}'" for n in registry]
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": listed})
+        return value
+    return AfterValidator(check)
+
+
+def _plugin_settings(model: BaseModel, registry: Registry[Any]) -> None:
+    """Check the keys that are no field of `model` (extra: a plug-in's settings): a setting of the
+    named entry is validated by its settings model; a key no entry takes is unknown (did you mean)."""
+    extra = dict(model.model_extra or {})
+    if not extra:
+        return
+    known = [*type(model).model_fields, *{k for name in registry for k in registry[name].settings.model_fields}]
+    for key in sorted(extra):
+        if key not in known:
+            raise PydanticCustomError("setting_error", "unknown key{hint}", {"key": key, "hint": suggest(key, known)})
+    name = getattr(model, "name", None)
+    owners = [name] if name is not None else [n for n in registry if set(extra) <= set(registry[n].settings.model_fields)]
+    settings = registry[owners[0]].settings if owners else None
+    if settings is None or not set(extra) <= set(settings.model_fields):
+        return  # not a setting of this one: _only_settings_of names what it takes
+    try:
+        checked = settings.model_validate(extra)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise PydanticCustomError("setting_error", "{msg} (got {got})", {
+            "key": list(first["loc"]), "msg": first["msg"][0].lower() + first["msg"][1:],
+            "got": repr(first.get("input"))[:60]}) from None
+    assert model.__pydantic_extra__ is not None
+    model.__pydantic_extra__.update({k: getattr(checked, k) for k in extra})
+
+
+def _only_settings_of(model: BaseModel, kind: str, table: SettingsTable) -> None:
     """Reject a setting given to an optimizer/schedule that does not use it."""
     allowed = table[model.name]  # type: ignore[attr-defined]
-    for key in sorted(model.model_fields_set - {"name", "handoff"}):
+    for key in sorted(model.model_fields_set - set(_OWN)):
         if key not in allowed:
             raise PydanticCustomError(
                 "setting_error",
@@ -25,40 +105,25 @@ def _only_settings_of(model: BaseModel, kind: str, table: dict[str, dict[str, An
             )
 
 
-ADAM = ("adam", "adamw")  # the optimizers whose steps SWATS reads and whose moment `convert` hands on
-
-# Per-optimizer settings and their defaults (None: inherited/required, see plan.resolve).
-OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
-    "gd": {"lr": None, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
-    "sgd": {"lr": None, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
-    "sgd_l1": {"lr": None, "momentum": 0.0},
-    "adam": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-    "adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
-    # betas/eps are for the AdamW that Muon uses on non-matrix parameters.
-    "muon": {"lr": None, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
-             "betas": (0.9, 0.95), "eps": 1e-8},
-    # Schedule-free (optim.schedule_free): give them a constant schedule; momentum is SGD's averaging beta.
-    "schedulefree_adamw": {"lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-    "schedulefree_sgd": {"lr": None, "momentum": 0.9, "weight_decay": 0.0},
-}
-
-
 class OptimizerConfig(Strict):
     """An optimizer. `name` omitted means the parent stage's optimizer; unset settings then come
     from the parent, and a different `name` starts from that optimizer's defaults."""
 
-    name: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon", "schedulefree_adamw", "schedulefree_sgd"] | None = None
-    """The optimizer. Unset: the parent stage's optimizer and its settings; a different name starts from that
-    optimizer's defaults."""
+    # Extra keys: a plug-in optimizer's own settings (checked by its settings model).
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    name: Annotated[str, _registered(OPTIMIZERS)] | None = None
+    """The optimizer: gd, sgd, sgd_l1, adam, adamw, muon, schedulefree_adamw, schedulefree_sgd, or a plug-in's
+    (--plugin, entry points). Unset: the parent stage's optimizer and its settings; a different name starts from
+    that optimizer's defaults."""
     lr: PositiveFloat | Literal["auto"] | None = None
     """Peak learning rate. Unset: continues from the LR the parent ends on (its real one where only the run knows
     it: after `auto`). `auto` (adam/adamw -> sgd): the SWATS estimate of the SGD LR that matches the parent's Adam
     steps."""
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    betas: Betas | None = None
     """Adam's (beta1, beta2); for muon, those of the AdamW it uses on non-matrix parameters."""
     eps: PositiveFloat | None = None
     """Adam's epsilon, added to the denominator."""
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    momentum: Momentum | None = None
     """SGD momentum (heavy ball); muon's momentum; schedulefree_sgd's averaging beta."""
     nesterov: bool | None = None
     """Nesterov momentum (needs momentum > 0)."""
@@ -70,31 +135,12 @@ class OptimizerConfig(Strict):
 
     @model_validator(mode="after")
     def _settings_apply(self) -> OptimizerConfig:
+        _plugin_settings(self, OPTIMIZERS)
         if self.name is not None:
             _only_settings_of(self, "optimizer", OPTIMIZER_SETTINGS)
         if self.nesterov and self.momentum == 0.0:
             raise PydanticCustomError("setting_error", "nesterov needs momentum > 0", {"key": "nesterov"})
         return self
-
-
-# Per-schedule settings and their defaults (None: required).
-_WARMUP = {"warmup": 0}
-SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
-    "constant": {**_WARMUP},
-    "step": {**_WARMUP, "step_size": None, "gamma": 0.1},
-    "multistep": {**_WARMUP, "milestones": None, "gamma": 0.1},
-    "exponential": {**_WARMUP, "gamma": None},
-    "cosine": {**_WARMUP, "min_lr": 0.0},
-    "decay": {**_WARMUP, "shape": "linear", "min_lr": 0.0},
-    "wsd": {**_WARMUP, "decay": 0.2, "shape": "1-sqrt", "min_lr": 0.0},
-    "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4, "anneal": "cos"},
-    "stlr": {"cut_frac": 0.1, "ratio": 32.0},
-    # ReduceLROnPlateau (threshold_mode abs): plan.resolve turns it into `constant` + an
-    # `on_plateau` lr_scale rule, so there is one plateau mechanism (engine.control).
-    "plateau": {**_WARMUP, "factor": 0.1, "patience": 2, "threshold": 0.0, "min_lr": 0.0},
-}
-ScheduleName = Literal["constant", "step", "multistep", "exponential", "cosine", "decay", "wsd",
-                       "onecycle", "stlr", "plateau"]
 
 
 class ScheduleConfig(Strict):
@@ -103,9 +149,12 @@ class ScheduleConfig(Strict):
     `warmup_<name>` is accepted as `<name>` with a required `warmup`.
     """
 
-    name: ScheduleName = "constant"
-    """The LR schedule over the stage, a multiple of the stage's peak LR. `warmup_<name>` means `<name>` with a
-    required `warmup`."""
+    # Extra keys: a plug-in schedule's own settings (checked by its settings model).
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    name: Annotated[str, _registered(SCHEDULES)] = "constant"
+    """The LR schedule over the stage, a multiple of the stage's peak LR: constant, step, multistep, exponential,
+    cosine, decay, wsd, onecycle, stlr, plateau, or a plug-in's (--plugin, entry points). `warmup_<name>` means
+    `<name>` with a required `warmup`."""
     warmup: Duration | None = None
     """Linear warmup from 0 to the peak LR: steps (int) or a fraction of the stage (float in [0, 1])."""
     step_size: Duration | None = None
@@ -120,7 +169,7 @@ class ScheduleConfig(Strict):
     """wsd: the length of the final decay, steps or a fraction of the stage."""
     shape: Literal["linear", "cosine", "1-sqrt"] | None = None
     """decay, wsd: the decay's shape."""
-    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    pct_start: Fraction | None = None
     """onecycle: the fraction of the stage spent rising to the peak LR."""
     div_factor: PositiveFloat | None = None
     """onecycle: the start LR is the peak / div_factor."""
@@ -128,11 +177,11 @@ class ScheduleConfig(Strict):
     """onecycle: the end LR is the start LR / final_div_factor."""
     anneal: Literal["cos", "linear"] | None = None
     """onecycle: the shape of both phases."""
-    cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    cut_frac: Fraction | None = None
     """stlr (ULMFiT's slanted triangular LR): the fraction of the stage spent rising."""
     ratio: Annotated[float, Field(ge=1.0)] | None = None
     """stlr: how much smaller the lowest LR is than the peak."""
-    factor: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    factor: Fraction | None = None
     """plateau: the LR is multiplied by this on a plateau (ReduceLROnPlateau)."""
     patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = None
     """plateau: evaluations without improvement before the LR is reduced."""
@@ -151,14 +200,15 @@ class ScheduleConfig(Strict):
 
     @model_validator(mode="after")
     def _settings_apply(self) -> ScheduleConfig:
+        _plugin_settings(self, SCHEDULES)
         _only_settings_of(self, "schedule", SCHEDULE_SETTINGS)
         for key, default in SCHEDULE_SETTINGS[self.name].items():
-            if default is None and getattr(self, key) is None:
+            if default is None and getattr(self, key, None) is None:
                 raise PydanticCustomError(
                     "setting_error", "required by schedule '{name}'", {"key": key, "name": self.name})
         return self
 
     def settings(self) -> dict[str, Any]:
         """This schedule's settings, defaults filled in."""
-        return {k: (d if getattr(self, k) is None else getattr(self, k))
+        return {k: (d if getattr(self, k, None) is None else getattr(self, k))
                 for k, d in SCHEDULE_SETTINGS[self.name].items()}

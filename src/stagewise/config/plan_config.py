@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 from stagewise.config.data_config import DataConfig
 from stagewise.config.fields import SEED_MAX, DumpsAsBefore, Path_, PositiveFloat, StageName, Steps, Strict
 from stagewise.config.stage_config import StageConfig
+from stagewise.config.track_config import DEFAULT_TRACK, Track
 
 
 def _threads(value: Any) -> int | str:
@@ -161,6 +162,9 @@ class Plan(Strict):
     """Mid-stage checkpoints."""
     distributed: DistributedConfig = DistributedConfig()
     """How the processes of a torchrun launch share a stage."""
+    track: Track = DEFAULT_TRACK
+    """Experiment trackers: each a name or `{name: {settings}}` (tensorboard, wandb, mlflow, trackio); a list
+    replaces the default `[tensorboard]`, `[]` writes none."""
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

@@ -1,24 +1,53 @@
-"""What a plan may name: the registries of tasks (and, through the same class, of the other kinds
-of entries). The plan's schema checks names against them; the modules that define the entries
-fill them.
+"""What a plan may name: the registries of tasks, optimizers, schedules, callbacks and trackers.
+The plan's schema checks names (and each optimizer's and schedule's settings) against them; the
+modules that define the entries fill them.
 
-A registry loads its built-in entries on first use, by the module name it is given: the schema
-(this leaf package) names what it checks without importing the packages above it."""
+Entries come from three places: stagewise's own (a registry loads its built-in ones on first use,
+by the module name it is given, so this leaf package names what it checks without importing the
+packages above it); installed packages, through entry points of the group `stagewise.plugins`
+(each names a module whose import registers its entries: loaded on the first look-up in any
+registry); and modules the user names on the command line (`--plugin`, plan.plugins). A plan
+never imports code itself."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, MutableMapping
+import importlib.metadata
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel
+
 T = TypeVar("T")
+PLUGIN_GROUP = "stagewise.plugins"
+_plugins_loaded = False
+
+
+def load_installed_plugins() -> None:
+    """Import the module of every `stagewise.plugins` entry point of the installed packages (once)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            point.load()
+        except Exception as e:  # a broken plug-in is named, not a traceback from inside it
+            raise PluginError(f"plug-in '{point.name}' ({point.value}, entry point group {PLUGIN_GROUP}) failed "
+                              f"to load: {type(e).__name__}: {e}") from e
+
+
+class PluginError(ImportError):
+    """An installed plug-in that does not import; the CLI prints it as one line."""
 
 
 class Registry(MutableMapping[str, T], Generic[T]):
     """Entries by name, in the order they were added. `builtins`: the module whose import adds
-    the built-in ones; it is imported the first time an entry is looked up."""
+    the built-in ones (None: they are added where the registry is made); it is imported, with the
+    installed plug-ins, the first time an entry is looked up."""
 
-    def __init__(self, kind: str, builtins: str) -> None:
+    def __init__(self, kind: str, builtins: str | None = None) -> None:
         self.kind = kind
         self.builtins = builtins
         self._entries: dict[str, T] = {}
@@ -27,7 +56,9 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def _all(self) -> dict[str, T]:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.builtins)
+            if self.builtins is not None:
+                importlib.import_module(self.builtins)
+            load_installed_plugins()
         return self._entries
 
     def __getitem__(self, name: str) -> T:
@@ -48,5 +79,65 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._all()
 
+    def add(self, name: str) -> Callable[[T], T]:
+        """A decorator that registers what it decorates under `name`."""
+        def register(entry: T) -> T:
+            self[name] = entry
+            return entry
+        return register
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """An optimizer: its settings model (config.optimizer_config.OptimizerSettings: each field a
+    setting it takes, with its default) and, for a plug-in, `build(param_groups, settings)` ->
+    a torch optimizer (the groups as optim.optimizers makes them: "decay" and "no_decay", each
+    with its "lr_scale"; `settings` complete). None: one of stagewise's own (optim.optimizers)."""
+
+    settings: type[BaseModel]
+    build: Callable[[list[dict[str, Any]], dict[str, Any]], Any] | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """A learning-rate schedule: its settings model (config.optimizer_config.ScheduleSettings; a
+    default of None: required) and, for a plug-in, `lr(settings, step, total, peak)` -> the LR of
+    update `step` of a `total`-step stage (`step == total`: the LR it ends on), a pure function;
+    `problems(settings, total)` -> (setting, message) of what cannot work in `total` steps. None:
+    one of stagewise's own (optim.schedules)."""
+
+    settings: type[BaseModel]
+    lr: Callable[[dict[str, Any], int, int, float], float] | None = None
+    problems: Callable[[dict[str, Any], int], list[tuple[str, str]]] | None = None
+
 
 TASKS: Registry[Any] = Registry("task", builtins="stagewise.tasks.builtin_tasks")
+OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer", builtins="stagewise.config.builtin_settings")
+SCHEDULES: Registry[ScheduleEntry] = Registry("schedule", builtins="stagewise.config.builtin_settings")
+# Callback classes (engine.callbacks.register_callback) and trackers, by name.
+CALLBACKS: Registry[Any] = Registry("callback")
+TRACKERS: Registry[Any] = Registry("tracker")
+
+
+def register_optimizer(name: str, settings: type[BaseModel]) -> Callable[[BuildOptimizer], BuildOptimizer]:
+    """Decorate `build(param_groups, settings) -> torch optimizer` to add optimizer `name`, whose
+    settings are `settings`' fields (a subclass of config.optimizer_config.OptimizerSettings)."""
+    def register(build: BuildOptimizer) -> BuildOptimizer:
+        OPTIMIZERS[name] = OptimizerEntry(settings, build)
+        return build
+    return register
+
+
+def register_schedule(name: str, settings: type[BaseModel],
+                      problems: Callable[[dict[str, Any], int], list[tuple[str, str]]] | None = None,
+                      ) -> Callable[[ScheduleLr], ScheduleLr]:
+    """Decorate `lr(settings, step, total, peak) -> float` to add schedule `name`, whose settings
+    are `settings`' fields (a subclass of config.optimizer_config.ScheduleSettings)."""
+    def register(lr: ScheduleLr) -> ScheduleLr:
+        SCHEDULES[name] = ScheduleEntry(settings, lr, problems)
+        return lr
+    return register
+
+
+BuildOptimizer = Callable[[list[dict[str, Any]], dict[str, Any]], Any]
+ScheduleLr = Callable[[dict[str, Any], int, int, float], float]

@@ -1,7 +1,10 @@
 """The token stream of a split, tokenized once and memory-mapped from then on.
 
 `cache_dir/KEY.bin` holds the ids (eos between documents); `cache_dir/KEY.json` says its dtype
-and length. The sidecar is written last, so a run killed mid-write leaves no cache entry.
+and length. The ids are written batch by batch to a temporary file that is renamed when complete,
+and the sidecar is written last, so a run killed mid-write leaves no cache entry (only a hidden
+temporary file, which the next preparation of any key in the folder removes once it is stale).
+Memory stays bounded: the documents come as pieces (data.documents), encoded a batch at a time.
 """
 
 from __future__ import annotations
@@ -10,28 +13,32 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from stagewise.data.documents import Documents, Piece, whole
+from stagewise.data.prep_progress import Progress
 from stagewise.data.tokenizers import eos_id
 from stagewise.errors import WriteFailed
 
 # Documents are tokenized in batches of about this many characters: large enough for
-# encode_batch's threads, small enough that one batch's ids stay a modest amount of memory.
-BATCH_CHARS = 4 << 20
+# encode_batch's threads, small enough that one batch's encodings (~100 bytes a token, in the
+# `tokenizers` library) stay a modest amount of memory.
+BATCH_CHARS = 1 << 20
 
 
-def token_array(texts: list[str], tok: Tokenizer, cache_dir: Path, key: str) -> np.ndarray:
-    """The ids of `texts` joined by eos, as a read-only memmap. `key` must change whenever the
-    texts or the tokenizer do (the caller passes a fingerprint of both)."""
+def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str) -> np.ndarray:
+    """The ids of `docs` joined by eos, as a read-only memmap. `key` must change whenever the
+    documents or the tokenizer do (the caller passes a fingerprint of both)."""
     cached = open_token_array(cache_dir, key)
     if cached is not None:
         return cached
     try:
-        _write(texts, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
+        _write(docs, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
     except OSError as e:  # a full disk: the entry is not written (the sidecar comes last)
         raise WriteFailed(cache_dir / f"{key}.bin", e) from None
     written = open_token_array(cache_dir, key)
@@ -58,47 +65,86 @@ def _cached(data: Path, sidecar: Path) -> dict | None:
     return meta if complete else None
 
 
-def _write(texts: list[str], tok: Tokenizer, data: Path, sidecar: Path) -> dict:
+def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
     eos = np.array([eos_id(tok)], dtype=dtype)
     data.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(data.parent)
+    pieces = docs.pieces() if splits_cleanly(tok) else whole(docs.pieces())
     length = documents = 0
-    with tempfile.NamedTemporaryFile(dir=data.parent, prefix=f".{data.name}.", delete=False) as f:
+    with (tempfile.NamedTemporaryFile(dir=data.parent, prefix=f".{data.name}.", delete=False) as f,
+          Progress(f"tokenizing {data.name}", docs.chars) as progress):
         try:
-            for batch in _batches(texts):
+            for batch in _batches(pieces):
                 parts = []
-                # encode_batch_fast: encode_batch without the offsets, which are not needed here.
-                for encoding in tok.encode_batch_fast(batch, add_special_tokens=False):
-                    if documents:  # eos between documents, not before the first
-                        parts.append(eos)
+                # encode_batch_fast: encode_batch without the offsets, which are not needed here;
+                # it encodes the batch's pieces on every core the tokenizers library may use.
+                encodings = tok.encode_batch_fast([piece.text for piece in batch], add_special_tokens=False)
+                for piece, encoding in zip(batch, encodings, strict=True):
+                    if piece.starts_document:
+                        if documents:  # eos between documents, not before the first
+                            parts.append(eos)
+                        documents += 1
                     parts.append(np.asarray(encoding.ids, dtype=dtype))
-                    documents += 1
                 chunk = np.concatenate(parts)
                 chunk.tofile(f)
                 length += len(chunk)
+                progress.advance(sum(len(piece.text) for piece in batch))
         except BaseException:
             os.unlink(f.name)
             raise
     if length == 0:
         os.unlink(f.name)
-        raise ValueError(f"{len(texts)} documents hold no tokens")
+        raise ValueError(f"{documents} documents hold no tokens")
     os.replace(f.name, data)
-    meta = {"dtype": dtype.name, "length": length, "documents": len(texts)}
+    meta = {"dtype": dtype.name, "length": length, "documents": documents}
     _write_atomically(sidecar, json.dumps(meta))
     return meta
 
 
-def _batches(texts: list[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
+# Texts whose ids, encoded in two pieces cut where data.documents cuts (one of each place it cuts), must
+# be the ids of the whole.
+_PROBES = ("Hello world", "one. Two", "x1 y2", "(a) b, c; D", "it's the end", "line\nbreak", "end.\nNext", "abc+def", "x.y/z")
+
+
+def splits_cleanly(tok: Tokenizer) -> bool:
+    """Whether `tok` gives a document the same ids encoded in data.documents' pieces as whole: our
+    own tokenizers do; a pretrained one that marks the start of every text (a sentencepiece
+    normalizer that prepends its space) does not, and is given documents whole."""
+    for text in _PROBES:
+        at = text.index("\n") + 1 if "\n" in text else text.index(" ", 1) if " " in text else 3
+        whole = tok.encode(text, add_special_tokens=False).ids
+        if whole != [*tok.encode(text[:at], add_special_tokens=False).ids,
+                     *tok.encode(text[at:], add_special_tokens=False).ids]:
+            return False
+    return True
+
+
+def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
     size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece.text)
         if size >= BATCH_CHARS:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+STALE_SECONDS = 24 * 3600
+
+
+def _remove_stale(folder: Path) -> None:
+    """Temporary files of preparations killed mid-write (a day untouched: none still running)."""
+    now = time.time()
+    for path in folder.glob(".*.bin.*"):
+        try:
+            if now - path.stat().st_mtime > STALE_SECONDS:
+                path.unlink()
+        except OSError:
+            continue
 
 
 def _write_atomically(path: Path, text: str) -> None:

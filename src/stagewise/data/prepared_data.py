@@ -24,9 +24,13 @@ from tokenizers import Tokenizer
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.cache import open_token_array, token_array
-from stagewise.data.sources import Corpus, load_corpus, source_digest
+from stagewise.data.sources import Corpus, data_file_keys, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
+
+# The most training text a BPE tokenizer learns from: its merges settle long before this, and its
+# trainer's memory grows with the distinct words it sees.
+BPE_SAMPLE_CHARS = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,19 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
         return warm
     if corpus is None:
         corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
-    tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
-    fingerprint = hashlib.sha256(
-        f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
-    ).hexdigest()
-    tokens = cache_root / "tokens"
-    prepared = PreparedData(
-        tokenizer=tok,
-        train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
-        val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
-        fingerprint=fingerprint,
-        vocab_size=tok.get_vocab_size(),
-    )
+    with data_file_keys(data, plan_dir):  # text files are read (and found wanting) from here on too
+        tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
+        fingerprint = hashlib.sha256(
+            f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
+        ).hexdigest()
+        tokens = cache_root / "tokens"
+        prepared = PreparedData(
+            tokenizer=tok,
+            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
+            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
+            fingerprint=fingerprint,
+            vocab_size=tok.get_vocab_size(),
+        )
     if entry is not None:
         _write_atomically(entry, json.dumps({"fingerprint": fingerprint, "tokenizer": tok.to_str()}))
     return prepared
@@ -110,12 +115,15 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _tokenizer(cfg: TokenizerConfig, corpus: Corpus, plan_dir: Path, cache_dir: Path) -> Tokenizer:
-    """Built from the training text; a trained BPE is reused (training is the slow part)."""
+    """Built from the training text; a trained BPE is reused (training is the slow part). A BPE
+    learns its merges from at most BPE_SAMPLE_CHARS of the text, drawn evenly over it (its
+    file name says so when that is less than the whole)."""
     if cfg.kind != "bpe":
-        return build_tokenizer(cfg, corpus.train, plan_dir)
-    path = cache_dir / f"bpe-{cfg.vocab_size}-{corpus.fingerprint}.json"
+        return build_tokenizer(cfg, corpus.train.texts(), plan_dir)
+    sampled = f"-sample{BPE_SAMPLE_CHARS}" if corpus.train.chars > BPE_SAMPLE_CHARS else ""
+    path = cache_dir / f"bpe-{cfg.vocab_size}-{corpus.fingerprint}{sampled}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
-    tok = build_tokenizer(cfg, corpus.train, plan_dir)
+    tok = build_tokenizer(cfg, corpus.train.sample(BPE_SAMPLE_CHARS), plan_dir)
     _write_atomically(path, tok.to_str())  # a killed run leaves no half-written tokenizer under the real name
     return tok

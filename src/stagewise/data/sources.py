@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagewise.config.data_config import DataConfig
 from stagewise.data import tables
+from stagewise.data.documents import Documents, Part, Scan, TextFile, Texts, scan_text
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
 
@@ -47,8 +48,8 @@ _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 @dataclass(frozen=True)
 class Corpus:
-    train: list[str]  # documents
-    val: list[str]
+    train: Documents
+    val: Documents
     files: list[Path]  # every file read, train then val
     fingerprint: str  # sha256 of the files' contents and the settings that shape the split
 
@@ -107,7 +108,7 @@ def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | N
     else:
         train, val = _split_by_characters(train, cfg.val_fraction)
     for where, docs in (("data.train", train), ("data.val", val)):
-        if not any(docs):
+        if not docs.chars:
             raise UserError(where, "no text (every document is empty)")
 
     settings = {"format": cfg.format, "field": cfg.field, "split": split,
@@ -132,29 +133,25 @@ def _split(sources: list[Path | str], cfg: DataConfig, seed: int) -> dict[str, A
     return {"by": "characters", "val_fraction": cfg.val_fraction}
 
 
-def _split_by_rows(docs: list[str], val_fraction: float, seed: int, where: str) -> tuple[list[str], list[str]]:
+def _split_by_rows(parts: Documents, val_fraction: float, seed: int,
+                   where: str) -> tuple[Documents, Documents]:
+    """Rows drawn by `seed` (every part is a table's rows, held in memory: data.tables' limit)."""
+    docs = [doc for part in parts.parts if isinstance(part, Texts) for doc in part.documents]
     train, val = held_out(len(docs), val_fraction, seed)
     if not train:
         raise UserError(where, f"val_fraction {val_fraction:g} of {len(docs)} rows leaves none for training")
-    return [docs[i] for i in train], [docs[i] for i in val]
+    return Documents.of([docs[i] for i in train], where), Documents.of([docs[i] for i in val], where)
 
 
-def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+def _split_by_characters(docs: Documents, val_fraction: float) -> tuple[Documents, Documents]:
     """The last `val_fraction` of the concatenated text is validation (nanoGPT's split); the
     document that straddles the cut is split at it."""
-    total = sum(map(len, docs))
+    total = docs.chars
     cut = int(total * (1 - val_fraction))
     if cut == 0 or cut == total:
         raise UserError("data.val_fraction",
                         f"too little training text ({total} characters) to hold out {val_fraction} of it")
-    train: list[str] = []
-    for i, doc in enumerate(docs):
-        if cut <= len(doc):
-            head, tail = doc[:cut], doc[cut:]
-            return [*train, *([head] if head else [])], [*([tail] if tail else []), *docs[i + 1:]]
-        train.append(doc)
-        cut -= len(doc)
-    raise AssertionError("unreachable: cut < total")
+    return docs.split_at(cut)
 
 
 def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
@@ -168,8 +165,8 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
     reader = _table_reader([*train, *val], cfg)
     parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(),
              *([json.dumps(reader).encode()] if reader else []),
-             b"train", *(_digest(p.read_bytes()) for p in train),  # type: ignore[union-attr]
-             b"val", *(_digest(p.read_bytes()) for p in val)]  # type: ignore[union-attr]
+             b"train", *(scan_text(p).digest for p in train),  # type: ignore[arg-type]
+             b"val", *(scan_text(p).digest for p in val)]  # type: ignore[arg-type]
     return _digest(*parts).hex()
 
 
@@ -200,9 +197,10 @@ def _format_of(source: Path | str, forced: str) -> str:
 
 
 def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | None,
-               split: str) -> tuple[list[str], list[bytes]]:
-    """Every source's documents in order, and a digest of each source's content."""
-    docs: list[str] = []
+               split: str) -> tuple[Documents, list[bytes]]:
+    """Every source's documents in order (text files are read later, piece by piece), and a
+    digest of each source's content."""
+    docs: list[Part] = []
     digests: list[bytes] = []
     # A table is read alone, so that a problem names its file.
     for fmt, run in itertools.groupby(sources, key=lambda s: _format_of(s, cfg.format)):
@@ -211,24 +209,25 @@ def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | Non
                 assert isinstance(spec, str)
                 hub_docs = _hub_documents(spec, cfg.field, cache_dir, split)
                 digests.append(_digest(spec.encode(), *(d.encode() for d in hub_docs)))
-                docs += hub_docs
+                docs.append(Texts(hub_docs, spec))
             continue
         paths = [p for p in run if isinstance(p, Path)]
         if fmt in _TABLES:
             for path in paths:
                 text = tables.read_text(path)
                 digests.append(_digest(text.encode()))  # the rows are a function of the decoded text
-                docs += _table_documents(path, text, _TABLES[fmt], cfg.field)
+                docs.append(Texts(_table_documents(path, text, _TABLES[fmt], cfg.field), str(path)))
             continue
-        digests += [_digest(_checked_bytes(path, fmt)) for path in paths]
-        if fmt == "text":
-            # One document per file, read as datasets' text builder (sample_by: document) reads it
-            # (universal newlines), without importing datasets: 1.4 s of a small run's start-up.
-            docs += [path.read_text(encoding="utf-8") for path in paths]
-        else:
-            for path in paths:
-                docs += _load([path], fmt, cfg.field, where=str(path))
-    return docs, digests
+        for path in paths:
+            scan = _checked_scan(path, fmt)
+            digests.append(scan.digest)
+            if fmt == "text":
+                # One document per file, read as datasets' text builder (sample_by: document) reads
+                # it (universal newlines), piece by piece when it is encoded (data.documents).
+                docs.append(TextFile(path, 0, scan.chars))
+            else:
+                docs.append(Texts(_load([path], fmt, cfg.field, where=str(path)), str(path)))
+    return Documents(tuple(docs)), digests
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -245,18 +244,19 @@ def _table_documents(path: Path, text: str, fmt: str, field: str | int) -> list[
             for line, [value] in tables.table_rows(path, text, fmt, (field,))]
 
 
-def _checked_bytes(path: Path, fmt: str) -> bytes:
-    """A text or parquet file's bytes, after the checks `datasets` would report badly or not at all."""
-    data = path.read_bytes()
-    if not data:
+def _checked_scan(path: Path, fmt: str) -> Scan:
+    """A text or parquet file's digest (and a text file's length), after the checks `datasets`
+    would report badly or not at all; a parquet file is held in memory: data.tables' limit."""
+    def not_utf8(data: bytes, base: int, e: UnicodeDecodeError) -> UserError:
+        return UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {base + e.start} "
+                                    f"({e.reason})")
+
+    if fmt != "text":
+        tables.check_size(path)
+    scan = scan_text(path, not_utf8 if fmt == "text" else None)
+    if scan.empty:
         raise UserError(str(path), "empty file")
-    if fmt == "text":
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
-                                       f"({e.reason})") from None
-    return data
+    return scan
 
 
 def _load(paths: list[Path], fmt: str, field: str | int, where: str) -> list[str]:

@@ -40,6 +40,9 @@ SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
 # (data.sources), so no cache serves tokens of an older parse. 2: one reader for LM and task
 # stages (the LM side read tables through `datasets`, which took a headed TSV's quotes as quoting).
 VERSION = 2
+# The largest table read: a file is parsed whole in memory (several times its size, as Python
+# strings), so the bound keeps a preparation well under 2 GB; larger data is several files.
+MAX_BYTES = 128 << 20
 
 
 def table_format(path: Path, fmt: str | None) -> str:
@@ -54,8 +57,23 @@ def table_format(path: Path, fmt: str | None) -> str:
     return fmt
 
 
+def check_size(path: Path) -> None:
+    """A table (or parquet file) is read whole into memory: one larger than MAX_BYTES is refused
+    (text files have no such bound: they are read piece by piece)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # reading it says what is wrong
+    if size > MAX_BYTES:
+        raise UserError(str(path), f"{size / 2**20:.0f} MiB: tables and parquet files are read whole, up to "
+                                   f"{MAX_BYTES >> 20} MiB each; split it into several files (a glob reads them all) "
+                                   "or give the text as a .txt file")
+
+
 def read_text(path: Path) -> str:
-    """The file as text, after the checks every format shares: it exists, is UTF-8, has text."""
+    """The file as text, after the checks every format shares: it is not too large, exists, is
+    UTF-8, has text."""
+    check_size(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -27,7 +27,9 @@ EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")
 BYTE_LEVEL_MIN_VOCAB = 257  # 256 bytes + <|endoftext|>
 
 
-def build_tokenizer(cfg: TokenizerConfig, train_texts: list[str], plan_dir: Path) -> Tokenizer:
+def build_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str], plan_dir: Path) -> Tokenizer:
+    """`train_texts`: the training text (in pieces) a char tokenizer's alphabet and a BPE's merges
+    come from; it is read once, and not at all by the other kinds."""
     if cfg.kind == "char":
         return _char(train_texts)
     if cfg.kind == "byte":
@@ -39,10 +41,13 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: list[str], plan_dir: Path
     return _pretrained(cfg.path, plan_dir)
 
 
-def _char(texts: list[str]) -> Tokenizer:
+def _char(texts: Iterable[str]) -> Tokenizer:
     """One token per character of the training text, in sorted order (id = rank, as nanoGPT's
     char model), then <|endoftext|> and <|unk|> for characters not seen in training."""
-    chars = sorted(set().union(*map(set, texts)))
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    chars = sorted(seen)
     vocab = {c: i for i, c in enumerate([*chars, EOS, UNK])}
     # BPE without merges and without a pre-tokenizer: each character of the text is a token,
     # and nothing is lost to whitespace splitting. (A WordLevel model behind a per-character
@@ -53,7 +58,7 @@ def _char(texts: list[str]) -> Tokenizer:
     return tok
 
 
-def _byte_level(vocab_size: int, texts: list[str]) -> Tokenizer:
+def _byte_level(vocab_size: int, texts: Iterable[str]) -> Tokenizer:
     """GPT-2 style byte-level BPE: lossless on any UTF-8. With vocab_size 257 it has no merges,
     i.e. it is the byte tokenizer."""
     tok = Tokenizer(models.BPE())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from stagewise.config.registry import CALLBACKS  # by name: for trackers and plug-ins that offer callbacks
 from stagewise.errors import UserError
 
 if TYPE_CHECKING:
@@ -95,9 +96,6 @@ class Callback:
 
 
 C = TypeVar("C", bound=type[Callback])
-CALLBACKS: dict[str, type[Callback]] = {}  # by name: for trackers and plug-ins that offer callbacks
-
-
 def register_callback(name: str) -> Callable[[C], C]:
     """Class decorator: the callback class under `name` in CALLBACKS."""
     def add(cls: C) -> C:

@@ -7,9 +7,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from stagewise.engine.trackers.tracking import RunEnd
 from stagewise.errors import WriteFailed
+
+if TYPE_CHECKING:
+    from stagewise.engine.trackers.tracking import Tracking
 
 # Events about the process that trained a stage, not about the stage: a run reusing it logs its own.
 PROCESS_EVENTS = frozenset({"stage_start", "stage_resumed", "stage_end", "checkpoint_saved", "stage_saved",
@@ -75,33 +79,37 @@ class _Discarded(JsonlLog):
 
 
 class RunLogs:
-    """The run's two logs, each record mirrored to TensorBoard (RUN/tensorboard/). Events carry a
-    wall-clock timestamp; metrics carry the global step. `write=False`: nothing is written (the
-    ranks of a data-parallel run other than 0)."""
+    """The run's two logs, each record also fed to the run's trackers (engine.trackers: TensorBoard
+    in RUN/tensorboard/ unless the plan's `track:` says otherwise). Events carry a wall-clock
+    timestamp; metrics carry the global step. `write=False`: nothing is written (the ranks of a
+    data-parallel run other than 0)."""
 
-    def __init__(self, run_dir: Path, write: bool = True) -> None:
-        # imported here: reading logs back (report, runs) should not pay for torch's import
-        from stagewise.engine.tensorboard import TensorBoardLog
-
+    def __init__(self, run_dir: Path, write: bool = True, tracking: Tracking | None = None) -> None:
         log = JsonlLog if write else _Discarded
         self.write = write
         self.metrics = log(run_dir / "metrics.jsonl")
         self.events = log(run_dir / "events.jsonl")
-        self.tensorboard = TensorBoardLog(run_dir / "tensorboard")
+        self.tracking = tracking if write else None
 
     def event(self, event: str, **fields: Any) -> None:
         if not self.write:
             return
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        self.events.write(record)
-        self.tensorboard.event(record)
+        self._event({"event": event, "time": round(time.time(), 3), **fields})
 
     def metric(self, kind: str, **fields: Any) -> None:
         if not self.write:
             return
-        record = {"kind": kind, **fields}
+        self._metric({"kind": kind, **fields})
+
+    def _event(self, record: dict[str, Any]) -> None:
+        self.events.write(record)
+        if self.tracking is not None:
+            self.tracking.event(record)
+
+    def _metric(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
-        self.tensorboard.metric(record)
+        if self.tracking is not None:
+            self.tracking.metric(record)
 
     def stage_lines(self, stage: str) -> dict[str, list[dict[str, Any]]]:
         """A stage's metric lines and the events that say what happened in it (evaluations and
@@ -119,20 +127,24 @@ class RunLogs:
         if not self.write or any(r.get("stage") == stage for r in read_jsonl(self.events.path)):
             return
         for record in lines["metrics"]:
-            self.metrics.write(record)
-            self.tensorboard.metric(record)
+            self._metric(record)
         for record in lines["events"]:
-            self.events.write(record)
-            self.tensorboard.event(record)
+            self._event(record)
 
-    def close(self) -> None:
-        """Close all three; the first failure is raised once all are closed."""
+    def close(self, end: RunEnd | None = None) -> None:
+        """Close the logs and finish the trackers (`end`: how the run ended, failed when not
+        given); the first failure is raised once all are closed."""
         if not self.write:
             return
         failed = None
-        for log in (self.metrics, self.events, self.tensorboard):
+        for log in (self.metrics, self.events):
             try:
                 log.close()
+            except WriteFailed as e:
+                failed = failed or e
+        if self.tracking is not None:
+            try:
+                self.tracking.finish(end or RunEnd("failed"))
             except WriteFailed as e:
                 failed = failed or e
         if failed is not None:

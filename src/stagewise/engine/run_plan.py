@@ -33,6 +33,8 @@ from stagewise.engine.sharded import full_model, shard_model
 from stagewise.engine.signals import StopRequest
 from stagewise.engine.stage_optimizer import HeldState, StageOptimizer
 from stagewise.engine.status import bad_pin, complete, handoff_probe
+from stagewise.engine.trackers import check_installed, make_trackers
+from stagewise.engine.trackers.tracking import ReportWriter, RunEnd, Tracking
 from stagewise.errors import RunStopped, WriteFailed
 from stagewise.plan.resolve import pinned_steps
 from stagewise.plan.resolved import ResolvedStage
@@ -42,13 +44,15 @@ from stagewise.tasks.export import MARKER
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
           stop_after: int | None = None, world: World = SINGLE,
-          callbacks: Sequence[Callback] = ()) -> list[StageSummary]:
+          callbacks: Sequence[Callback] = (), report: ReportWriter | None = None) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
-    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones)."""
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones).
+    `report`: writes a run's report page (track.report, above this layer), for the trackers' end."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
+    check_installed(prepared.plan.track, str(prepared.plan_path))
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)
     check_split(world, prepared.resolved, str(prepared.plan_path))
@@ -60,14 +64,14 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
                     with store.lock():  # not under a process training the same stage
                         store.clear()
             resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
-            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks))
+            return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks), report)
     except WriteFailed as e:
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 
 
 def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | None, stop_after: int | None,
-           hint: str, world: World, callbacks: tuple[Callback, ...]) -> list[StageSummary]:
+           hint: str, world: World, callbacks: tuple[Callback, ...], report: ReportWriter | None) -> list[StageSummary]:
     plan = prepared.plan
     # Without the nulls (unset optional keys), so the resolved plan loads back as a plan.
     resolved = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -85,9 +89,11 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         model.to(device)
         if world.sharded:
             shard_model(model, dtype)
+    # Only rank 0 logs, so only rank 0 opens the trackers.
+    tracking = Tracking(run_dir, make_trackers(plan.track), resolved) if world.is_main else None
     run = RunContext(plan=plan, run_dir=run_dir, device=device, autocast=autocast_factory(device, dtype), dtype=dtype,
-                     logs=RunLogs(run_dir, write=world.is_main), view=ProgressView(prepared.total_steps, console),
-                     world=world, callbacks=callbacks)
+                     logs=RunLogs(run_dir, write=world.is_main, tracking=tracking),
+                     view=ProgressView(prepared.total_steps, console), world=world, callbacks=callbacks)
     tasks: dict[tuple[int, int, str, int, tuple[str, ...]], Task] = {}  # one per model and data: a compiled loss is compiled once
     summaries: list[StageSummary] = []
     try:
@@ -128,18 +134,37 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
         fields = {"reason": str(e) or "interrupted"} if stopped else {"error": f"{type(e).__name__}: {e}"}
         _quietly(lambda: run.logs.event("plan_interrupted" if stopped else "plan_failed", plan=plan.name, **fields))
         run.view.close()
-        _quietly(run.logs.close)  # a full disk may refuse the last flush too; the first failure is the one told
+        # a full disk may refuse the last flush too; the first failure is the one told
+        _quietly(lambda: run.logs.close(RunEnd("interrupted" if stopped else "failed")))
         raise
     run.view.close()
-    run.logs.close()
     run.view.summary(summaries)
-    last = prepared.stages[-1]
-    if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
-        text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
-        if world.is_main:
-            _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
-            run.view.print(f"sample:\n{text}")
+    try:
+        last = prepared.stages[-1]
+        if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
+            text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
+            if world.is_main:
+                _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
+                run.view.print(f"sample:\n{text}")
+    except BaseException:
+        _quietly(lambda: run.logs.close(RunEnd("failed")))
+        raise
+    run.logs.close(_complete(run, summaries, report) if tracking is not None and tracking.wants_files
+                   else RunEnd("complete"))
     return summaries
+
+
+def _complete(run: RunContext, summaries: list[StageSummary], write_report: ReportWriter | None) -> RunEnd:
+    """A complete run's end for the trackers: its report page (written as `stagewise report` would),
+    the summary rows and each stage's export. A report that cannot be written is left out."""
+    report = None
+    try:
+        report = write_report(run.run_dir) if write_report is not None else None
+    except OSError as e:
+        run.view.print(f"warning: the report for the trackers could not be written ({e})")
+    exports = {s.stage: str(run.run_dir / "stages" / s.stage) for s in summaries
+               if (run.run_dir / "stages" / s.stage / MARKER).is_file()}
+    return RunEnd("complete", report, [dataclasses.asdict(s) for s in summaries], exports)
 
 
 def _placed(stage: Stage, placed: dict[str, ResolvedStage], ran: dict[str, int]) -> ResolvedStage:

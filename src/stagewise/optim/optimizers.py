@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
+from stagewise.config.registry import OPTIMIZERS
 from stagewise.optim.regularizers import is_decayed
 from stagewise.optim.schedule_free import SCHEDULE_FREE, build_schedule_free
 
@@ -186,6 +187,11 @@ def build_optimizer(name: str, settings: dict[str, Any], model: nn.Module, l1: f
                              betas=tuple(settings["betas"]), eps=settings["eps"])
 
     decay, no_decay = _split(params)
+    plugin = OPTIMIZERS[name].build
+    if plugin is not None:  # a plug-in's (config.registry): the standard groups and its settings
+        wd = settings.get("weight_decay", 0.0)
+        return plugin(_by_scale([_group("decay", decay, weight_decay=wd),
+                                 _group("no_decay", no_decay, weight_decay=0.0)], scales), dict(settings))
     if name == "sgd_l1":
         groups = _by_scale([_group("decay", decay, l1=l1), _group("no_decay", no_decay, l1=0.0)], scales)
         return ProximalSGD(groups, lr=lr, momentum=settings["momentum"], l1=l1)
@@ -215,7 +221,7 @@ def apply_settings(optimizer: torch.optim.Optimizer, name: str, settings: dict[s
     """Change the hyperparameters of a carried optimizer in place, keeping its state. lr is left
     to the engine; weight_decay and l1 reach the decay groups only (no_decay stays at 0)."""
     _check_settings(name, settings)
-    if type(optimizer) is not _CLASSES[name]:
+    if OPTIMIZERS[name].build is None and type(optimizer) is not _CLASSES[name]:
         raise ValueError(f"cannot apply '{name}' settings to a {type(optimizer).__name__}")
     for group in optimizer.param_groups:
         decayed = group["group"] in _DECAY_GROUPS

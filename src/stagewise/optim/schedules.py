@@ -49,6 +49,7 @@ import math
 from collections.abc import Callable
 
 from stagewise.config.optimizer_config import ScheduleConfig
+from stagewise.config.registry import SCHEDULES
 
 # Decay shapes: 1 at p = 0 (start of the decay), 0 at p = 1 (end).
 _SHAPES: dict[str, Callable[[float], float]] = {
@@ -100,6 +101,9 @@ def schedule_problems(schedule: ScheduleConfig, total: int) -> list[tuple[str, s
         problems.append(("warmup", f"must be < steps (got {warmup} >= {total})"))
 
     name = schedule.name
+    plugin = SCHEDULES[name].problems
+    if plugin is not None:  # a plug-in's (config.registry)
+        problems += plugin(s, total)
     if name == "step":
         why = _inside_stage(resolve_duration(s["step_size"], total), warmup, total)
         if why:
@@ -139,6 +143,9 @@ def lr_at(schedule: ScheduleConfig, step: int, total: int, peak: float) -> float
 
     s = schedule.settings()
     name = schedule.name
+    plugin = SCHEDULES[name].lr
+    if plugin is not None:  # a plug-in's (config.registry): the whole stage is its own, warmup too
+        return plugin(s, step, total, peak)
     if name == "onecycle":
         return _onecycle(s, step, total, peak)
     if name == "stlr":

@@ -9,7 +9,6 @@ composed; errors echo at most ~80 characters of the input."""
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import reprlib
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from stagewise.config.fields import suggest
 from stagewise.config.plan_config import Plan
 from stagewise.config.stage_config import MERGE_DEFAULTS, StageConfig
 from stagewise.errors import UserError
@@ -287,7 +287,7 @@ def _stage_index(stages: list[Any], part: str, where: str) -> int:
         return names.index(part)
     if part.isdigit() and int(part) < len(stages):
         return int(part)
-    hint = _suggest(part, [n for n in names if isinstance(n, str)])
+    hint = suggest(part, [n for n in names if isinstance(n, str)])
     raise UserError(where, f"no stage '{part}'{hint}")
 
 
@@ -312,7 +312,7 @@ def _describe_one(err: Any, model: type[BaseModel], raw: dict[str, Any] | None =
         msg = err["msg"]
     elif err["type"] == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        msg = "unknown key" + _suggest(str(loc[-1]), fields)
+        msg = "unknown key" + suggest(str(loc[-1]), fields)
     elif err["type"] == "missing":
         msg = "required"
     else:
@@ -372,8 +372,3 @@ def _model_in(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
-
-
-def _suggest(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word[:100], candidates, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""

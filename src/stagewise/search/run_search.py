@@ -34,6 +34,7 @@ class SearchOptions:
     pruner: str = "median"
     sampler: str = "tpe"
     cv: int | None = None
+    plugins: tuple[str, ...] = ()  # --plugin: what each worker process imports first
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] 
     return SearchSetup(plan_path=plan_path, raw=raw, space=space, objective=objective, out=out,
                        storage=storage, study=study, trials=options.trials,
                        workers=options.workers, sampler=options.sampler, pruner=options.pruner, seed=plan.seed,
-                       folds=folds)
+                       folds=folds, plugins=options.plugins)
 
 
 def _check_same_search(out: Path, settings: dict[str, Any]) -> None:
@@ -105,6 +106,12 @@ def summarize(setup: SearchSetup, console: Console) -> SearchResult:
     study = open_study(setup)
     rows = trial_rows(study)
     print_trials(console, rows, str(setup.objective))
+    done = sum(r.state in ("complete", "pruned") for r in rows)
+    if done < setup.trials:  # a running trial is not a done one
+        running = sum(r.state == "running" for r in rows)
+        console.print(f"{done} of {setup.trials} trials done" + (f", {running} running (other workers: run the "
+                      "search again once they end)" if running else "; run the search again to go on"),
+                      markup=False, highlight=False)
     best = write_best(setup.out, setup.raw, setup.plan_path, study)
     plots, notes = write_plots(study, setup.out)
     for note in notes:

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from stagewise.errors import RunStopped, UserError
+from stagewise.plan.plugins import load_plugins
 from stagewise.search.trial import SearchSetup, run_trial
 
 HEARTBEAT_SECONDS = 30  # a trial whose worker stopped beating for twice this is failed, then retried
@@ -105,10 +106,52 @@ class _Full(Exception):
     """The study held its trials when this worker's next one began: the worker stops."""
 
 
-def retry_interrupted(study: Any) -> int:
-    """Queue once more each trial a stop interrupted (not yet queued again): same values."""
+def _gone(worker: Any) -> bool:
+    """Whether the process that ran a trial is gone: known on its own machine only (a trial of
+    another machine's worker is failed by Optuna's heartbeat once it stops beating). This
+    process runs no trial yet when it asks."""
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
+        return False
+    pid = worker.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():  # an earlier search in this process that stopped without saying so
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
+def fail_abandoned(study: Any) -> int:
+    """Fail (as interrupted, so they run again) the running trials whose worker is gone: killed
+    hard (kill -9, a crash, a power cut), it could not say so; and those of other machines whose
+    heartbeat stopped (Optuna retries those itself)."""
+    import optuna
     from optuna.trial import TrialState
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage, failed = study._storage, 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if _gone(worker):
+            storage.set_trial_user_attr(t._trial_id, "interrupted", f"its worker (process {worker['pid']}) is gone")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed += 1
+    return failed
+
+
+def retry_interrupted(study: Any) -> int:
+    """Queue once more each trial a stop interrupted, or whose worker is gone (not yet queued
+    again): same values."""
+    from optuna.trial import TrialState
+
+    fail_abandoned(study)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     again = [t for t in trials if t.state == TrialState.FAIL and "interrupted" in t.user_attrs
@@ -158,6 +201,7 @@ def work(setup: SearchSetup, worker: int = 0, console: Console | None = None) ->
 def _worker_main(setup: SearchSetup, worker: int) -> None:
     """A spawned worker process's entry: a stop is one line, as in the CLI."""
     try:
+        load_plugins(list(setup.plugins))
         work(setup, worker)
     except UserError as e:
         print(f"error: {e}", flush=True)

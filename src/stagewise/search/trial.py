@@ -5,6 +5,8 @@ right now: the stage store's lock makes the second one wait) are reused, not tra
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class SearchSetup:
     pruner: str
     seed: int
     folds: list[FoldData] | None  # --cv: the objective stage's data for each fold
+    plugins: tuple[str, ...] = ()  # --plugin: imported first by each spawned worker
 
     @property
     def cache(self) -> Path:
@@ -57,6 +60,11 @@ class Pruned(RunStopped):
     plan_interrupted), then the trial is told pruned."""
 
 
+def worker_id() -> dict[str, Any]:
+    """What a running trial records of the process running it (user attr `worker`)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> float:
     """Train the trial's plan (each fold's, with --cv) and return its objective value."""
     import optuna
@@ -65,6 +73,7 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     raw = with_params(setup.raw, params)
     run_dir = setup.trial_dir(trial.number)
     trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
+    trial.set_user_attr("worker", worker_id())  # a search run again sees whether it is still running
     try:
         if setup.folds is None:
             return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig
 from stagewise.config.stage_config import StageConfig
+from stagewise.data.documents import Documents
 from stagewise.data.sources import Corpus
 from stagewise.data.tokenizers import eos_id, warn_unknown
 from stagewise.models.build import context_length
@@ -209,7 +210,8 @@ class SftSpec(TaskSpec):
         texts = ([p + c for p, c in train], [p + c for p, c in val])
         for part in texts:
             digest.update(json.dumps(part).encode())
-        return Corpus(texts[0], texts[1], [p for p in (train_path, val_path) if p is not None], digest.hexdigest())
+        return Corpus(Documents.of(texts[0], str(train_path)), Documents.of(texts[1], str(val_path or train_path)),
+                      [p for p in (train_path, val_path) if p is not None], digest.hexdigest())
 
     def prepare(self, inp: StageInput) -> tuple[Any, str]:
         train, val = inp.files()

@@ -288,3 +288,9 @@ def task_spec(name: str, where: str = "task") -> TaskSpec:
         raise UserError(where, f"unknown task '{name}' (tasks: {', '.join(TASKS)})")
     spec: TaskSpec = TASKS[name]
     return spec
+
+
+def register_task(spec: type[TaskSpec]) -> type[TaskSpec]:
+    """Class decorator: add the task `spec` (an instance of it) to the registry under its `name`."""
+    TASKS[spec.name] = spec()
+    return spec
