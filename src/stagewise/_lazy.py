@@ -8,7 +8,7 @@ from __future__ import annotations
 LAZY_IMPORTS: dict[str, frozenset[str]] = {
     # Each command imports what it runs: `runs` without torch, `report` without the trainer.
     "stagewise.cli": frozenset({
-        "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
+        "stagewise", "stagewise.api.calls", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
         "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
         "stagewise.engine.verify"}),
     # The trackers' copy of the report page is drawn (matplotlib) only at a run's end.
