@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stagewise.engine.run_logs import read_jsonl
-from stagewise.search.run_search import SearchOptions, search
+from stagewise.tuning.run_search import SearchOptions, search
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -25,7 +25,7 @@ from stagewise.config.registry import TASKS
 from stagewise.engine.callbacks import CALLBACKS
 from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
-from stagewise.search.space import check_space, load_space
+from stagewise.tuning.space import check_space, load_space
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tasks",),
     ("plan",),  # plan resolution: the stage tree, each stage's settings and key
     ("engine",),  # training, by job: loop, checkpoints, distributed, device, ... (`stagewise.train` is the API call)
-    ("search",),
+    ("tuning",),  # search over plans, lr-find, cross-validation (`stagewise.search` is the API call)
     ("track",),  # runs read back: logs, report, trained stages
     ("api",),  # the public API's modules
     ("__init__",),  # the package's face: the API's names

@@ -22,7 +22,7 @@ from stagewise.engine.run_plan import train
 from stagewise.engine.stage_optimizer import StageOptimizer
 from stagewise.engine.status import stage_status
 from stagewise.plan.load import load_plan
-from stagewise.search.lr_find import lr_find, restored_sweep, suggestions
+from stagewise.tuning.lr_find import lr_find, restored_sweep, suggestions
 
 GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 STAGE = {"optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 60}

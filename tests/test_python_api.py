@@ -218,3 +218,19 @@ def test_importing_stagewise_is_cheap_and_lists_its_api() -> None:
     assert {"Plan", "check", "train", "lr_find", "search", "open_run", "Run", "Callback"} <= set(stagewise.__all__)
     for name in stagewise.__all__:
         assert getattr(stagewise, name) is not None
+
+
+def test_the_api_names_stay_the_calls_whatever_else_is_imported() -> None:
+    # The search package was once named stagewise.search: importing any of its modules replaced
+    # the function of that name with the package ('module' object is not callable).
+    code = ("import stagewise, stagewise.tuning.study, stagewise.engine.run_plan; "
+            "print(all(callable(getattr(stagewise, n)) for n in ('search', 'train', 'check', 'lr_find', 'open_run')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
+def test_paths_may_be_given_as_strings(tmp_path: Path, corpus: Path) -> None:
+    plan = tiny_plan(corpus, [{"name": "a", "optimizer": {"name": "adamw", "lr": 1e-3}, "steps": 2}])
+    run = stagewise.train(plan, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), console=QUIET)
+    assert run.stages["a"].summary is not None and (tmp_path / "cache").is_dir()
+    assert stagewise.check(plan, out=str(tmp_path / "run"), cache=str(tmp_path / "cache")).out == tmp_path / "run"

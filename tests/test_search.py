@@ -25,10 +25,10 @@ from stagewise.engine.run_logs import read_jsonl
 from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
-from stagewise.search import study as study_module
-from stagewise.search.results import trial_rows
-from stagewise.search.run_search import SearchOptions, prepare_search, search
-from stagewise.search.trial import Pruned, run_trial
+from stagewise.tuning import study as study_module
+from stagewise.tuning.results import trial_rows
+from stagewise.tuning.run_search import SearchOptions, prepare_search, search
+from stagewise.tuning.trial import Pruned, run_trial
 
 TWO_STAGES = [
     {"name": "stable", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 16},
@@ -110,7 +110,7 @@ def test_a_search_run_again_goes_on_with_its_study(tmp_path: Path, corpus: Path)
 
 def test_an_interrupted_trial_runs_again_with_the_same_values(tmp_path: Path, corpus: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import stagewise.search.trial as trial_module
+    import stagewise.tuning.trial as trial_module
 
     plan, out = _plan(tmp_path, corpus), tmp_path / "search"
     options = SearchOptions(space=_space(tmp_path, SPACE), trials=2, out=out)

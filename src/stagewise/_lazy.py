@@ -8,11 +8,11 @@ from __future__ import annotations
 LAZY_IMPORTS: dict[str, frozenset[str]] = {
     # Each command imports what it runs: `runs` without torch, `report` without the trainer.
     "stagewise.cli": frozenset({
-        "stagewise", "stagewise.api.calls", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
+        "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
         "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
         "stagewise.engine.verify"}),
     # The trackers' copy of the report page is drawn (matplotlib) only at a run's end.
     "stagewise.api.calls": frozenset({"stagewise.track.report"}),
     # A search's report names its storage; the study module imports the trainer (torch).
-    "stagewise.track.report": frozenset({"stagewise.search.study"}),
+    "stagewise.track.report": frozenset({"stagewise.tuning.study"}),
 }

@@ -322,10 +322,9 @@ def _lr_find(args: argparse.Namespace, console: Console) -> int:
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.api.calls import search  # not stagewise.search: the search package's name shadows it
-    from stagewise.api.user_plan import Plan
+    import stagewise
 
-    result = search(Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
+    result = stagewise.search(stagewise.Plan.from_yaml(args.plan), args.space, trials=args.trials, workers=args.workers,
                     storage=args.storage, study=args.study, out=args.out, metric=args.metric,
                     direction=args.direction, pruner=args.pruner, sampler=args.sampler, cv=args.cv,
                     plugins=tuple(args.plugin), console=console)

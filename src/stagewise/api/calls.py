@@ -23,11 +23,11 @@ from stagewise.engine.status import stage_status
 from stagewise.errors import UserError
 from stagewise.plan.load import blame_overrides, read_yaml
 from stagewise.plan.resolved import ResolvedStage
-from stagewise.search.lr_find import LrFindResult
-from stagewise.search.lr_find import lr_find as find_lr
-from stagewise.search.run_search import SearchOptions, SearchResult
-from stagewise.search.run_search import search as run_search
 from stagewise.tasks.user_task import PLACEHOLDER, TASK, Loss, UserParts
+from stagewise.tuning.lr_find import LrFindResult
+from stagewise.tuning.lr_find import lr_find as find_lr
+from stagewise.tuning.run_search import SearchOptions, SearchResult
+from stagewise.tuning.run_search import search as run_search
 
 PlanLike = Plan | str | Path | Mapping[str, Any]
 
@@ -82,30 +82,35 @@ def _parts(model: nn.Module | None, data: Mapping[str, Any] | None, loss: Loss |
     return parts
 
 
-def _prepare(plan: Plan, out: Path | None, cache: Path | None, parts: UserParts | None,
+def _path(path: str | Path | None) -> Path | None:
+    """A path argument as the caller gave it: a str or a Path (None: the default applies)."""
+    return None if path is None else Path(path)
+
+
+def _prepare(plan: Plan, out: str | Path | None, cache: str | Path | None, parts: UserParts | None,
              fresh: bool | None = None) -> tuple[Prepared, Path]:
     """The plan prepared, and the run directory: `out`, else runs/<plan name>; the cache: `cache`,
     else .cache beside the run directory. `fresh` (train): the run directory checked first."""
-    out = out or Path("runs") / plan.name
+    run_dir = _path(out) or Path("runs") / plan.name
     if fresh is not None:
-        check_run_directory(out, fresh)
+        check_run_directory(run_dir, fresh)
     try:
-        return prepare(plan.config, plan.file, cache or out.parent / ".cache", parts), out
+        return prepare(plan.config, plan.file, _path(cache) or run_dir.parent / ".cache", parts), run_dir
     except UserError as e:
         raise blame_overrides(e, plan.where, plan.typed) from None
 
 
-def check(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None, model: nn.Module | None = None,
+def check(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | None = None, model: nn.Module | None = None,
           data: Mapping[str, Any] | None = None, loss: Loss | None = None) -> Checked:
     """Validate the plan and prepare it (data read, models built) without training; which stages
     the cache of `out` (or `cache`) would reuse or resume."""
     parts = _parts(model, data, loss)
     plan = as_plan(plan, parts=parts)
-    prepared, out = _prepare(plan, out, cache, parts)
-    return Checked(plan, prepared, stage_status(prepared), out)
+    prepared, run_dir = _prepare(plan, out, cache, parts)
+    return Checked(plan, prepared, stage_status(prepared), run_dir)
 
 
-def train(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None, fresh: bool = False,
+def train(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | None = None, fresh: bool = False,
           callbacks: Sequence[Callback] = (), model: nn.Module | None = None, data: Mapping[str, Any] | None = None,
           loss: Loss | None = None, track: Sequence[str | Mapping[str, Any]] | None = None,
           console: Console | None = None) -> Run:
@@ -130,9 +135,9 @@ def train(plan: PlanLike, *, out: Path | None = None, cache: Path | None = None,
         if not world.is_main:  # rank 0 speaks for all
             console = Console(file=io.StringIO())
         with world.main_first():  # rank 0 fills the token cache, the others read it
-            prepared, out = _prepare(plan, out, cache, parts, fresh=fresh)
-        train_plan(prepared, out, fresh=fresh, console=console, world=world, callbacks=checked, report=run_report)
-    return Run.open(out)
+            prepared, run_dir = _prepare(plan, out, cache, parts, fresh=fresh)
+        train_plan(prepared, run_dir, fresh=fresh, console=console, world=world, callbacks=checked, report=run_report)
+    return Run.open(run_dir)
 
 
 def run_report(run_dir: Path) -> Path:
@@ -143,23 +148,23 @@ def run_report(run_dir: Path) -> Path:
 
 
 def lr_find(plan: PlanLike, stage: str, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
-            out: Path | None = None, cache: Path | None = None, write: Path | None = None,
+            out: str | Path | None = None, cache: str | Path | None = None, write: str | Path | None = None,
             suggestion: str = "minimum", console: Console | None = None) -> LrFindResult:
     """The LR range test of `stage` from its starting weights (its parents trained or reused);
     `write`: a copy of the plan with the stage's optimizer.lr set to the suggestion."""
     plan = as_plan(plan)
-    return find_lr(plan.file, [], stage, start=start, end=end, steps=steps, out=out, cache=cache, write=write,
-                   suggestion=suggestion, console=console, raw=plan.raw)
+    return find_lr(plan.file, [], stage, start=start, end=end, steps=steps, out=_path(out), cache=_path(cache),
+                   write=_path(write), suggestion=suggestion, console=console, raw=plan.raw)
 
 
-def search(plan: PlanLike, space: Path, *, trials: int, workers: int = 1, storage: str | None = None,
-           study: str | None = None, out: Path | None = None, metric: str | None = None,
+def search(plan: PlanLike, space: str | Path, *, trials: int, workers: int = 1, storage: str | None = None,
+           study: str | None = None, out: str | Path | None = None, metric: str | None = None,
            direction: str | None = None, pruner: str = "median", sampler: str = "tpe", cv: int | None = None,
            plugins: tuple[str, ...] = (), console: Console | None = None) -> SearchResult:
     """A hyperparameter search (Optuna) over plan keys: `space` a SPACE.yaml file (key path ->
     {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}); trials share stages through the cache."""
     plan = as_plan(plan)
-    options = SearchOptions(space=space, trials=trials, workers=workers, storage=storage, study=study, out=out,
+    options = SearchOptions(space=Path(space), trials=trials, workers=workers, storage=storage, study=study, out=_path(out),
                             metric=metric, direction=direction, pruner=pruner, sampler=sampler,  # type: ignore[arg-type]
                             cv=cv, plugins=plugins)
     return run_search(plan.file, options, console or Console(), raw=plan.raw)

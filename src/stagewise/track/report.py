@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 
 from stagewise.engine.progress import SUMMARY_TEXT_COLUMNS, summary_table
 from stagewise.errors import UserError
-from stagewise.search.results import BEST, HEADERS, SETTINGS, load_settings, trial_rows, write_plots
 from stagewise.track.plots import ROUTINE_EVENTS, compare_figure, loss_figure, png, series_figure
 from stagewise.track.runs import Run, StageRow, load_run, when
+from stagewise.tuning.results import BEST, HEADERS, SETTINGS, load_settings, trial_rows, write_plots
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1040px; color: #222; }
@@ -63,7 +63,7 @@ def write_search_report(directory: Path, out: Path | None = None) -> Path:
     """A search directory's page: its trials, the best plan, Optuna's history and importance plots."""
     import optuna
 
-    from stagewise.search.study import storage_of
+    from stagewise.tuning.study import storage_of
 
     settings = load_settings(directory)
     assert settings is not None

@@ -35,8 +35,8 @@ from stagewise.errors import UserError
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
 from stagewise.plan.tree import StageNode, stage_tree
-from stagewise.search.space import set_key
 from stagewise.tasks.base import Task
+from stagewise.tuning.space import set_key
 
 BETA = 0.98  # fastai's smoothing of the loss
 DIVERGED = 4.0  # the sweep stops once the smoothed loss exceeds this many times its minimum

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from stagewise.errors import RunStopped, UserError
 from stagewise.plan.plugins import load_plugins
-from stagewise.search.trial import SearchSetup, run_trial
+from stagewise.tuning.trial import SearchSetup, run_trial
 
 HEARTBEAT_SECONDS = 30  # a trial whose worker stopped beating for twice this is failed, then retried
 

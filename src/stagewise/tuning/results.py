@@ -15,7 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from stagewise.search.space import with_params
+from stagewise.tuning.space import with_params
 
 SETTINGS = "search.json"  # in the search directory: what it searches and where its study is
 BEST = "best.yaml"

@@ -23,9 +23,9 @@ from stagewise.engine.run_plan import train
 from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
 from stagewise.plan.load import validate_plan
-from stagewise.search.cv import FoldData, fold_plan
-from stagewise.search.objective import Objective
-from stagewise.search.space import Param, with_params
+from stagewise.tuning.cv import FoldData, fold_plan
+from stagewise.tuning.objective import Objective
+from stagewise.tuning.space import Param, with_params
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from rich.console import Console
 
 from stagewise.errors import UserError
 from stagewise.plan.load import read_yaml, validate_plan
-from stagewise.search.cv import write_folds
-from stagewise.search.objective import Direction, objective_of
-from stagewise.search.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
-from stagewise.search.space import check_space, load_space, override
-from stagewise.search.study import local_storage, open_study, remaining, retry_interrupted, run_workers
-from stagewise.search.trial import SearchSetup
+from stagewise.tuning.cv import write_folds
+from stagewise.tuning.objective import Direction, objective_of
+from stagewise.tuning.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
+from stagewise.tuning.space import check_space, load_space, override
+from stagewise.tuning.study import local_storage, open_study, remaining, retry_interrupted, run_workers
+from stagewise.tuning.trial import SearchSetup
 
 
 @dataclass(frozen=True)
