@@ -21,7 +21,7 @@ from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
-from stagewise.config.registry import TASKS
+from stagewise.config.registry import OPTIMIZERS, SCHEDULES, TASKS
 from stagewise.engine.callbacks import CALLBACKS
 from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
@@ -275,13 +275,13 @@ def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatc
     root.mkdir()
     (tmp_path / "shared").symlink_to(snippets.SHARED)
     monkeypatch.chdir(root)
-    for registry in (TASKS, CALLBACKS):  # what a page registers stays on that page
+    for registry in (TASKS, OPTIMIZERS, SCHEDULES, CALLBACKS):  # what a page registers stays on that page
         saved = dict(registry)
         request.addfinalizer(lambda registry=registry, saved=saved: (registry.clear(), registry.update(saved)))
     text = (DOCS / page).read_text(encoding="utf-8")
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     for block in snippets.blocks(DOCS / page, "python"):
-        code = compile(block.text, str(block), "exec")
+        code = compile(block.text, str(block), "exec", dont_inherit=True)  # not this file's __future__ imports
         before = text.split("\n")[max(block.line - 3, 0):block.line - 1]
         if any("validate-only" in line for line in before):
             imports = [n for n in ast.parse(block.text).body if isinstance(n, (ast.Import, ast.ImportFrom))]
