@@ -6,7 +6,6 @@ its stages."""
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from stagewise.engine.run_logs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -85,7 +86,7 @@ def read_run(run: Path) -> dict[str, StageResult]:
     events_path = run / "events.jsonl"
     if not events_path.is_file():
         return {}
-    events = _jsonl(events_path)
+    events = read_jsonl(events_path)
     layout = {s["name"]: s for e in events if e["event"] == "plan_start" for s in e["stages"]}
     trained: dict[str, bool] = {}
     evals: dict[str, list[tuple[int, dict[str, float]]]] = {}
@@ -109,7 +110,7 @@ def read_run(run: Path) -> dict[str, StageResult]:
                 evals=list(evals.get(stage, [])))
     last_tokens: dict[str, int] = {}
     metrics_path = run / "metrics.jsonl"
-    for m in _jsonl(metrics_path) if metrics_path.is_file() else []:
+    for m in read_jsonl(metrics_path) if metrics_path.is_file() else []:
         if m.get("kind") == "train" and "tokens" in m:
             last_tokens[m["stage"]] = m["tokens"]
     for result in done.values():
@@ -138,15 +139,5 @@ def read_job(folder: Path) -> dict[str, StageResult]:
 def run_span(run: Path) -> tuple[float, float] | None:
     """The wall-clock times of the run's first and last events (over every invocation)."""
     path = run / "events.jsonl"
-    times = [e["time"] for e in _jsonl(path)] if path.is_file() else []
+    times = [e["time"] for e in read_jsonl(path)] if path.is_file() else []
     return (min(times), max(times)) if times else None
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-    return records
