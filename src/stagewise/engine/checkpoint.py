@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_model
 
 from stagewise.engine.sharded import is_sharded
-from stagewise.errors import WriteFailed
+from stagewise.errors import WriteFailed, refused_object
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -158,10 +158,8 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise InvalidCheckpoint(f"{path}: holds an object that the safe loader refuses{what}; it is not a "
-                                "stagewise state and is never unpickled") from None
+        raise InvalidCheckpoint(f"{path}: holds an object that the safe loader refuses{refused_object(e)}; it is "
+                                "not a stagewise state and is never unpickled") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... on a damaged file
         raise InvalidCheckpoint(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict):
