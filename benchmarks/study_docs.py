@@ -57,7 +57,7 @@ def _rows_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _section(s: dict[str, Any], plots: list[str]) -> list[str]:
-    size, wall = s["size"], s["wall"]
+    size, wall, lr = s["size"], s["wall"], s["peak_lr"]
     seeds = ", ".join(map(str, s["seeds"]))
     finished = {seed: set(v) for seed, v in s["finished"].items()}
     missing = [n for n in s["planned_stages"] if not all(n in f for f in finished.values()) or not finished]
@@ -69,8 +69,13 @@ def _section(s: dict[str, Any], plots: list[str]) -> list[str]:
         "",
         f"Model: stagewise's GPT, {size['n_layer']} layers x {size['n_embd']} wide, {size['n_head']} heads, block "
         f"{size['block']}, batch {size['batch']}, characters of tinyshakespeare; N = {size['steps']} updates, warmup "
-        f"{size['warmup']}, AdamW peak LR 1e-3, validation loss on the same first {size['eval_batches']} batches of the "
-        f"held-out 10% for every variant. Seeds: {seeds}.",
+        f"{size['warmup']}, AdamW peak LR {lr['chosen']:g}, validation loss on the same first {size['eval_batches']} "
+        f"batches of the held-out 10% for every variant. Seeds: {seeds}.",
+        "",
+        f"Peak LR: the best final val loss of the cosine baseline (to 10%) on seed {lr['seed']} over "
+        + ", ".join(f"{k}: {v:.4f}" for k, v in lr["swept"].items())
+        + ". The literature's comparisons are made at a tuned peak; at a peak below the budget's best, every "
+        "schedule that holds the peak longer wins, whatever its shape.",
         "",
         "Seed spread (std of the final val loss over seeds): "
         + (", ".join(f"{k} {v:.4f}" for k, v in spread.items() if v is not None) or "not measured yet") + ". "
