@@ -15,9 +15,8 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 SIZE_REASON = (
     "Why this size: nanoGPT's CPU baby GPT, the reference point's model, so the cosine row has a published "
     "neighbour; 1000 updates (half the reference's) keep the language-model part (10,275 updates per seed, "
-    "most of them branches of the constant run) at ~20 min on 2 idle cores, estimated from the reference "
-    "plan's ~64 ms per update on one thread (3 seeds, 2 at a time), not measured: this machine was never "
-    "idle here. The effects the literature expects run from a cooldown's gain over no decay (the largest) "
+    "most of them branches of the constant run) to minutes per seed on one core (the run times are listed "
+    "below). The effects the literature expects run from a cooldown's gain over no decay (the largest) "
     "down to schedule-against-schedule differences of about a percent of the loss, so the seed spread along "
     "the constant run, printed above, has to stay under ~0.01 for those rows to say anything: rows whose "
     "difference is smaller are marked within noise rather than ranked.")
