@@ -232,16 +232,17 @@ def _verify_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.track.report import write_report
+    import stagewise
 
-    console.print(f"report written to {write_report(args.runs, args.out)}")
+    console.print(f"report written to {stagewise.report(args.runs, out=args.out)}")
     return 0
 
 
 def _runs(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.track.runs import find_runs, print_runs
+    import stagewise
+    from stagewise.track.runs import print_runs
 
-    print_runs(console, args.dir, find_runs(args.dir), args.metric)
+    print_runs(console, args.dir, stagewise.runs(args.dir), args.metric)
     return 0
 
 
