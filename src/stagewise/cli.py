@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, command in sub.choices.items():
         if name not in ("report", "runs"):
             command.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
-                                 help="import this module or file first: the tasks, optimizers and schedules it "
-                                      "registers can be named in the plan (repeatable; a plan never imports code)")
+                                 help="import this module or file first: the tasks, optimizers, schedules, callbacks "
+                                      "and trackers it registers can be named in the plan (repeatable; a plan never imports code)")
     return parser
 
 
