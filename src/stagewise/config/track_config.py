@@ -84,10 +84,9 @@ class Named(Strict):
                                               {"key": name, "hint": suggest(name, known)})
                 settings = self.registry[name].settings
                 if settings is None:
-                    if given:
+                    if given != {}:
                         raise PydanticCustomError("setting_error", "{kind} '{name}' takes no settings",
-                                                  {"key": [name, next(iter(given))], "kind": self.registry.kind,
-                                                   "name": name})
+                                                  {"key": name, "kind": self.registry.kind, "name": name})
                     continue
                 try:
                     extra[name] = settings.model_validate(given)
