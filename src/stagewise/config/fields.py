@@ -5,8 +5,16 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, ClassVar
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler,
-                      ValidationError, model_serializer)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]

@@ -13,8 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.config.fields import (MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict, settings_error,
-                                     suggest)
+from stagewise.config.fields import MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict, settings_error, suggest
 from stagewise.config.registry import OPTIMIZERS, SCHEDULES, Registry
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]

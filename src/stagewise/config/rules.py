@@ -11,8 +11,7 @@ from pydantic import AfterValidator, ConfigDict, Field, SerializerFunctionWrapHa
 from pydantic_core import PydanticCustomError
 
 from stagewise.config.fields import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
-from stagewise.config.optimizer_config import (OPTIMIZER_SETTINGS, SCHEDULE_FREE, only_settings_of, plugin_settings,
-                                               registered)
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS, SCHEDULE_FREE, only_settings_of, plugin_settings, registered
 from stagewise.config.registry import OPTIMIZERS, TASKS
 
 
