@@ -35,23 +35,36 @@ _EXPORTS = {
     "CALLBACKS": "stagewise.config.registry",
     "Tracker": "stagewise.engine.trackers.tracking",
     "register_tracker": "stagewise.config.registry",
+    "register_arch": "stagewise.config.registry",
+    "register_optimizer": "stagewise.config.registry",
+    "register_schedule": "stagewise.config.registry",
+    "register_task": "stagewise.tasks.spec",
     "UserError": "stagewise.errors",
     "RunStopped": "stagewise.errors",
 }
 
 __all__ = ["CALLBACKS", "Callback", "Checked", "Plan", "Run", "RunStopped", "StageResult", "StepState", "Tracker",
-           "UserError", "__version__", "check", "lr_find", "open_run", "register_callback", "register_tracker", "report",
-           "runs", "search", "train"]
+           "UserError", "__version__", "check", "lr_find", "open_run", "register_arch", "register_callback",
+           "register_optimizer", "register_schedule", "register_task", "register_tracker", "report", "runs", "search",
+           "train"]
 
 if TYPE_CHECKING:
     from stagewise.api.calls import Checked, check, lr_find, open_run, search, train
     from stagewise.api.read_runs import report, runs
     from stagewise.api.run_handle import Run, StageResult
     from stagewise.api.user_plan import Plan
-    from stagewise.config.registry import CALLBACKS, register_callback, register_tracker
+    from stagewise.config.registry import (
+        CALLBACKS,
+        register_arch,
+        register_callback,
+        register_optimizer,
+        register_schedule,
+        register_tracker,
+    )
     from stagewise.engine.callbacks import Callback, StepState
     from stagewise.engine.trackers.tracking import Tracker
     from stagewise.errors import RunStopped, UserError
+    from stagewise.tasks.spec import register_task
 
 
 def __getattr__(name: str) -> Any:
