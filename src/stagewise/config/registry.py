@@ -140,6 +140,7 @@ class TrackerEntry:
     extra: str | None = None
 
 
+@dataclass(frozen=True)
 class ArchModel:
     """An architecture's model of one kind: `build(**sizes, **settings)` -> the torch
     module, where `sizes` are what the stage's data sets (causal_lm: vocab_size; classify:
