@@ -381,3 +381,32 @@ class _Classifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.out(self.embed(input_ids))
+
+
+def test_a_causal_lm_arch_registered_by_decorator_trains_exports_and_generates(
+        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stagewise
+    from stagewise.config.plan_config import ArchSettings
+    from stagewise.config.registry import ARCHS
+    from stagewise.models.gpt import GPT
+
+    monkeypatch.setattr(ARCHS, "_entries", dict(ARCHS))
+
+    class TinySettings(ArchSettings):
+        width: int = 16
+
+    @stagewise.register_arch("tiny-lm", TinySettings)
+    def tiny_lm(*, vocab_size: int, width: int = 16) -> torch.nn.Module:
+        """A one-block GPT of its own settings."""
+        return GPT(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=width, n_positions=32)
+
+    stage = {"name": "s", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 20, "eval": {"every": 10}}
+    plan = tiny_plan(corpus, [stage], threads=1, model={"arch": "tiny-lm", "width": 32})
+    run = stagewise.train(plan, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    evals = run.stages["s"].evals
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    export = run.stages["s"].export
+    assert export is not None
+    description = json.loads((export / "model.json").read_text(encoding="utf-8"))
+    assert (description["arch"], description["settings"]) == ("tiny-lm", {"width": 32})  # rebuilt by the plug-in
+    assert run.generate("ROMEO:", max_tokens=5).startswith("ROMEO:")
