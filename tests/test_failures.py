@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -386,6 +387,22 @@ def test_a_full_disk_stops_with_the_path_and_free_space_and_resume_completes(
     assert main(_args(reference[0], out, cache)) == 0  # space freed
     _same_as_reference(reference[0], reference, cache)
     assert metrics_difference(reference[2] / "run-one", out) is None
+
+
+def test_the_resume_hint_is_the_command_as_typed_and_resumes_in_the_same_cache(
+        tmp_path: Path, reference: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    out, cache = tmp_path / "my run", tmp_path / "my cache"  # spaces: the hint must be shell-quoted
+    typed = ["train", str(reference[0]), "--out", str(out), "--fresh", "--cache", str(cache), "stages.a.steps=12"]
+    _writer("torch.save OSError", monkeypatch)
+    assert main(typed) == 4
+    err = capsys.readouterr().err
+    _one_line(err)
+    hint = err.split("resume with: ", 1)[1].strip()
+    assert shlex.split(hint) == ["stagewise", *typed[:4], *typed[5:]]  # as typed, without starting over
+    monkeypatch.undo()
+    assert main(shlex.split(hint)[1:]) == 0  # followed literally
+    assert events(out, "stage_resumed")[0]["stage_step"] == 6  # from the checkpoint saved in that cache
+    _same_as_reference(reference[0], reference, cache)
 
 
 def test_a_full_disk_while_caching_tokens(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str],

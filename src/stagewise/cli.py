@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     positionals only up to the first option, and its parse_intermixed_args refuses subcommands: the
     `key=value` words left over are the overrides that follow an option, in command-line order."""
     args, rest = parser.parse_known_args(argv)
+    args.typed = list(sys.argv[1:] if argv is None else argv)  # the command line as typed (resume hints)
     if hasattr(args, "overrides"):
         moved = [word for word in rest if "=" in word and not word.startswith("-")]
         args.overrides += moved
@@ -192,7 +194,10 @@ def _plan(args: argparse.Namespace) -> Plan:
 def _train(args: argparse.Namespace, console: Console) -> int:
     import stagewise
 
-    run = stagewise.train(_plan(args), out=args.out, cache=args.cache, fresh=args.fresh, console=console)
+    # A stopped run says to run this again, as typed, but without starting over.
+    again = shlex.join(["stagewise", *(w for w in args.typed if not (w.startswith("--f") and "--fresh".startswith(w)))])
+    run = stagewise.train(_plan(args), out=args.out, cache=args.cache, fresh=args.fresh, console=console,
+                          command=again)
     console.print(f"run written to {run.path}")
     return 0
 

@@ -114,7 +114,7 @@ def check(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | 
 def train(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | None = None, fresh: bool = False,
           callbacks: Sequence[Callback] = (), model: nn.Module | None = None, data: Mapping[str, Any] | None = None,
           loss: Loss | None = None, track: Sequence[str | Mapping[str, Any]] | None = None,
-          console: Console | None = None) -> Run:
+          console: Console | None = None, command: str | None = None) -> Run:
     """Run (or resume) the whole plan into `out` (default runs/<plan name>) and return the run.
 
     `model`: a torch module whose forward returns logits (or a transformers PreTrainedModel) in
@@ -125,7 +125,9 @@ def train(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | 
     `callbacks`: stagewise.Callback instances called in every stage trained (not in reused ones).
     `track`: the experiment trackers, as the plan's `track:` key says them (`["mlflow", {"wandb":
     {"project": "p"}}]`), in place of the plan's. `fresh`: start over, forgetting this run and its
-    stages' cache. Under torchrun, every process calls this; rank 0 writes."""
+    stages' cache. `command`: what the message of a stopped run says to run to resume (the CLI
+    passes its command line as typed); by default `stagewise train PLAN --out OUT --cache CACHE`.
+    Under torchrun, every process calls this; rank 0 writes."""
     parts = _parts(model, data, loss)
     plan = as_plan(plan, parts=parts)
     if track is not None:
@@ -137,7 +139,8 @@ def train(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | 
             console = Console(file=io.StringIO())
         with world.main_first():  # rank 0 fills the token cache, the others read it
             prepared, run_dir = _prepare(plan, out, cache, parts, fresh=fresh)
-        train_plan(prepared, run_dir, fresh=fresh, console=console, world=world, callbacks=checked, report=report)
+        train_plan(prepared, run_dir, fresh=fresh, console=console, world=world, callbacks=checked, report=report,
+                   command=command)
     return Run.open(run_dir)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,19 @@ from stagewise.tasks.traits import Exports
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
           stop_after: int | None = None, world: World = SINGLE,
-          callbacks: Sequence[Callback] = (), report: ReportWriter | None = None) -> list[StageSummary]:
+          callbacks: Sequence[Callback] = (), report: ReportWriter | None = None,
+          command: str | None = None) -> list[StageSummary]:
     """Run (or continue) the plan into `run_dir`, holding its lock. `fresh`: start over, forgetting
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
     `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones),
     after those the plan names (`callbacks:`).
-    `report`: writes a run's report page (track.report, above this layer), for the trackers' end."""
-    hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
+    `report`: writes a run's report page (track.report, above this layer), for the trackers' end.
+    `command`: what a stopped run says to run to resume (the CLI's command line as typed); by
+    default the plan, run directory and cache, shell-quoted."""
+    hint = command or shlex.join(["stagewise", "train", str(prepared.plan_path), "--out", str(run_dir),
+                                  "--cache", str(prepared.cache_root)])
     check_installed(prepared.plan.track, str(prepared.plan_path))
     callbacks = check_callbacks([*plan_callbacks(prepared.plan.callbacks), *callbacks])
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
