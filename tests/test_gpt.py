@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer
 from conftest import resumes_identically, stage_weights, tiny_plan, write_plan
+from tokenizers import Tokenizer
 
 from stagewise.cli import main
 from stagewise.models.gpt import GPT
