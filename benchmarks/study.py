@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from typing import Any
 from common import write_results
 from study_docs import write_docs
 from study_jobs import Job, StageResult, example, read_job, read_run, run_span
-from study_plan import FULL, QUICK, SWEEP, Size, cooldown_name, plan_for, sweep_name
+from study_plan import FULL, PEAK_LRS, QUICK, SWEEP, Size, cooldown_name, lr_name, lr_sweep_plan, plan_for, sweep_name
 from study_stats import Comparison, compare, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,22 @@ RECIPES: list[tuple[str, list[Comparison]]] = [
 ]
 
 
-def lm_job(seed: int, size: Size, data: Path) -> Job:
-    return Job(f"lm-{seed}", plan_for(seed, size, data / "tinyshakespeare.txt"))
+def lm_job(seed: int, size: Size, data: Path, peak_lr: float) -> Job:
+    return Job(f"lm-{seed}", plan_for(seed, size, data / "tinyshakespeare.txt", peak_lr))
+
+
+def lr_job(seed: int, size: Size, data: Path) -> Job:
+    return Job(f"lr-{seed}", lr_sweep_plan(seed, size, data / "tinyshakespeare.txt"))
+
+
+def peak_lr(work: Path, job: Job) -> dict[str, Any] | None:
+    """The sweep's final val loss per peak LR and the best of them (None until every LR finished)."""
+    stages = read_run(job.folder(work) / "run")
+    swept = {lr: r.final["val_loss"] for lr in PEAK_LRS if (r := stages.get(lr_name(lr))) and r.finished}
+    if len(swept) < len(PEAK_LRS):
+        return None
+    return {"seed": job.plan["seed"], "swept": {f"{lr:g}": round(v, 4) for lr, v in swept.items()},
+            "chosen": min(swept, key=lambda lr: swept[lr])}
 
 
 def recipe_jobs(seed: int, quick: bool, data: Path) -> list[Job]:
@@ -206,12 +221,12 @@ def cache_savings(runs: dict[int, dict[str, StageResult]]) -> dict[str, Any]:
     return {"study": out, "search_benchmark": {k: search[k] for k in keep if k in search}}
 
 
-def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -> dict[str, Any]:
-    logged = {s: read_job(work / lm_job(s, size, data).name) for s in seeds}
+def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path, lr: dict[str, Any]) -> dict[str, Any]:
+    logged = {s: read_job(work / lm_job(s, size, data, lr["chosen"]).name) for s in seeds}
     runs = {s: done for s, r in logged.items() if (done := {k: v for k, v in r.items() if v.finished})}
     variants = sorted({v for r in runs.values() for v in r})
     report: dict[str, Any] = {
-        "mode": "quick" if quick else "full", "size": size.__dict__, "seeds": seeds,
+        "mode": "quick" if quick else "full", "size": size.__dict__, "seeds": seeds, "peak_lr": lr,
         "variants": {v: {**summary([r[v].final["val_loss"] for r in runs.values() if v in r]),
                          "per_seed": {str(s): round(r[v].final["val_loss"], 4) for s, r in runs.items() if v in r},
                          "tokens": next(r[v].tokens for r in runs.values() if v in r)} for v in variants},
@@ -220,7 +235,7 @@ def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -
         "curves": {v: {str(s): [[step, round(m["val_loss"], 4)] for step, m in r[v].evals] for s, r in runs.items() if v in r}
                    for v in ("constant", "cosine", "muon")},
         "spread_along": {v: _spread(logged, v) for v in ("constant", "cosine")},
-        "planned_stages": [s["name"] for s in plan_for(seeds[0], size, data / "tinyshakespeare.txt")["stages"]],
+        "planned_stages": [s["name"] for s in plan_for(seeds[0], size, data / "tinyshakespeare.txt", lr["chosen"])["stages"]],
         "finished": {str(s): sorted(r) for s, r in runs.items()},
     }
     recipes = {}
@@ -237,7 +252,7 @@ def analyse(work: Path, seeds: list[int], size: Size, quick: bool, data: Path) -
     nanogpt = [read_run(work / f"nanogpt-{s}" / "run").get("train") for s in seeds]
     values = [r.final["val_loss"] for r in nanogpt if r and r.finished]
     report["reference"] = {"published": NANOGPT_PUBLISHED, **summary(values), "per_seed": [round(v, 4) for v in values]}
-    names = [f"{kind}-{s}" for s in seeds for kind in ("lm", "nanogpt", *RECIPE_JOBS)]
+    names = [f"lr-{seeds[0]}"] + [f"{kind}-{s}" for s in seeds for kind in ("lm", "nanogpt", *RECIPE_JOBS)]
     spans = {f"{name}/{run.name}": span for name in names for run in sorted((work / name).glob("*run"))
              if (span := run_span(run)) is not None}
     report["runs_span"] = {name: {"from": _iso(a), "to": _iso(b), "minutes": round((b - a) / 60, 1)}
@@ -280,9 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or ROOT / "runs" / "study" / ("quick" if args.quick else "full")).resolve()
     data = args.data.resolve()
     started, load_before = time.time(), os.getloadavg()
-    jobs = [lm_job(s, size, data) for s in seeds] + [j for s in seeds for j in recipe_jobs(s, args.quick, data)]
-    exits = {} if args.no_train else train_all(jobs, work, args.parallel)
-    report = analyse(work, seeds, size, args.quick, data)
+    # the peak LR first (the cosine baseline swept on one seed), then every variant at the best one
+    sweep = lr_job(seeds[0], size, data)
+    exits = {} if args.no_train else train_all([sweep], work, 1)
+    lr = peak_lr(work, sweep)
+    if lr is None:
+        print(f"study.py: the peak-LR sweep in {sweep.folder(work)} has not finished: run without --no-train",
+              file=sys.stderr)
+        return 1
+    jobs = [lm_job(s, size, data, lr["chosen"]) for s in seeds] + [j for s in seeds for j in recipe_jobs(s, args.quick, data)]
+    if not args.no_train:
+        exits |= train_all(jobs, work, args.parallel)
+    report = analyse(work, seeds, size, args.quick, data, lr)
     report["wall"] = {"seconds": round(time.time() - started, 1), "trained": not args.no_train, "jobs": exits,
                       "load_average_before": [round(x, 2) for x in load_before],
                       "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds")}

@@ -15,9 +15,8 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 SIZE_REASON = (
     "Why this size: nanoGPT's CPU baby GPT, the reference point's model, so the cosine row has a published "
     "neighbour; 1000 updates (half the reference's) keep the language-model part (10,275 updates per seed, "
-    "most of them branches of the constant run) at ~20 min on 2 idle cores, estimated from the reference "
-    "plan's ~64 ms per update on one thread (3 seeds, 2 at a time), not measured: this machine was never "
-    "idle here. The effects the literature expects run from a cooldown's gain over no decay (the largest) "
+    "most of them branches of the constant run) to minutes per seed on one core (the run times are listed "
+    "below). The effects the literature expects run from a cooldown's gain over no decay (the largest) "
     "down to schedule-against-schedule differences of about a percent of the loss, so the seed spread along "
     "the constant run, printed above, has to stay under ~0.01 for those rows to say anything: rows whose "
     "difference is smaller are marked within noise rather than ranked.")
@@ -57,7 +56,7 @@ def _rows_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _section(s: dict[str, Any], plots: list[str]) -> list[str]:
-    size, wall = s["size"], s["wall"]
+    size, wall, lr = s["size"], s["wall"], s["peak_lr"]
     seeds = ", ".join(map(str, s["seeds"]))
     finished = {seed: set(v) for seed, v in s["finished"].items()}
     missing = [n for n in s["planned_stages"] if not all(n in f for f in finished.values()) or not finished]
@@ -69,8 +68,13 @@ def _section(s: dict[str, Any], plots: list[str]) -> list[str]:
         "",
         f"Model: stagewise's GPT, {size['n_layer']} layers x {size['n_embd']} wide, {size['n_head']} heads, block "
         f"{size['block']}, batch {size['batch']}, characters of tinyshakespeare; N = {size['steps']} updates, warmup "
-        f"{size['warmup']}, AdamW peak LR 1e-3, validation loss on the same first {size['eval_batches']} batches of the "
-        f"held-out 10% for every variant. Seeds: {seeds}.",
+        f"{size['warmup']}, AdamW peak LR {lr['chosen']:g}, validation loss on the same first {size['eval_batches']} "
+        f"batches of the held-out 10% for every variant. Seeds: {seeds}.",
+        "",
+        f"Peak LR: the best final val loss of the cosine baseline (to 10%) on seed {lr['seed']} over "
+        + ", ".join(f"{k}: {v:.4f}" for k, v in lr["swept"].items())
+        + ". The literature's comparisons are made at a tuned peak; at a peak below the budget's best, every "
+        "schedule that holds the peak longer wins, whatever its shape.",
         "",
         "Seed spread (std of the final val loss over seeds): "
         + (", ".join(f"{k} {v:.4f}" for k, v in spread.items() if v is not None) or "not measured yet") + ". "

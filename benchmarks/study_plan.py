@@ -32,7 +32,9 @@ FULL = Size(n_layer=4, n_embd=128, n_head=4, block=64, batch=12, steps=1000, war
 QUICK = Size(n_layer=1, n_embd=32, n_head=2, block=32, batch=8, steps=40, warmup=4, eval_batches=2,
              curve_every=10)
 
-PEAK_LR = 1e-3
+# peak LRs the cosine baseline is swept over first (one seed); every variant then runs at the best of
+# them: comparing schedules at an untuned peak measures which one holds a too-low LR up longest
+PEAK_LRS = (1e-3, 3e-3, 6e-3, 1.2e-2)
 MERGED = 5  # checkpoints a merge averages: the last 20% of the constant run
 EMA = 0.995  # an EMA horizon of ~200 updates: the 20% cooldown's
 COOLDOWNS = (0.025, 0.05, 0.1, 0.2, 0.4)  # of N, branched from the constant run
@@ -47,9 +49,28 @@ def sweep_name(kind: str, budget: float) -> str:
     return f"{kind}_{round(budget * 100)}"
 
 
-def plan_for(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
+def lr_name(lr: float) -> str:
+    return f"cosine_lr_{lr:g}".replace(".", "_")
+
+
+def _adamw(lr: float) -> dict[str, Any]:
+    return {"name": "adamw", "lr": lr, "betas": [0.9, 0.99], "weight_decay": 0.1}
+
+
+def _cosine(size: Size, lr: float) -> dict[str, Any]:
+    return {"name": "cosine", "warmup": size.warmup, "min_lr": lr / 10}
+
+
+def lr_sweep_plan(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
+    """The cosine baseline once per peak LR of PEAK_LRS, each from the same initial weights."""
+    stages = [{"name": lr_name(lr), "from": "init", "optimizer": _adamw(lr), "schedule": _cosine(size, lr),
+               "regularization": {"grad_clip": 1.0}, "steps": size.steps} for lr in PEAK_LRS]
+    return {**_common(seed, size, corpus), "name": f"study-lr-{seed}", "stages": stages}
+
+
+def plan_for(seed: int, size: Size, corpus: Path, peak_lr: float) -> dict[str, Any]:
     n, w = size.steps, size.warmup
-    adamw = {"name": "adamw", "lr": PEAK_LR, "betas": [0.9, 0.99], "weight_decay": 0.1}
+    adamw = _adamw(peak_lr)
     clip = {"grad_clip": 1.0}
     curve = {"every": size.curve_every, "batches": size.eval_batches}
 
@@ -63,7 +84,7 @@ def plan_for(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
         return {"name": name, "from": f"constant@{at}", "optimizer": {"handoff": "carry"},
                 "schedule": {"name": "decay", "shape": shape}, "regularization": clip, "steps": steps}
 
-    cosine = {"name": "cosine", "warmup": w, "min_lr": PEAK_LR / 10}
+    cosine = _cosine(size, peak_lr)
     # the constant run and its branches first (the cheapest rows: a merge trains nothing), then the
     # runs of their own, the cosine baseline first
     stages: list[dict[str, Any]] = [
@@ -88,8 +109,14 @@ def plan_for(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
                   optimizer={**adamw, "name": "schedulefree_adamw"}),
         from_init("ema", {"name": "warmup_constant", "warmup": w}, average={"ema": EMA}),
     ]
+    return {**_common(seed, size, corpus), "name": f"study-{seed}",
+            "checkpoint": {"every": n // 5 // (MERGED - 1), "keep": 2}, "stages": stages}
+
+
+def _common(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
+    n = size.steps
     return {
-        "name": f"study-{seed}", "seed": seed, "precision": "fp32", "compile": False, "threads": 1,
+        "seed": seed, "precision": "fp32", "compile": False, "threads": 1,
         "model": {"arch": "gpt", "n_layer": size.n_layer, "n_head": size.n_head, "n_embd": size.n_embd,
                   "n_positions": size.block, "bias": False, "dropout": 0.0},
         "tokenizer": {"kind": "char"},
@@ -97,6 +124,4 @@ def plan_for(seed: int, size: Size, corpus: Path) -> dict[str, Any]:
         "defaults": {"batch": {"size": size.batch, "block_size": size.block},
                      "eval": {"every": n, "batches": size.eval_batches}},
         "log": {"every": max(n // 10, 1)},
-        "checkpoint": {"every": n // 5 // (MERGED - 1), "keep": 2},
-        "stages": stages,
     }

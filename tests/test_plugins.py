@@ -6,6 +6,7 @@ checked with the usual one-line errors."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,7 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_plan, write_plan
+from conftest import metrics, resumes_identically, tiny_plan, write_plan
+
+from stagewise.config.registry import OPTIMIZERS, SCHEDULES
 
 TASK_FILE = '''
 from pathlib import Path
@@ -244,6 +247,58 @@ def test_a_plugin_that_fails_to_import_is_one_line(tmp_path: Path, corpus: Path)
     assert (done.returncode, done.stderr) == (2, f"error: --plugin {broken}: RuntimeError: this plug-in needs a GPU\n")
 
 
+@pytest.fixture
+def signplug(installed: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The plug-in package imported in this process (as an installed one is); its entries go after the test."""
+    for registry in (OPTIMIZERS, SCHEDULES):
+        saved = dict(registry)
+        request.addfinalizer(lambda registry=registry, saved=saved: (registry.clear(), registry.update(saved)))
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.delitem(sys.modules, "signplug", raising=False)
+    importlib.import_module("signplug")
+
+
+def test_a_rule_switches_to_a_plugin_optimizer_and_a_resumed_run_is_identical(tmp_path: Path, corpus: Path,
+                                                                              signplug: None) -> None:
+    """The rule fires at the first evaluation (step 6): from there the plug-in's signSGD trains, with
+    the beta its settings model checked; stopped after the switch and resumed, the run is bit-identical."""
+    stages = [{"name": "s", "optimizer": {"name": "adam", "lr": 3e-3}, "steps": 18, "eval": {"every": 6, "batches": 4},
+               "rules": [{"when": {"target": {"metric": "val_loss", "value": 100.0}},
+                          "do": {"switch": {"to": "signsgd", "lr": 1e-3, "beta": 0.5}}, "max_fires": 1}]}]
+    whole = resumes_identically(tmp_path, corpus, stages, stop_after=9, checkpoint={"every": 3, "keep": 2})
+    (fired,) = _events(whole, "rule_fired")
+    assert (fired["stage_step"], fired["optimizer_from"], fired["optimizer_to"]) == (6, "adam", "signsgd")
+    train = metrics(whole, "train", "s")
+    assert [m["lr"] for m in train if m["stage_step"] > 6] == [pytest.approx(1e-3)] * 12
+    evals = [m["val_loss"] for m in metrics(whole, "eval", "s")]
+    assert len(evals) == 3 and evals[2] < evals[1] < evals[0]  # the loss keeps falling under the plug-in
+
+
+@pytest.mark.parametrize(("switch", "message"), [
+    ({"to": "signsgd", "lr": 1e-3, "beta": 1.5}, "stages[0].rules[0].do.switch.beta: input should be less than 1 "
+                                                 "(got 1.5)"),
+    ({"to": "signsgd", "lr": 1e-3, "momentum": 0.9}, "stages[0].rules[0].do.switch.momentum: not a setting of "
+                                                     "optimizer 'signsgd' (it takes: beta, lr)"),
+    ({"to": "adam", "momentum": 0.9}, "stages[0].rules[0].do.switch.momentum: not a setting of optimizer 'adam' "
+                                      "(it takes: betas, eps, lr, weight_decay)"),
+    ({"to": "signsgd", "lr": 1e-3, "bta": 0.5}, "stages[0].rules[0].do.switch.bta: unknown key (did you mean "
+                                                "'beta'?)"),
+    ({"to": "schedulefree_sgd"}, "stages[0].rules[0].do.switch.to: input should be 'gd', 'sgd', 'sgd_l1', 'adam', "
+                                 "'adamw', 'muon' or 'signsgd' (got 'schedulefree_sgd')"),
+])
+def test_a_switch_to_a_plugin_optimizer_has_its_settings_checked(tmp_path: Path, corpus: Path, signplug: None,
+                                                                 switch: dict[str, Any], message: str) -> None:
+    from stagewise.errors import UserError
+    from stagewise.plan.load import load_plan
+
+    stage = {"name": "s", "optimizer": {"name": "adam", "lr": 1e-3}, "steps": 10, "eval": {"every": 5},
+             "rules": [{"when": {"target": {"value": 1.0}}, "do": {"switch": switch}}]}
+    path = write_plan(tmp_path, tiny_plan(corpus, [stage]))
+    with pytest.raises(UserError) as e:
+        load_plan(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
 def _bag_plan(tmp_path: Path, **model: Any) -> tuple[Path, Path]:
     """A classify plan on the plug-in architecture `bag`, and its labeled file."""
     labeled = tmp_path / "labeled.tsv"
@@ -326,3 +381,32 @@ class _Classifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.out(self.embed(input_ids))
+
+
+def test_a_causal_lm_arch_registered_by_decorator_trains_exports_and_generates(
+        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stagewise
+    from stagewise.config.plan_config import ArchSettings
+    from stagewise.config.registry import ARCHS
+    from stagewise.models.gpt import GPT
+
+    monkeypatch.setattr(ARCHS, "_entries", dict(ARCHS))
+
+    class TinySettings(ArchSettings):
+        width: int = 16
+
+    @stagewise.register_arch("tiny-lm", TinySettings)
+    def tiny_lm(*, vocab_size: int, width: int = 16) -> torch.nn.Module:
+        """A one-block GPT of its own settings."""
+        return GPT(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=width, n_positions=32)
+
+    stage = {"name": "s", "optimizer": {"name": "adamw", "lr": 3e-3}, "steps": 20, "eval": {"every": 10}}
+    plan = tiny_plan(corpus, [stage], threads=1, model={"arch": "tiny-lm", "width": 32})
+    run = stagewise.train(plan, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    evals = run.stages["s"].evals
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    export = run.stages["s"].export
+    assert export is not None
+    description = json.loads((export / "model.json").read_text(encoding="utf-8"))
+    assert (description["arch"], description["settings"]) == ("tiny-lm", {"width": 32})  # rebuilt by the plug-in
+    assert run.generate("ROMEO:", max_tokens=5).startswith("ROMEO:")

@@ -244,3 +244,23 @@ def test_check_plot_writes_the_planned_lr_curve(tmp_path: Path, corpus: Path) ->
     (curve,) = ax.get_lines()
     assert list(curve.get_xdata()) == list(range(1, 41))  # update k at step k, as in metrics.jsonl
     assert curve.get_ydata()[0] == pytest.approx(3e-3 / 6) and curve.get_ydata()[-1] == pytest.approx(0.1)
+
+
+def test_report_and_runs_from_python_are_what_the_commands_show(run_dir: Path, tmp_path: Path) -> None:
+    import stagewise
+
+    root = tmp_path / "runs"
+    _copy(run_dir, root / "done")
+    events = read_jsonl(run_dir / "events.jsonl")
+    _rewrite(_copy(run_dir, root / "nested" / "killed") / "events.jsonl", events[:-1])
+    listed = stagewise.runs(root)
+    assert {(r.name, r.state, len(r.done_stages), len(r.planned_stages)) for r in listed} == \
+        {("done", "complete", 2, 2), ("killed", "interrupted", 2, 2)}
+    best = min(m["val_loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "eval")
+    assert next(r for r in listed if r.name == "done").best("val_loss") == best
+    page = stagewise.report(str(root / "done"), out=tmp_path / "page")
+    assert page == tmp_path / "page" / "report.html" and "<td>warm</td>" in page.read_text(encoding="utf-8")
+    compared = stagewise.report([root / "done", root / "nested" / "killed"])
+    assert compared == root / "done" / "report.html" and "2 runs compared" in compared.read_text(encoding="utf-8")
+    with pytest.raises(stagewise.UserError, match="no such directory"):
+        stagewise.runs(tmp_path / "nowhere")

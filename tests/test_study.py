@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,13 @@ def test_the_quick_study_trains_accounts_and_documents(tmp_path: Path, corpus: P
     study = json.loads((tmp_path / "study.json").read_text(encoding="utf-8"))
     size, seeds = study["size"], study["seeds"]
     assert len(seeds) == 2 and all(len(v) == len(study["planned_stages"]) for v in study["finished"].values())
+
+    # the peak LR: the cosine baseline's best over the sweep, and the one every variant's plan trains at
+    lr = study["peak_lr"]
+    assert len(lr["swept"]) == 4 and lr["swept"][f"{lr['chosen']:g}"] == min(lr["swept"].values())
+    plan = yaml.safe_load((tmp_path / "work" / f"lm-{seeds[0]}" / "plan.yaml").read_text(encoding="utf-8"))
+    assert {s["optimizer"]["lr"] for s in plan["stages"]
+            if isinstance(s.get("optimizer", {}).get("lr"), float)} == {lr["chosen"]}
 
     # the compute sweep: one constant run of N steps and a 20% cooldown per budget (25..100% of N)
     # against a cosine run per budget, in tokens the runs logged

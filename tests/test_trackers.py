@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import tiny_plan, write_plan
 
-from stagewise.api.calls import run_report
+from stagewise.api.read_runs import report as run_report
 from stagewise.cli import main
 from stagewise.engine.prepare_run import prepare
 from stagewise.engine.run_logs import read_jsonl

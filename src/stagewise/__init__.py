@@ -27,10 +27,14 @@ _EXPORTS = {
     "Checked": "stagewise.api.calls",
     "Run": "stagewise.api.run_handle",
     "StageResult": "stagewise.api.run_handle",
+    "runs": "stagewise.api.read_runs",
+    "report": "stagewise.api.read_runs",
     "Callback": "stagewise.engine.callbacks",
     "StepState": "stagewise.engine.callbacks",
-    "register_callback": "stagewise.engine.callbacks",
-    "CALLBACKS": "stagewise.engine.callbacks",
+    "register_callback": "stagewise.config.registry",
+    "CALLBACKS": "stagewise.config.registry",
+    "Tracker": "stagewise.engine.trackers.tracking",
+    "register_tracker": "stagewise.config.registry",
     "register_arch": "stagewise.config.registry",
     "register_optimizer": "stagewise.config.registry",
     "register_schedule": "stagewise.config.registry",
@@ -39,16 +43,26 @@ _EXPORTS = {
     "RunStopped": "stagewise.errors",
 }
 
-__all__ = ["CALLBACKS", "Callback", "Checked", "Plan", "Run", "RunStopped", "StageResult", "StepState", "UserError",
-           "__version__", "check", "lr_find", "open_run", "register_arch", "register_callback", "register_optimizer",
-           "register_schedule", "register_task", "search", "train"]
+__all__ = ["CALLBACKS", "Callback", "Checked", "Plan", "Run", "RunStopped", "StageResult", "StepState", "Tracker",
+           "UserError", "__version__", "check", "lr_find", "open_run", "register_arch", "register_callback",
+           "register_optimizer", "register_schedule", "register_task", "register_tracker", "report", "runs", "search",
+           "train"]
 
 if TYPE_CHECKING:
     from stagewise.api.calls import Checked, check, lr_find, open_run, search, train
+    from stagewise.api.read_runs import report, runs
     from stagewise.api.run_handle import Run, StageResult
     from stagewise.api.user_plan import Plan
-    from stagewise.config.registry import register_arch, register_optimizer, register_schedule
-    from stagewise.engine.callbacks import CALLBACKS, Callback, StepState, register_callback
+    from stagewise.config.registry import (
+        CALLBACKS,
+        register_arch,
+        register_callback,
+        register_optimizer,
+        register_schedule,
+        register_tracker,
+    )
+    from stagewise.engine.callbacks import Callback, StepState
+    from stagewise.engine.trackers.tracking import Tracker
     from stagewise.errors import RunStopped, UserError
     from stagewise.tasks.spec import register_task
 

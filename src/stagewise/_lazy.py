@@ -9,10 +9,9 @@ LAZY_IMPORTS: dict[str, frozenset[str]] = {
     # Each command imports what it runs: `runs` without torch, `report` without the trainer.
     "stagewise.cli": frozenset({
         "stagewise", "stagewise.api.user_plan", "stagewise.tasks.chat", "stagewise.track.plan_view",
-        "stagewise.track.plots", "stagewise.track.report", "stagewise.track.runs", "stagewise.track.trained",
-        "stagewise.engine.verify"}),
-    # The trackers' copy of the report page is drawn (matplotlib) only at a run's end.
-    "stagewise.api.calls": frozenset({"stagewise.track.report"}),
+        "stagewise.track.plots", "stagewise.track.runs", "stagewise.track.trained", "stagewise.engine.verify"}),
+    # The report page is drawn (matplotlib) only when asked for, and for the trackers at a run's end.
+    "stagewise.api.read_runs": frozenset({"stagewise.track.report"}),
     # A search's report names its storage; the study module imports the trainer (torch).
     "stagewise.track.report": frozenset({"stagewise.tuning.study"}),
 }

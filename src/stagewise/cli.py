@@ -128,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, command in sub.choices.items():
         if name not in ("report", "runs"):
             command.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
-                                 help="import this module or file first: the tasks, optimizers and schedules it "
-                                      "registers can be named in the plan (repeatable; a plan never imports code)")
+                                 help="import this module or file first: the tasks, optimizers, schedules, callbacks "
+                                      "and trackers it registers can be named in the plan (repeatable; a plan never imports code)")
     return parser
 
 
@@ -232,16 +232,17 @@ def _verify_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.track.report import write_report
+    import stagewise
 
-    console.print(f"report written to {write_report(args.runs, args.out)}")
+    console.print(f"report written to {stagewise.report(args.runs, out=args.out)}")
     return 0
 
 
 def _runs(args: argparse.Namespace, console: Console) -> int:
-    from stagewise.track.runs import find_runs, print_runs
+    import stagewise
+    from stagewise.track.runs import print_runs
 
-    print_runs(console, args.dir, find_runs(args.dir), args.metric)
+    print_runs(console, args.dir, stagewise.runs(args.dir), args.metric)
     return 0
 
 

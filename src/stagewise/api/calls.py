@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
+from stagewise.api.read_runs import report
 from stagewise.api.run_handle import Run
 from stagewise.api.user_plan import Plan
 from stagewise.engine.callbacks import Callback, check_callbacks
@@ -136,37 +137,39 @@ def train(plan: PlanLike, *, out: str | Path | None = None, cache: str | Path | 
             console = Console(file=io.StringIO())
         with world.main_first():  # rank 0 fills the token cache, the others read it
             prepared, run_dir = _prepare(plan, out, cache, parts, fresh=fresh)
-        train_plan(prepared, run_dir, fresh=fresh, console=console, world=world, callbacks=checked, report=run_report)
+        train_plan(prepared, run_dir, fresh=fresh, console=console, world=world, callbacks=checked, report=report)
     return Run.open(run_dir)
-
-
-def run_report(run_dir: Path) -> Path:
-    """The run's report page, for the trackers to attach at its end (matplotlib imported only then)."""
-    from stagewise.track.report import write_report
-
-    return write_report([run_dir])
 
 
 def lr_find(plan: PlanLike, stage: str, *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
             out: str | Path | None = None, cache: str | Path | None = None, write: str | Path | None = None,
-            suggestion: str = "minimum", console: Console | None = None) -> LrFindResult:
+            suggestion: str = "minimum", model: nn.Module | None = None, data: Mapping[str, Any] | None = None,
+            loss: Loss | None = None, console: Console | None = None) -> LrFindResult:
     """The LR range test of `stage` from its starting weights (its parents trained or reused);
-    `write`: a copy of the plan with the stage's optimizer.lr set to the suggestion."""
-    plan = as_plan(plan)
+    `write`: a copy of the plan with the stage's optimizer.lr set to the suggestion. `model`,
+    `data`, `loss`: as for `train`, with the same stage keys (the parents it trains are reused by
+    a later `train`); a model object ends with the weights it was given."""
+    parts = _parts(model, data, loss)
+    plan = as_plan(plan, parts=parts)
     return find_lr(plan.file, [], stage, start=start, end=end, steps=steps, out=_path(out), cache=_path(cache),
-                   write=_path(write), suggestion=suggestion, console=console, raw=plan.raw)
+                   write=_path(write), suggestion=suggestion, console=console, raw=plan.raw, parts=parts)
 
 
 def search(plan: PlanLike, space: str | Path, *, trials: int, workers: int = 1, storage: str | None = None,
            study: str | None = None, out: str | Path | None = None, metric: str | None = None,
            direction: str | None = None, pruner: str = "median", sampler: str = "tpe", cv: int | None = None,
-           plugins: tuple[str, ...] = (), console: Console | None = None) -> SearchResult:
+           plugins: tuple[str, ...] = (), model: nn.Module | None = None, data: Mapping[str, Any] | None = None,
+           loss: Loss | None = None, callbacks: Sequence[Callback] = (), console: Console | None = None) -> SearchResult:
     """A hyperparameter search (Optuna) over plan keys: `space` a SPACE.yaml file (key path ->
-    {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}); trials share stages through the cache."""
-    plan = as_plan(plan)
+    {float: [lo, hi]} | {int: [lo, hi]} | {choice: [...]}); trials share stages through the cache.
+    `model`, `data`, `loss`, `callbacks`: as for `train` (every trial starts from the model's
+    weights as given, which it has again at the end); objects live in this process, so a search
+    with them runs with `workers=1`."""
+    parts = _parts(model, data, loss)
+    plan = as_plan(plan, parts=parts)
     options = SearchOptions(space=Path(space), trials=trials, workers=workers, storage=storage, study=study, out=_path(out),
                             metric=metric, direction=direction, pruner=pruner, sampler=sampler,  # type: ignore[arg-type]
-                            cv=cv, plugins=plugins)
+                            cv=cv, plugins=plugins, parts=parts, callbacks=check_callbacks(callbacks))
     return run_search(plan.file, options, console or Console(), raw=plan.raw)
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -72,3 +81,18 @@ def suggest(word: str, candidates: list[str]) -> str:
     """' (did you mean 'X'?)' for the closest of `candidates`, if one is close; else ''."""
     match = difflib.get_close_matches(word[:100], candidates, n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def settings_error(e: ValidationError, settings: type[BaseModel], at: list[Any]) -> PydanticCustomError:
+    """A plug-in's settings model refused the settings given (under key path `at`): its first
+    problem, said as the plan's own errors say it."""
+    first = e.errors()[0]
+    loc = [*at, *first["loc"]]
+    if first["type"] == "extra_forbidden":
+        top = len(first["loc"]) == 1
+        msg = "unknown key" + (suggest(str(first["loc"][0]), list(settings.model_fields)) if top else "")
+    elif first["type"] == "missing":
+        msg = "required"
+    else:
+        msg = f"{first['msg'][0].lower()}{first['msg'][1:]} (got {repr(first.get('input'))[:60]})"
+    return PydanticCustomError("setting_error", "{msg}", {"key": loc, "msg": msg})

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.config.fields import MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict, suggest
+from stagewise.config.fields import MAX_STEPS, Duration, NonNegativeFloat, PositiveFloat, Strict, settings_error, suggest
 from stagewise.config.registry import OPTIMIZERS, SCHEDULES, Registry
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -52,23 +52,25 @@ class SettingsTable(Mapping[str, dict[str, Any]]):
 OPTIMIZER_SETTINGS = SettingsTable(OPTIMIZERS)
 SCHEDULE_SETTINGS = SettingsTable(SCHEDULES)
 ADAM = ("adam", "adamw")  # the optimizers whose steps SWATS reads and whose moment `convert` hands on
+# They average their weights (optim.schedule_free): an optimizer a stage starts with, never one switched to.
+SCHEDULE_FREE = ("schedulefree_adamw", "schedulefree_sgd")
 _OWN = ("name", "handoff")  # keys of the config, not settings of the optimizer
 
 
-def _registered(registry: Registry[Any]) -> Any:
-    """A name in `registry`, refused as pydantic refuses a Literal (the same message)."""
+def registered(registry: Registry[Any], exclude: tuple[str, ...] = ()) -> Any:
+    """A name in `registry` (but not in `exclude`), refused as pydantic refuses a Literal (the same message)."""
     def check(value: str) -> str:
-        if value not in registry:
-            names = [f"'{n}'" for n in registry]
+        if value not in registry or value in exclude:
+            names = [f"'{n}'" for n in registry if n not in exclude]
             listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
             raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": listed})
         return value
     return AfterValidator(check)
 
 
-def _plugin_settings(model: BaseModel, registry: Registry[Any]) -> None:
+def plugin_settings(model: BaseModel, registry: Registry[Any], name: str | None) -> None:
     """Check the keys that are no field of `model` (extra: a plug-in's settings): a setting of the
-    named entry is validated by its settings model; a key no entry takes is unknown (did you mean)."""
+    entry `name` is validated by its settings model; a key no entry takes is unknown (did you mean)."""
     extra = dict(model.model_extra or {})
     if not extra:
         return
@@ -76,32 +78,29 @@ def _plugin_settings(model: BaseModel, registry: Registry[Any]) -> None:
     for key in sorted(extra):
         if key not in known:
             raise PydanticCustomError("setting_error", "unknown key{hint}", {"key": key, "hint": suggest(key, known)})
-    name = getattr(model, "name", None)
     owners = [name] if name is not None else [n for n in registry if set(extra) <= set(registry[n].settings.model_fields)]
     settings = registry[owners[0]].settings if owners else None
     if settings is None or not set(extra) <= set(settings.model_fields):
-        return  # not a setting of this one: _only_settings_of names what it takes
+        return  # not a setting of this one: only_settings_of names what it takes
     try:
         checked = settings.model_validate(extra)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise PydanticCustomError("setting_error", "{msg} (got {got})", {
-            "key": list(first["loc"]), "msg": first["msg"][0].lower() + first["msg"][1:],
-            "got": repr(first.get("input"))[:60]}) from None
+        raise settings_error(e, settings, []) from None
     assert model.__pydantic_extra__ is not None
     model.__pydantic_extra__.update({k: getattr(checked, k) for k in extra})
 
 
-def _only_settings_of(model: BaseModel, kind: str, table: SettingsTable) -> None:
-    """Reject a setting given to an optimizer/schedule that does not use it."""
-    allowed = table[model.name]  # type: ignore[attr-defined]
-    for key in sorted(model.model_fields_set - set(_OWN)):
+def only_settings_of(model: BaseModel, kind: str, table: SettingsTable, name: str,
+                     own: tuple[str, ...] = _OWN) -> None:
+    """Reject a setting given to optimizer/schedule `name` that it does not use (`own`: keys of
+    the config itself, not settings)."""
+    allowed = table[name]
+    for key in sorted(model.model_fields_set - set(own)):
         if key not in allowed:
             raise PydanticCustomError(
                 "setting_error",
                 "not a setting of {kind} '{name}' (it takes: {allowed})",
-                {"key": key, "kind": kind, "name": model.name,  # type: ignore[attr-defined]
-                 "allowed": ", ".join(sorted(allowed)) or "nothing"},
+                {"key": key, "kind": kind, "name": name, "allowed": ", ".join(sorted(allowed)) or "nothing"},
             )
 
 
@@ -111,7 +110,7 @@ class OptimizerConfig(Strict):
 
     # Extra keys: a plug-in optimizer's own settings (checked by its settings model).
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
-    name: Annotated[str, _registered(OPTIMIZERS)] | None = None
+    name: Annotated[str, registered(OPTIMIZERS)] | None = None
     """The optimizer: gd, sgd, sgd_l1, adam, adamw, muon, schedulefree_adamw, schedulefree_sgd, or a plug-in's
     (--plugin, entry points). Unset: the parent stage's optimizer and its settings; a different name starts from
     that optimizer's defaults."""
@@ -135,9 +134,9 @@ class OptimizerConfig(Strict):
 
     @model_validator(mode="after")
     def _settings_apply(self) -> OptimizerConfig:
-        _plugin_settings(self, OPTIMIZERS)
+        plugin_settings(self, OPTIMIZERS, self.name)
         if self.name is not None:
-            _only_settings_of(self, "optimizer", OPTIMIZER_SETTINGS)
+            only_settings_of(self, "optimizer", OPTIMIZER_SETTINGS, self.name)
         if self.nesterov and self.momentum == 0.0:
             raise PydanticCustomError("setting_error", "nesterov needs momentum > 0", {"key": "nesterov"})
         return self
@@ -151,7 +150,7 @@ class ScheduleConfig(Strict):
 
     # Extra keys: a plug-in schedule's own settings (checked by its settings model).
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
-    name: Annotated[str, _registered(SCHEDULES)] = "constant"
+    name: Annotated[str, registered(SCHEDULES)] = "constant"
     """The LR schedule over the stage, a multiple of the stage's peak LR: constant, step, multistep, exponential,
     cosine, decay, wsd, onecycle, stlr, plateau, or a plug-in's (--plugin, entry points). `warmup_<name>` means
     `<name>` with a required `warmup`."""
@@ -200,8 +199,8 @@ class ScheduleConfig(Strict):
 
     @model_validator(mode="after")
     def _settings_apply(self) -> ScheduleConfig:
-        _plugin_settings(self, SCHEDULES)
-        _only_settings_of(self, "schedule", SCHEDULE_SETTINGS)
+        plugin_settings(self, SCHEDULES, self.name)
+        only_settings_of(self, "schedule", SCHEDULE_SETTINGS, self.name)
         for key, default in SCHEDULE_SETTINGS[self.name].items():
             if default is None and getattr(self, key, None) is None:
                 raise PydanticCustomError(

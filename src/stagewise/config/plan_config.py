@@ -13,7 +13,7 @@ from pydantic_core import PydanticCustomError
 from stagewise.config.data_config import DataConfig
 from stagewise.config.fields import SEED_MAX, DumpsAsBefore, Path_, PositiveFloat, StageName, Steps, Strict
 from stagewise.config.stage_config import StageConfig
-from stagewise.config.track_config import DEFAULT_TRACK, Track
+from stagewise.config.track_config import DEFAULT_TRACK, Callbacks, Track
 
 
 def _threads(value: Any) -> int | str:
@@ -134,7 +134,7 @@ class DistributedConfig(Strict):
     (FSDP2)."""
 
 
-class Plan(Strict):
+class Plan(DumpsAsBefore):
     name: StageName
     """The plan's name: the default run directory is runs/<name>."""
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
@@ -168,8 +168,12 @@ class Plan(Strict):
     distributed: DistributedConfig = DistributedConfig()
     """How the processes of a torchrun launch share a stage."""
     track: Track = DEFAULT_TRACK
-    """Experiment trackers: each a name or `{name: {settings}}` (tensorboard, wandb, mlflow, trackio); a list
-    replaces the default `[tensorboard]`, `[]` writes none."""
+    """Experiment trackers: each a name or `{name: {settings}}` (tensorboard, wandb, mlflow, trackio, or a plug-in's);
+    a list replaces the default `[tensorboard]`, `[]` writes none."""
+    callbacks: Callbacks = []
+    """Callbacks that plug-ins registered (`stagewise.register_callback`; --plugin, entry points), called in every stage
+    trained: each a name or `{name: {settings}}`. Their names, settings and code are part of every stage's key."""
+    LATER = ("callbacks",)
 
     @model_validator(mode="after")
     def _plan_data_not_a_mix(self) -> Plan:

@@ -118,6 +118,29 @@ class ScheduleEntry:
 
 
 @dataclass(frozen=True)
+class CallbackEntry:
+    """A callback a plan may name (`callbacks:`): its class (a stagewise.Callback) and its settings
+    model; the plan's settings, checked by it, are passed to the class (`cls(settings)`; None: it
+    takes none, `cls()`)."""
+
+    cls: type
+    settings: type[BaseModel] | None = None
+
+
+@dataclass(frozen=True)
+class TrackerEntry:
+    """An experiment tracker a plan may name (`track:`): its settings model and its class (an
+    engine.trackers.tracking.Tracker, made as `cls(name, settings)`), or "module:Class" for
+    stagewise's own (imported only when a run uses it); `package`: the library it drives, checked
+    before a run (`extra`: the extra of stagewise that installs it)."""
+
+    settings: type[BaseModel]
+    tracker: type | str
+    package: str | None = None
+    extra: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchModel:
     """An architecture's model of one kind: `build(**sizes, **settings)` -> the torch
     module, where `sizes` are what the stage's data sets (causal_lm: vocab_size; classify:
@@ -143,9 +166,8 @@ TASKS: Registry[Any] = Registry("task", builtins="stagewise.tasks.builtin_tasks"
 ARCHS: Registry[ArchEntry] = Registry("arch", builtins="stagewise.models.builtin_archs")
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer", builtins="stagewise.config.builtin_settings")
 SCHEDULES: Registry[ScheduleEntry] = Registry("schedule", builtins="stagewise.config.builtin_settings")
-# Callback classes (engine.callbacks.register_callback) and trackers, by name.
-CALLBACKS: Registry[Any] = Registry("callback")
-TRACKERS: Registry[Any] = Registry("tracker")
+CALLBACKS: Registry[CallbackEntry] = Registry("callback")
+TRACKERS: Registry[TrackerEntry] = Registry("tracker", builtins="stagewise.config.track_config")
 
 
 def register_optimizer(name: str, settings: type[BaseModel]) -> Callable[[BuildOptimizer], BuildOptimizer]:
@@ -166,6 +188,31 @@ def register_schedule(name: str, settings: type[BaseModel],
         SCHEDULES[name] = ScheduleEntry(settings, lr, problems)
         return lr
     return register
+
+
+C = TypeVar("C", bound=type)
+
+
+def register_callback(name: str, settings: type[BaseModel] | None = None) -> Callable[[C], C]:
+    """Class decorator: the stagewise.Callback subclass under `name`, which a plan's `callbacks:`
+    may name; with `settings` (a pydantic model), the plan's settings for it are checked by that
+    model and passed to the class, `cls(settings)`."""
+    def add(cls: C) -> C:
+        if name in CALLBACKS and CALLBACKS[name].cls is not cls:
+            raise ValueError(f"callback '{name}' is registered already ({CALLBACKS[name].cls.__qualname__})")
+        CALLBACKS[name] = CallbackEntry(cls, settings)
+        return cls
+    return add
+
+
+def register_tracker(name: str, settings: type[BaseModel], package: str | None = None) -> Callable[[C], C]:
+    """Class decorator: the experiment tracker (an engine.trackers.tracking.Tracker subclass)
+    under `name`, which a plan's `track:` may name, with its settings checked by `settings`;
+    `package`: the library it drives, whose import is checked before a run starts."""
+    def add(cls: C) -> C:
+        TRACKERS[name] = TrackerEntry(settings, cls, package)
+        return cls
+    return add
 
 
 def arch_model(arch: str | None, kind: str) -> ArchModel | None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.config.fields import MAX_STEPS, Count, NonNegativeFloat, PositiveFloat, Steps, Strict
-from stagewise.config.registry import TASKS
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS, SCHEDULE_FREE, only_settings_of, plugin_settings, registered
+from stagewise.config.registry import OPTIMIZERS, TASKS
 
 
 def _known(value: str, kind: str, names: list[str]) -> str:
@@ -143,10 +144,13 @@ class SwitchAction(Strict):
     """Change the optimizer for the rest of the stage. `lr: auto` (from adam/adamw to sgd): the
     SWATS estimate. `handoff: convert` (adam/adamw -> sgd with momentum): the momentum buffer
     starts from Adam's first moment; `reset`: fresh state. The schedule's shape continues,
-    scaled to start from the new LR."""
+    scaled to start from the new LR. The settings given must be settings of `to`; a plug-in
+    optimizer's own ones (extra keys) are checked by its settings model."""
 
-    to: Literal["gd", "sgd", "sgd_l1", "adam", "adamw", "muon"]
-    """The optimizer for the rest of the stage."""
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    to: Annotated[str, registered(OPTIMIZERS, exclude=SCHEDULE_FREE)]
+    """The optimizer for the rest of the stage: gd, sgd, sgd_l1, adam, adamw, muon, or a plug-in's (--plugin, entry
+    points)."""
     lr: PositiveFloat | Literal["auto"] | None = None
     """Its LR; `auto` (adam/adamw -> sgd): the SWATS estimate; unset: the current LR."""
     handoff: Literal["reset", "convert"] = "reset"
@@ -163,10 +167,16 @@ class SwitchAction(Strict):
     weight_decay: NonNegativeFloat | None = None
     """The new optimizer's weight decay."""
 
+    @model_validator(mode="after")
+    def _settings_apply(self) -> SwitchAction:
+        plugin_settings(self, OPTIMIZERS, self.to)
+        only_settings_of(self, "optimizer", OPTIMIZER_SETTINGS, self.to, own=("to", "handoff"))
+        return self
+
     def settings(self) -> dict[str, Any]:
         """The optimizer settings this switch sets (lr apart)."""
-        return {k: v for k in ("momentum", "nesterov", "betas", "eps", "weight_decay")
-                if (v := getattr(self, k)) is not None}
+        typed = {k: v for k in ("momentum", "nesterov", "betas", "eps", "weight_decay") if (v := getattr(self, k)) is not None}
+        return {**typed, **(self.model_extra or {})}
 
 
 class RollbackAction(Strict):

@@ -15,14 +15,16 @@ callback learnt stays."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stagewise.config.registry import CALLBACKS  # by name: for trackers and plug-ins that offer callbacks
+from stagewise.config.registry import CALLBACKS
+from stagewise.config.track_config import CallbackUse
 from stagewise.errors import UserError
+from stagewise.tasks.user_task import code_fingerprint
 
 if TYPE_CHECKING:
     from stagewise.engine.loop import StageTrainer
@@ -95,15 +97,26 @@ class Callback:
         """Take back what `state_dict` gave, when a stage resumes from a checkpoint."""
 
 
-C = TypeVar("C", bound=type[Callback])
-def register_callback(name: str) -> Callable[[C], C]:
-    """Class decorator: the callback class under `name` in CALLBACKS."""
-    def add(cls: C) -> C:
-        if name in CALLBACKS and CALLBACKS[name] is not cls:
-            raise ValueError(f"callback '{name}' is registered already ({CALLBACKS[name].__qualname__})")
-        CALLBACKS[name] = cls
-        return cls
-    return add
+def plan_callbacks(uses: Sequence[CallbackUse]) -> list[Callback]:
+    """The callbacks a plan names (`callbacks:`), made from their registered classes and settings."""
+    made = []
+    for i, use in enumerate(uses):
+        entry = CALLBACKS[use.name]
+        try:
+            made.append(entry.cls() if entry.settings is None else entry.cls(use.settings))
+        except Exception as e:  # the plug-in's constructor: named, not a traceback from inside it
+            raise UserError(f"callbacks[{i}]", f"callback '{use.name}' ({entry.cls.__qualname__}) failed to start: "
+                                               f"{type(e).__name__}: {e}") from e
+    return made
+
+
+def callback_identity(use: CallbackUse, index: int) -> dict[str, Any]:
+    """What a plan's callback puts in the stage keys: its name, its settings and its code (the
+    class's declared `version`, else its source: tasks.user_task.code_fingerprint)."""
+    entry = CALLBACKS[use.name]
+    settings = use.settings.model_dump(mode="json") if entry.settings is not None else {}
+    return {"name": use.name, "settings": settings,
+            "code": code_fingerprint(entry.cls, f"callbacks[{index}]", "callback class")}
 
 
 def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from stagewise.config.plan_config import Plan
 from stagewise.data.mixture import MixedData
 from stagewise.data.prepared_data import PreparedData, prepare_data
 from stagewise.data.tokenizers import eos_id
+from stagewise.engine.callbacks import callback_identity
 from stagewise.engine.checkpoint import StageStore
 from stagewise.engine.device import resolve_compile, resolve_device, resolve_precision, seed_everything
 from stagewise.engine.sharded import check_sharded
@@ -31,7 +33,7 @@ from stagewise.tasks.lm import build_lm
 from stagewise.tasks.spec import StageSetup, TaskSpec
 from stagewise.tasks.user_task import UserParts, check_vocab, model_fingerprint
 
-_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template")
+_PLAN_KEYS = ("model", "tokenizer", "data", "stages", "device", "sample", "chat_template", "callbacks")
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,10 +122,13 @@ def prepare(plan: Plan, plan_path: Path, cache_root: Path, parts: UserParts | No
         setups = setup_stages(plan, nodes, lm_data, lm, plan_path.parent, template, cache_root, parts)
         _check_handoffs(nodes, setups)
         dtype = resolve_precision(plan.precision, device, lm if lm is not None else setups[0].model)
-        identity = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"})
-                    if own_model is None else {"object": model_fingerprint(own_model)},
-                    "tokenizer": plan.tokenizer.model_dump(mode="json"), "data": lm_data.fingerprint if lm_data else None,
-                    "seed": plan.seed, "precision": str(dtype)}
+        identity: dict[str, Any] = {"model": plan.model.model_dump(mode="json", exclude={"activation_checkpointing"})
+                                    if own_model is None else {"object": model_fingerprint(own_model)},
+                                    "tokenizer": plan.tokenizer.model_dump(mode="json"),
+                                    "data": lm_data.fingerprint if lm_data else None, "seed": plan.seed,
+                                    "precision": str(dtype)}
+        if plan.callbacks:  # they may change what a stage trains to (a veto, a changed LR): only then in the keys
+            identity["callbacks"] = [callback_identity(use, i) for i, use in enumerate(plan.callbacks)]
         layers = [StageLayers(s.model, n.config.layers.freeze, n.config.layers.unfreeze, n.config.layers.lr_factor,
                               n.where, s.adapter.trainable(s.model) if s.adapter is not None else None)
                   for n, s in zip(nodes, setups, strict=True)]

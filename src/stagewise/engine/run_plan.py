@@ -15,7 +15,7 @@ import yaml
 from rich.console import Console
 
 from stagewise.data.tokenizers import save_tokenizer
-from stagewise.engine.callbacks import Callback
+from stagewise.engine.callbacks import Callback, check_callbacks, plan_callbacks
 from stagewise.engine.checkpoint import WRITE_ERRORS, InvalidCheckpoint, load_checkpoint
 from stagewise.engine.checkpointer import Checkpointer
 from stagewise.engine.context import RunContext
@@ -50,10 +50,12 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
     this run and every stage of this plan in the store (only a run directory is ever emptied).
     `stop_after`: stop as a signal would once this global step is done (for verify-resume and tests).
     `world`: this process's place in a data-parallel run (rank 0 holds the lock, the others wait).
-    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones).
+    `callbacks`: the user's (engine.callbacks), called in every stage trained (not in reused ones),
+    after those the plan names (`callbacks:`).
     `report`: writes a run's report page (track.report, above this layer), for the trackers' end."""
     hint = f"stagewise train {prepared.plan_path} --out {run_dir}"
     check_installed(prepared.plan.track, str(prepared.plan_path))
+    callbacks = check_callbacks([*plan_callbacks(prepared.plan.callbacks), *callbacks])
     if world.parallel and prepared.plan.distributed.strategy == "fsdp":
         world = dataclasses.replace(world, sharded=True)
     check_split(world, prepared.resolved, str(prepared.plan_path))

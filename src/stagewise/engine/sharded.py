@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from stagewise.config.optimizer_config import SCHEDULE_FREE
 from stagewise.errors import UserError
-from stagewise.optim.schedule_free import SCHEDULE_FREE
 
 if TYPE_CHECKING:
     from stagewise.engine.distributed import World

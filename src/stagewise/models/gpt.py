@@ -51,11 +51,6 @@ class GPTConfig:
     model_type: str = "gpt"
     use_cache: bool = True  # the model can keep a KV cache (generation asks for it)
 
-    def settings(self) -> dict[str, Any]:
-        """The constructor's settings (all but the vocabulary, which the data sets): an export's model.json."""
-        return {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd, "n_positions": self.n_positions,
-                "bias": self.bias, "dropout": self.dropout}
-
     @property
     def max_position_embeddings(self) -> int:
         return self.n_positions

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS
+from stagewise.config.optimizer_config import OPTIMIZER_SETTINGS, SCHEDULE_FREE
 from stagewise.config.registry import OPTIMIZERS
 from stagewise.optim.regularizers import is_decayed
-from stagewise.optim.schedule_free import SCHEDULE_FREE, build_schedule_free
+from stagewise.optim.schedule_free import build_schedule_free
 
 # Groups whose parameters take the stage's weight_decay (and sgd_l1's shrinkage).
 _DECAY_GROUPS = frozenset({"decay", "muon"})

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-SCHEDULE_FREE = ("schedulefree_adamw", "schedulefree_sgd")
-
 
 def build_schedule_free(name: str, groups: list[dict[str, Any]], settings: dict[str, Any]) -> torch.optim.Optimizer:
     import schedulefree  # only plans that use it need the package loaded

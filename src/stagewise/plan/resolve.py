@@ -11,11 +11,10 @@ import dataclasses
 import math
 from typing import Any
 
-from stagewise.config.optimizer_config import ADAM
+from stagewise.config.optimizer_config import ADAM, SCHEDULE_FREE
 from stagewise.config.stage_config import StageConfig
 from stagewise.errors import UserError
 from stagewise.optim.batch_ramp import fewest_steps, ramp_steps
-from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.optim.schedules import schedule_problems
 from stagewise.plan.resolved import ResolvedStage, StageData
 from stagewise.plan.stage_keys import stage_key

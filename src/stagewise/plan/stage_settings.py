@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from stagewise.config.optimizer_config import ADAM, OPTIMIZER_SETTINGS, ScheduleConfig
+from stagewise.config.optimizer_config import ADAM, OPTIMIZER_SETTINGS, SCHEDULE_FREE, ScheduleConfig
 from stagewise.config.rules import ActionConfig, LrScaleAction, OnPlateauConfig
 from stagewise.config.stage_config import MergeConfig, StageConfig
 from stagewise.optim.batch_ramp import LR_POWER, BatchRamp, ramp_steps
-from stagewise.optim.schedule_free import SCHEDULE_FREE
 from stagewise.plan.resolved import ResolvedStage
 
 

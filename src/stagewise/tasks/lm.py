@@ -29,7 +29,6 @@ from stagewise.errors import UserError
 from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
 from stagewise.models.build import build_model, context_length
 from stagewise.models.generate import Stop, sample
-from stagewise.models.gpt import GPT
 from stagewise.tasks.base import Batch, BatchSource, Task
 from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
@@ -254,8 +253,7 @@ def save_lm(setup: StageSetup[Any], lm_tokenizer: Tokenizer | None, model_cfg: M
     if not hasattr(setup.model, "save_pretrained"):  # not transformers': with the tokenizer as AutoTokenizer loads it
         own = arch_model(model_cfg.arch, LM_FAMILY)
         assert own is not None, "a causal LM not of transformers is built from the plan's arch"
-        settings = (setup.model.config.settings() if isinstance(setup.model, GPT)
-                    else own.settings.model_validate(model_cfg.size_keys()).model_dump(mode="json"))
+        settings = own.settings.model_validate(model_cfg.size_keys()).model_dump(mode="json")  # with its defaults
         save_builtin(setup.model, {"task": setup.task, "arch": model_cfg.arch, "settings": settings,
                                    "sizes": {"vocab_size": lm_tokenizer.get_vocab_size()}}, {}, out)
     else:

@@ -25,7 +25,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,13 @@ class UserParts:
             return None
         own = self.data.get(stage)
         return own if isinstance(own, Mapping) else (self.data if "train" in self.data else None)
+
+    def for_stages(self, stages: list[str]) -> UserParts:
+        """These parts for a plan of only `stages` (lr-find's): the other stages' rows left out."""
+        if self.data is None:
+            return self
+        kept = {k: v for k, v in self.data.items() if k in ("train", "val") or k in stages}
+        return replace(self, data=kept)
 
     def model_fingerprint(self) -> str:
         assert self.model is not None
@@ -127,17 +134,19 @@ def check_vocab(model: nn.Module, vocab_size: int) -> nn.Module:
     return model
 
 
-def loss_fingerprint(loss: Loss) -> str:
-    """A loss's declared `version`, else its qualified name and source (module docstring)."""
-    version = getattr(loss, "version", None)
-    name = getattr(loss, "__qualname__", type(loss).__qualname__)
+def code_fingerprint(code: Any, where: str = "loss=", what: str = "loss") -> str:
+    """User code's declared `version`, else its qualified name and source (module docstring): a
+    loss (a function or a callable object) or a plug-in's class."""
+    version = getattr(code, "version", None)
+    name = getattr(code, "__qualname__", type(code).__qualname__)
     if version is not None:
         return hashlib.sha256(f"{name}:version:{version}".encode()).hexdigest()[:16]
     try:
-        source = inspect.getsource(loss if inspect.isfunction(loss) or inspect.ismethod(loss) else type(loss))
+        source = inspect.getsource(code if inspect.isfunction(code) or inspect.ismethod(code) or inspect.isclass(code)
+                                   else type(code))
     except (OSError, TypeError):
-        raise UserError("loss=", f"cannot read the source of {name} to fingerprint it: give it a version "
-                                "(loss.version = '1') and change it when the loss changes") from None
+        raise UserError(where, f"cannot read the source of {name} to fingerprint it: give it a version "
+                               f"({what}.version = '1') and change it when the {what} changes") from None
     return hashlib.sha256(f"{name}:{source}".encode()).hexdigest()[:16]
 
 
@@ -272,7 +281,7 @@ class UserTaskSpec(TaskSpec[UserData]):
             train = TensorRows(train.columns, tuple(t[keep] for t in train.tensors))
         if parts.model is None:
             raise UserError("model=", "task python trains a model passed to stagewise.train (model=)")
-        fingerprint = hashlib.sha256(json.dumps([TASK, *fingerprints, loss_fingerprint(parts.loss),
+        fingerprint = hashlib.sha256(json.dumps([TASK, *fingerprints, code_fingerprint(parts.loss),
                                                  inp.plan.seed]).encode()).hexdigest()
         return UserData(train, val, parts.model, parts.loss), fingerprint
 

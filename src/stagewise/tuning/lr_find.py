@@ -36,6 +36,7 @@ from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.base import Task
+from stagewise.tasks.user_task import UserParts
 from stagewise.tuning.space import set_key
 
 BETA = 0.98  # fastai's smoothing of the loss
@@ -58,11 +59,25 @@ class LrFindResult:
 def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: float = 1e-7, end: float = 10.0,
             steps: int = 100, out: Path | None = None, cache: Path | None = None, write: Path | None = None,
             suggestion: str = "minimum", console: Console | None = None,
-            raw: dict[str, Any] | None = None) -> LrFindResult:
+            raw: dict[str, Any] | None = None, parts: UserParts | None = None) -> LrFindResult:
     """The range test of stage `stage_name`; `write`: a copy of the plan with the stage's LR set to
     the `suggestion` (minimum: the minimum's LR / 10; steep: the steepest descent's LR). `raw`:
-    the plan as read, overrides applied (stagewise.Plan), in place of reading `plan_path`."""
-    console = console or Console()
+    the plan as read, overrides applied (stagewise.Plan), in place of reading `plan_path`.
+    `parts`: a Python caller's model, rows and loss; a model object ends with the weights it was
+    given (the stages it starts from are trained on it, then the test, then they are put back)."""
+    model = parts.model if parts is not None else None
+    given = {k: v.detach().clone() for k, v in model.state_dict().items()} if model is not None else None
+    try:
+        return _lr_find(plan_path, overrides, stage_name, start, end, steps, out, cache, write, suggestion,
+                        console or Console(), raw, parts)
+    finally:
+        if model is not None and given is not None:
+            model.load_state_dict(given)
+
+
+def _lr_find(plan_path: Path, overrides: list[str], stage_name: str, start: float, end: float, steps: int,
+             out: Path | None, cache: Path | None, write: Path | None, suggestion: str, console: Console,
+             raw: dict[str, Any] | None, parts: UserParts | None) -> LrFindResult:
     if not 0 < start < end:
         raise UserError("--start/--end", f"need 0 < start < end (got {start:g}, {end:g})")
     if steps < 10:
@@ -84,10 +99,13 @@ def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: fl
     cache = cache or out.parent / ".cache"
     chain = _ancestors(node)
     # The stage and what it starts from, as a plan: the same stage keys as in the whole plan.
-    prepared = prepare(validate_plan(_sub_plan(raw, chain + [node]), str(plan_path)), plan_path, cache)
+    names = [n.name for n in chain + [node]]
+    prepared = prepare(validate_plan(_sub_plan(raw, chain + [node]), str(plan_path)), plan_path, cache,
+                       parts.for_stages(names) if parts is not None else None)
     stage = prepared.stages[-1]
     if stage.parent is not None:
-        _train_parent(raw, chain, node, prepared, stage, plan_path, cache, out, console)
+        _train_parent(raw, chain, node, prepared, stage, plan_path, cache, out, console,
+                      parts.for_stages(names[:-1]) if parts is not None else None)
 
     run_dir = out / stage_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +163,7 @@ def _sub_plan(raw: dict[str, Any], nodes: list[StageNode]) -> dict[str, Any]:
 
 
 def _train_parent(raw: dict[str, Any], chain: list[StageNode], node: StageNode, prepared: Prepared, stage: Stage,
-                  plan_path: Path, cache: Path, out: Path, console: Console) -> None:
+                  plan_path: Path, cache: Path, out: Path, console: Console, parts: UserParts | None) -> None:
     """The parent's trained state in the stage cache: trained now (the plan's prefix, as a plan)
     unless there already. A branch from a step (`from: NAME@STEP`) needs that checkpoint, which
     only the whole plan keeps."""
@@ -160,7 +178,7 @@ def _train_parent(raw: dict[str, Any], chain: list[StageNode], node: StageNode, 
         return
     if complete(store, set()):
         return
-    prefix = prepare(validate_plan(_sub_plan(raw, chain), str(plan_path)), plan_path, cache)
+    prefix = prepare(validate_plan(_sub_plan(raw, chain), str(plan_path)), plan_path, cache, parts)
     assert [s.key for s in prefix.stages] == [s.key for s in prepared.stages[:-1]], "the prefix's stages differ"
     console.print(f"training what stage '{stage.name}' starts from: {', '.join(s.name for s in prefix.stages)}")
     train(prefix, out / "prefix", console=console)

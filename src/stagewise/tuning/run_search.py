@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
+from stagewise.engine.callbacks import Callback
 from stagewise.errors import UserError
 from stagewise.plan.load import read_yaml, validate_plan
+from stagewise.tasks.user_task import UserParts
 from stagewise.tuning.cv import write_folds
 from stagewise.tuning.objective import Direction, objective_of
 from stagewise.tuning.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
@@ -35,6 +38,8 @@ class SearchOptions:
     sampler: str = "tpe"
     cv: int | None = None
     plugins: tuple[str, ...] = ()  # --plugin: what each worker process imports first
+    parts: UserParts | None = None  # a Python caller's model, rows and loss (one worker only)
+    callbacks: tuple[Callback, ...] = ()  # a Python caller's, called in every trial's stages
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,15 @@ class SearchResult:
 def search(plan_path: Path, options: SearchOptions, console: Console, raw: dict[str, Any] | None = None) -> SearchResult:
     """`raw`: the plan as read (stagewise.Plan), in place of reading `plan_path`."""
     setup = prepare_search(plan_path, options, raw)
+    try:
+        return _search(setup, console)
+    finally:
+        if setup.start_weights is not None:
+            assert setup.parts is not None and setup.parts.model is not None
+            setup.parts.model.load_state_dict(setup.start_weights)  # the model object ends as it was given
+
+
+def _search(setup: SearchSetup, console: Console) -> SearchResult:
     study = open_study(setup)
     again = retry_interrupted(study)
     if again:
@@ -66,6 +80,13 @@ def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] 
     """Every check that needs no training, then the search directory's settings (and folds)."""
     if options.trials < 1 or options.workers < 1:
         raise UserError("--trials" if options.trials < 1 else "--workers", "must be >= 1")
+    objects = options.parts is not None or bool(options.callbacks)
+    if objects and options.workers > 1:
+        raise UserError("workers", f"{options.workers}: objects passed from Python (model, data, loss, callbacks) live "
+                                   "in this process, which other workers cannot share: search with workers=1")
+    if options.parts is not None and options.parts.data is not None and options.cv is not None:
+        raise UserError("cv", "folds split the plan's data files, not rows passed from Python: pass each fold's "
+                              "rows yourself")
     raw = read_yaml(plan_path) if raw is None else raw
     plan = validate_plan(raw, where=str(plan_path))
     space = load_space(options.space)
@@ -87,7 +108,15 @@ def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] 
     return SearchSetup(plan_path=plan_path, raw=raw, space=space, objective=objective, out=out,
                        storage=storage, study=study, trials=options.trials,
                        workers=options.workers, sampler=options.sampler, pruner=options.pruner, seed=plan.seed,
-                       folds=folds, plugins=options.plugins)
+                       folds=folds, plugins=options.plugins, parts=options.parts, callbacks=options.callbacks,
+                       start_weights=_weights(options.parts))
+
+
+def _weights(parts: UserParts | None) -> dict[str, torch.Tensor] | None:
+    """The weights of a model passed from Python, as given: every trial starts from them."""
+    if parts is None or parts.model is None:
+        return None
+    return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
 
 
 def _check_same_search(out: Path, settings: dict[str, Any]) -> None:

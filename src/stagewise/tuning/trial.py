@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from stagewise.engine.callbacks import Callback
@@ -23,6 +24,7 @@ from stagewise.engine.run_plan import train
 from stagewise.engine.rundir import make_run_directory
 from stagewise.errors import RunStopped, UserError
 from stagewise.plan.load import validate_plan
+from stagewise.tasks.user_task import UserParts
 from stagewise.tuning.cv import FoldData, fold_plan
 from stagewise.tuning.objective import Objective
 from stagewise.tuning.space import Param, with_params
@@ -46,6 +48,11 @@ class SearchSetup:
     seed: int
     folds: list[FoldData] | None  # --cv: the objective stage's data for each fold
     plugins: tuple[str, ...] = ()  # --plugin: imported first by each spawned worker
+    # Objects passed from Python (one worker, in this process): the user's parts, callbacks, and the
+    # model's weights as given, which every trial starts from (it trains the model object in place).
+    parts: UserParts | None = None
+    callbacks: tuple[Callback, ...] = ()
+    start_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def cache(self) -> Path:
@@ -106,10 +113,13 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
 def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
            callbacks: tuple[Callback, ...] = ()) -> float:
     plan = validate_plan(raw, where=f"{setup.plan_path} (trial {number})")
-    prepared = prepare(plan, setup.plan_path, setup.cache)
+    if setup.parts is not None and setup.parts.model is not None and setup.start_weights is not None:
+        setup.parts.model.load_state_dict(setup.start_weights)  # as given: the same fingerprint, the same start
+    prepared = prepare(plan, setup.plan_path, setup.cache, setup.parts)
     make_run_directory(run_dir)
     with (run_dir / "console.log").open("a", encoding="utf-8") as log:  # workers share one terminal
-        summaries = train(prepared, run_dir, console=Console(file=log, width=160), callbacks=callbacks)
+        summaries = train(prepared, run_dir, console=Console(file=log, width=160),
+                          callbacks=(*callbacks, *setup.callbacks))
     summary = next(s for s in summaries if s.stage == setup.objective.stage)
     value = setup.objective.final_value(summary)
     if value is None:

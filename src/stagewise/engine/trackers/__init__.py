@@ -1,31 +1,16 @@
-"""The experiment trackers a plan's `track:` names, by name: the module and class of each, and the
-package (an extra of stagewise) it needs. A tracker's module is imported only when a run uses it."""
+"""The experiment trackers a plan's `track:` names, made from their registry entries
+(config.registry.TRACKERS: stagewise's own, by module and class, imported only when a run uses
+one; a plug-in's, by its class), after checking that the library each drives imports."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from stagewise.config.registry import TRACKERS
 from stagewise.config.track_config import TrackEntry
 from stagewise.engine.trackers.tracking import Tracker
 from stagewise.errors import UserError
-
-
-@dataclass(frozen=True)
-class Entry:
-    module: str  # of stagewise.engine.trackers
-    cls: str
-    package: str  # the library it drives
-    extra: str | None  # the extra of stagewise that installs it (None: a dependency of stagewise)
-
-
-TRACKERS: dict[str, Entry] = {
-    "tensorboard": Entry("tensorboard", "TensorBoardTracker", "tensorboard", None),
-    "wandb": Entry("wandb", "WandbTracker", "wandb", "wandb"),
-    "mlflow": Entry("mlflow", "MlflowTracker", "mlflow", "mlflow"),
-    "trackio": Entry("trackio", "TrackioTracker", "trackio", "trackio"),
-}
 
 
 def check_installed(entries: Sequence[TrackEntry], where: str) -> None:
@@ -33,6 +18,12 @@ def check_installed(entries: Sequence[TrackEntry], where: str) -> None:
     installed, or broken): before a run starts, never part way. The run imports it next anyway."""
     for i, tracker in enumerate(entries):
         entry = TRACKERS[tracker.name]
+        if not isinstance(entry.tracker, str) and not (isinstance(entry.tracker, type)
+                                                       and issubclass(entry.tracker, Tracker)):
+            raise UserError(f"{where}: track[{i}]", f"tracker '{tracker.name}' is registered with {entry.tracker!r}, "
+                                                    "not a subclass of stagewise.engine.trackers.tracking.Tracker")
+        if entry.package is None:
+            continue
         try:
             importlib.import_module(entry.package)
         except ImportError:
@@ -42,9 +33,14 @@ def check_installed(entries: Sequence[TrackEntry], where: str) -> None:
 
 
 def make_trackers(entries: Sequence[TrackEntry]) -> list[Tracker]:
+    """The trackers, made (check_installed has checked them)."""
     out = []
     for tracker in entries:
         entry = TRACKERS[tracker.name]
-        module = importlib.import_module(f"stagewise.engine.trackers.{entry.module}")
-        out.append(getattr(module, entry.cls)(tracker.name, tracker.settings))
+        if isinstance(entry.tracker, str):  # stagewise's own: "module:Class"
+            module, name = entry.tracker.split(":")
+            cls = getattr(importlib.import_module(module), name)
+        else:
+            cls = entry.tracker
+        out.append(cls(tracker.name, tracker.settings))
     return out
