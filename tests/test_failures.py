@@ -171,13 +171,26 @@ def _damage(kind: str, directory: Path, tmp: Path) -> str:
     if kind == "garbage weights":
         _rewrite(directory, "model.safetensors", b"\x07" * 300)
         return f"{weights}: not readable safetensors"
+    manifest = directory / "manifest.json"
+    if kind == "flipped manifest":
+        data = bytearray(manifest.read_bytes())
+        data[0] ^= 0xFF  # '{' becomes a byte no UTF-8 text starts with
+        manifest.write_bytes(bytes(data))
+        return f"{manifest}: not a valid manifest ("
+    if kind == "list manifest":
+        manifest.write_text("[]")
+        return f"{manifest}: not a valid manifest (a JSON list, not an object)"
+    if kind == "mistyped manifest":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "step": "9", "files": ["state.pt"]}))
+        return f"{manifest}: not a valid manifest (its step or files are missing or of the wrong type)"
     assert kind == "wrong shapes"
     save_file({"transformer.wte.weight": torch.zeros(3, 3)}, tmp / "w.safetensors")
     _rewrite(directory, "model.safetensors", (tmp / "w.safetensors").read_bytes())
     return f"{directory}: weights do not fit the model"
 
 
-KINDS = ["truncated", "missing", "refused pickle", "malformed state", "garbage weights", "wrong shapes"]
+KINDS = ["truncated", "missing", "refused pickle", "malformed state", "garbage weights", "wrong shapes",
+         "flipped manifest", "list manifest", "mistyped manifest"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -225,6 +238,26 @@ def test_a_bad_final_is_not_reused_it_resumes_or_retrains_and_says_which(
     assert stage_status(_prepared(reference[0], cache))["a"].startswith("train (not reused: ")
     assert main(_args(reference[0], tmp_path / "r3", cache)) == 0
     assert "; stage 'a' is trained again from its start" in capsys.readouterr().out
+    _same_as_reference(reference[0], reference, cache)
+
+
+@pytest.mark.parametrize("kind", ["flipped manifest", "list manifest", "mistyped manifest"])
+def test_a_damaged_final_manifest_is_a_warning_and_an_event_not_a_silent_retrain(
+        tmp_path: Path, reference: Any, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    cache = tmp_path / "cache"
+    assert main(_args(reference[0], tmp_path / "r1", cache)) == 0
+    prepared = _prepared(reference[0], cache)
+    store = StageStore(cache, prepared.stages[0].key)
+    named = _damage(kind, store.final_dir, tmp_path)
+    status = stage_status(prepared)["a"]
+    assert status.startswith("resume at step 12 (not reused: ") and named in status  # what `check` says
+    capsys.readouterr()
+    assert main(_args(reference[0], tmp_path / "r2", cache)) == 0
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:"))
+    assert warning.startswith(f"warning: {named}") and warning.endswith("; stage 'a' resumes from step 12"), warning
+    (invalid,) = events(tmp_path / "r2", "checkpoint_invalid")
+    assert invalid["step"] == "final" and named in invalid["reason"]
+    verify(store.final_dir, store.key)  # saved again, whole
     _same_as_reference(reference[0], reference, cache)
 
 

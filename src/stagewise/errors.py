@@ -9,6 +9,7 @@ everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,13 @@ class WriteFailed(RunStopped):
         self.reason = _reason(error)
         super().__init__(f"cannot write {self.path}: {self.reason} ({free_space(self.path)} free there)",
                          code=WRITE_FAILED)
+
+
+def refused_object(error: BaseException) -> str:
+    """What torch's safe loader (weights_only) refused in a file, as " (module.name)", or "". Its
+    own message advises loading the file unsafely: that is never done, nor passed on."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f" ({found.group(1)})" if found else ""
 
 
 def _reason(error: BaseException) -> str:

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_model
 
 from stagewise.engine.sharded import is_sharded
-from stagewise.errors import WriteFailed
+from stagewise.errors import WriteFailed, refused_object
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -69,18 +69,32 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict[str, An
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The manifest of a checkpoint directory; None when it has none. One that is there but does
+    not read as a manifest (damaged bytes, another JSON value, fields of the wrong type) is an
+    InvalidCheckpoint: the write completed, so the checkpoint is damaged, not absent."""
+    path = directory / MANIFEST
+    if not path.is_file():
         return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InvalidCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # not UTF-8, not JSON
+        raise InvalidCheckpoint(f"{path}: not a valid manifest ({_first_line(e)})") from None
+    if not isinstance(manifest, dict):
+        raise InvalidCheckpoint(f"{path}: not a valid manifest (a JSON {type(manifest).__name__}, not an object)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()) \
+            or not isinstance(manifest.get("step"), int) or isinstance(manifest.get("step"), bool):
+        raise InvalidCheckpoint(f"{path}: not a valid manifest (its step or files are missing or of the wrong type)")
+    return manifest
 
 
 def verify(directory: Path, key: str) -> dict[str, Any]:
     """The manifest of a complete, intact checkpoint of stage `key`; InvalidCheckpoint otherwise."""
     manifest = read_manifest(directory)
     if manifest is None:
-        raise InvalidCheckpoint(f"{directory}: no valid manifest (an interrupted write)")
+        raise InvalidCheckpoint(f"{directory}: no manifest (an interrupted write)")
     if manifest.get("key") != key:
         raise InvalidCheckpoint(f"{directory}: belongs to stage key {manifest.get('key')}, not {key} "
                                 "(the plan, model or data changed)")
@@ -144,10 +158,8 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise InvalidCheckpoint(f"{path}: holds an object that the safe loader refuses{what}; it is not a "
-                                "stagewise state and is never unpickled") from None
+        raise InvalidCheckpoint(f"{path}: holds an object that the safe loader refuses{refused_object(e)}; it is "
+                                "not a stagewise state and is never unpickled") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... on a damaged file
         raise InvalidCheckpoint(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict):
@@ -204,15 +216,17 @@ class StageStore:
         return FileLock(str(self.dir / ".lock"))
 
     def final_manifest(self) -> dict[str, Any] | None:
-        """The final checkpoint's manifest if it is complete (cheap: the sha256 is checked on load)."""
+        """The final checkpoint's manifest if it is complete (cheap: the sha256 is checked on load);
+        InvalidCheckpoint when its manifest is damaged."""
         manifest = read_manifest(self.final_dir)
         return manifest if manifest is not None and manifest.get("key") == self.key else None
 
     def steps(self) -> list[int]:
-        """Steps with a saved mid-stage checkpoint (manifest present), oldest first."""
+        """Steps with a saved mid-stage checkpoint (manifest present: written whole, or damaged
+        since, which loading it reports), oldest first."""
         found = []
         for d in self.dir.glob("step-*"):
-            if (m := _STEP_DIR.fullmatch(d.name)) is not None and read_manifest(d) is not None:
+            if (m := _STEP_DIR.fullmatch(d.name)) is not None and (d / MANIFEST).is_file():
                 found.append(int(m.group(1)))
         return sorted(found)
 

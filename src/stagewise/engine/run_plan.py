@@ -193,7 +193,11 @@ def _run_stage(run: RunContext, prepared: Prepared, stage: Stage, numbers: Resol
         run.world.barrier()  # the other ranks read the store once rank 0 holds its lock
         limit = min(checkpointer.pins - set(store.steps()), default=numbers.steps)  # resume before a missing pin
         broken: tuple[int | None, InvalidCheckpoint] | None = None
-        if complete(store, checkpointer.pins):
+        try:
+            done = complete(store, checkpointer.pins)
+        except InvalidCheckpoint as e:  # a damaged manifest of its end
+            done, broken = False, (None, e)
+        if done:
             broken = bad_pin(store, checkpointer.pins, task.model, numbers)
             if broken is not None:
                 limit = min(limit, broken[0] - 1)  # train through the branch point again

@@ -18,7 +18,8 @@ from stagewise.plan.resolved import ResolvedStage
 
 def complete(store: StageStore, pins: set[int]) -> bool:
     """The stage's end is saved, and every step a branch starts from (up to that end: a stage a
-    rule ended early has no later steps). Cheap: manifests only (see `bad_pin`)."""
+    rule ended early has no later steps). Cheap: manifests only (see `bad_pin`). InvalidCheckpoint
+    when the end's manifest is damaged."""
     manifest = store.final_manifest()
     return manifest is not None and {p for p in pins if p <= manifest["step"]} <= set(store.steps())
 
@@ -48,7 +49,11 @@ def stage_status(prepared: Prepared) -> dict[str, str]:
     for stage in prepared.stages:
         store = prepared.store(stage)
         broken = None
-        if complete(store, pins[stage.name]):
+        try:
+            done = complete(store, pins[stage.name])
+        except InvalidCheckpoint as e:
+            done, broken = False, str(e)
+        if done:
             pin = bad_pin(store, pins[stage.name], stage.model, stage.resolved)
             try:
                 if pin is not None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import builtins
 import difflib
 import inspect
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stagewise.config.plan_config import ModelConfig
-from stagewise.errors import UserError
+from stagewise.errors import UserError, refused_object
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the functions that build with it do
     from transformers import PretrainedConfig, PreTrainedModel
@@ -70,8 +71,12 @@ def _load_pretrained(name: str, vocab_size: int, plan_dir: Path) -> PreTrainedMo
 
     local = (plan_dir / name).expanduser()
     source = str(local) if local.exists() else name
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source)
+    try:  # weights_only: a pytorch_model.bin is read as tensors only, never unpickled freely
+        model = AutoModelForCausalLM.from_pretrained(source, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError("model.pretrained", f"cannot load '{name}': its weights file holds an object that the safe "
+                                            f"loader refuses{refused_object(e)}; it is never unpickled "
+                                            "(safetensors weights hold none)") from None
     except (OSError, ValueError) as e:
         raise UserError("model.pretrained", f"cannot load '{name}': {str(e).splitlines()[0]}") from None
     embeddings: torch.nn.Embedding = model.get_input_embeddings()  # type: ignore[assignment]
