@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tokenizers import Tokenizer, models, processors
 
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
@@ -23,7 +24,7 @@ from stagewise.data.documents import Documents
 from stagewise.data.prepared_data import prepare_data
 from stagewise.data.sampler import WindowSampler
 from stagewise.data.sources import load_corpus
-from stagewise.data.tokenizers import EOS, UNK, build_tokenizer, eos_id, save_tokenizer, to_transformers
+from stagewise.data.tokenizers import EOS, UNK, build_tokenizer, eos_id, save_auto_tokenizer, save_tokenizer
 from stagewise.errors import UserError
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.readers import read_labeled
@@ -318,12 +319,47 @@ def test_transformers_round_trip(tmp_path, kind):
 
     text = "To be, or not to be:\nthat is the question.\n"
     tok = build_tokenizer(TokenizerConfig(kind=kind), [text], tmp_path)
-    to_transformers(tok).save_pretrained(tmp_path / "hf")
+    save_auto_tokenizer(tok, tmp_path / "hf", None)
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert loaded.eos_token == EOS and loaded.eos_token_id == eos_id(tok)
     probe = text + "Q\u00e9?"
     assert loaded.encode(probe) == tok.encode(probe).ids
     assert loaded.decode(loaded.encode(text)) == text
+
+
+def _tokenizers_of_every_kind(tmp_path: Path) -> dict[str, Tokenizer]:
+    text = "To be, or not to be:\nthat is the question.\n" * 20
+    made = {kind: build_tokenizer(TokenizerConfig(kind=kind, vocab_size=300 if kind == "bpe" else None), [text], tmp_path)
+            for kind in ("char", "byte", "bpe")}
+    with_bos = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300), [text], tmp_path)
+    with_bos.add_special_tokens(["<s>"])  # a pretrained tokenizer's own post-processor is kept
+    with_bos.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                            special_tokens=[("<s>", with_bos.token_to_id("<s>"))])
+    plain_eos = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "</s>": 2}, merges=[]))
+    plain_eos.add_tokens(["</s>"])  # an end-of-text token not marked special
+    return {**made, "pretrained_with_bos": with_bos, "pretrained_plain_eos": plain_eos}
+
+
+@pytest.mark.parametrize("chat_template", [None, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"])
+def test_the_auto_tokenizer_files_are_those_transformers_writes(tmp_path, chat_template):
+    """save_auto_tokenizer writes, byte for byte, what transformers' save_pretrained writes for
+    the tokenizer wrapped with its eos and unk (how exports wrote it before: a run whose model is
+    stagewise's own then never imports transformers)."""
+    from transformers import PreTrainedTokenizerFast
+
+    for name, tok in _tokenizers_of_every_kind(tmp_path).items():
+        unk = UNK if tok.token_to_id(UNK) is not None else None
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.to_str()),
+                                          eos_token=tok.id_to_token(eos_id(tok)), unk_token=unk)
+        if chat_template is not None:
+            wrapped.chat_template = chat_template
+        wrapped.save_pretrained(tmp_path / name / "transformers")
+        before = tok.to_str()
+        save_auto_tokenizer(tok, tmp_path / name / "ours", chat_template)
+        assert tok.to_str() == before, name  # the plan's tokenizer itself is left as it was
+        theirs = {p.name: p.read_bytes() for p in (tmp_path / name / "transformers").iterdir()}
+        ours = {p.name: p.read_bytes() for p in (tmp_path / name / "ours").iterdir()}
+        assert ours == theirs, name
 
 
 def test_pretrained_from_a_saved_directory(tmp_path):

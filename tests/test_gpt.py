@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import resumes_identically, stage_weights, tiny_plan, write_plan
+from tokenizers import Tokenizer
 
 from stagewise.cli import main
 from stagewise.models.gpt import GPT
@@ -138,22 +139,34 @@ def test_adapters_and_classifier_heads_on_gpt_are_refused_before_training(
         "stages[1].task: classifier heads go on transformers causal LMs (model.arch 'gpt' is stagewise's own)")
 
 
-def test_a_gpt_plan_reaches_its_first_update_without_transformers(tmp_path: Path, corpus: Path) -> None:
-    """Up to its first update, a gpt plan loads neither transformers nor peft: ~3 s of start-up
-    (models.gpt). (Its export, at the end, writes a transformers tokenizer.)"""
-    plan = write_plan(tmp_path, _gpt_plan(corpus, steps=3))
+def test_a_gpt_plan_trains_and_exports_without_transformers(tmp_path: Path, corpus: Path) -> None:
+    """A gpt plan loads neither transformers nor peft, up to its first update (~3 s of start-up,
+    models.gpt) nor to its end, export and sample included (~0.7 s of CPU: the tokenizer's files
+    are written without transformers), and AutoTokenizer loads the export's tokenizer."""
+    from transformers import AutoTokenizer
+
+    plan = _gpt_plan(corpus, steps=3)
+    plan["sample"] = {"prompt": "to be", "max_tokens": 5}
+    path = write_plan(tmp_path, plan)
     code = ("import sys\n"
             "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
-            "def first(*_):\n"
-            "    print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft')))\n"
-            "    raise SystemExit(0)\n"
-            "register_optimizer_step_post_hook(first)\n"
+            "def loaded():\n"
+            "    print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft')))\n"
+            "first = register_optimizer_step_post_hook(lambda *_: (loaded(), first.remove()))\n"
             "from stagewise.cli import main\n"
-            f"main(['train', {str(plan)!r}, '--out', {str(tmp_path / 'run')!r}, '--cache', {str(tmp_path / 'cache')!r}])\n")
+            f"main(['train', {str(path)!r}, '--out', {str(tmp_path / 'run')!r}, '--cache', {str(tmp_path / 'cache')!r}])\n"
+            "loaded()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                               "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    # at the first update, then at the end
+    assert [line for line in out.stdout.splitlines() if line.startswith("loaded:")] == ["loaded: []"] * 2, out.stdout
+    assert "sample:" in out.stdout
+    export = tmp_path / "run" / "stages" / "lm"
+    tok = AutoTokenizer.from_pretrained(export)
+    text = "to be or not"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode(text) == Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json")).encode(text).ids
 
 
 def test_sft_on_gpt_learns_the_replies_and_chat_generate_stops_at_the_end_marker(

@@ -85,9 +85,9 @@ def load_transformers(directory: Path, auto: Any) -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(directory)
 
 
-def save_transformers(model: Any, labels: list[str] | None, tokenizer: Any, out: Path) -> None:
-    """A transformers model and its tokenizer (a PreTrainedTokenizerFast); a classifier's or
-    tagger's labels named in its config."""
+def save_transformers(model: Any, labels: list[str] | None, tokenizer: Any | None, out: Path) -> None:
+    """A transformers model and its tokenizer (a PreTrainedTokenizerFast; None: the caller writes
+    it); a classifier's or tagger's labels named in its config."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would interleave with ours
@@ -96,7 +96,8 @@ def save_transformers(model: Any, labels: list[str] | None, tokenizer: Any, out:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def save_builtin(model: nn.Module, description: dict[str, Any], tokenizers: dict[str, Tokenizer], out: Path) -> None:

@@ -24,7 +24,7 @@ from stagewise.config.stage_config import StageConfig
 from stagewise.data.mixture import MixedData, MixtureSampler, prepare_mixture
 from stagewise.data.prepared_data import PreparedData
 from stagewise.data.sampler import WindowSampler
-from stagewise.data.tokenizers import count_unknown, to_transformers, warn_unknown
+from stagewise.data.tokenizers import count_unknown, save_auto_tokenizer, warn_unknown
 from stagewise.errors import UserError
 from stagewise.models.adapters import ADAPTER_DIR, merged, save_adapter
 from stagewise.models.build import build_model, context_length
@@ -250,17 +250,14 @@ def save_lm(setup: StageSetup[Any], lm_tokenizer: Tokenizer | None, model_cfg: M
     conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`.
     A model stagewise builds (gpt, a plug-in's): its weights and model.json (tasks.export)."""
     assert lm_tokenizer is not None, "an LM-based stage has the plan's tokenizer"
-    tok = to_transformers(lm_tokenizer)
-    if setup.chat is not None:
-        tok.chat_template = setup.chat.source
     if not hasattr(setup.model, "save_pretrained"):  # not transformers': with the tokenizer as AutoTokenizer loads it
         own = arch_model(model_cfg.arch, LM_FAMILY)
         assert own is not None, "a causal LM not of transformers is built from the plan's arch"
         settings = own.settings.model_validate(model_cfg.size_keys()).model_dump(mode="json")  # with its defaults
         save_builtin(setup.model, {"task": setup.task, "arch": model_cfg.arch, "settings": settings,
                                    "sizes": {"vocab_size": lm_tokenizer.get_vocab_size()}}, {}, out)
-        tok.save_pretrained(out)
-        return
-    save_transformers(merged(setup.model), setup.labels, tok, out)
-    if setup.adapter is not None and setup.adapter.lora is not None:  # and the adapter on its own (models.adapters)
-        save_adapter(setup.model, out / ADAPTER_DIR, setup.adapter.base)
+    else:
+        save_transformers(merged(setup.model), setup.labels, None, out)
+        if setup.adapter is not None and setup.adapter.lora is not None:  # and the adapter on its own (models.adapters)
+            save_adapter(setup.model, out / ADAPTER_DIR, setup.adapter.base)
+    save_auto_tokenizer(lm_tokenizer, out, setup.chat.source if setup.chat is not None else None)
