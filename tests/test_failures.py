@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -387,6 +388,36 @@ def test_a_full_disk_stops_with_the_path_and_free_space_and_resume_completes(
     assert main(_args(reference[0], out, cache)) == 0  # space freed
     _same_as_reference(reference[0], reference, cache)
     assert metrics_difference(reference[2] / "run-one", out) is None
+
+
+@pytest.mark.parametrize("track", [[], ["track=[]"]], ids=["tensorboard", "logs only"])
+def test_the_run_directory_deleted_while_training_is_one_line_and_the_same_command_resumes(
+        tmp_path: Path, reference: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        track: list[str]) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    real, saved = checkpoint_module.torch.save, {"n": 0}
+
+    def save_then_delete_the_run(*args: Any, **kwargs: Any) -> Any:
+        done = real(*args, **kwargs)
+        saved["n"] += 1
+        if saved["n"] == 2:  # the second checkpoint (step 6) is in the cache; the run folder goes
+            shutil.rmtree(out)
+        return done
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_then_delete_the_run)
+    assert main([*_args(reference[0], out, cache), *track]) == 4
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert err.startswith(f"the run directory {out} was deleted while training; the stage cache {cache} is intact: "
+                          "resume with: stagewise train "), err
+    monkeypatch.undo()
+    store = StageStore(cache, _prepared(reference[0], cache).stages[0].key)
+    assert store.steps() and not list(store.dir.glob(".tmp-*"))
+    for step in store.steps():
+        verify(store.step_dir(step), store.key)
+    assert main(shlex.split(err.split("resume with: ", 1)[1])[1:]) == 0  # the same command
+    assert events(out, "stage_resumed")[0]["stage_step"] >= 6
+    _same_as_reference(reference[0], reference, cache)
 
 
 def test_the_resume_hint_is_the_command_as_typed_and_resumes_in_the_same_cache(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -35,6 +36,8 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         try:
+            if not self.path.exists():  # deleted (or its folder): the open file's lines would go nowhere
+                raise FileNotFoundError(errno.ENOENT, "deleted while the run was writing it")
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             self._file.flush()
         except OSError as e:

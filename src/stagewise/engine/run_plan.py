@@ -74,6 +74,9 @@ def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Conso
             resumed = world.from_main(lambda: resumed)  # and the others start once rank 0 holds the lock
             return _train(prepared, run_dir, bool(resumed), console, stop_after, hint, world, tuple(callbacks), report)
     except WriteFailed as e:
+        if not run_dir.is_dir():  # not a full disk: someone removed the folder while the run wrote to it
+            raise RunStopped(f"the run directory {run_dir} was deleted while training; the stage cache "
+                             f"{prepared.cache_root} is intact: resume with: {hint}", code=e.code) from None
         raise RunStopped(f"{e}; the checkpoints saved before it are intact. Free space, then resume with: {hint}",
                          code=e.code) from None
 

@@ -8,6 +8,7 @@ as any write of the run does (`fatal`), where another tracker's failure is a war
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ class TensorBoardTracker(Tracker):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_thread_failures()
             # flush every 10 s rather than 120: a killed run keeps nearly all of its curves
             self._writer = SummaryWriter(log_dir=str(self._log_dir), flush_secs=10)
             held, self._held = self._held, []
@@ -75,3 +77,19 @@ class TensorBoardTracker(Tracker):
             yield
         except OSError as e:
             raise WriteFailed(self._log_dir, e) from None
+
+
+def _quiet_writer_thread_failures() -> None:
+    """SummaryWriter's thread hands a failed write to the writer's next call, which raises it here as
+    a WriteFailed, and then dies re-raising it: that thread's traceback would be a second, raw report
+    of the one failure. Other threads' exceptions reach the hook that was there before."""
+    previous = threading.excepthook
+    if getattr(previous, "stagewise_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.stagewise_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
