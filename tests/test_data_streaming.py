@@ -18,7 +18,7 @@ from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-from stagewise.data import cache, documents, prepared_data, tables
+from stagewise.data import cache, documents, encoding, prepared_data, tables
 from stagewise.data.cache import open_token_array, splits_cleanly
 from stagewise.data.documents import Documents, TextFile, cut
 from stagewise.data.prepared_data import prepare_data
@@ -33,7 +33,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces, reads and batches a few hundred characters long, so that small files cross many."""
     monkeypatch.setattr(documents, "PIECE_CHARS", 300)
     monkeypatch.setattr(documents, "READ_BYTES", 1000)
-    monkeypatch.setattr(cache, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(encoding, "BATCH_CHARS", 2000)
 
 
 def stdlib_text() -> str:
@@ -132,11 +132,11 @@ def test_a_table_past_the_bound_is_one_line(tmp_path: Path, monkeypatch: pytest.
 CHILD = """
 import resource, sys
 from pathlib import Path
-from stagewise.data import cache, documents
+from stagewise.data import documents, encoding
 from stagewise.data.prepared_data import prepare_data
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-documents.PIECE_CHARS, documents.READ_BYTES, cache.BATCH_CHARS = 4096, 1 << 20, 1 << 16
+documents.PIECE_CHARS, documents.READ_BYTES, encoding.BATCH_CHARS = 4096, 1 << 20, 1 << 16
 corpus, cache_dir, headroom = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 warm = corpus.with_name("warm.txt")  # every code path (and the tokenizers' threads) started first
 warm.write_text("warm up text\\n" * 1000)
@@ -169,11 +169,11 @@ def test_preparation_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> Non
 KILLED = """
 import sys
 from pathlib import Path
-from stagewise.data import cache, documents
+from stagewise.data import documents, encoding
 from stagewise.data.prepared_data import prepare_data
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-documents.PIECE_CHARS, cache.BATCH_CHARS = 4096, 1 << 16
+documents.PIECE_CHARS, encoding.BATCH_CHARS = 4096, 1 << 16
 prepare_data(DataConfig(train=sys.argv[1]), TokenizerConfig(kind="byte"), Path("/"), Path(sys.argv[2]), seed=0)
 """
 

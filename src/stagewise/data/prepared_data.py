@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.cache import open_token_array, token_array
+from stagewise.data.encoding import processes
 from stagewise.data.sources import Corpus, data_file_keys, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
@@ -59,11 +60,11 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
         fingerprint = hashlib.sha256(
             f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
         ).hexdigest()
-        tokens = cache_root / "tokens"
+        tokens, num_proc = cache_root / "tokens", processes(data.num_proc)
         prepared = PreparedData(
             tokenizer=tok,
-            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
-            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
+            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train", num_proc),
+            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val", num_proc),
             fingerprint=fingerprint,
             vocab_size=tok.get_vocab_size(),
         )
