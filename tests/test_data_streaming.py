@@ -200,3 +200,27 @@ def test_a_killed_preparation_leaves_no_entry_and_the_next_one_is_whole(tmp_path
     at = int(len(text) * 0.9)
     assert p.train.tolist() == p.tokenizer.encode(text[:at], add_special_tokens=False).ids
     assert p.val.tolist() == p.tokenizer.encode(text[at:], add_special_tokens=False).ids
+
+
+def test_each_file_is_scanned_once_before_it_is_encoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest that finds a prepared entry and the check and length of a text file come from one
+    read of the file (there were two)."""
+    from stagewise.data import sources
+
+    scanned: list[Path] = []
+
+    def counted(path: Path, *args: object) -> documents.Scan:
+        scanned.append(path)
+        return documents.scan_text(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "scan_text", counted)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"the text of {name}\n" * 50, encoding="utf-8")
+    data = DataConfig(train="a.txt", val="b.txt")
+    cold = prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
+    assert sorted(scanned) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    warm = prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
+    assert len(scanned) == 4 and warm.fingerprint == cold.fingerprint
+    (tmp_path / "b.txt").write_bytes(b"\xff")  # found by the same one read, and named as before
+    with pytest.raises(UserError, match=r"^data\.val: .*b\.txt: not UTF-8: byte 0xff at offset 0"):
+        prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
