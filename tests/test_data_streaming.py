@@ -18,7 +18,7 @@ from conftest import tiny_plan, write_plan
 from stagewise.cli import main
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-from stagewise.data import cache, documents, prepared_data, tables
+from stagewise.data import cache, documents, encoding, prepared_data, tables
 from stagewise.data.cache import open_token_array, splits_cleanly
 from stagewise.data.documents import Documents, TextFile, cut
 from stagewise.data.prepared_data import prepare_data
@@ -33,7 +33,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces, reads and batches a few hundred characters long, so that small files cross many."""
     monkeypatch.setattr(documents, "PIECE_CHARS", 300)
     monkeypatch.setattr(documents, "READ_BYTES", 1000)
-    monkeypatch.setattr(cache, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(encoding, "BATCH_CHARS", 2000)
 
 
 def stdlib_text() -> str:
@@ -132,11 +132,11 @@ def test_a_table_past_the_bound_is_one_line(tmp_path: Path, monkeypatch: pytest.
 CHILD = """
 import resource, sys
 from pathlib import Path
-from stagewise.data import cache, documents
+from stagewise.data import documents, encoding
 from stagewise.data.prepared_data import prepare_data
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-documents.PIECE_CHARS, documents.READ_BYTES, cache.BATCH_CHARS = 4096, 1 << 20, 1 << 16
+documents.PIECE_CHARS, documents.READ_BYTES, encoding.BATCH_CHARS = 4096, 1 << 20, 1 << 16
 corpus, cache_dir, headroom = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 warm = corpus.with_name("warm.txt")  # every code path (and the tokenizers' threads) started first
 warm.write_text("warm up text\\n" * 1000)
@@ -169,11 +169,11 @@ def test_preparation_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> Non
 KILLED = """
 import sys
 from pathlib import Path
-from stagewise.data import cache, documents
+from stagewise.data import documents, encoding
 from stagewise.data.prepared_data import prepare_data
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-documents.PIECE_CHARS, cache.BATCH_CHARS = 4096, 1 << 16
+documents.PIECE_CHARS, encoding.BATCH_CHARS = 4096, 1 << 16
 prepare_data(DataConfig(train=sys.argv[1]), TokenizerConfig(kind="byte"), Path("/"), Path(sys.argv[2]), seed=0)
 """
 
@@ -200,3 +200,27 @@ def test_a_killed_preparation_leaves_no_entry_and_the_next_one_is_whole(tmp_path
     at = int(len(text) * 0.9)
     assert p.train.tolist() == p.tokenizer.encode(text[:at], add_special_tokens=False).ids
     assert p.val.tolist() == p.tokenizer.encode(text[at:], add_special_tokens=False).ids
+
+
+def test_each_file_is_scanned_once_before_it_is_encoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest that finds a prepared entry and the check and length of a text file come from one
+    read of the file (there were two)."""
+    from stagewise.data import sources
+
+    scanned: list[Path] = []
+
+    def counted(path: Path, *args: object) -> documents.Scan:
+        scanned.append(path)
+        return documents.scan_text(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "scan_text", counted)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"the text of {name}\n" * 50, encoding="utf-8")
+    data = DataConfig(train="a.txt", val="b.txt")
+    cold = prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
+    assert sorted(scanned) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    warm = prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)
+    assert len(scanned) == 4 and warm.fingerprint == cold.fingerprint
+    (tmp_path / "b.txt").write_bytes(b"\xff")  # found by the same one read, and named as before
+    with pytest.raises(UserError, match=r"^data\.val: .*b\.txt: not UTF-8: byte 0xff at offset 0"):
+        prepare_data(data, TokenizerConfig(kind="char"), tmp_path, tmp_path / "cache", seed=0)

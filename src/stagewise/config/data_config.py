@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from stagewise.config.fields import NAME_PATTERN, Column, DumpsAsBefore, Name, NonNegativeFloat, Path_, StageName, Strict
+from stagewise.config.fields import NAME_PATTERN, Column, DumpsAsBefore, Name, NonNegativeFloat, Path_, StageName, Strict, Threads
 
 
 class MixSource(Strict):
@@ -64,6 +64,10 @@ class DataConfig(DumpsAsBefore):
     """Fine-tuning tasks: tokens per example (longer ones are cut)."""
     pack: bool = False
     """sft: pack several examples into one row."""
+    # exclude: how many processes encode does not change the ids, so it is in no dump, key or fingerprint.
+    num_proc: Threads = Field("auto", exclude=True)
+    """Processes that encode the text into token ids (the ids are the same for any count); `auto`: the cores
+    `threads: auto` starts from (OMP_NUM_THREADS when set, else the physical cores)."""
 
     @model_validator(mode="after")
     def _train_or_mix(self) -> DataConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -56,6 +56,13 @@ def _duration(value: Any) -> int | float:
 
 # A duration inside a stage: an int counts steps, a float in [0, 1] is a fraction of the stage.
 Duration = Annotated[int | float, PlainValidator(_duration)]
+def _threads(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
+        return value
+    raise PydanticCustomError("threads", "must be a positive integer (at most 4096) or auto")
+
+
+Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]  # a count of threads or processes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 StageName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Column = Annotated[int, Field(ge=0, le=10**6)]  # a 0-based column index

@@ -11,22 +11,15 @@ from pydantic import ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import PydanticCustomError
 
 from stagewise.config.data_config import DataConfig
-from stagewise.config.fields import SEED_MAX, DumpsAsBefore, Path_, PositiveFloat, StageName, Steps, Strict
+from stagewise.config.fields import SEED_MAX, DumpsAsBefore, Path_, PositiveFloat, StageName, Steps, Strict, Threads
 from stagewise.config.stage_config import StageConfig
 from stagewise.config.track_config import DEFAULT_TRACK, Callbacks, Track
-
-
-def _threads(value: Any) -> int | str:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
-        return value
-    raise PydanticCustomError("threads", "must be a positive integer (at most 4096) or auto")
 
 
 def _compile(value: Any) -> bool | str:
     if isinstance(value, bool) or value == "auto":
         return value
     raise PydanticCustomError("compile", "must be true, false or auto")
-Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 
 

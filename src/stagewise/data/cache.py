@@ -14,31 +14,26 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from stagewise.data.documents import Documents, Piece, whole
+from stagewise.data.documents import Documents, whole
+from stagewise.data.encoding import encoded
 from stagewise.data.prep_progress import Progress
-from stagewise.data.tokenizers import eos_id
 from stagewise.errors import WriteFailed
 
-# Documents are tokenized in batches of about this many characters: large enough for
-# encode_batch's threads, small enough that one batch's encodings (~100 bytes a token, in the
-# `tokenizers` library) stay a modest amount of memory.
-BATCH_CHARS = 1 << 20
 
-
-def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str) -> np.ndarray:
-    """The ids of `docs` joined by eos, as a read-only memmap. `key` must change whenever the
-    documents or the tokenizer do (the caller passes a fingerprint of both)."""
+def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str, num_proc: int = 1) -> np.ndarray:
+    """The ids of `docs` joined by eos, as a read-only memmap, encoded by `num_proc` processes
+    (data.encoding). `key` must change whenever the documents or the tokenizer do (the caller
+    passes a fingerprint of both)."""
     cached = open_token_array(cache_dir, key)
     if cached is not None:
         return cached
     try:
-        _write(docs, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json")
+        _write(docs, tok, cache_dir / f"{key}.bin", cache_dir / f"{key}.json", num_proc)
     except OSError as e:  # a full disk: the entry is not written (the sidecar comes last)
         raise WriteFailed(cache_dir / f"{key}.bin", e) from None
     written = open_token_array(cache_dir, key)
@@ -65,9 +60,8 @@ def _cached(data: Path, sidecar: Path) -> dict | None:
     return meta if complete else None
 
 
-def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
+def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path, num_proc: int) -> dict:
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
-    eos = np.array([eos_id(tok)], dtype=dtype)
     data.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(data.parent)
     pieces = docs.pieces() if splits_cleanly(tok) else whole(docs.pieces())
@@ -75,21 +69,11 @@ def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path) -> dict:
     with (tempfile.NamedTemporaryFile(dir=data.parent, prefix=f".{data.name}.", delete=False) as f,
           Progress(f"tokenizing {data.name}", docs.chars) as progress):
         try:
-            for batch in _batches(pieces):
-                parts = []
-                # encode_batch_fast: encode_batch without the offsets, which are not needed here;
-                # it encodes the batch's pieces on every core the tokenizers library may use.
-                encodings = tok.encode_batch_fast([piece.text for piece in batch], add_special_tokens=False)
-                for piece, encoding in zip(batch, encodings, strict=True):
-                    if piece.starts_document:
-                        if documents:  # eos between documents, not before the first
-                            parts.append(eos)
-                        documents += 1
-                    parts.append(np.asarray(encoding.ids, dtype=dtype))
-                chunk = np.concatenate(parts)
-                chunk.tofile(f)
-                length += len(chunk)
-                progress.advance(sum(len(piece.text) for piece in batch))
+            for chunk in encoded(pieces, tok, dtype, num_proc, docs.chars):
+                chunk.ids.tofile(f)
+                length += len(chunk.ids)
+                documents += chunk.documents
+                progress.advance(chunk.chars)
         except BaseException:
             os.unlink(f.name)
             raise
@@ -118,19 +102,6 @@ def splits_cleanly(tok: Tokenizer) -> bool:
                      *tok.encode(text[at:], add_special_tokens=False).ids]:
             return False
     return True
-
-
-def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
-    batch: list[Piece] = []
-    size = 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece.text)
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 STALE_SECONDS = 24 * 3600

@@ -24,6 +24,8 @@ from tokenizers import Tokenizer
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.cache import open_token_array, token_array
+from stagewise.data.documents import Scan
+from stagewise.data.encoding import processes
 from stagewise.data.sources import Corpus, data_file_keys, load_corpus, source_digest
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
@@ -49,21 +51,23 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
     the texts, when a task reads the files (tasks.spec.TaskSpec.plan_corpus); else `data.field`
     of the files is read as text. `tokenizer`: encode with it (the plan's, for a stage's own
     text: data.mixture) instead of building one from `tok_cfg`."""
-    entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed, tokenizer) if corpus is None else None
+    scans: dict[Path, Scan] = {}  # each local file is read once before it is encoded
+    with data_file_keys(data, plan_dir):
+        entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed, tokenizer, scans) if corpus is None else None
     if entry is not None and (warm := _open_entry(entry, cache_root / "tokens")) is not None:
         return warm
     if corpus is None:
-        corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets")
+        corpus = load_corpus(data, plan_dir, seed=seed, cache_dir=cache_root / "datasets", scans=scans)
     with data_file_keys(data, plan_dir):  # text files are read (and found wanting) from here on too
         tok = tokenizer if tokenizer is not None else _tokenizer(tok_cfg, corpus, plan_dir, cache_root / "tokenizers")
         fingerprint = hashlib.sha256(
             f"{corpus.fingerprint}\0{hashlib.sha256(tok.to_str().encode()).hexdigest()}".encode()
         ).hexdigest()
-        tokens = cache_root / "tokens"
+        tokens, num_proc = cache_root / "tokens", processes(data.num_proc)
         prepared = PreparedData(
             tokenizer=tok,
-            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train"),
-            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val"),
+            train=token_array(corpus.train, tok, tokens, f"{fingerprint}-train", num_proc),
+            val=token_array(corpus.val, tok, tokens, f"{fingerprint}-val", num_proc),
             fingerprint=fingerprint,
             vocab_size=tok.get_vocab_size(),
         )
@@ -73,12 +77,12 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
 
 
 def _entry_path(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path, cache_root: Path,
-                seed: int, tokenizer: Tokenizer | None) -> Path | None:
+                seed: int, tokenizer: Tokenizer | None, scans: dict[Path, Scan]) -> Path | None:
     """Where the prepared entry of these files and tokenizer settings (or given tokenizer) lives;
     None when the inputs cannot be hashed as bytes (hub data, a tokenizer directory that may change)."""
     if tokenizer is None and tok_cfg.kind == "pretrained":
         return None
-    source = source_digest(data, plan_dir, seed=seed)
+    source = source_digest(data, plan_dir, seed=seed, scans=scans)
     if source is None:
         return None
     tok_id = tok_cfg.model_dump_json() if tokenizer is None else hashlib.sha256(tokenizer.to_str().encode()).hexdigest()

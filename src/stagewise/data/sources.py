@@ -17,7 +17,7 @@ import json
 import re
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,8 @@ class Corpus:
     fingerprint: str  # sha256 of the files' contents and the settings that shape the split
 
 
-def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path | None = None) -> Corpus:
+def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path | None = None,
+                scans: Mapping[Path, Scan] | None = None) -> Corpus:
     """Read `cfg.train` and `cfg.val`. Without `cfg.val`, `val_fraction` is held out: of the
     rows, drawn by `seed`, when every source is a table (the rows a task stage on the same file
     holds out); else the last `val_fraction` of the characters.
@@ -62,10 +63,11 @@ def load_corpus(cfg: DataConfig, plan_dir: Path, *, seed: int, cache_dir: Path |
     `cache_dir` is where `datasets` keeps hub downloads (None: its default, under HF_HOME).
     Local text and parquet files are parsed in a scratch directory and not cached: `datasets`
     would key that cache on file mtimes, and a stale copy under a new content fingerprint would
-    poison the token cache; callers cache the tokens instead.
+    poison the token cache; callers cache the tokens instead. `scans`: the files' scans made by
+    source_digest, so that no file is read twice before it is encoded.
     """
     with data_file_keys(cfg, plan_dir):
-        return _load_corpus(cfg, plan_dir, seed, cache_dir)
+        return _load_corpus(cfg, plan_dir, seed, cache_dir, scans or {})
 
 
 @contextmanager
@@ -93,16 +95,17 @@ def _key_of(file_where: str, cfg: DataConfig, plan_dir: Path) -> str | None:
     return None
 
 
-def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None) -> Corpus:
+def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None,
+                 scans: Mapping[Path, Scan]) -> Corpus:
     assert cfg.train is not None, "a mix is read source by source (data.mixture)"
     train_sources = _resolve(cfg.train, plan_dir, "data.train")
-    train, train_digests = _documents(train_sources, cfg, cache_dir, split="train")
+    train, train_digests = _documents(train_sources, cfg, cache_dir, scans, split="train")
     split = _split(train_sources, cfg, seed)
     val_sources: list[Path | str] = []
     val_digests: list[bytes] = []
     if split is None:
         val_sources = _resolve(cfg.val, plan_dir, "data.val")  # type: ignore[arg-type]
-        val, val_digests = _documents(val_sources, cfg, cache_dir, split="validation")
+        val, val_digests = _documents(val_sources, cfg, cache_dir, scans, split="validation")
     elif split["by"] == "rows":
         train, val = _split_by_rows(train, cfg.val_fraction, seed, where=str(train_sources[0]))
     else:
@@ -154,19 +157,25 @@ def _split_by_characters(docs: Documents, val_fraction: float) -> tuple[Document
     return docs.split_at(cut)
 
 
-def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int) -> str | None:
+def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int, scans: dict[Path, Scan]) -> str | None:
     """A digest of the data settings and the raw bytes of every local file: when it matches a
-    prepared corpus, the files need not be parsed again. None for hub sources (no bytes to hash)."""
+    prepared corpus, the files need not be parsed again. None for hub sources (no bytes to hash).
+    `scans` is given the scans of text and parquet files, checked as load_corpus checks them, for
+    load_corpus to use."""
     assert cfg.train is not None, "a mix is read source by source (data.mixture)"
     train = _resolve(cfg.train, plan_dir, "data.train")
     val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):
         return None
     reader = _table_reader([*train, *val], cfg)
+    for path in (*train, *val):
+        assert isinstance(path, Path)
+        fmt = _format_of(path, cfg.format)
+        scans[path] = scan_text(path) if fmt in _TABLES else _checked_scan(path, fmt)
     parts = [cfg.model_dump_json().encode(), json.dumps(_split(train, cfg, seed)).encode(),
              *([json.dumps(reader).encode()] if reader else []),
-             b"train", *(scan_text(p).digest for p in train),  # type: ignore[arg-type]
-             b"val", *(scan_text(p).digest for p in val)]  # type: ignore[arg-type]
+             b"train", *(scans[p].digest for p in train),  # type: ignore[index]
+             b"val", *(scans[p].digest for p in val)]  # type: ignore[index]
     return _digest(*parts).hex()
 
 
@@ -196,7 +205,7 @@ def _format_of(source: Path | str, forced: str) -> str:
     return _EXTENSIONS.get(source.suffix.lower(), "text") if forced == "auto" else forced
 
 
-def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | None,
+def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | None, scans: Mapping[Path, Scan],
                split: str) -> tuple[Documents, list[bytes]]:
     """Every source's documents in order (text files are read later, piece by piece), and a
     digest of each source's content."""
@@ -219,7 +228,7 @@ def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | Non
                 docs.append(Texts(_table_documents(path, text, _TABLES[fmt], cfg.field), str(path)))
             continue
         for path in paths:
-            scan = _checked_scan(path, fmt)
+            scan = scans[path] if path in scans else _checked_scan(path, fmt)
             digests.append(scan.digest)
             if fmt == "text":
                 # One document per file, read as datasets' text builder (sample_by: document) reads

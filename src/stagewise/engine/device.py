@@ -17,12 +17,12 @@ import os
 import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from stagewise.data.cores import omp_threads, physical_cores
 from stagewise.engine.cpu_load import busy_cores
 from stagewise.errors import UserError
 from stagewise.plan.stage_settings import stage_ramp
@@ -169,27 +169,6 @@ def resolve_compile(plan: Plan, device: torch.device, model: torch.nn.Module | N
 
 # ----------------------------------------------------------------------------------- threads
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyperthreads of one core count once:
-    a second thread per core adds little to matmuls and contends for the same units)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores: set[tuple[str, str]] = set()
-    try:
-        processor = ""
-        physical = ""
-        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "processor":
-                processor, physical = value, ""
-            elif key == "physical id":
-                physical = value
-            elif key == "core id" and processor.isdigit() and int(processor) in allowed:
-                cores.add((physical, value))
-    except OSError:
-        pass
-    return len(cores) or len(allowed) or 1
-
-
 def pick_threads(value: int | str, omp_num_threads: str | None, cores: int, busy: float) -> int:
     """The plan's `threads` (N | auto). auto: OMP_NUM_THREADS when set to a positive integer,
     else `cores` less each core other processes keep at least half busy, and at least one.
@@ -201,8 +180,8 @@ def pick_threads(value: int | str, omp_num_threads: str | None, cores: int, busy
     on 1."""
     if value != "auto":
         return int(value)
-    if omp_num_threads is not None and omp_num_threads.strip().isdigit() and int(omp_num_threads) >= 1:
-        return int(omp_num_threads)
+    if (omp := omp_threads(omp_num_threads)) is not None:
+        return omp
     return max(1, min(cores, cores - int(busy + 0.5)))
 
 
