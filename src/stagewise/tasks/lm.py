@@ -220,8 +220,8 @@ class CausalLMSpec(TaskSpec):
     takes_adapters = True
     mixes = True
     data_keys = frozenset({"field"})
-    formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
-    reads = "text files"
+    formats = ("auto", "text", "json", "csv", "tsv", "parquet", "tokens")  # read by data.sources, data.token_files
+    reads = "text or token files"
     counts = "tokens"
     builtin = LM_MODELS
 
