@@ -314,9 +314,15 @@ def _hub_documents(spec: str, field: str | int, cache_dir: Path | None, split: s
 
 
 def _column(ds: datasets.Dataset, field: str | int, where: str) -> list[str]:
+    """The column's strings, held in memory: up to data.tables' limit (a hub dataset has no file
+    size to check first; the column's Arrow size is known before it is read)."""
     if field not in ds.column_names:
         raise UserError(where, f"no column '{field}' (columns: {', '.join(ds.column_names)}); "
                                "set data.field")
+    size = ds.data.column(field).nbytes
+    if size > tables.MAX_BYTES:
+        raise UserError(where, f"{size / 2**20:.0f} MiB in column '{field}': hub and parquet data are read whole, up "
+                               f"to {tables.MAX_BYTES >> 20} MiB; save the text as .txt files (read piece by piece)")
     values = ds[field][:]  # decoded values: a column of mixed JSON types comes back as such
     for row, value in enumerate(values, start=1):
         if not isinstance(value, str):
