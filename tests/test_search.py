@@ -351,3 +351,26 @@ def test_a_search_says_how_many_trials_are_done_when_one_still_runs(tmp_path: Pa
     result = search(plan, options, console)
     assert [r.state for r in result.rows] == ["running"]
     assert "0 of 1 trials done, 1 running" in (tmp_path / "console.txt").read_text()
+
+
+def test_best_yaml_checks_and_trains_where_it_is_written(tmp_path: Path, corpus: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan names its data relative to its own folder; best.yaml lies in another one."""
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "text").mkdir()
+    (plans / "text" / "corpus.txt").write_bytes(corpus.read_bytes())
+    mix = {"mix": [{"name": "text", "train": "text/*.txt", "weight": 1.0}]}
+    plan = write_plan(plans, tiny_plan(Path("text/corpus.txt"), [TWO_STAGES[0], {**TWO_STAGES[1], "data": mix}]))
+    out = tmp_path / "elsewhere" / "search"
+    search(plan, SearchOptions(space=_space(tmp_path, SPACE), trials=1, out=out),
+           Console(width=200, file=open(tmp_path / "console.txt", "w")))
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the plan's folder nor best.yaml's
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["data"]["train"] == "../../plans/text/corpus.txt"
+    assert best["stages"][1]["data"]["mix"][0]["train"] == "../../plans/text/*.txt"
+    assert main(["check", str(out / "best.yaml")]) == 0
+    assert main(["train", str(out / "best.yaml"), "--out", "best-run", "--cache", str(out / ".cache")]) == 0
+    # the same files and values as the best trial: the same stage keys, so both stages are reused
+    assert [e["stage"] for e in read_jsonl(Path("best-run/events.jsonl")) if e["event"] == "stage_reused"] \
+        == ["stable", "cooldown"]

@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from stagewise.plan.relocate import relocated
 from stagewise.tuning.space import with_params
 
 SETTINGS = "search.json"  # in the search directory: what it searches and where its study is
@@ -78,16 +79,17 @@ def best_trial(study: Any) -> Any | None:
 
 
 def write_best(out: Path, raw: dict[str, Any], plan_path: Path, study: Any) -> Path | None:
-    """The best trial's plan: the plan with its values put in (paths in it stay relative to the
-    plan's directory, as the header says)."""
+    """The best trial's plan: the plan with its values put in, its relative paths rewritten to
+    name the same files from `out`, so that `stagewise check/train OUT/best.yaml` run as they are."""
     best = best_trial(study)
     if best is None:
         return None
     path = out / BEST
     header = (f"# best of search '{study.study_name}': trial {best.number}, value {best.value:.6g}\n"
-              f"# the plan {plan_path} with {json.dumps(best.params)}; relative paths are relative to "
-              f"{plan_path.parent.resolve()}\n")
-    path.write_text(header + yaml.safe_dump(with_params(raw, best.params), sort_keys=False), encoding="utf-8")
+              f"# the plan {plan_path} with {json.dumps(best.params)}; its relative paths are rewritten "
+              "relative to this file's folder\n")
+    plan = relocated(with_params(raw, best.params), plan_path.parent, out)
+    path.write_text(header + yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
     return path
 
 
