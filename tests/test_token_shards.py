@@ -109,7 +109,7 @@ from stagewise.data import cache, documents, token_shards
 from stagewise.data.prepared_data import prepare_data
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import TokenizerConfig
-documents.PIECE_CHARS, cache.BATCH_CHARS, token_shards.SHARD_BYTES = 4096, 1 << 14, 1 << 14
+documents.PIECE_CHARS, cache.BATCH_CHARS, token_shards.SHARD_BYTES = 4096, 1 << 14, 1 << 13
 prepare_data(DataConfig(train=sys.argv[1]), TokenizerConfig(kind="byte"), Path("/"), Path(sys.argv[2]), seed=0)
 """
 
@@ -118,7 +118,7 @@ def test_a_killed_sharded_preparation_leaves_no_shards_and_the_next_one_is_whole
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = tmp_path / "corpus.txt"
     line = "a few words of text, and then some more of them on a line\n"
-    corpus.write_text(line * 50_000, encoding="utf-8")  # 3 MB: ~180 shards of 16 KiB
+    corpus.write_text(line * 20_000, encoding="utf-8")  # 1.2 MB: ~140 shards of 8 KiB
     tokens = tmp_path / "cache" / "tokens"
     proc = subprocess.Popen([sys.executable, "-c", KILLED, str(corpus), str(tmp_path / "cache")],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -129,7 +129,7 @@ def test_a_killed_sharded_preparation_leaves_no_shards_and_the_next_one_is_whole
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p for p in tokens.iterdir() if not p.name.startswith(".")] == []  # only hidden temporary files
-    monkeypatch.setattr(token_shards, "SHARD_BYTES", 1 << 14)
+    monkeypatch.setattr(token_shards, "SHARD_BYTES", 1 << 13)
     p = prepare_data(DataConfig(train=str(corpus)), TokenizerConfig(kind="byte"), Path("/"), tmp_path / "cache",
                      seed=0)
     assert isinstance(p.train, ShardedTokens)
