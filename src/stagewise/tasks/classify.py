@@ -27,7 +27,6 @@ from stagewise.config.plan_config import ModelConfig, Plan
 from stagewise.config.stage_config import StageConfig
 from stagewise.data.tables import Field
 from stagewise.data.tokenizers import eos_id, warn_unknown
-from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
 from stagewise.tasks.base import ExampleTask, Task
 from stagewise.tasks.batches import split_records
@@ -158,8 +157,8 @@ class ClassifyTask(ExampleTask):
 
 class ClassifySpec(TaskSpec):
     name = "classify"
-    builtin = {"bigru": BiGRUClassifier}
     family = "classify"
+    arch_kind = "classify"
     heads_on_lm = True
     metrics = ("val_loss", "train_loss", "val_accuracy", "val_macro_f1")
     selectable = decoded = SCORES
@@ -224,7 +223,7 @@ class ClassifySpec(TaskSpec):
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         if setup.lm_based:
-            save_lm(setup, lm_tokenizer, out)
+            save_lm(setup, lm_tokenizer, model_cfg, out)
         elif not self.is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.tokenizer), out)
         else:

@@ -183,8 +183,8 @@ SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with 
 
 class Seq2SeqSpec(TaskSpec):
     name = "seq2seq"
-    builtin = {"transformer": TransformerSeq2Seq}
     family = "seq2seq"
+    arch_kind = "seq2seq"
     metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
     selectable = TEXT_METRICS
     decoded = DECODED

@@ -36,7 +36,7 @@ from stagewise.tasks.batches import split_records
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_sft, targets
 from stagewise.tasks.export import TrainedStage
-from stagewise.tasks.lm import LM_MODELS, continue_text, lm_stop, load_causal_lm, save_lm, stage_template
+from stagewise.tasks.lm import continue_text, lm_stop, load_causal_lm, save_lm, stage_template
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
 from stagewise.tasks.readers import Records, read_prompt_completion
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, data_files
@@ -191,6 +191,7 @@ class SftTask(ExampleTask):
 class SftSpec(TaskSpec):
     name = "sft"
     family = LM_FAMILY
+    arch_kind = LM_FAMILY
     samples = True
     metrics = ("val_loss", "val_ppl", "train_loss")
     selectable = TEXT_METRICS  # of greedy replies to the validation prompts
@@ -199,7 +200,6 @@ class SftSpec(TaskSpec):
     formats = ("auto", "json")
     reads = "JSONL files"
     default_max_len = MAX_LEN
-    builtin = LM_MODELS
 
     def plan_corpus(self, cfg: DataConfig, plan_dir: Path, seed: int, template: ChatTemplate) -> Corpus | None:
         """The examples as the model reads them (prompt + completion), split as prepare splits them:
@@ -237,7 +237,7 @@ class SftSpec(TaskSpec):
                        tuple(cfg.eval.metrics or ()), self.max_len(data_cfg))
 
     def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
-        save_lm(setup, lm_tokenizer, out)
+        save_lm(setup, lm_tokenizer, model_cfg, out)
 
     def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
         return continue_text(stage, prompt, opts)

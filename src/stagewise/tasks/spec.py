@@ -20,7 +20,7 @@ from torch import nn
 
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig, Plan
-from stagewise.config.registry import TASKS
+from stagewise.config.registry import TASKS, arch_model
 from stagewise.config.stage_config import EvalConfig, StageConfig
 from stagewise.errors import UserError
 
@@ -164,6 +164,8 @@ class TaskSpec(ABC):
     unit: ClassVar[str] = "examples"  # what a stage's size counts: "tokens" or "examples"
     # Tasks of one family train the same model, one after the other (causal_lm and sft: a causal LM).
     family: ClassVar[str]
+    # The kind of model its stagewise-built archs are (config.registry.ARCHS): causal_lm, classify, tag, seq2seq.
+    arch_kind: ClassVar[str]
     heads_on_lm: ClassVar[bool] = False  # can put a new head on a causal LM (classify: ULMFiT)
     samples: ClassVar[bool] = False  # the plan's `sample` continues a prompt with its model
     metrics: ClassVar[tuple[str, ...]]  # what it reports unless `eval.metrics` says otherwise
@@ -181,11 +183,11 @@ class TaskSpec(ABC):
     counts: ClassVar[str] = "examples"  # what `evaluate` counts
     label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
     beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
-    builtin: ClassVar[dict[str, type[nn.Module]]] = {}  # its own models by `model.arch` (tasks.models)
 
     def is_builtin(self, cfg: ModelConfig) -> bool:
-        """The plan's model is one of this task's own (not a transformers one)."""
-        return cfg.arch in self.builtin
+        """The plan's model is one stagewise builds for this task (config.registry.ARCHS), not a
+        transformers one."""
+        return arch_model(cfg.arch, self.arch_kind) is not None
 
     # --- the plan --------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from torch.nn import functional as F
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig
 from stagewise.config.stage_config import StageConfig
-from stagewise.models.bigru import BiGRUTagger
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.batches import split_records
 from stagewise.tasks.classify import logits_of
@@ -133,8 +132,8 @@ class TagTask(ExampleTask):
 
 class TagSpec(TaskSpec):
     name = "tag"
-    builtin = {"bigru": BiGRUTagger}
     family = "tag"
+    arch_kind = "tag"
     metrics = ("val_loss", "train_loss", "val_span_f1")
     selectable = decoded = ("span_f1",)
     data_keys = frozenset({"max_len"})

@@ -248,6 +248,7 @@ class UserTask(ExampleTask):
 class UserTaskSpec(TaskSpec):
     name = TASK
     family = TASK
+    arch_kind = TASK
     metrics = ("val_loss", "train_loss")
     data_keys = frozenset()
     reads = "the rows passed from Python"
