@@ -21,6 +21,8 @@ from conftest import tiny_plan, write_plan
 TASK_FILE = '''
 from pathlib import Path
 
+from dataclasses import replace
+
 from stagewise.tasks.classify import ClassifySpec
 from stagewise.tasks.spec import register_task
 
@@ -30,8 +32,7 @@ Path(__file__).with_suffix(".imported").touch()  # proof of the import, for the 
 @register_task
 class Sentiment(ClassifySpec):  # a classifier with its own name and metrics
     name = "sentiment"
-    family = "sentiment"
-    metrics = ("val_loss", "train_loss", "val_accuracy")
+    traits = replace(ClassifySpec.traits, family="sentiment", metrics=("val_loss", "train_loss", "val_accuracy"))
 '''
 
 ARCH_FILE = '''

@@ -132,7 +132,7 @@ class ArchModel:
 @dataclass(frozen=True)
 class ArchEntry:
     """A model architecture stagewise builds itself (`model.arch`; any other arch is a transformers
-    model type): its model of each kind a task may build (TaskSpec.arch_kind: causal_lm, a causal
+    model type): its model of each kind a task may build (TaskTraits.arch_kind: causal_lm, a causal
     LM, trained by causal_lm and sft; classify, a sequence classifier; tag, a token classifier;
     seq2seq, an encoder-decoder)."""
 

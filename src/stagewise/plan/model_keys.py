@@ -45,7 +45,7 @@ def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
     keys = cfg.size_keys()
     vocab = keys.get("vocab_size") or plan.tokenizer.vocab_size or 256
     if cfg.arch in ARCHS:  # a model stagewise builds
-        model = arch_model(cfg.arch, task_spec(plan.stages[0].task).arch_kind)  # the first stage's task builds it
+        model = arch_model(cfg.arch, task_spec(plan.stages[0].task).traits.model_kind)  # the first stage's task builds it
         if model is None:  # not a model of that task: said by the task when it builds
             return
         unknown_settings(cfg.arch, model, keys)

@@ -35,6 +35,7 @@ from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.models import build_builtin
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, task_spec
+from stagewise.tasks.traits import TaskTraits
 
 # Inductor options of the compiled loss module. cpp.use_decompose_tanh: tanh as 2 / (1 + exp(-2x)) - 1
 # on CPU instead of Sleef's tanh, which cost a 2-core CPU (1 thread) ~24% of a bf16 GPT-2 step in
@@ -208,21 +209,15 @@ def evaluate_text(stage: TrainedStage, path: Path, batch_size: int = 16) -> tupl
     return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None}, y.numel()
 
 
-class CausalLMSpec(TaskSpec):
+class CausalLMSpec(TaskSpec[PreparedData | MixedData]):
     name = "causal_lm"
-    unit = "tokens"
-    family = LM_FAMILY
-    arch_kind = LM_FAMILY
-    samples = True
-    metrics = ("val_loss", "val_ppl", "train_loss")
-    takes_adapters = True
-    mixes = True
-    data_keys = frozenset({"field"})
-    formats = ("auto", "text", "json", "csv", "tsv", "parquet", "tokens")  # read by data.sources, data.token_files
-    reads = "text or token files"
-    counts = "tokens"
+    traits = TaskTraits(family=LM_FAMILY, metrics=("val_loss", "val_ppl", "train_loss"), data_keys=frozenset({"field"}),
+                        reads="text or token files", arch_kind=LM_FAMILY, unit="tokens", samples=True,
+                        takes_adapters=True, mixes=True, counts="tokens",
+                        # read by data.sources and data.token_files
+                        formats=("auto", "text", "json", "csv", "tsv", "parquet", "tokens"))
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[PreparedData | MixedData, str]:
         if inp.own and inp.config.mix is None:
             raise UserError(inp.where, "a causal_lm stage reads the plan's data (the tokenizer is trained on it), "
                                        "or a mix of sources: data.mix")
@@ -233,14 +228,15 @@ class CausalLMSpec(TaskSpec):
             return mixed, mixed.fingerprint
         return inp.lm_data, inp.lm_data.fingerprint
 
-    def n_train(self, data: Any) -> int:
+    def n_train(self, data: PreparedData | MixedData) -> int:
         return data.n_train if isinstance(data, MixedData) else len(data.train)
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[PreparedData | MixedData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return LanguageModelTask(setup.model, device, autocast, setup.data, compile)
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+    def save(self, setup: StageSetup[PreparedData | MixedData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig,
+             out: Path) -> None:
         save_lm(setup, lm_tokenizer, model_cfg, out)
 
     def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
@@ -250,7 +246,7 @@ class CausalLMSpec(TaskSpec):
         return evaluate_text(stage, path)
 
 
-def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+def save_lm(setup: StageSetup[Any], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
     """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them; a
     causal LM's tokenizer with the plan's chat template (`apply_chat_template` renders
     conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`.

@@ -28,7 +28,7 @@ def root_model(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int],
                                             "loads causal LMs)")
     if not task.is_builtin(cfg):
         families = ARCHS[arch].models if arch in ARCHS else {}
-        others = [t.name for t in TASKS.values() if t.arch_kind in families]
+        others = [t.name for t in TASKS.values() if t.traits.model_kind in families]
         if others:
             raise UserError("model.arch", f"'{arch}' is a model for {' and '.join(others)}, not {task.name}")
         return transformers_model(arch, cfg.size_keys())
@@ -38,7 +38,7 @@ def root_model(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int],
 def build_builtin(cfg: ModelConfig, task: TaskSpec, sizes: dict[str, int]) -> nn.Module:
     """The model `cfg.arch` stagewise builds for `task`, from the plan's settings (checked by
     plan.model_keys) and the data's `sizes`."""
-    model = arch_model(cfg.arch, task.arch_kind)
+    model = arch_model(cfg.arch, task.traits.model_kind)
     assert cfg.arch is not None and model is not None
     check_settings(cfg.arch, model, cfg.size_keys())
     try:
@@ -71,7 +71,7 @@ def check_settings(arch: str, model: ArchModel, keys: dict[str, Any]) -> None:
 
 def builtin_model(arch: str, task: str, sizes: dict[str, int], settings: dict[str, Any]) -> nn.Module:
     """A model stagewise builds, rebuilt from an export's model.json."""
-    model = arch_model(arch, task_spec(task).arch_kind)
+    model = arch_model(arch, task_spec(task).traits.model_kind)
     if model is None:
         raise UserError("model.json", f"arch '{arch}' is not registered for task {task} (a plug-in's: "
                                       "load it with --plugin)")
