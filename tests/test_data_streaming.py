@@ -129,6 +129,46 @@ def test_a_table_past_the_bound_is_one_line(tmp_path: Path, monkeypatch: pytest.
                                  ".txt file").replace("2 MiB", f"{path.stat().st_size / 2**20:.0f} MiB")
 
 
+
+@pytest.mark.parametrize("task", ["classify", "seq2seq", "tag", "sft"])
+def test_task_data_past_the_bound_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """Every task's reader (classification, seq2seq, tagging, SFT) holds its file in memory, up to
+    the tables' bound: past it, one line naming the file."""
+    from stagewise.tasks import readers
+
+    rows = {"classify": ('{"text": "a fine text", "label": "x"}\n', "t.jsonl", lambda p: readers.read_labeled(p, "text", "label")),
+            "seq2seq": ("a source\ta target\n", "t.tsv", lambda p: readers.read_pairs(p, 0, 1)),
+            "tag": ("word\tNOUN\n\n", "t.conll", readers.read_conll),
+            "sft": ('{"prompt": "a", "completion": "b"}\n', "t.jsonl", readers.read_prompt_completion)}
+    row, name, read = rows[task]
+    path = tmp_path / name
+    path.write_text(row * 100, encoding="utf-8")
+    assert len(read(path)) == 100
+    monkeypatch.setattr(tables, "MAX_BYTES", 1000)
+    with pytest.raises(UserError) as caught:
+        read(path)
+    assert str(caught.value).startswith(f"{path}: 0 MiB: tables and parquet files are read whole, up to 0 MiB each")
+
+
+def test_a_hub_dataset_past_the_bound_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub dataset (here a local dataset folder, read by the same datasets.load_dataset call, no
+    network) is held in memory: past the tables' bound, one line before its text is read."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(f'{{"text": "row {i} of the data set"}}\n' for i in range(1000)))
+    cfg = DataConfig(train=f"hub:{folder}", val_fraction=0.1)
+    p = prepare_data(cfg, TokenizerConfig(kind="char"), tmp_path, tmp_path / "c", seed=0)
+    assert len(p.train) + len(p.val) > 20_000  # under the bound: read whole, as before
+    monkeypatch.setattr(tables, "MAX_BYTES", 10_000)
+    with pytest.raises(UserError) as caught:
+        prepare_data(cfg, TokenizerConfig(kind="char"), tmp_path, tmp_path / "c2", seed=0)
+    assert str(caught.value) == (f"data.train: hub:{folder}: 0 MiB in column 'text': hub and parquet data are read "
+                                 "whole, up to 0 MiB; save the text as .txt files (read piece by piece)")
+
+
 CHILD = """
 import resource, sys
 from pathlib import Path

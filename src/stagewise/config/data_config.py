@@ -38,7 +38,7 @@ class DataConfig(DumpsAsBefore):
     standard library directory) or `hub:NAME[:CONFIG]` for a datasets hub name; or, for a
     causal_lm stage, `mix`: a weighted mixture of such sources (data.mixture)."""
 
-    LATER = ("mix",)
+    LATER = ("mix", "dtype")
     train: Path_ | Annotated[list[Path_], Field(min_length=1, max_length=10_000)] | None = None
     """Training files: paths or globs relative to the plan file (`{stdlib}`: the running Python's standard library),
     or `hub:NAME[:CONFIG]`."""
@@ -58,8 +58,10 @@ class DataConfig(DumpsAsBefore):
     """seq2seq: the source column (name or 0-based index; default `source`)."""
     target: Name | Column | None = None
     """seq2seq: the target column (name or 0-based index; default `target`)."""
-    format: Literal["auto", "text", "json", "csv", "tsv", "parquet"] = "auto"
-    """How the files are read; `auto`: by extension."""
+    format: Literal["auto", "text", "json", "csv", "tsv", "parquet", "tokens"] = "auto"
+    """How the files are read; `auto`: by extension (`.bin` and `.npy` are tokens: ids already made)."""
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    """tokens: the type of the ids in `.bin` files (nanoGPT's: uint16); a `.npy` file states its own."""
     max_len: Annotated[int, Field(ge=2, le=2**20)] | None = None
     """Fine-tuning tasks: tokens per example (longer ones are cut)."""
     pack: bool = False

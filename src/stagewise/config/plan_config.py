@@ -66,20 +66,23 @@ class ModelConfig(DumpsAsBefore):
 
 
 class TokenizerConfig(Strict):
-    kind: Literal["char", "byte", "bpe", "word", "pretrained"]
+    kind: Literal["char", "byte", "bpe", "word", "pretrained", "ids"]
     """char, byte, bpe (trained, with vocab_size), word (a word vocabulary for the built-in bigru / transformer
-    models) or pretrained (with path)."""
-    vocab_size: Annotated[int, Field(ge=257, le=2**22)] | None = None
-    """bpe, word: the vocabulary size (word's default: 10000)."""
+    models), pretrained (with path) or ids (token files' ids as they are, with vocab_size)."""
+    vocab_size: Annotated[int, Field(ge=2, le=2**22)] | None = None
+    """bpe (>= 257), word: the vocabulary size (word's default: 10000); ids: the ids the token files may hold."""
     path: Path_ | None = None
-    """pretrained: a directory or hub name."""
+    """pretrained: a directory, a tokenizer.json file or a hub name."""
 
     @model_validator(mode="after")
     def _kind_settings(self) -> TokenizerConfig:
-        if self.kind == "bpe" and self.vocab_size is None:
-            raise PydanticCustomError("setting_error", "required by kind 'bpe'", {"key": "vocab_size"})
-        if self.kind not in ("bpe", "word") and self.vocab_size is not None:
-            raise PydanticCustomError("setting_error", "only for kinds 'bpe' and 'word'", {"key": "vocab_size"})
+        if self.kind in ("bpe", "ids") and self.vocab_size is None:
+            raise PydanticCustomError("setting_error", "required by kind '{kind}'", {"key": "vocab_size", "kind": self.kind})
+        if self.kind not in ("bpe", "word", "ids") and self.vocab_size is not None:
+            raise PydanticCustomError("setting_error", "only for kinds 'bpe', 'word' and 'ids'", {"key": "vocab_size"})
+        if self.kind in ("bpe", "word") and self.vocab_size is not None and self.vocab_size < 257:
+            raise PydanticCustomError("setting_error", "input should be greater than or equal to 257 (the byte "
+                                      "alphabet and end-of-text)", {"key": "vocab_size"})
         if (self.kind == "pretrained") != (self.path is not None):
             raise PydanticCustomError("setting_error", "required by kind 'pretrained' and only by it", {"key": "path"})
         return self

@@ -1,9 +1,10 @@
 """The token stream of a split, tokenized once and memory-mapped from then on.
 
-`cache_dir/KEY.bin` holds the ids (eos between documents); `cache_dir/KEY.json` says its dtype
-and length. The ids are written batch by batch to a temporary file that is renamed when complete,
-and the sidecar is written last, so a run killed mid-write leaves no cache entry (only a hidden
-temporary file, which the next preparation of any key in the folder removes once it is stale).
+`cache_dir/KEY.bin` holds the ids (eos between documents; past data.token_shards.SHARD_BYTES, the
+folder `KEY.shards/` of shards); `cache_dir/KEY.json` says its dtype and length. The ids are
+written batch by batch to temporary files that are renamed when complete, and the sidecar is
+written last, so a run killed mid-write leaves no cache entry (only hidden temporary files, which
+the next preparation of any key in the folder removes once they are stale).
 Memory stays bounded: the documents come as pieces (data.documents), encoded a batch at a time.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +24,14 @@ from tokenizers import Tokenizer
 from stagewise.data.documents import Documents, whole
 from stagewise.data.encoding import encoded
 from stagewise.data.prep_progress import Progress
+from stagewise.data.token_shards import ShardWriter, Tokens, open_shards
 from stagewise.errors import WriteFailed
 
 
-def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str, num_proc: int = 1) -> np.ndarray:
-    """The ids of `docs` joined by eos, as a read-only memmap, encoded by `num_proc` processes
-    (data.encoding). `key` must change whenever the documents or the tokenizer do (the caller
-    passes a fingerprint of both)."""
+def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str, num_proc: int = 1) -> Tokens:
+    """The ids of `docs` joined by eos, as a read-only memmap (or, past one shard, several read as
+    one: data.token_shards), encoded by `num_proc` processes (data.encoding). `key` must change
+    whenever the documents or the tokenizer do (the caller passes a fingerprint of both)."""
     cached = open_token_array(cache_dir, key)
     if cached is not None:
         return cached
@@ -41,23 +44,20 @@ def token_array(docs: Documents, tok: Tokenizer, cache_dir: Path, key: str, num_
     return written
 
 
-def open_token_array(cache_dir: Path, key: str) -> np.ndarray | None:
-    """The complete cache entry `key` as a read-only memmap, or None when there is none."""
+def open_token_array(cache_dir: Path, key: str) -> Tokens | None:
+    """The complete cache entry `key` as a read-only memmap (or shards), or None when there is none."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
         raise ValueError(f"cache key {key!r} is not a plain file name")
     data, sidecar = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
-    meta = _cached(data, sidecar)
-    return None if meta is None else np.memmap(data, dtype=meta["dtype"], mode="r", shape=(meta["length"],))
-
-
-def _cached(data: Path, sidecar: Path) -> dict | None:
-    """The sidecar of a complete cache entry, or None."""
     try:
         meta = json.loads(sidecar.read_text())
-        complete = data.stat().st_size == meta["length"] * np.dtype(meta["dtype"]).itemsize
+        dtype, length, shards = np.dtype(meta["dtype"]), meta["length"], meta.get("shards")
+        if shards is not None:
+            return open_shards(data, dtype, shards) if sum(shards) == length else None
+        complete = data.stat().st_size == length * dtype.itemsize
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return meta if complete else None
+    return np.memmap(data, dtype=dtype, mode="r", shape=(length,)) if complete else None
 
 
 def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path, num_proc: int) -> dict:
@@ -65,23 +65,15 @@ def _write(docs: Documents, tok: Tokenizer, data: Path, sidecar: Path, num_proc:
     data.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(data.parent)
     pieces = docs.pieces() if splits_cleanly(tok) else whole(docs.pieces())
-    length = documents = 0
-    with (tempfile.NamedTemporaryFile(dir=data.parent, prefix=f".{data.name}.", delete=False) as f,
-          Progress(f"tokenizing {data.name}", docs.chars) as progress):
-        try:
-            for chunk in encoded(pieces, tok, dtype, num_proc, docs.chars):
-                chunk.ids.tofile(f)
-                length += len(chunk.ids)
-                documents += chunk.documents
-                progress.advance(chunk.chars)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    if length == 0:
-        os.unlink(f.name)
-        raise ValueError(f"{documents} documents hold no tokens")
-    os.replace(f.name, data)
-    meta = {"dtype": dtype.name, "length": length, "documents": documents}
+    documents = 0
+    with ShardWriter(data, dtype) as out, Progress(f"tokenizing {data.name}", docs.chars) as progress:
+        for chunk in encoded(pieces, tok, dtype, num_proc, docs.chars):
+            out.write(chunk.ids)
+            documents += chunk.documents
+            progress.advance(chunk.chars)
+        if out.length == 0:
+            raise ValueError(f"{documents} documents hold no tokens")
+        meta = {"dtype": dtype.name, "length": out.length, "documents": documents, **out.finish()}
     _write_atomically(sidecar, json.dumps(meta))
     return meta
 
@@ -108,12 +100,13 @@ STALE_SECONDS = 24 * 3600
 
 
 def _remove_stale(folder: Path) -> None:
-    """Temporary files of preparations killed mid-write (a day untouched: none still running)."""
+    """Temporary files (and shard folders) of preparations killed mid-write (a day untouched: none
+    still running)."""
     now = time.time()
     for path in folder.glob(".*.bin.*"):
         try:
             if now - path.stat().st_mtime > STALE_SECONDS:
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         except OSError:
             continue
 

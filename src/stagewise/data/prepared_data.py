@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from stagewise.config.data_config import DataConfig
@@ -27,6 +26,8 @@ from stagewise.data.cache import open_token_array, token_array
 from stagewise.data.documents import Scan
 from stagewise.data.encoding import processes
 from stagewise.data.sources import Corpus, data_file_keys, load_corpus, source_digest
+from stagewise.data.token_files import is_token_data, token_streams
+from stagewise.data.token_shards import Tokens
 from stagewise.data.tokenizers import build_tokenizer
 from stagewise.errors import WriteFailed
 
@@ -38,8 +39,8 @@ BPE_SAMPLE_CHARS = 64 << 20
 @dataclass(frozen=True)
 class PreparedData:
     tokenizer: Tokenizer
-    train: np.ndarray  # token ids, eos between documents (read-only memmap)
-    val: np.ndarray
+    train: Tokens  # token ids, eos between documents (a read-only memmap, or shards read as one)
+    val: Tokens
     fingerprint: str  # of the corpus and the tokenizer
     vocab_size: int
 
@@ -50,7 +51,13 @@ def prepare_data(data: DataConfig, tok_cfg: TokenizerConfig, plan_dir: Path,
     """`seed` draws the validation rows of a table without `data.val` (data.sources). `corpus`:
     the texts, when a task reads the files (tasks.spec.TaskSpec.plan_corpus); else `data.field`
     of the files is read as text. `tokenizer`: encode with it (the plan's, for a stage's own
-    text: data.mixture) instead of building one from `tok_cfg`."""
+    text: data.mixture) instead of building one from `tok_cfg`. Token files already made are read in
+    place (data.token_files)."""
+    if corpus is None and is_token_data(data, plan_dir):
+        with data_file_keys(data, plan_dir):
+            tok, train, val, fingerprint = token_streams(data, tok_cfg, plan_dir, tokenizer)
+        return PreparedData(tokenizer=tok, train=train, val=val, fingerprint=fingerprint,
+                            vocab_size=tok.get_vocab_size())
     scans: dict[Path, Scan] = {}  # each local file is read once before it is encoded
     with data_file_keys(data, plan_dir):
         entry = _entry_path(data, tok_cfg, plan_dir, cache_root, seed, tokenizer, scans) if corpus is None else None

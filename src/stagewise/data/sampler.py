@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from stagewise.data.token_shards import Tokens
+
 
 class WindowSampler:
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+    def __init__(self, tokens: Tokens, block_size: int, batch_size: int, seed: int,
                  shuffle: bool = True) -> None:
         self.windows_per_epoch = (len(tokens) - 1) // block_size
         if self.windows_per_epoch < 1:
@@ -101,7 +103,8 @@ class WindowSampler:
         return np.concatenate(parts)
 
     def _gather(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y of the windows, by one fancy index (a memmap reads only those rows)."""
+        """x, y of the windows, by one fancy index (a memmap reads only those rows; shards are read
+        as one array, so a window across a shard boundary is the same)."""
         starts = windows * self.block_size
         rows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
         ids = torch.from_numpy(rows.astype(np.int64))

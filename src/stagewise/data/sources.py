@@ -38,7 +38,7 @@ HUB_PREFIX = "hub:"
 _TABLES = {"json": "jsonl", "csv": "csv", "tsv": "tsv"}
 # Formats by file extension under `format: auto`: the tables' as data.tables tells them; any other
 # extension (.py, .md, ...) is text.
-_EXTENSIONS = {".txt": "text", ".parquet": "parquet",
+_EXTENSIONS = {".txt": "text", ".parquet": "parquet", ".bin": "tokens", ".npy": "tokens",
                **{suffix: "json" if fmt == "jsonl" else fmt for suffix, fmt in tables.SUFFIXES.items()}}
 # Plan format -> (datasets builder, builder options): what datasets reads (text files are read directly).
 _BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -98,13 +98,13 @@ def _key_of(file_where: str, cfg: DataConfig, plan_dir: Path) -> str | None:
 def _load_corpus(cfg: DataConfig, plan_dir: Path, seed: int, cache_dir: Path | None,
                  scans: Mapping[Path, Scan]) -> Corpus:
     assert cfg.train is not None, "a mix is read source by source (data.mixture)"
-    train_sources = _resolve(cfg.train, plan_dir, "data.train")
+    train_sources = resolve_sources(cfg.train, plan_dir, "data.train")
     train, train_digests = _documents(train_sources, cfg, cache_dir, scans, split="train")
     split = _split(train_sources, cfg, seed)
     val_sources: list[Path | str] = []
     val_digests: list[bytes] = []
     if split is None:
-        val_sources = _resolve(cfg.val, plan_dir, "data.val")  # type: ignore[arg-type]
+        val_sources = resolve_sources(cfg.val, plan_dir, "data.val")  # type: ignore[arg-type]
         val, val_digests = _documents(val_sources, cfg, cache_dir, scans, split="validation")
     elif split["by"] == "rows":
         train, val = _split_by_rows(train, cfg.val_fraction, seed, where=str(train_sources[0]))
@@ -163,8 +163,8 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int, scans: dict[Pat
     `scans` is given the scans of text and parquet files, checked as load_corpus checks them, for
     load_corpus to use."""
     assert cfg.train is not None, "a mix is read source by source (data.mixture)"
-    train = _resolve(cfg.train, plan_dir, "data.train")
-    val = _resolve(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
+    train = resolve_sources(cfg.train, plan_dir, "data.train")
+    val = resolve_sources(cfg.val, plan_dir, "data.val") if cfg.val is not None else []
     if any(isinstance(s, str) for s in (*train, *val)):
         return None
     reader = _table_reader([*train, *val], cfg)
@@ -179,16 +179,17 @@ def source_digest(cfg: DataConfig, plan_dir: Path, *, seed: int, scans: dict[Pat
     return _digest(*parts).hex()
 
 
-def _resolve(patterns: str | list[str], plan_dir: Path, where: str) -> list[Path | str]:
-    """Paths and globs (relative to the plan) to existing files, in order, without repeats;
-    hub names pass through."""
+def resolve_sources(patterns: str | list[str], plan_dir: Path, where: str, folders: bool = False) -> list[Path | str]:
+    """Paths and globs (relative to the plan) to existing files (`folders`: or folders), in order,
+    without repeats; hub names pass through."""
     sources: dict[Path | str, None] = {}  # an ordered set: overlapping globs read a file once
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
         if pattern.startswith(HUB_PREFIX):
             sources[pattern] = None
             continue
         full = _full_path(pattern, plan_dir)
-        matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+        matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True)
+                         if Path(p).is_file() or folders and Path(p).is_dir())
         if not matches:
             raise UserError(where, f"no file matches '{pattern}'")
         sources.update(dict.fromkeys(matches))
@@ -221,6 +222,8 @@ def _documents(sources: list[Path | str], cfg: DataConfig, cache_dir: Path | Non
                 docs.append(Texts(hub_docs, spec))
             continue
         paths = [p for p in run if isinstance(p, Path)]
+        if fmt == "tokens":  # data.token_files reads data that is all token files
+            raise UserError(str(paths[0]), "token files (.bin, .npy) and text cannot be mixed in one split")
         if fmt in _TABLES:
             for path in paths:
                 text = tables.read_text(path)
@@ -320,9 +323,15 @@ def _hub_documents(spec: str, field: str | int, cache_dir: Path | None, split: s
 
 
 def _column(ds: datasets.Dataset, field: str | int, where: str) -> list[str]:
+    """The column's strings, held in memory: up to data.tables' limit (a hub dataset has no file
+    size to check first; the column's Arrow size is known before it is read)."""
     if field not in ds.column_names:
         raise UserError(where, f"no column '{field}' (columns: {', '.join(ds.column_names)}); "
                                "set data.field")
+    size = ds.data.column(field).nbytes
+    if size > tables.MAX_BYTES:
+        raise UserError(where, f"{size / 2**20:.0f} MiB in column '{field}': hub and parquet data are read whole, up "
+                               f"to {tables.MAX_BYTES >> 20} MiB; save the text as .txt files (read piece by piece)")
     values = ds[field][:]  # decoded values: a column of mixed JSON types comes back as such
     for row, value in enumerate(values, start=1):
         if not isinstance(value, str):

@@ -1,4 +1,5 @@
-"""Tokenizers, all as `tokenizers.Tokenizer`s: char, byte, byte-level BPE, or pretrained.
+"""Tokenizers, all as `tokenizers.Tokenizer`s: char, byte, byte-level BPE, pretrained, or ids (the
+ids of token files as they are).
 
 Every tokenizer built here has `<|endoftext|>`, which separates documents in the token stream.
 """
@@ -34,6 +35,9 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str], plan_dir: 
     if cfg.kind == "bpe":
         assert cfg.vocab_size is not None and cfg.vocab_size >= BYTE_LEVEL_MIN_VOCAB  # the schema's bounds
         return _byte_level(cfg.vocab_size, train_texts)
+    if cfg.kind == "ids":
+        assert cfg.vocab_size is not None  # the schema requires it
+        return _ids(cfg.vocab_size)
     assert cfg.path is not None  # the schema requires it for pretrained
     return _pretrained(cfg.path, plan_dir)
 
@@ -67,10 +71,26 @@ def _byte_level(vocab_size: int, texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
+def _ids(vocab_size: int) -> Tokenizer:
+    """Token i is the text "i" (ids of token files made by an unknown tokenizer: generated text
+    shows ids), then <|endoftext|> and <|unk|> (anything else a prompt holds)."""
+    vocab = {**{str(i): i for i in range(vocab_size)}, EOS: vocab_size, UNK: vocab_size + 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([EOS, UNK])
+    return tok
+
+
 def _pretrained(path: str, plan_dir: Path) -> Tokenizer:
-    """A directory with tokenizer.json, another Hugging Face tokenizer directory, or a hub name."""
+    """A directory with tokenizer.json, such a file, another Hugging Face tokenizer directory, or a
+    hub name."""
     local = plan_dir / Path(path).expanduser()
-    if (local / "tokenizer.json").is_file():
+    if local.is_file():
+        try:
+            tok = Tokenizer.from_file(str(local))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception on a file it cannot parse
+            raise UserError("tokenizer.path", f"'{local}' is not a tokenizer file: {e}".splitlines()[0]) from None
+    elif (local / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(str(local / "tokenizer.json"))
     elif local.is_dir() or not path.startswith((".", "/", "~")):
         from transformers import AutoTokenizer  # slow to import; only this kind needs it

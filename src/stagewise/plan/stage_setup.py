@@ -85,7 +85,7 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
         _check_fields({spec}, inp.config, inp.where)
     kind = inp.plan.tokenizer.kind
     if spec.traits.family == LM_FAMILY and kind == "word":
-        raise UserError("tokenizer.kind", f"{spec.name} trains a causal LM: kind char, byte, bpe or pretrained, not word")
+        raise UserError("tokenizer.kind", f"{spec.name} trains a causal LM: kind char, byte, bpe, pretrained or ids, not word")
     if kind != "word" and not inp.lm_based:
         raise UserError("tokenizer.kind", f"the built-in {spec.name} models read words: set kind: word")
     if inp.config.mix is not None and not spec.traits.mixes:

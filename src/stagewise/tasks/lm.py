@@ -211,9 +211,10 @@ def evaluate_text(stage: TrainedStage, path: Path, batch_size: int = 16) -> tupl
 class CausalLMSpec(TaskSpec[PreparedData | MixedData]):
     name = "causal_lm"
     traits = TaskTraits(family=LM_FAMILY, metrics=("val_loss", "val_ppl", "train_loss"), data_keys=frozenset({"field"}),
-                        reads="text files", arch_kind=LM_FAMILY, unit="tokens", samples=True, takes_adapters=True,
-                        mixes=True, formats=("auto", "text", "json", "csv", "tsv", "parquet"),  # read by data.sources
-                        counts="tokens")
+                        reads="text or token files", arch_kind=LM_FAMILY, unit="tokens", samples=True,
+                        takes_adapters=True, mixes=True, counts="tokens",
+                        # read by data.sources and data.token_files
+                        formats=("auto", "text", "json", "csv", "tsv", "parquet", "tokens"))
 
     def prepare(self, inp: StageInput) -> tuple[PreparedData | MixedData, str]:
         if inp.own and inp.config.mix is None:
