@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stagewise.config.data_config import MixSource
@@ -80,13 +81,24 @@ class Run:
     @cached_property
     def state(self) -> str:
         """running (a process holds the run's lock), complete, failed, or interrupted (also a run
-        killed too hard to log it); looked at once, like the logs the Run was loaded with."""
+        killed too hard to log it); lr-find for the folder of a finished LR range test (no
+        training run); looked at once, like the logs the Run was loaded with."""
         if is_training(self.path):
             return "running"
         names = {e.get("event") for e in self.events}
+        if "lr_find" in names and "plan_start" not in names:
+            return "lr-find"
         if "plan_end" in names:
             return "complete"
         return "failed" if "plan_failed" in names else "interrupted"
+
+    @property
+    def lr_found(self) -> str:
+        """What a finished LR range test suggested (its lr_find event)."""
+        found = self._named("lr_find")[-1]
+        shown = [f"{name} {found[key]:.2e}" for name, key in (("minimum / 10", "minimum"), ("steepest", "steep"))
+                 if _finite(found.get(key))]
+        return f"stage '{found.get('stage')}': " + (", ".join(shown) if shown else "no suggestion (no usable descent)")
 
     @property
     def error(self) -> str | None:
@@ -319,7 +331,7 @@ def find_runs(directory: Path) -> list[Run]:
     return sorted(runs, key=lambda r: -r.last_time if r.last_time is not None else math.inf)
 
 
-_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow"}
+_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow", "lr-find": "blue"}
 
 
 def print_runs(console: Console, directory: Path, runs: list[Run], metric: str | None = None) -> None:
@@ -341,10 +353,15 @@ def print_runs(console: Console, directory: Path, runs: list[Run], metric: str |
     for run in runs:
         where = run.path.relative_to(directory)
         bests = [run.best(m) for m in metrics]
-        table.add_row(str(where) if where.parts else run.name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
+        last = "-" if run.last_time is None else when(run.last_time, now)
+        name = str(where) if where.parts else run.name
+        if run.state == "lr-find":  # an LR range test trains no stages: what it suggested instead
+            table.add_row(name, f"[{_STATE_STYLE[run.state]}]lr-find[/] {escape(run.lr_found)}", "-",
+                          *("-" for _ in bests), last)
+            continue
+        table.add_row(name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
                       f"{len(run.done_stages)}/{len(run.planned_stages)}",
-                      *("-" if b is None else f"{b:.4f}" for b in bests),
-                      "-" if run.last_time is None else when(run.last_time, now))
+                      *("-" if b is None else f"{b:.4f}" for b in bests), last)
     console.print(table)
 
 
