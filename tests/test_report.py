@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -244,3 +245,21 @@ def test_check_plot_writes_the_planned_lr_curve(tmp_path: Path, corpus: Path) ->
     (curve,) = ax.get_lines()
     assert list(curve.get_xdata()) == list(range(1, 41))  # update k at step k, as in metrics.jsonl
     assert curve.get_ydata()[0] == pytest.approx(3e-3 / 6) and curve.get_ydata()[-1] == pytest.approx(0.1)
+
+
+def test_the_page_is_titled_by_the_plan_and_shows_regularization_and_short_decisions(tmp_path: Path,
+                                                                                     corpus: Path) -> None:
+    stages = [{**STAGES[0], "regularization": {"l2": 0.01, "dropout": 0.1}},
+              {**STAGES[1], "until": {"plateau": {"patience": 0, "min_delta": 100.0}}, "eval": {"every": 5}}]
+    path = write_plan(tmp_path, tiny_plan(corpus, stages, name="shakespeare"))
+    run = tmp_path / "runs" / "attempt-3"
+    train(prepare(load_plan(path), path, tmp_path / "cache"), run)
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<title>shakespeare</title>" in page and "<h1>shakespeare (attempt-3)</h1>" in page
+    assert "<td>l2=0.01 dropout=0.1</td>" in page  # the first stage's; the second sets none
+    assert page.count("<td>-</td>") >= 1
+    # the decisions table (the plateau's early stop) prints its floats to 4 significant digits
+    decisions = page.split("<h2>Decisions</h2>")[1].split("</table>")[0]
+    floats = re.findall(r"\d+\.\d+", decisions)
+    assert floats and all(len(f.replace(".", "").lstrip("0")) <= 4 for f in floats), decisions

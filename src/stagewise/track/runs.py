@@ -48,6 +48,7 @@ class StageRow:
     seconds: float | None
     best_val_loss: float | None
     status: str  # trained | reused | stopped at step N | not run
+    regularization: str | None = None  # the stage's L1, L2 and dropout, where set
 
 
 @dataclass
@@ -234,7 +235,8 @@ class Run:
                 tokens=end["tokens"] if end is not None and isinstance(end.get("tokens"), int) else
                 per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
                 seconds=end.get("seconds") if end else None,
-                best_val_loss=min(evals) if evals else None, status=status))
+                best_val_loss=min(evals) if evals else None, status=status,
+                regularization=_regularization(planned)))
         return rows
 
     def summaries(self) -> list[StageSummary]:
@@ -291,6 +293,13 @@ def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) ->
     if name is None:
         return None
     return name + (f" lr={lr:.2e}" if isinstance(lr, (int, float)) else "") + (" (carried)" if carried else "")
+
+
+def _regularization(planned: dict[str, Any]) -> str | None:
+    """The stage's penalties and dropout as its plan.yaml sets them (zero and unset left out)."""
+    given = planned.get("regularization") or {}
+    shown = [f"{k}={v:.4g}" for k in ("l1", "l2", "dropout") if isinstance(v := given.get(k), (int, float)) and v]
+    return " ".join(shown) or None
 
 
 def _schedule(planned: dict[str, Any], start: dict[str, Any]) -> str | None:
