@@ -29,7 +29,7 @@ from stagewise.config.plan_config import TokenizerConfig
 from stagewise.data.tokenizers import eos_id
 from stagewise.engine.cpu_load import busy_cores
 from stagewise.models.gpt import GPT
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import SftRows, prepare_sft, sft_loss
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         texts = [json.loads(line)["prompt"] + json.loads(line)["completion"] for line in path.read_text().splitlines()]
         tok = build_tokenizer(TokenizerConfig(kind="char"), texts, Path(tmp))
         eos = eos_id(tok)
-        data = {pack: prepare_sft(path, tok, eos, args.max_len, val_fraction=0.05, pack=pack).train for pack in (False, True)}
+        files = ExampleFiles(path, val_fraction=0.05, max_len=args.max_len)
+        data = {pack: prepare_sft(files, tok, eos, pack=pack).train for pack in (False, True)}
     per_row = len(data[False]) / len(data[True])  # examples a packed row holds on average
     packed_batch = max(1, round(args.batch / per_row))
     torch.manual_seed(0)

@@ -129,3 +129,36 @@ def test_unknown_symbols_of_fine_tuning_data_are_reported_in_one_line(tmp_path: 
     err = capsys.readouterr().err
     assert "warning: stages[1].data: 30 symbols of the 20 sft examples unknown to the tokenizer, encoded as its " \
            "unknown token ('ú' x10, '{' x10, '}' x10)\n" in err, err
+
+
+@pytest.mark.parametrize(("template", "says"), [
+    ("{% for i in range(10**9) %}{% endfor %}", "failed on {data}:1: OverflowError: Range too big. The sandbox blocks"),
+    ("{{ 'ab' * 10**9 }}", "failed on {data}:1: the sandbox blocks strings and lists longer than 1000000"),
+    ("{{ 2**100000000 }}", "failed on {data}:1: the sandbox blocks powers above 1024"),
+    ("{{ messages[0].nope.deeper }}", "failed on {data}:1: 'dict object' has no attribute 'nope'"),
+    ("{{ 1 / 0 }}", "failed on {data}:1: ZeroDivisionError: division by zero"),
+    ("{{ messages[0].content + 1 }}", "failed on {data}:1: TypeError: can only concatenate str"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "failed on {data}:1: RecursionError: maximum recursion"),
+    ("{{ raise_exception('no system role') }}", "failed on {data}:1: no system role"),
+    ("{{ ''.__class__.__mro__ }}", "failed on {data}:1: access to attribute '__class__' of 'str' object is unsafe"),
+    ("{% for m in messages %}{{ m.content }", "not a valid Jinja template: unexpected '}'"),
+], ids=["range", "repeat", "power", "undefined", "zero-division", "type", "recursion", "raise", "unsafe", "syntax"])
+def test_every_chat_template_error_is_one_line_naming_the_plan_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], template: str, says: str) -> None:
+    data = _dialogues(tmp_path / "d.jsonl", 30)
+    path = write_plan(tmp_path, _plan(data, chat_template=template))
+    assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: chat_template: the template {says.format(data=data)}"
+                          if says.startswith("failed") else f"error: {path}: chat_template: {says}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_template_file_that_fails_is_named_with_the_plan_key(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = _dialogues(tmp_path / "d.jsonl", 30)
+    (tmp_path / "t.jinja").write_text("{{ undefined_thing.x }}", encoding="utf-8")
+    path = write_plan(tmp_path, _plan(data, chat_template="t.jinja"))
+    assert main(["check", str(path), "--cache", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: chat_template: the template ({tmp_path / 't.jinja'}) failed on "
+                                       f"{data}:1: 'undefined_thing' is undefined\n")

@@ -8,7 +8,7 @@ from conftest import SHARED, fit
 
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUClassifier
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.classify import classify_loss, evaluate_classify, majority_accuracy, prepare_classify
 
 SMS = SHARED / "sms_spam.tsv"
@@ -24,7 +24,7 @@ def sms_slice(tmp_path_factory: pytest.TempPathFactory):
 
 @needs_sms
 def test_bigru_beats_the_majority_class(sms_slice):
-    data = prepare_classify(sms_slice, text_field=1, label_field=0, val_fraction=0.2, vocab_size=3000, seed=0)
+    data = prepare_classify(ExampleFiles(sms_slice, val_fraction=0.2, seed=0), text_field=1, label_field=0, vocab_size=3000)
     assert data.label_map.labels == ("ham", "spam")
     torch.manual_seed(0)
     model = BiGRUClassifier(num_classes=2, vocab_size=data.tokenizer.get_vocab_size(), embed_dim=32,
@@ -40,7 +40,7 @@ def test_bigru_beats_the_majority_class(sms_slice):
 def test_sampler_resumes_on_the_same_batches(tmp_path):
     path = tmp_path / "t.tsv"
     path.write_text("".join(f"{'ab'[i % 2]}\tword{i} and more {i % 7}\n" for i in range(50)), encoding="utf-8")
-    data = prepare_classify(path, text_field=1, label_field=0, val_fraction=0.2)
+    data = prepare_classify(ExampleFiles(path, val_fraction=0.2), text_field=1, label_field=0)
     one = ExampleSampler(data.train, batch_size=7, seed=3)
     for _ in range(8):  # past the end of the first epoch (40 examples)
         one.next_batch()
@@ -55,7 +55,7 @@ def test_sampler_resumes_on_the_same_batches(tmp_path):
 def test_each_epoch_sees_every_example_once(tmp_path):
     path = tmp_path / "t.tsv"
     path.write_text("".join(f"{'ab'[i % 2]}\tw{i}\n" for i in range(30)), encoding="utf-8")
-    data = prepare_classify(path, text_field=1, label_field=0, val_path=path)
+    data = prepare_classify(ExampleFiles(path, val=path), text_field=1, label_field=0)
     sampler = ExampleSampler(data.train, batch_size=4, seed=0)
     seen = torch.cat([sampler.next_batch()[0][:, 0] for _ in range(sampler.batches_per_epoch())])
     assert sorted(seen.tolist()) == sorted(data.train.input_ids[:, 0].tolist())
@@ -66,14 +66,14 @@ def test_a_validation_label_training_never_saw_names_its_row(tmp_path):
     train.write_text("ham\thello there\nspam\twin money\n", encoding="utf-8")
     val.write_text("ham\thi\neggs\tnot a label\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"val\.tsv:2: .*eggs"):
-        prepare_classify(train, text_field=1, label_field=0, val_path=val)
+        prepare_classify(ExampleFiles(train, val=val), text_field=1, label_field=0)
 
 
 def test_a_split_that_leaves_no_training_records_is_one_line(tmp_path):
     path = tmp_path / "one.tsv"
     path.write_text("ham\thello\n", encoding="utf-8")
     with pytest.raises(UserError, match="one.tsv: .*leaves none for training"):
-        prepare_classify(path, text_field=1, label_field=0, val_fraction=0.5)
+        prepare_classify(ExampleFiles(path, val_fraction=0.5), text_field=1, label_field=0)
 
 
 @pytest.mark.parametrize(("rows", "val"), [(40, 4), (300, 30)])

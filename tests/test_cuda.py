@@ -19,6 +19,7 @@ from stagewise.engine.utilization import device_memory, gpu_peak_flops
 from stagewise.models.build import checkpoint_activations
 from stagewise.models.gpt import GPT
 from stagewise.optim.optimizers import build_optimizer
+from stagewise.tasks.batches import ExampleFiles
 from stagewise.tasks.sft import prepare_sft, sft_loss
 
 pytestmark = pytest.mark.cuda
@@ -68,8 +69,8 @@ def test_activation_checkpointing_lowers_peak_memory_at_the_same_loss() -> None:
 
 def test_packed_rows_give_the_unpacked_loss_on_cuda(tmp_path: Path) -> None:
     path = reversal_file(tmp_path / "r.jsonl", 40)
-    packed = prepare_sft(path, TOK, EOS, max_len=32, val_fraction=0.1, pack=True).train
-    unpacked = prepare_sft(path, TOK, EOS, max_len=32, val_fraction=0.1).train
+    packed = prepare_sft(ExampleFiles(path, val_fraction=0.1, max_len=32), TOK, EOS, pack=True).train
+    unpacked = prepare_sft(ExampleFiles(path, val_fraction=0.1, max_len=32), TOK, EOS).train
     for name, model in _packing_models().items():
         model.to(CUDA).eval().set_attn_implementation("sdpa")
         with torch.no_grad():

@@ -21,7 +21,7 @@ from conftest import tiny_plan, write_plan
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagewise.cli import main
-from stagewise.config.registry import OPTIMIZERS, SCHEDULES, TASKS
+from stagewise.config.registry import ARCHS, OPTIMIZERS, SCHEDULES, TASKS
 from stagewise.engine.callbacks import CALLBACKS
 from stagewise.engine.run_logs import read_jsonl
 from stagewise.plan.load import deep_merge, load_plan, validate_plan
@@ -275,7 +275,7 @@ def test_the_python_snippets_of_a_page_run(page: str, tmp_path: Path, monkeypatc
     root.mkdir()
     (tmp_path / "shared").symlink_to(snippets.SHARED)
     monkeypatch.chdir(root)
-    for registry in (TASKS, OPTIMIZERS, SCHEDULES, CALLBACKS):  # what a page registers stays on that page
+    for registry in (TASKS, ARCHS, OPTIMIZERS, SCHEDULES, CALLBACKS):  # what a page registers stays on that page
         saved = dict(registry)
         request.addfinalizer(lambda registry=registry, saved=saved: (registry.clear(), registry.update(saved)))
     text = (DOCS / page).read_text(encoding="utf-8")

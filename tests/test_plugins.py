@@ -1,6 +1,6 @@
-"""Plug-ins: tasks, optimizers and schedules from outside the package. A file the user names with
---plugin adds a task a plan then trains; without the flag the plan is refused and the file is never
-imported. An installed package adds an optimizer and a schedule through an entry point
+"""Plug-ins: tasks, model architectures, optimizers and schedules from outside the package. A file
+the user names with --plugin adds a task or an architecture a plan then trains; without the flag
+the plan is refused and the file is never imported. An installed package adds an optimizer and a schedule through an entry point
 (importlib.metadata), each with its own settings model: a plan uses them, and their settings are
 checked with the usual one-line errors."""
 
@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import tiny_plan, write_plan
 
 TASK_FILE = '''
 from pathlib import Path
+
+from dataclasses import replace
 
 from stagewise.tasks.classify import ClassifySpec
 from stagewise.tasks.spec import register_task
@@ -29,8 +32,38 @@ Path(__file__).with_suffix(".imported").touch()  # proof of the import, for the 
 @register_task
 class Sentiment(ClassifySpec):  # a classifier with its own name and metrics
     name = "sentiment"
-    family = "sentiment"
-    metrics = ("val_loss", "train_loss", "val_accuracy")
+    traits = replace(ClassifySpec.traits, family="sentiment", metrics=("val_loss", "train_loss", "val_accuracy"))
+'''
+
+ARCH_FILE = '''
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+from torch import nn
+
+from stagewise import register_arch
+from stagewise.config.plan_config import ArchSettings
+
+Path(__file__).with_suffix(".imported").touch()  # proof of the import, for the test
+
+
+class BagSettings(ArchSettings):
+    dim: Annotated[int, Field(ge=1, le=512)] = 16
+    """Width of the word embeddings."""
+
+
+@register_arch("bag", BagSettings, kind="classify")
+class BagOfWords(nn.Module):
+    """The mean of a text's word embeddings (padding left out) -> a linear layer to the classes."""
+
+    def __init__(self, *, num_classes, vocab_size, dim=16):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
+        self.out = nn.Linear(dim, num_classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.embed(input_ids))
 '''
 
 PLUGIN_PACKAGE = '''
@@ -209,3 +242,87 @@ def test_a_plugin_that_fails_to_import_is_one_line(tmp_path: Path, corpus: Path)
                                                     "steps": 2}]))
     done = _stagewise("check", str(path), "--plugin", str(broken))
     assert (done.returncode, done.stderr) == (2, f"error: --plugin {broken}: RuntimeError: this plug-in needs a GPU\n")
+
+
+def _bag_plan(tmp_path: Path, **model: Any) -> tuple[Path, Path]:
+    """A classify plan on the plug-in architecture `bag`, and its labeled file."""
+    labeled = tmp_path / "labeled.tsv"
+    labeled.write_text("".join(f"{'pos' if i % 2 else 'neg'}\tthe film was {'good' if i % 2 else 'bad'} {i}\n"
+                               for i in range(60)), encoding="utf-8")
+    plan = {"name": "plug-arch", "seed": 0, "precision": "fp32", "threads": 1, "model": {"arch": "bag", **model},
+            "tokenizer": {"kind": "word"}, "data": {"train": str(labeled), "field": 1, "label": 0},
+            "stages": [{"name": "s", "task": "classify", "optimizer": {"name": "adam", "lr": 3e-2}, "epochs": 4,
+                        "batch": {"size": 8}, "eval": {"every": 7}}]}
+    return write_plan(tmp_path, plan), labeled
+
+
+def test_an_arch_from_a_file_trains_with_the_opt_in_and_is_refused_without(tmp_path: Path) -> None:
+    arch_file = tmp_path / "elsewhere" / "bag_arch.py"
+    arch_file.parent.mkdir()
+    arch_file.write_text(ARCH_FILE, encoding="utf-8")
+    path, labeled = _bag_plan(tmp_path, dim=8)
+    where = ["--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")]
+
+    refused = _stagewise("train", str(path), *where)
+    assert (refused.returncode, refused.stderr) == (2, f"error: {path}: model.arch: 'bag' is neither a built-in model "
+                                                       "nor a transformers architecture with a sequence-classification "
+                                                       "head\n")
+    assert not arch_file.with_suffix(".imported").exists()  # the plan alone imported nothing
+
+    done = _stagewise("train", str(path), *where, "--plugin", str(arch_file))
+    assert done.returncode == 0, done.stderr
+    evals = _metrics(tmp_path / "run", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_accuracy"] == 1.0  # the words say the label
+    # the export is rebuilt by the plug-in's model
+    evaluated = _stagewise("evaluate", str(tmp_path / "run"), "--data", str(labeled), "--json",
+                           "--plugin", str(arch_file))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"dims": 8}, "model.dims: not a setting of bag (it takes: dim) (did you mean 'dim'?)"),
+    ({"dim": 0}, "model.dim: must be in 1..16,777,216 (got 0)"),
+    ({"dim": 1024}, "model.dim: input should be less than or equal to 512 (got 1024)"),
+    ({"dim": "wide"}, "model.dim: must be an integer (got 'wide')"),
+])
+def test_a_plugin_archs_settings_are_checked_in_one_line(tmp_path: Path, model: dict[str, Any], message: str) -> None:
+    arch_file = tmp_path / "bag_arch.py"
+    arch_file.write_text(ARCH_FILE, encoding="utf-8")
+    path, _ = _bag_plan(tmp_path, **model)
+    done = _stagewise("check", str(path), "--cache", str(tmp_path / "cache"), "--plugin", str(arch_file))
+    assert (done.returncode, done.stderr) == (2, f"error: {path}: {message}\n")
+
+
+def test_an_arch_registered_by_decorator_trains_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stagewise
+    from stagewise.config.plan_config import ArchSettings
+    from stagewise.config.registry import ARCHS
+
+    monkeypatch.setattr(ARCHS, "_entries", dict(ARCHS))  # the test's registration ends with it
+
+    class WideSettings(ArchSettings):
+        width: int = 4
+
+    @stagewise.register_arch("wide", WideSettings, kind="classify")
+    def wide(*, num_classes: int, vocab_size: int, width: int = 4) -> torch.nn.Module:
+        """A linear classifier of the mean word embedding, built by a function."""
+        embed = torch.nn.EmbeddingBag(vocab_size, width, mode="mean", padding_idx=0)
+        return _Classifier(embed, torch.nn.Linear(width, num_classes))
+
+    assert ARCHS["wide"].models["classify"].build is wide
+    path, _ = _bag_plan(tmp_path, width=8)
+    plan = stagewise.Plan.from_yaml(path, overrides=["model.arch=wide"])
+    run = stagewise.train(plan, out=str(tmp_path / "run"), cache=str(tmp_path / "cache"))
+    evals = run.stages["s"].evals
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert run.generate("the film was good 7").startswith("pos")  # the export, rebuilt through the registry
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, embed: torch.nn.Module, out: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed, self.out = embed, out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(self.embed(input_ids))

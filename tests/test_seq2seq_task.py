@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED, fit
 
 from stagewise.models.transformer_seq2seq import TransformerSeq2Seq
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.metrics import bleu, chrf
 from stagewise.tasks.seq2seq import detokenize, evaluate_seq2seq, prepare_seq2seq, seq2seq_loss
 
@@ -26,7 +26,7 @@ def test_detokenize_joins_what_written_text_joins() -> None:
 def test_transformer_beats_copying_the_source(tmp_path: Path) -> None:
     path = tmp_path / "pairs.tsv"
     path.write_text("".join(ENG_FRA.read_text(encoding="utf-8").splitlines(keepends=True)[:1500]), encoding="utf-8")
-    data = prepare_seq2seq(path, 0, 1, val_fraction=0.1, seed=0)
+    data = prepare_seq2seq(ExampleFiles(path, val_fraction=0.1, seed=0), 0, 1)
     sources = [detokenize(data.src_tokenizer.decode(row.tolist(), skip_special_tokens=True)) for row in data.val.src]
     references = list(data.val.references)
     copy_bleu, copy_chrf = bleu(sources, references), chrf(sources, references)

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from stagewise.config.plan_config import ModelConfig
 from stagewise.models.build import build_model
 from stagewise.models.gpt import GPT
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.encode import IGNORE
 from stagewise.tasks.sft import evaluate_sft, prepare_sft, sft_loss
 
@@ -30,7 +30,7 @@ def _gpt(seed: int = 0) -> torch.nn.Module:
 
 
 def test_sft_loss_is_the_mean_over_completion_tokens_only(tmp_path: Path) -> None:
-    data = prepare_sft(reversal_file(tmp_path / "r.jsonl", 20), TOK, EOS, max_len=16, val_fraction=0.2)
+    data = prepare_sft(ExampleFiles(reversal_file(tmp_path / "r.jsonl", 20), val_fraction=0.2, max_len=16), TOK, EOS)
     model = _gpt().eval()
     input_ids, labels = data.train.rows(torch.arange(6))
     logits = model(input_ids=input_ids).logits.float()
@@ -46,7 +46,7 @@ def test_sft_loss_is_the_mean_over_completion_tokens_only(tmp_path: Path) -> Non
 
 
 def test_sft_beats_the_unigram_baseline(tmp_path: Path) -> None:
-    data = prepare_sft(reversal_file(tmp_path / "r.jsonl", 600), TOK, EOS, max_len=16, val_fraction=0.15)
+    data = prepare_sft(ExampleFiles(reversal_file(tmp_path / "r.jsonl", 600), val_fraction=0.15, max_len=16), TOK, EOS)
     targets = data.train.labels[data.train.labels != IGNORE]
     probs = torch.bincount(targets, minlength=TOK.get_vocab_size()).float() / targets.numel()
     val_targets = data.val.labels[data.val.labels != IGNORE]
@@ -89,8 +89,8 @@ def test_packed_rows_give_the_unpacked_loss(tmp_path: Path, attention: str) -> N
     token's loss in a packed batch is its loss unpacked (so is sft_loss, their mean); without the
     position ids (plain packing) it is not."""
     path = reversal_file(tmp_path / "r.jsonl", 40)
-    packed = prepare_sft(path, TOK, EOS, max_len=32, val_fraction=0.1, pack=True).train
-    unpacked = prepare_sft(path, TOK, EOS, max_len=32, val_fraction=0.1).train
+    packed = prepare_sft(ExampleFiles(path, val_fraction=0.1, max_len=32), TOK, EOS, pack=True).train
+    unpacked = prepare_sft(ExampleFiles(path, val_fraction=0.1, max_len=32), TOK, EOS).train
     assert len(packed) < len(unpacked) // 2 and packed.position_ids is not None
     for name, model in _packing_models().items():
         model.eval().set_attn_implementation(attention)

@@ -77,8 +77,8 @@ def test_every_task_is_declared_by_its_own_module() -> None:
     for name, spec in TASKS.items():
         module = inspect.getmodule(type(spec))
         assert spec.name == name and module is not None and module.__name__.startswith("stagewise.tasks.")
-        assert "val_loss" in spec.metrics and "train_loss" in spec.metrics and spec.unit in ("tokens", "examples")
-    assert {n for n, s in TASKS.items() if s.family == TASKS["causal_lm"].family} == {"causal_lm", "sft"}
+        assert "val_loss" in spec.traits.metrics and "train_loss" in spec.traits.metrics and spec.traits.unit in ("tokens", "examples")
+    assert {n for n, s in TASKS.items() if s.traits.family == TASKS["causal_lm"].traits.family} == {"causal_lm", "sft"}
 
 
 def _l1_strengths(monkeypatch: pytest.MonkeyPatch) -> list[float]:
@@ -142,12 +142,13 @@ def test_a_new_task_needs_only_its_module_and_the_registry(tmp_path: Path, corpu
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A task declared outside stagewise's own modules, put in the registry, is validated,
     resolved, trained and exported like the built-in ones: nothing else names tasks."""
+    from dataclasses import replace
+
     from stagewise.tasks.classify import ClassifySpec
 
     class Sentiment(ClassifySpec):  # a "new task module": a classifier with its own name and metrics
         name = "sentiment"
-        family = "sentiment"
-        metrics = ("val_loss", "train_loss", "val_accuracy")
+        traits = replace(ClassifySpec.traits, family="sentiment", metrics=("val_loss", "train_loss", "val_accuracy"))
 
     monkeypatch.setitem(TASKS, "sentiment", Sentiment())
     labeled = tmp_path / "labeled.tsv"

@@ -11,13 +11,13 @@ from conftest import conll_file, fit
 
 from stagewise.errors import UserError
 from stagewise.models.bigru import BiGRUTagger
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.metrics import span_f1
 from stagewise.tasks.tag import evaluate_tag, prepare_tag, tag_loss
 
 
 def test_bigru_tagger_finds_spans_by_context(tmp_path: Path) -> None:
-    data = prepare_tag(conll_file(tmp_path / "train.conll", 400, 0), val_path=conll_file(tmp_path / "val.conll", 80, 1))
+    data = prepare_tag(ExampleFiles(conll_file(tmp_path / "train.conll", 400, 0), val=conll_file(tmp_path / "val.conll", 80, 1)))
     gold = [[data.tag_map.decode(t) for t in row[row != -100].tolist()] for row in data.val.tags]
     assert span_f1([["O"] * len(g) for g in gold], gold) == 0.0  # the trivial tagger
     torch.manual_seed(0)
@@ -32,4 +32,4 @@ def test_a_validation_tag_training_never_saw_names_its_line(tmp_path: Path) -> N
     train.write_text("Bob B-PER\nran O\n", encoding="utf-8")
     val.write_text("Bob B-PER\n\nin O\nRome B-LOC\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"val\.conll:4: .*B-LOC"):
-        prepare_tag(train, val_path=val)
+        prepare_tag(ExampleFiles(train, val=val))

@@ -81,6 +81,6 @@ def test_a_rule_reads_a_selected_metric_and_the_run_logs_only_those(tmp_path: Pa
 
 def test_every_task_declares_what_eval_metrics_may_select() -> None:
     for spec in TASKS.values():
-        assert set(spec.decoded) <= set(spec.selectable)
-        assert all(f"val_{m}" in spec.metrics for m in spec.decoded)
-    assert {"rouge1", "exact_match", "token_f1"} <= set(TASKS["sft"].selectable) & set(TASKS["seq2seq"].selectable)
+        assert set(spec.traits.decoded) <= set(spec.traits.selectable)
+        assert all(f"val_{m}" in spec.traits.metrics for m in spec.traits.decoded)
+    assert {"rouge1", "exact_match", "token_f1"} <= set(TASKS["sft"].traits.selectable) & set(TASKS["seq2seq"].traits.selectable)

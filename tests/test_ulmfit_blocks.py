@@ -14,7 +14,7 @@ from stagewise.data.tokenizers import build_tokenizer, eos_id
 from stagewise.models.build import build_model
 from stagewise.models.heads import classifier_from_lm
 from stagewise.optim.layers import discriminative_scales, layer_groups, set_trainable, unfrozen_count
-from stagewise.tasks.batches import ExampleSampler
+from stagewise.tasks.batches import ExampleFiles, ExampleSampler
 from stagewise.tasks.classify import classify_loss, evaluate_classify, majority_accuracy, prepare_classify
 from stagewise.tasks.readers import read_labeled
 
@@ -43,7 +43,7 @@ def test_lm_backbone_classifier_with_gradual_unfreezing_beats_the_majority(tmp_p
         loss.backward()
         optimizer.step()
 
-    data = prepare_classify(path, 1, 0, val_fraction=0.2, seed=0, tokenizer=tok, pad_id=eos, max_len=64)
+    data = prepare_classify(ExampleFiles(path, val_fraction=0.2, seed=0, max_len=64), 1, 0, tokenizer=tok, pad_id=eos)
     model, carried = classifier_from_lm(lm, len(data.label_map), eos, "stages[1]")
     assert carried == len(lm.transformer.state_dict())
     groups = layer_groups(model)

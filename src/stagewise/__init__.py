@@ -31,19 +31,26 @@ _EXPORTS = {
     "StepState": "stagewise.engine.callbacks",
     "register_callback": "stagewise.engine.callbacks",
     "CALLBACKS": "stagewise.engine.callbacks",
+    "register_arch": "stagewise.config.registry",
+    "register_optimizer": "stagewise.config.registry",
+    "register_schedule": "stagewise.config.registry",
+    "register_task": "stagewise.tasks.spec",
     "UserError": "stagewise.errors",
     "RunStopped": "stagewise.errors",
 }
 
 __all__ = ["CALLBACKS", "Callback", "Checked", "Plan", "Run", "RunStopped", "StageResult", "StepState", "UserError",
-           "__version__", "check", "lr_find", "open_run", "register_callback", "search", "train"]
+           "__version__", "check", "lr_find", "open_run", "register_arch", "register_callback", "register_optimizer",
+           "register_schedule", "register_task", "search", "train"]
 
 if TYPE_CHECKING:
     from stagewise.api.calls import Checked, check, lr_find, open_run, search, train
     from stagewise.api.run_handle import Run, StageResult
     from stagewise.api.user_plan import Plan
+    from stagewise.config.registry import register_arch, register_optimizer, register_schedule
     from stagewise.engine.callbacks import CALLBACKS, Callback, StepState, register_callback
     from stagewise.errors import RunStopped, UserError
+    from stagewise.tasks.spec import register_task
 
 
 def __getattr__(name: str) -> Any:

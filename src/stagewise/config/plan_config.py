@@ -30,6 +30,11 @@ Threads = Annotated[int | Literal["auto"], PlainValidator(_threads)]
 Compile = Annotated[bool | Literal["auto"], PlainValidator(_compile)]
 
 
+class ArchSettings(Strict):
+    """The settings of a model architecture stagewise builds (config.registry.register_arch): each
+    field a key the plan's `model` may give, with the architecture's default."""
+
+
 class ModelConfig(DumpsAsBefore):
     """`arch` (a task's built-in model, e.g. `gpt` (models.gpt), or a transformers model type,
     built from config with the other keys as its config fields) or `pretrained` (a local directory

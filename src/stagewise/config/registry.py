@@ -1,6 +1,6 @@
-"""What a plan may name: the registries of tasks, optimizers, schedules, callbacks and trackers.
-The plan's schema checks names (and each optimizer's and schedule's settings) against them; the
-modules that define the entries fill them.
+"""What a plan may name: the registries of tasks, model architectures, optimizers, schedules,
+callbacks and trackers. The plan's schema checks names (and each optimizer's, schedule's and
+architecture's settings) against them; the modules that define the entries fill them.
 
 Entries come from three places: stagewise's own (a registry loads its built-in ones on first use,
 by the module name it is given, so this leaf package names what it checks without importing the
@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 T = TypeVar("T")
+BuildModel = TypeVar("BuildModel", bound=Callable[..., Any])  # a function or a class
 PLUGIN_GROUP = "stagewise.plugins"
 _plugins_loaded = False
 
@@ -79,6 +80,11 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._all()
 
+    def registered(self, name: str) -> T | None:
+        """The entry added under `name` so far, without loading any (for a decorator that adds
+        to an entry, while the built-in ones load)."""
+        return self._entries.get(name)
+
     def add(self, name: str) -> Callable[[T], T]:
         """A decorator that registers what it decorates under `name`."""
         def register(entry: T) -> T:
@@ -111,7 +117,30 @@ class ScheduleEntry:
     problems: Callable[[dict[str, Any], int], list[tuple[str, str]]] | None = None
 
 
+@dataclass(frozen=True)
+class ArchModel:
+    """An architecture's model of one kind: `build(**sizes, **settings)` -> the torch
+    module, where `sizes` are what the stage's data sets (causal_lm: vocab_size; classify:
+    num_classes, vocab_size; tag: num_tags, vocab_size; seq2seq: src_vocab_size, tgt_vocab_size)
+    and `settings` the plan's `model` keys, each a field of the settings model (a pydantic model:
+    its defaults are the build's, unknown keys are refused by name)."""
+
+    settings: type[BaseModel]
+    build: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ArchEntry:
+    """A model architecture stagewise builds itself (`model.arch`; any other arch is a transformers
+    model type): its model of each kind a task may build (TaskTraits.arch_kind: causal_lm, a causal
+    LM, trained by causal_lm and sft; classify, a sequence classifier; tag, a token classifier;
+    seq2seq, an encoder-decoder)."""
+
+    models: dict[str, ArchModel]
+
+
 TASKS: Registry[Any] = Registry("task", builtins="stagewise.tasks.builtin_tasks")
+ARCHS: Registry[ArchEntry] = Registry("arch", builtins="stagewise.models.builtin_archs")
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer", builtins="stagewise.config.builtin_settings")
 SCHEDULES: Registry[ScheduleEntry] = Registry("schedule", builtins="stagewise.config.builtin_settings")
 # Callback classes (engine.callbacks.register_callback) and trackers, by name.
@@ -136,6 +165,25 @@ def register_schedule(name: str, settings: type[BaseModel],
     def register(lr: ScheduleLr) -> ScheduleLr:
         SCHEDULES[name] = ScheduleEntry(settings, lr, problems)
         return lr
+    return register
+
+
+def arch_model(arch: str | None, kind: str) -> ArchModel | None:
+    """The model of `kind` registered as `arch`; None: not one stagewise builds (a transformers
+    model type), or of another kind."""
+    entry = ARCHS.get(arch) if arch is not None else None
+    return entry.models.get(kind) if entry is not None else None
+
+
+def register_arch(name: str, settings: type[BaseModel], kind: str = "causal_lm") -> Callable[[BuildModel], BuildModel]:
+    """Decorate `build(**sizes, **settings) -> nn.Module` (a function or the module's class) to add
+    architecture `name`, a model of `kind` (causal_lm, classify, tag, seq2seq or a plug-in task's
+    arch_kind: see ArchEntry, ArchModel). One name may have a model of each kind (bigru: classify
+    and tag)."""
+    def register(build: BuildModel) -> BuildModel:
+        known = ARCHS.registered(name)
+        ARCHS[name] = ArchEntry({**(known.models if known is not None else {}), kind: ArchModel(settings, build)})
+        return build
     return register
 
 

@@ -24,7 +24,7 @@ def _known_metric(value: str) -> str:
     """A metric some task reports (config.registry); which ones a stage's task reports is checked
     when the plan is resolved. Known when rules are evaluated (after each evaluation): the
     validation metrics, and the mean training loss since the previous log line."""
-    metrics = [m for spec in TASKS.values() for m in (*spec.metrics, *(f"val_{s}" for s in spec.selectable))]
+    metrics = [m for spec in TASKS.values() for m in (*spec.traits.metrics, *(f"val_{s}" for s in spec.traits.selectable))]
     return _known(value, "metric", list(dict.fromkeys(metrics)))
 
 

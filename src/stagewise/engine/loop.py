@@ -150,12 +150,15 @@ class StageTrainer:
         planned LR, when only the hand-off knows the real one (StageOptimizer.hand_off)."""
         self._begin(lr_factor)
         first = self.progress.step
+        epochs = self.stage.epochs_done(first)  # those before the update: its own end is one when it adds one
         while self.progress.step < self.stage.steps and self.progress.ended is None:
-            epoch, started = self.sampler.epoch, time.perf_counter()  # the epoch before the update draws batches
+            started = time.perf_counter()
             update = self.train_step()
             self.step_seconds += time.perf_counter() - started
             if update is not None:
-                self._after_update(update, epoch)
+                self._after_update(update, epochs)
+            if update is not None or self.restored:  # a dropped update's epoch end is the next update's
+                epochs = self.stage.epochs_done(self.progress.step)
         used = stage_utilization(self.run, self.stage, self.model, self.task.unit, first, self.progress.step,
                                  self.step_seconds)
         p = self.progress
@@ -213,13 +216,14 @@ class StageTrainer:
         self.progress.window_loss += update.loss
         return update
 
-    def _after_update(self, update: StepState, epoch: int) -> None:
-        """Count the update, unfreeze, log it, let the callbacks act on it; evaluate; then checkpoint."""
+    def _after_update(self, update: StepState, epochs: int) -> None:
+        """Count the update, unfreeze, log it, let the callbacks act on it; evaluate; then checkpoint.
+        `epochs`: the stage's epochs done before it (ResolvedStage.epochs_done)."""
         p, stage = self.progress, self.stage
         p.step, p.window_steps, self.timed_steps = p.step + 1, p.window_steps + 1, self.timed_steps + 1
-        new_epoch = self.sampler.epoch != epoch
+        new_epoch = stage.epochs_done(p.step) != epochs
         if new_epoch and self.layers.gradual:
-            self.layers.apply(self.sampler.epoch)  # one more layer group from the next update on
+            self.layers.apply(stage.epochs_done(p.step))  # one more layer group from the next update on
         if self._logging(p.step):
             self._log_train(update)
         every = stage.config.eval.every is not None and p.step % stage.config.eval.every == 0
@@ -257,7 +261,7 @@ class StageTrainer:
                 self.checkpoints.keep("best", self.control.best["step"])
         elif lr_factor is not None:
             self.control.lr_factor = lr_factor
-        self.layers.apply(self.sampler.epoch)
+        self.layers.apply(self.stage.epochs_done(self.progress.step))
         self.model.train()
         reset_peak_memory(self.run.device)
         self.run.logs.event("stage_start", stage=stage.name, parent=stage.parent, step=stage.start_step + p.step,
@@ -325,7 +329,7 @@ class StageTrainer:
             for cb in self.callbacks:
                 if cb.key in states:
                     cb.load_state_dict(states[cb.key])
-        self.layers.apply(self.sampler.epoch)
+        self.layers.apply(self.stage.epochs_done(self.progress.step))
 
     # --- reacting -------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from stagewise.plan.resolve import pinned_steps
 from stagewise.plan.resolved import ResolvedStage
 from stagewise.tasks.base import Task
 from stagewise.tasks.export import MARKER
+from stagewise.tasks.traits import Exports
 
 
 def train(prepared: Prepared, run_dir: Path, fresh: bool = False, console: Console | None = None,
@@ -141,7 +142,7 @@ def _train(prepared: Prepared, run_dir: Path, resumed: bool, console: Console | 
     run.view.summary(summaries)
     try:
         last = prepared.stages[-1]
-        if plan.sample is not None and last.spec.samples and prepared.data is not None and (world.is_main or world.sharded):
+        if plan.sample is not None and last.spec.traits.samples and prepared.data is not None and (world.is_main or world.sharded):
             text = generate_sample(run, last.model, prepared.data, last.setup.chat)  # sharded: every rank, in step
             if world.is_main:
                 _write(run_dir / "sample.txt", lambda path: path.write_text(text, encoding="utf-8"))  # for `stagewise report`
@@ -284,7 +285,8 @@ def _logged_before(record: dict[str, Any], stage: ResolvedStage, resumed_at: int
 
 def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, held: HeldState) -> None:
     """The stage's final model (held in memory: trained or reused) as a directory that can be
-    used on its own (tasks.export); `stagewise.json`, written last, marks it complete."""
+    used on its own (tasks.export) when its task exports (tasks.traits.Exports); `stagewise.json`,
+    written last, marks it complete."""
     assert held.marker == (stage.key, None)
     out = run.run_dir / "stages" / stage.name
     marker = out / MARKER
@@ -295,17 +297,17 @@ def _export(run: RunContext, prepared: Prepared, stage: Stage, end_step: int, he
         except (OSError, ValueError):
             return False  # a damaged marker: export again
 
-    if not (run.world.is_main or run.world.sharded):
-        return
+    if not (run.world.is_main or run.world.sharded) or not isinstance(stage.setup.spec, Exports):
+        return  # a task without exports: the stage's checkpoint is all there is
     if run.world.from_main(exported) if run.world.sharded else exported():  # sharded: all ranks decide as one
         return
     with full_model(run.world, stage.model) as model:  # sharded: gathered by every rank for rank 0
         if model is None:
             return
-        setup = dataclasses.replace(stage.setup, model=model)
+        setup, spec = dataclasses.replace(stage.setup, model=model), stage.setup.spec
 
         def save(_: Path) -> None:
-            setup.spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
+            spec.save(setup, prepared.data.tokenizer if prepared.data else None, prepared.plan.model, out)
             marker.write_text(json.dumps({"key": stage.key, "stage": stage.name, "task": setup.task,
                                           "labels": setup.labels}))
 

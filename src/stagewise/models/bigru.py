@@ -19,7 +19,25 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from stagewise.config.plan_config import ArchSettings
+from stagewise.config.registry import register_arch
 
+
+class BiGRUTaggerSettings(ArchSettings):
+    embed_dim: int = 128
+    """Width of the word embeddings."""
+    hidden: int = 64
+    """Hidden size of each GRU direction."""
+    dropout: float = 0.0
+    """Dropout before the output layer (a stage's `dropout` replaces it)."""
+
+
+class BiGRUSettings(BiGRUTaggerSettings):
+    dense: int = 64
+    """Width of the ReLU layer between the GRUs' final states and the classes."""
+
+
+@register_arch("bigru", BiGRUSettings, kind="classify")
 class BiGRUClassifier(nn.Module):
     def __init__(self, *, num_classes: int, vocab_size: int = 10_000, embed_dim: int = 128,
                  hidden: int = 64, dense: int = 64, dropout: float = 0.0, pad_id: int = 0) -> None:
@@ -45,6 +63,7 @@ class BiGRUClassifier(nn.Module):
         return self.out(self.dropout(torch.relu(self.dense(features))))
 
 
+@register_arch("bigru", BiGRUTaggerSettings, kind="tag")
 class BiGRUTagger(nn.Module):
     """Token classification: Embedding -> BiGRU -> a linear layer per word to tag logits.
     Packed like the classifier, so a word's logits do not depend on the batch's padding."""

@@ -31,6 +31,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from stagewise.config.plan_config import ArchSettings
+from stagewise.config.registry import register_arch
+
 KV = tuple[torch.Tensor, torch.Tensor]  # one block's keys and values, each (B, nh, T, hs)
 ATTENTION = ("sdpa", "eager")
 
@@ -135,6 +138,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), kv
 
 
+class GPTSettings(ArchSettings):
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads (they split n_embd)."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    n_positions: int = 1024
+    """The longest sequence (learned position embeddings)."""
+    bias: bool = True
+    """Biases in the linear layers and layer norms."""
+    dropout: float = 0.0
+    """The model's own dropout rate (a stage's `dropout` replaces it)."""
+
+
+@register_arch("gpt", GPTSettings)
 class GPT(nn.Module):
     def __init__(self, *, vocab_size: int, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
                  n_positions: int = 1024, bias: bool = True, dropout: float = 0.0) -> None:

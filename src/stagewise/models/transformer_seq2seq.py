@@ -18,7 +18,30 @@ import math
 import torch
 from torch import nn
 
+from stagewise.config.plan_config import ArchSettings
+from stagewise.config.registry import register_arch
 
+
+class TransformerSettings(ArchSettings):
+    d_model: int = 256
+    """Width of the embeddings and layers."""
+    nhead: int = 8
+    """Attention heads (they split d_model)."""
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    dim_feedforward: int = 1024
+    """Width of each layer's feed-forward block."""
+    dropout: float = 0.1
+    """The model's own dropout rate (a stage's `dropout` replaces it)."""
+    max_positions: int = 1024
+    """The longest sequence (sinusoidal positions)."""
+    norm_first: bool = True
+    """Pre-LayerNorm layers."""
+    tie_output: bool = True
+    """The output projection shares the target embedding's weights."""
+
+
+@register_arch("transformer", TransformerSettings, kind="seq2seq")
 class TransformerSeq2Seq(nn.Module):
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, *, d_model: int = 256, nhead: int = 8,
                  num_encoder_layers: int = 3, num_decoder_layers: int = 3, dim_feedforward: int = 1024,

@@ -11,13 +11,17 @@ import difflib
 import inspect
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
+from pydantic_core import PydanticUndefined
+
 from stagewise.config.plan_config import Plan
-from stagewise.config.registry import TASKS
+from stagewise.config.registry import ARCHS, arch_model
 from stagewise.errors import UserError
 from stagewise.models.build import config_keys
 from stagewise.plan.load import echo
+from stagewise.tasks.models import check_settings, unknown_settings
 from stagewise.tasks.spec import task_spec
 
 MAX_SIZE = 2**24  # any width, length or count
@@ -40,15 +44,16 @@ def check_model_keys(plan: Plan, memory: tuple[int, str] | None = None) -> None:
         return
     keys = cfg.size_keys()
     vocab = keys.get("vocab_size") or plan.tokenizer.vocab_size or 256
-    if any(cfg.arch in spec.builtin for spec in TASKS.values()):
-        cls = task_spec(plan.stages[0].task).builtin.get(cfg.arch)  # the first stage's task builds it
-        if cls is None:  # not a model of that task: said by the task when it builds
+    if cfg.arch in ARCHS:  # a model stagewise builds
+        model = arch_model(cfg.arch, task_spec(plan.stages[0].task).traits.model_kind)  # the first stage's task builds it
+        if model is None:  # not a model of that task: said by the task when it builds
             return
-        defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
+        unknown_settings(cfg.arch, model, keys)
+        defaults = {n: f.default for n, f in model.settings.model_fields.items() if f.default is not PydanticUndefined}
         _check_types(keys, defaults, cfg.arch)
+        check_settings(cfg.arch, model, keys)
         _check_divisible({**defaults, **keys}, {}, cfg.arch)
-        _check_memory(_builtin_parameters(cls, {**defaults, **keys}, vocab), memory)
+        _check_memory(_builtin_parameters(model.build, {**defaults, **keys}, vocab), memory)
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -149,7 +154,7 @@ def _transformers_parameters(config: Any) -> int:
     return layers * (4 * d * d + 2 * d * ff) + (heads * vocab + positions) * d
 
 
-def _builtin_parameters(cls: type, settings: dict[str, Any], vocab: int) -> int:
+def _builtin_parameters(cls: Callable[..., Any], settings: dict[str, Any], vocab: int) -> int:
     """Exact, without allocating: built on the meta device with each layer count at 1 and 2
     (parameters grow linearly in it), so a deep setting costs no time either."""
     import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,15 @@ class ResolvedStage:
         if self.ramp is None:
             return step * self.sequences_at(0) * self.block_size
         return self.ramp.sequences_before(step) * self.block_size
+
+    def epochs_done(self, step: int) -> int:
+        """Epochs the stage's first `step` updates complete. An epoch is what `epochs` counts:
+        ceil(windows / sequences per update) updates, so a stage of E epochs ends on the end of its
+        E-th (the samplers run on into the next pass within an update, so passes over the data may
+        end a little earlier); with a ramp, whole passes over the data."""
+        if self.ramp is not None:
+            return self.ramp.sequences_before(step) // self.windows_per_epoch
+        return step // math.ceil(self.windows_per_epoch / self.sequences_at(0))
 
     def lr(self, step: int) -> float:
         """LR at `step` of this stage (0 <= step <= steps; `steps` is the value it ends on), scaled

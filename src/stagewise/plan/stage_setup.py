@@ -84,12 +84,12 @@ def _prepare(spec: TaskSpec, inp: StageInput) -> tuple[Any, str]:
     if inp.own:  # the plan's data serves several tasks: setup_stages checks it as a whole
         _check_fields({spec}, inp.config, inp.where)
     kind = inp.plan.tokenizer.kind
-    if spec.family == LM_FAMILY and kind == "word":
+    if spec.traits.family == LM_FAMILY and kind == "word":
         raise UserError("tokenizer.kind", f"{spec.name} trains a causal LM: kind char, byte, bpe or pretrained, not word")
     if kind != "word" and not inp.lm_based:
         raise UserError("tokenizer.kind", f"the built-in {spec.name} models read words: set kind: word")
-    if inp.config.mix is not None and not spec.mixes:
-        which = ", ".join(t.name for t in TASKS.values() if t.mixes)
+    if inp.config.mix is not None and not spec.traits.mixes:
+        which = ", ".join(t.name for t in TASKS.values() if t.traits.mixes)
         raise UserError(f"{inp.where}.mix", f"a {spec.name} stage reads one data set (stages of {which} read a mix)")
     return spec.prepare(inp)
 
@@ -106,11 +106,11 @@ def _pretrained_name(plan: Plan, plan_dir: Path) -> str | None:
 def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_based: bool, node: StageNode,
            plan: Plan, plan_dir: Path) -> StageSetup:
     where, adapter = node.where, node.config.adapter
-    if adapter is not None and not spec.takes_adapters:
-        which = ", ".join(t.name for t in TASKS.values() if t.takes_adapters)
+    if adapter is not None and not spec.traits.takes_adapters:
+        which = ", ".join(t.name for t in TASKS.values() if t.traits.takes_adapters)
         raise UserError(f"{where}.adapter", f"a {spec.name} stage trains no adapter (stages of {which} do)")
-    if spec.family == parent.spec.family:
-        if not spec.takes_adapters:
+    if spec.traits.family == parent.spec.traits.family:
+        if not spec.traits.takes_adapters:
             return StageSetup(spec, data, fingerprint, parent.model, lm_based, chat=parent.chat)
         model, step = stage_model(parent.model, parent.adapter, node.parent.name if node.parent else None,
                                   _pretrained_name(plan, plan_dir), adapter, where)
@@ -118,7 +118,7 @@ def _child(spec: TaskSpec, parent: StageSetup, data: Any, fingerprint: str, lm_b
     if parent.adapter is not None and parent.adapter.lora is not None:
         raise UserError(f"{where}.task", f"a {spec.name} stage cannot follow an adapter stage: a stage without "
                                          "adapter between them merges it")
-    if spec.heads_on_lm and parent.spec.family == LM_FAMILY:
+    if spec.traits.heads_on_lm and parent.spec.traits.family == LM_FAMILY:
         return StageSetup(spec, data, fingerprint, spec.head_model(parent.model, data, f"{where}.task"), lm_based,
                           head=True)
     raise UserError(f"{where}.task", f"a {spec.name} stage cannot follow a {parent.task} stage (a {spec.name} "
@@ -149,7 +149,7 @@ def carry_head(setup: StageSetup, parent_model: nn.Module, where: str) -> int:
 
 def _check_fields(specs: set[TaskSpec], cfg: DataConfig, where: str) -> None:
     """A data key that none of the tasks reading this data uses is a mistake."""
-    used = set().union(*(s.data_keys for s in specs))
+    used = set().union(*(s.traits.data_keys for s in specs))
     names = sorted(s.name for s in specs)
     for key in sorted(cfg.model_fields_set & TASK_DATA_KEYS - used):
         raise UserError(f"{where}.{key}", f"not used by task{'s' if len(names) > 1 else ''} {', '.join(names)}")

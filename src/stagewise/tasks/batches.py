@@ -1,10 +1,12 @@
-"""Example-level batches for the fine-tuning tasks: a seeded train/validation split of records,
-and a resumable sampler of shuffled mini-batches (the causal-LM path has its own window sampler,
-data.sampler)."""
+"""Example-level batches for the fine-tuning tasks: what their `prepare_*` read (ExampleFiles), a
+seeded train/validation split of records, and a resumable sampler of shuffled mini-batches (the
+causal-LM path has its own window sampler, data.sampler)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -22,6 +24,28 @@ class Rows(Protocol):
     def __len__(self) -> int: ...
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass(frozen=True)
+class ExampleFiles:
+    """What a fine-tuning task's `prepare_*` reads: its training file; a validation file, else
+    `val_fraction` of the training records held out by a shuffle seeded with `seed`; how many
+    tokens (tag: words) of each example are kept (None: the task's default); the tables' format
+    (csv, tsv or jsonl; None: told by the extensions)."""
+
+    train: Path
+    val: Path | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_len: int | None = None
+    fmt: str | None = None
+
+    def split(self, read: Callable[[Path], Records[T]]) -> tuple[Records[T], Records[T]]:
+        """The training and validation records, each file read with `read`."""
+        records = read(self.train)
+        if self.val is not None:
+            return records, read(self.val)
+        return split_records(records, self.val_fraction, self.seed)
 
 
 def split_records(records: Records[T], fraction: float, seed: int) -> tuple[Records[T], Records[T]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -67,35 +68,73 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_ITEMS = 10**6  # the longest string or list `*` may make, as the sandbox bounds `range`
+MAX_EXPONENT = 1024  # the largest power `**` raises a number beyond +-1 to
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's sandbox, which stops `range(10**9)`, also stops `'a' * 10**10` and `10**10**10`:
+    a template's arithmetic cannot fill the memory or hold the process."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and right > MAX_EXPONENT and left not in (-1, 0, 1):
+            raise SecurityError(f"the sandbox blocks powers above {MAX_EXPONENT}")
+        if operator == "*" and isinstance(left, int) != isinstance(right, int):  # repeating a sequence
+            count, items = (left, right) if isinstance(left, int) else (right, left)
+            if isinstance(items, (str, list, tuple)) and count * len(items) > MAX_ITEMS:
+                raise SecurityError(f"the sandbox blocks strings and lists longer than {MAX_ITEMS}")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
 
 
-class ChatTemplate:
-    """A compiled template. `where`: what to name in messages (the plan key or the file);
-    `special`: the tokenizer's special tokens the template may use (bos_token, eos_token)."""
+def _reason(error: Exception) -> str:
+    """What went wrong in a template, in one line: Jinja's message, or the Python error it raised."""
+    if isinstance(error, jinja2.TemplateError) and error.message:
+        text = error.message
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    first = (text.splitlines() or [text])[0]
+    return first if len(first) <= 200 else first[:200] + "..."
 
-    def __init__(self, source: str = DEFAULT, where: str = "chat_template", special: dict[str, str] | None = None) -> None:
+
+class ChatTemplate:
+    """A compiled template. `where`: what to name in messages (the plan key, or the file of a saved
+    template); `origin`: the file the plan's template was read from, if any; `special`: the
+    tokenizer's special tokens the template may use (bos_token, eos_token)."""
+
+    def __init__(self, source: str = DEFAULT, where: str = "chat_template", special: dict[str, str] | None = None,
+                 origin: Path | None = None) -> None:
         self.source, self.where, self.special = source, where, dict(special or {})
+        self.named = f" ({origin})" if origin is not None else ""  # after "the template" in a message
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise UserError(where, f"not a valid Jinja template: {e.message} (line {e.lineno})") from None
+            raise UserError(where, f"not a valid Jinja template{self.named}: {e.message} (line {e.lineno})") from None
+        except Exception as e:  # the plan's template is the user's code: any failure is theirs
+            raise UserError(where, f"not a valid Jinja template{self.named}: {_reason(e)}") from None
 
     @property
     def is_default(self) -> bool:
         return self.source == DEFAULT
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool, where: str | None = None) -> str:
+        """The conversation as text; `where`: the row (or option) it came from, named when the
+        template fails on it. Any failure (Jinja's, the sandbox's, Python's) is the template's."""
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          **self.special)
-        except jinja2.TemplateError as e:
-            raise UserError(where or self.where, f"the chat template failed: {e.message or type(e).__name__}") from None
+        except Exception as e:  # the plan's template is the user's code: any failure is theirs
+            on = f" on {where}" if where else ""
+            raise UserError(self.where, f"the template{self.named} failed{on}: {_reason(e)}") from None
 
     def split(self, messages: Sequence[dict[str, str]], where: str) -> tuple[str, str]:
         """(prompt, completion) of a conversation that ends with an assistant turn (see the module)."""
@@ -147,7 +186,7 @@ def plan_template(value: str | None, plan_dir: Path, tokenizer_path: str | None,
     if not path.is_file():
         raise UserError("chat_template", f"no such file: {path} (a template itself has '{{%' or '{{{{')")
     try:
-        return ChatTemplate(path.read_text(encoding="utf-8"), str(path), special)
+        return ChatTemplate(path.read_text(encoding="utf-8"), "chat_template", special, origin=path)
     except UnicodeDecodeError:
         raise UserError(str(path), "not UTF-8") from None
 

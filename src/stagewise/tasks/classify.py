@@ -28,10 +28,9 @@ from stagewise.config.plan_config import ModelConfig, Plan
 from stagewise.config.stage_config import StageConfig
 from stagewise.data.tables import Field
 from stagewise.data.tokenizers import eos_id, warn_unknown
-from stagewise.models.bigru import BiGRUClassifier
 from stagewise.models.heads import classifier_from_lm
 from stagewise.tasks.base import ExampleTask, Task
-from stagewise.tasks.batches import split_records
+from stagewise.tasks.batches import ExampleFiles
 from stagewise.tasks.encode import encode_classification
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.labels import LabelMap
@@ -40,6 +39,7 @@ from stagewise.tasks.metrics import accuracy, macro_f1
 from stagewise.tasks.models import check_arch, from_config, root_model
 from stagewise.tasks.readers import read_labeled
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
+from stagewise.tasks.traits import TaskTraits
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
@@ -77,22 +77,17 @@ class ClassifyData:
     pad_id: int  # what pads the rows (a backbone's EOS; models.heads reads the last token before it)
 
 
-def prepare_classify(train_path: Path, text_field: Field, label_field: Field, *, val_path: Path | None = None,
-                     val_fraction: float = 0.1, vocab_size: int = 10_000, max_len: int = MAX_LEN,
-                     seed: int = 0, tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID,
-                     fmt: str | None = None, unknown: Counter[str] | None = None) -> ClassifyData:
-    """Read and encode the records. Without `val_path`, a seeded shuffle holds out `val_fraction`
-    of the training file (SMS spam is ordered by nothing, but other files are often sorted by
-    label, so a tail split would be one class). `tokenizer` None: a word vocabulary built from
-    the training texts (the BiGRU recipe); a backbone's own tokenizer otherwise, with `pad_id`
-    its EOS (the GPT-2 head finds each row's last token by it: see models.heads). `fmt`: csv,
-    tsv or jsonl for both files (None: told by their extensions). `unknown`: counts the symbols
-    the tokenizer does not know (tasks.encode)."""
-    records = read_labeled(train_path, text_field, label_field, fmt)
-    if val_path is not None:
-        train, val = records, read_labeled(val_path, text_field, label_field, fmt)
-    else:
-        train, val = split_records(records, val_fraction, seed)
+def prepare_classify(files: ExampleFiles, text_field: Field, label_field: Field, *, vocab_size: int = 10_000,
+                     tokenizer: Tokenizer | None = None, pad_id: int = PAD_ID,
+                     unknown: Counter[str] | None = None) -> ClassifyData:
+    """Read and encode the records. Without a validation file, a seeded shuffle holds out a
+    fraction of the training file (SMS spam is ordered by nothing, but other files are often
+    sorted by label, so a tail split would be one class). `tokenizer` None: a word vocabulary
+    built from the training texts (the BiGRU recipe); a backbone's own tokenizer otherwise, with
+    `pad_id` its EOS (the GPT-2 head finds each row's last token by it: see models.heads).
+    `unknown`: counts the symbols the tokenizer does not know (tasks.encode)."""
+    train, val = files.split(lambda path: read_labeled(path, text_field, label_field, files.fmt))
+    max_len = files.max_len or MAX_LEN
     tok = tokenizer if tokenizer is not None else word_tokenizer((t for t, _ in train), vocab_size)
     label_map = LabelMap.from_labels(label for _, label in train)
     encoded = [Encoded(*encode_classification(part, tok, label_map, max_len, pad_id, unknown)) for part in (train, val)]
@@ -160,44 +155,37 @@ class ClassifyTask(ExampleTask):
         return {k: v for k, v in metrics.items() if k == "val_loss" or k.removeprefix("val_") in self.scores}
 
 
-class ClassifySpec(TaskSpec):
+class ClassifySpec(TaskSpec[ClassifyData]):
     name = "classify"
-    builtin = {"bigru": BiGRUClassifier}
-    family = "classify"
-    heads_on_lm = True
-    metrics = ("val_loss", "train_loss", "val_accuracy", "val_macro_f1")
-    selectable = decoded = SCORES
-    data_keys = frozenset({"field", "label", "max_len"})
-    formats = ("auto", "csv", "tsv", "json")
-    table_files = True
-    reads = "csv, tsv or jsonl files"
-    default_max_len = MAX_LEN
+    traits = TaskTraits(family="classify", metrics=("val_loss", "train_loss", "val_accuracy", "val_macro_f1"),
+                        data_keys=frozenset({"field", "label", "max_len"}), reads="csv, tsv or jsonl files",
+                        arch_kind="classify", heads_on_lm=True, selectable=SCORES, decoded=SCORES,
+                        formats=("auto", "csv", "tsv", "json"), table_files=True, default_max_len=MAX_LEN)
 
-    def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
+    def uses_lm_tokenizer(self, parent: StageSetup[Any] | None, plan: Plan) -> bool:
         """A head on the parent's LM reads its tokenizer; a classifier from config reads words."""
         return (parent is None or parent.lm_based) and plan.tokenizer.kind != "word"
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[ClassifyData, str]:
         train, val = inp.files()
         digest = inp.digest(self.name, (train, val))
-        fmt = self.table_format(inp.config, inp.where)
+        files = inp.example_files(train, val, self.max_len(inp.config), self.table_format(inp.config, inp.where))
         text, label = column(inp.config, "field"), column(inp.config, "label")
-        common = inp.split_args(val, self.max_len(inp.config))
         if inp.lm_based:
             lm = inp.lm_data
             digest.update(lm.fingerprint.encode())
             unknown: Counter[str] = Counter()
-            data = prepare_classify(train, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer),
-                                    fmt=fmt, unknown=unknown, **common)
+            data = prepare_classify(files, text, label, tokenizer=lm.tokenizer, pad_id=eos_id(lm.tokenizer),
+                                    unknown=unknown)
             warn_unknown(unknown, inp.where, f"the {len(data.train) + len(data.val)} texts")
         else:
-            data = prepare_classify(train, text, label, vocab_size=inp.word_vocab_size, fmt=fmt, **common)
+            data = prepare_classify(files, text, label, vocab_size=inp.word_vocab_size)
         if len(data.val) < MIN_VAL_EXAMPLES:
             print(f"warning: {inp.where}: validates on {len(data.val)} example(s), fewer than {MIN_VAL_EXAMPLES}: its "
                   "val_loss and scores are noise (a larger data.val file or val_fraction)", file=sys.stderr)
         return data, digest.hexdigest()
 
-    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+    def root_model(self, cfg: ModelConfig, data: ClassifyData) -> nn.Module:
         def sequence_classifier(arch: str, keys: dict[str, Any]) -> nn.Module:
             from transformers import AutoModelForSequenceClassification
             from transformers.models.auto import modeling_auto
@@ -215,23 +203,23 @@ class ClassifySpec(TaskSpec):
     def sizes(data: ClassifyData) -> dict[str, int]:
         return {"num_classes": len(data.label_map), "vocab_size": data.tokenizer.get_vocab_size()}
 
-    def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
+    def head_model(self, lm: nn.Module, data: ClassifyData, where: str) -> nn.Module:
         model, _ = classifier_from_lm(lm, len(data.label_map), data.pad_id, where)  # type: ignore[arg-type]
         return model
 
-    def labels(self, data: Any) -> list[str]:
+    def labels(self, data: ClassifyData) -> list[str]:
         return list(data.label_map.labels)
 
-    def longest_example(self, data: Any) -> int:
+    def longest_example(self, data: ClassifyData) -> int:
         return max(part.input_ids.size(1) for part in (data.train, data.val))
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[ClassifyData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return ClassifyTask(setup.model, device, autocast, setup.data, tuple(cfg.eval.metrics or SCORES))
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+    def save(self, setup: StageSetup[ClassifyData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         if setup.lm_based:
-            save_lm(setup, lm_tokenizer, out)
+            save_lm(setup, lm_tokenizer, model_cfg, out)
         elif not self.is_builtin(model_cfg):  # a classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.tokenizer), out)
         else:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig
+from stagewise.config.registry import arch_model
 from stagewise.config.stage_config import StageConfig
 from stagewise.data.mixture import MixedData, MixtureSampler, prepare_mixture
 from stagewise.data.prepared_data import PreparedData
@@ -34,6 +35,7 @@ from stagewise.tasks.chat import ChatTemplate, directory_template
 from stagewise.tasks.export import BUILTIN_FILE, TrainedStage, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.models import build_builtin
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, task_spec
+from stagewise.tasks.traits import TaskTraits
 
 # Inductor options of the compiled loss module. cpp.use_decompose_tanh: tanh as 2 / (1 + exp(-2x)) - 1
 # on CPU instead of Sleef's tanh, which cost a 2-core CPU (1 thread) ~24% of a bf16 GPT-2 step in
@@ -45,14 +47,10 @@ from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSe
 COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"cpp.use_decompose_tanh": True}
 
 
-# The causal LMs stagewise builds itself, by `model.arch` (every other arch is a transformers one).
-LM_MODELS: dict[str, type[nn.Module]] = {"gpt": GPT}
-
-
 def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, plan_dir: Path) -> nn.Module:
-    """The plan's causal LM: one of LM_MODELS, else a transformers model from config or
-    pretrained weights (models.build)."""
-    if cfg.pretrained is None and cfg.arch in LM_MODELS:
+    """The plan's causal LM: one stagewise builds (config.registry.ARCHS: gpt, plug-ins), else a
+    transformers model from config or pretrained weights (models.build)."""
+    if cfg.pretrained is None and arch_model(cfg.arch, LM_FAMILY) is not None:
         return build_builtin(cfg, task_spec(LM_FAMILY), {"vocab_size": vocab_size})
     return build_model(cfg, vocab_size, eos_id, plan_dir)
 
@@ -211,21 +209,14 @@ def evaluate_text(stage: TrainedStage, path: Path, batch_size: int = 16) -> tupl
     return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None}, y.numel()
 
 
-class CausalLMSpec(TaskSpec):
+class CausalLMSpec(TaskSpec[PreparedData | MixedData]):
     name = "causal_lm"
-    unit = "tokens"
-    family = LM_FAMILY
-    samples = True
-    metrics = ("val_loss", "val_ppl", "train_loss")
-    takes_adapters = True
-    mixes = True
-    data_keys = frozenset({"field"})
-    formats = ("auto", "text", "json", "csv", "tsv", "parquet")  # read by data.sources
-    reads = "text files"
-    counts = "tokens"
-    builtin = LM_MODELS
+    traits = TaskTraits(family=LM_FAMILY, metrics=("val_loss", "val_ppl", "train_loss"), data_keys=frozenset({"field"}),
+                        reads="text files", arch_kind=LM_FAMILY, unit="tokens", samples=True, takes_adapters=True,
+                        mixes=True, formats=("auto", "text", "json", "csv", "tsv", "parquet"),  # read by data.sources
+                        counts="tokens")
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[PreparedData | MixedData, str]:
         if inp.own and inp.config.mix is None:
             raise UserError(inp.where, "a causal_lm stage reads the plan's data (the tokenizer is trained on it), "
                                        "or a mix of sources: data.mix")
@@ -236,15 +227,16 @@ class CausalLMSpec(TaskSpec):
             return mixed, mixed.fingerprint
         return inp.lm_data, inp.lm_data.fingerprint
 
-    def n_train(self, data: Any) -> int:
+    def n_train(self, data: PreparedData | MixedData) -> int:
         return data.n_train if isinstance(data, MixedData) else len(data.train)
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[PreparedData | MixedData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return LanguageModelTask(setup.model, device, autocast, setup.data, compile)
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
-        save_lm(setup, lm_tokenizer, out)
+    def save(self, setup: StageSetup[PreparedData | MixedData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig,
+             out: Path) -> None:
+        save_lm(setup, lm_tokenizer, model_cfg, out)
 
     def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
         return continue_text(stage, prompt, opts)
@@ -253,18 +245,22 @@ class CausalLMSpec(TaskSpec):
         return evaluate_text(stage, path)
 
 
-def save_lm(setup: StageSetup, lm_tokenizer: Tokenizer | None, out: Path) -> None:
+def save_lm(setup: StageSetup[Any], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
     """A causal LM (or a head on one) with the plan's tokenizer, as the Auto classes load them; a
     causal LM's tokenizer with the plan's chat template (`apply_chat_template` renders
-    conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`."""
+    conversations as training did); an adapter stage's model merged, and its adapter in `adapter/`.
+    A model stagewise builds (gpt, a plug-in's): its weights and model.json (tasks.export)."""
     assert lm_tokenizer is not None, "an LM-based stage has the plan's tokenizer"
     tok = to_transformers(lm_tokenizer)
     if setup.chat is not None:
         tok.chat_template = setup.chat.source
-    if isinstance(setup.model, GPT):  # weights and model.json, with the tokenizer as AutoTokenizer loads it
-        c = setup.model.config
-        save_builtin(setup.model, {"task": setup.task, "arch": c.model_type, "settings": c.settings(),
-                                   "sizes": {"vocab_size": c.vocab_size}}, {}, out)
+    if not hasattr(setup.model, "save_pretrained"):  # not transformers': with the tokenizer as AutoTokenizer loads it
+        own = arch_model(model_cfg.arch, LM_FAMILY)
+        assert own is not None, "a causal LM not of transformers is built from the plan's arch"
+        settings = (setup.model.config.settings() if isinstance(setup.model, GPT)
+                    else own.settings.model_validate(model_cfg.size_keys()).model_dump(mode="json"))
+        save_builtin(setup.model, {"task": setup.task, "arch": model_cfg.arch, "settings": settings,
+                                   "sizes": {"vocab_size": lm_tokenizer.get_vocab_size()}}, {}, out)
         tok.save_pretrained(out)
         return
     save_transformers(merged(setup.model), setup.labels, tok, out)

@@ -30,13 +30,14 @@ from stagewise.data.tables import Field
 from stagewise.errors import UserError
 from stagewise.models.transformer_seq2seq import TransformerSeq2Seq, until_eos
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.batches import split_records
+from stagewise.tasks.batches import ExampleFiles
 from stagewise.tasks.encode import IGNORE, encode_seq2seq, targets
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
 from stagewise.tasks.models import from_config, root_model
 from stagewise.tasks.readers import read_pairs
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec, column
+from stagewise.tasks.traits import TaskTraits
 from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 
 BOS, EOS = "<|bos|>", "<|eos|>"
@@ -72,15 +73,11 @@ class PairData:
     val: PairRows
 
 
-def prepare_seq2seq(train_path: Path, source_field: Field, target_field: Field, *, val_path: Path | None = None,
-                    val_fraction: float = 0.1, seed: int = 0, vocab_size: int = 10_000,
-                    max_len: int = MAX_LEN, fmt: str | None = None, shared_vocab: bool = False) -> PairData:
+def prepare_seq2seq(files: ExampleFiles, source_field: Field, target_field: Field, *, vocab_size: int = 10_000,
+                    shared_vocab: bool = False) -> PairData:
     """`shared_vocab`: one vocabulary of both sides' words (t5, bart), else one per side."""
-    records = read_pairs(train_path, source_field, target_field, fmt)
-    if val_path is not None:
-        train, val = records, read_pairs(val_path, source_field, target_field, fmt)
-    else:
-        train, val = split_records(records, val_fraction, seed)
+    train, val = files.split(lambda path: read_pairs(path, source_field, target_field, files.fmt))
+    max_len = files.max_len or MAX_LEN
     if shared_vocab:
         src_tok = tgt_tok = word_tokenizer((text for pair in train for text in pair), vocab_size, lowercase=False)
     else:
@@ -181,31 +178,24 @@ class Seq2SeqTask(ExampleTask):
 SEQ2SEQ_ARCHS = ("t5", "bart")  # the transformers encoder-decoders tested with the seq2seq task
 
 
-class Seq2SeqSpec(TaskSpec):
+class Seq2SeqSpec(TaskSpec[PairData]):
     name = "seq2seq"
-    builtin = {"transformer": TransformerSeq2Seq}
-    family = "seq2seq"
-    metrics = ("val_loss", "train_loss", "val_bleu", "val_chrf")
-    selectable = TEXT_METRICS
-    decoded = DECODED
-    data_keys = frozenset({"source", "target", "max_len"})
-    formats = ("auto", "csv", "tsv", "json")
-    table_files = True
-    reads = "csv, tsv or jsonl files"
-    default_max_len = MAX_LEN
-    beam_search = True
+    traits = TaskTraits(family="seq2seq", metrics=("val_loss", "train_loss", "val_bleu", "val_chrf"),
+                        data_keys=frozenset({"source", "target", "max_len"}), reads="csv, tsv or jsonl files",
+                        arch_kind="seq2seq", selectable=TEXT_METRICS, decoded=DECODED,
+                        formats=("auto", "csv", "tsv", "json"), table_files=True, default_max_len=MAX_LEN,
+                        beam_search=True)
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[PairData, str]:
         train, val = inp.files()
         digest = inp.digest(self.name, (train, val))
-        fmt = self.table_format(inp.config, inp.where)
+        files = inp.example_files(train, val, self.max_len(inp.config), self.table_format(inp.config, inp.where))
         # t5 and bart embed both sides with one table: one vocabulary of sources and targets
-        data = prepare_seq2seq(train, column(inp.config, "source"), column(inp.config, "target"),
-                               vocab_size=inp.word_vocab_size, fmt=fmt, shared_vocab=not self.is_builtin(inp.plan.model),
-                               **inp.split_args(val, self.max_len(inp.config)))
+        data = prepare_seq2seq(files, column(inp.config, "source"), column(inp.config, "target"),
+                               vocab_size=inp.word_vocab_size, shared_vocab=not self.is_builtin(inp.plan.model))
         return data, digest.hexdigest()
 
-    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+    def root_model(self, cfg: ModelConfig, data: PairData) -> nn.Module:
         def encoder_decoder(arch: str, keys: dict[str, Any]) -> nn.Module:
             """t5 or bart from config, on the shared vocabulary; decoding starts with its BOS and ends
             at its EOS (nothing forced: bart's default forces EOS at the length limit, which the
@@ -227,12 +217,12 @@ class Seq2SeqSpec(TaskSpec):
         return {"src_vocab_size": data.src_tokenizer.get_vocab_size(),
                 "tgt_vocab_size": data.tgt_tokenizer.get_vocab_size()}
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[PairData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return Seq2SeqTask(setup.model, device, autocast, setup.data, cfg.eval.beam, self.max_len(data_cfg),
                            tuple(cfg.eval.metrics or DECODED))
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+    def save(self, setup: StageSetup[PairData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         data = setup.data
         if not self.is_builtin(model_cfg):  # t5, bart: one vocabulary for both sides
             save_transformers(setup.model, None, auto_tokenizer(data.tgt_tokenizer, bos_token=BOS, eos_token=EOS), out)

@@ -32,14 +32,15 @@ from stagewise.data.tokenizers import eos_id, warn_unknown
 from stagewise.models.build import context_length
 from stagewise.models.generate import sample
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.batches import split_records
+from stagewise.tasks.batches import ExampleFiles
 from stagewise.tasks.chat import ChatTemplate
 from stagewise.tasks.encode import IGNORE, encode_sft, targets
 from stagewise.tasks.export import TrainedStage
-from stagewise.tasks.lm import LM_MODELS, continue_text, lm_stop, load_causal_lm, save_lm, stage_template
+from stagewise.tasks.lm import continue_text, lm_stop, load_causal_lm, save_lm, stage_template
 from stagewise.tasks.metrics import TEXT_METRICS, text_scores
-from stagewise.tasks.readers import Records, read_prompt_completion
+from stagewise.tasks.readers import read_prompt_completion
 from stagewise.tasks.spec import LM_FAMILY, GenerateOptions, StageInput, StageSetup, TaskSpec, data_files
+from stagewise.tasks.traits import TaskTraits
 
 MAX_LEN = 256  # tokens per example (prompt and completion) when the data sets no max_len
 
@@ -76,23 +77,16 @@ class SftData:
     template: ChatTemplate  # what rendered `messages` rows, and ends a generated reply
 
 
-def prepare_sft(train_path: Path, tokenizer: Tokenizer, eos_id: int, max_len: int, *, val_path: Path | None = None,
-                val_fraction: float = 0.1, seed: int = 0, pack: bool = False,
+def prepare_sft(files: ExampleFiles, tokenizer: Tokenizer, eos_id: int, *, pack: bool = False,
                 template: ChatTemplate | None = None, unknown: Counter[str] | None = None) -> SftData:
     """Validation rows are never packed: each example's loss is then measured on its own.
     `template`: of `messages` rows (default: the built-in one); `unknown`: counts the symbols the
     tokenizer does not know (tasks.encode)."""
     template = template or ChatTemplate()
-    train, val = _split(read_prompt_completion(train_path, template), val_path, val_fraction, seed, template)
+    max_len = files.max_len or MAX_LEN
+    train, val = files.split(lambda path: read_prompt_completion(path, template))
     return SftData(SftRows(*encode_sft(train, tokenizer, eos_id, max_len, pack, unknown)),
                    sft_rows(val, tokenizer, eos_id, max_len, template, unknown), tokenizer, eos_id, template)
-
-
-def _split(records: Records[tuple[str, str]], val_path: Path | None, val_fraction: float, seed: int,
-           template: ChatTemplate) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    if val_path is not None:
-        return records, read_prompt_completion(val_path, template)
-    return split_records(records, val_fraction, seed)
 
 
 def sft_rows(records: list[tuple[str, str]], tokenizer: Tokenizer, eos_id: int, max_len: int, template: ChatTemplate,
@@ -188,24 +182,19 @@ class SftTask(ExampleTask):
         return bad, torch.where(labels == IGNORE, labels, bad), *batch[2:]
 
 
-class SftSpec(TaskSpec):
+class SftSpec(TaskSpec[SftData]):
     name = "sft"
-    family = LM_FAMILY
-    samples = True
-    metrics = ("val_loss", "val_ppl", "train_loss")
-    selectable = TEXT_METRICS  # of greedy replies to the validation prompts
-    takes_adapters = True
-    data_keys = frozenset({"max_len", "pack"})
-    formats = ("auto", "json")
-    reads = "JSONL files"
-    default_max_len = MAX_LEN
-    builtin = LM_MODELS
+    traits = TaskTraits(family=LM_FAMILY, metrics=("val_loss", "val_ppl", "train_loss"),
+                        data_keys=frozenset({"max_len", "pack"}), reads="JSONL files", arch_kind=LM_FAMILY,
+                        samples=True, selectable=TEXT_METRICS,  # of greedy replies to the validation prompts
+                        takes_adapters=True, formats=("auto", "json"), default_max_len=MAX_LEN)
 
     def plan_corpus(self, cfg: DataConfig, plan_dir: Path, seed: int, template: ChatTemplate) -> Corpus | None:
         """The examples as the model reads them (prompt + completion), split as prepare splits them:
         the plan's tokenizer is then built from (and knows) every symbol of the rendered rows."""
         train_path, val_path = data_files(cfg, "data", plan_dir)
-        train, val = _split(read_prompt_completion(train_path, template), val_path, cfg.val_fraction, seed, template)
+        files = ExampleFiles(train_path, val_path, cfg.val_fraction, seed)
+        train, val = files.split(lambda path: read_prompt_completion(path, template))
         digest = hashlib.sha256(json.dumps([self.name, cfg.model_dump(mode="json"), seed, template.source]).encode())
         texts = ([p + c for p, c in train], [p + c for p, c in val])
         for part in texts:
@@ -213,7 +202,7 @@ class SftSpec(TaskSpec):
         return Corpus(Documents.of(texts[0], str(train_path)), Documents.of(texts[1], str(val_path or train_path)),
                       [p for p in (train_path, val_path) if p is not None], digest.hexdigest())
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[SftData, str]:
         train, val = inp.files()
         digest = inp.digest(self.name, (train, val))
         self.table_format(inp.config, inp.where)
@@ -222,22 +211,22 @@ class SftSpec(TaskSpec):
         digest.update(lm.fingerprint.encode())
         digest.update(template.source.encode())
         unknown: Counter[str] = Counter()
-        data = prepare_sft(train, lm.tokenizer, eos_id(lm.tokenizer), pack=inp.config.pack, template=template,
-                           unknown=unknown, **inp.split_args(val, self.max_len(inp.config)))
+        data = prepare_sft(inp.example_files(train, val, self.max_len(inp.config), None), lm.tokenizer,
+                           eos_id(lm.tokenizer), pack=inp.config.pack, template=template, unknown=unknown)
         warn_unknown(unknown, inp.where, f"the {len(data.train) + len(data.val)} sft examples")
         return data, digest.hexdigest()
 
-    def longest_example(self, data: Any) -> int:
+    def longest_example(self, data: SftData) -> int:
         return max(part.input_ids.size(1) for part in (data.train, data.val))
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[SftData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return SftTask(setup.model, device, autocast, setup.data,
                        setup.model.get_input_embeddings().num_embeddings,  # type: ignore[operator]
                        tuple(cfg.eval.metrics or ()), self.max_len(data_cfg))
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
-        save_lm(setup, lm_tokenizer, out)
+    def save(self, setup: StageSetup[SftData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+        save_lm(setup, lm_tokenizer, model_cfg, out)
 
     def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
         return continue_text(stage, prompt, opts)

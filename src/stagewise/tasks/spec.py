@@ -2,9 +2,11 @@
 config.registry. The engine, the plan's checks, exports and the trained-run commands ask the spec;
 nothing outside `tasks/` compares task or model names.
 
-A spec declares its data keys and defaults, the metrics it reports, which tasks it can follow,
-and does the task's work: prepare a stage's data, build (or continue) its model, bind the
-training `Task` (tasks.base), save an export, and, from an export, generate and evaluate a file.
+A spec declares its traits (tasks.traits.TaskTraits: data keys and defaults, the metrics it
+reports, which tasks it can follow, ...) and does the task's required work, `TaskCore`: prepare a
+stage's data (its own typed data, the spec's type parameter), build its model, bind the training
+`Task` (tasks.base). What a task may do besides (save an export; from one, generate and evaluate
+a file) are the protocols of tasks.traits.
 """
 
 from __future__ import annotations
@@ -14,42 +16,43 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from torch import nn
 
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig, Plan
-from stagewise.config.registry import TASKS
+from stagewise.config.registry import TASKS, arch_model
 from stagewise.config.stage_config import EvalConfig, StageConfig
 from stagewise.errors import UserError
+from stagewise.tasks.batches import ExampleFiles
+from stagewise.tasks.traits import TaskTraits
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
 
     import torch
-    from tokenizers import Tokenizer
 
     from stagewise.data.prepared_data import PreparedData
     from stagewise.data.sources import Corpus
     from stagewise.models.adapters import AdapterStep
     from stagewise.tasks.base import Task
     from stagewise.tasks.chat import ChatTemplate
-    from stagewise.tasks.export import TrainedStage
     from stagewise.tasks.user_task import UserParts
 
 LM_FAMILY = "causal_lm"  # the tasks that train a causal LM (causal_lm, sft)
+D = TypeVar("D")  # a task's prepared data (PreparedData, SftData, ClassifyData, PairData, TagData, UserData)
 
 
 @dataclass(frozen=True)
-class StageSetup:
+class StageSetup(Generic[D]):
     """A stage's data and model. `head`: the model is a new head on the parent's LM, whose
     backbone weights are carried into it when the stage starts. `lm_based`: a causal LM or a
     head on one (it reads the plan's tokenizer)."""
 
-    spec: TaskSpec
-    data: Any  # the spec's prepared data (PreparedData, SftData, ClassifyData, PairData, TagData)
+    spec: TaskSpec[D]
+    data: D  # the spec's prepared data
     fingerprint: str  # of the stage's data as encoded: part of the stage key
     model: nn.Module
     lm_based: bool
@@ -68,7 +71,7 @@ class StageSetup:
 
     @property
     def unit(self) -> str:
-        return self.spec.unit
+        return self.spec.traits.unit
 
     @property
     def labels(self) -> list[str] | None:
@@ -108,9 +111,10 @@ class StageInput:
                 digest.update(path.read_bytes())
         return digest
 
-    def split_args(self, val: Path | None, max_len: int) -> dict[str, Any]:
-        """The validation split and example length every example task's `prepare_*` takes."""
-        return {"val_path": val, "val_fraction": self.config.val_fraction, "seed": self.plan.seed, "max_len": max_len}
+    def example_files(self, train: Path, val: Path | None, max_len: int, fmt: str | None) -> ExampleFiles:
+        """What a fine-tuning task's `prepare_*` reads: the stage's files (`files()`), its validation
+        split, `max_len` tokens per example, the tables' format."""
+        return ExampleFiles(train, val, self.config.val_fraction, self.plan.seed, max_len, fmt)
 
     @property
     def lm_data(self) -> PreparedData:
@@ -159,54 +163,55 @@ def column(cfg: DataConfig, key: str) -> str | int:
     return _COLUMNS[key] if value is None else value
 
 
-class TaskSpec(ABC):
+@runtime_checkable
+class TaskCore(Protocol):
+    """What every task does: prepare a stage's data (and its fingerprint, part of the stage key),
+    build the plan's model for a first stage, bind the training `Task` over a stage's model."""
+
+    name: str
+    traits: TaskTraits
+
+    def prepare(self, inp: StageInput) -> tuple[Any, str]: ...
+
+    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module: ...
+
+    def bind(self, setup: StageSetup[Any], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+             autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task: ...
+
+
+class TaskSpec(ABC, Generic[D]):
+    """The base of the tasks: the core (TaskCore) to implement, and what the plan's checks ask
+    of a task, from its traits."""
+
     name: ClassVar[str]
-    unit: ClassVar[str] = "examples"  # what a stage's size counts: "tokens" or "examples"
-    # Tasks of one family train the same model, one after the other (causal_lm and sft: a causal LM).
-    family: ClassVar[str]
-    heads_on_lm: ClassVar[bool] = False  # can put a new head on a causal LM (classify: ULMFiT)
-    samples: ClassVar[bool] = False  # the plan's `sample` continues a prompt with its model
-    metrics: ClassVar[tuple[str, ...]]  # what it reports unless `eval.metrics` says otherwise
-    # What `eval.metrics` may select (without `val_`), in place of the task's own scores of
-    # decoded outputs (`decoded`: those of `metrics` it replaces).
-    selectable: ClassVar[tuple[str, ...]] = ()
-    decoded: ClassVar[tuple[str, ...]] = ()
-    takes_adapters: ClassVar[bool] = False  # its stages may train an adapter (models.adapters)
-    mixes: ClassVar[bool] = False  # its stages may read a weighted mix of sources (data.mixture)
-    data_keys: ClassVar[frozenset[str]]  # of TASK_DATA_KEYS, those it reads
-    formats: ClassVar[tuple[str, ...]] = ("auto",)  # the data.format values it reads
-    table_files: ClassVar[bool] = False  # reads csv/tsv/jsonl tables (data.format, evaluate --format)
-    reads: ClassVar[str]  # its files, for messages
-    default_max_len: ClassVar[int | None] = None  # tokens (tag: words) per example
-    counts: ClassVar[str] = "examples"  # what `evaluate` counts
-    label_kind: ClassVar[str] = "label"  # what its labels are called in messages (tag: "tag")
-    beam_search: ClassVar[bool] = False  # decodes with a beam (eval.beam, --beam)
-    builtin: ClassVar[dict[str, type[nn.Module]]] = {}  # its own models by `model.arch` (tasks.models)
+    traits: ClassVar[TaskTraits]
 
     def is_builtin(self, cfg: ModelConfig) -> bool:
-        """The plan's model is one of this task's own (not a transformers one)."""
-        return cfg.arch in self.builtin
+        """The plan's model is one stagewise builds for this task (config.registry.ARCHS), not a
+        transformers one."""
+        return arch_model(cfg.arch, self.traits.model_kind) is not None
 
     # --- the plan --------------------------------------------------------------------------------
 
     def max_len(self, cfg: DataConfig) -> int:
         """Tokens (tag: words) per example: the data's max_len or the task's default."""
-        assert self.default_max_len is not None, f"{self.name} has no examples to cut"
-        return cfg.max_len or self.default_max_len
+        assert self.traits.default_max_len is not None, f"{self.name} has no examples to cut"
+        return cfg.max_len or self.traits.default_max_len
 
     def reported(self, cfg: EvalConfig) -> tuple[str, ...]:
         """The metrics a stage of this task reports with evaluation `cfg`: what rules, `until` and
         the search may read."""
         if cfg.metrics is None:
-            return self.metrics
-        kept = tuple(m for m in self.metrics if m.removeprefix("val_") not in self.decoded)
+            return self.traits.metrics
+        kept = tuple(m for m in self.traits.metrics if m.removeprefix("val_") not in self.traits.decoded)
         return (*kept, *(f"val_{name}" for name in cfg.metrics))
 
     def check_metrics(self, cfg: EvalConfig, where: str) -> None:
         """`eval.metrics` names metrics this task can compute, each once."""
+        selectable = self.traits.selectable
         for i, name in enumerate(cfg.metrics or ()):
-            if name not in self.selectable:
-                can = f"it can compute: {', '.join(self.selectable)}" if self.selectable else "it computes none"
+            if name not in selectable:
+                can = f"it can compute: {', '.join(selectable)}" if selectable else "it computes none"
                 raise UserError(f"{where}.eval.metrics[{i}]", f"task {self.name} cannot compute '{name}' ({can})")
             if cfg.metrics.index(name) != i:  # type: ignore[union-attr]
                 raise UserError(f"{where}.eval.metrics[{i}]", f"'{name}' is listed twice")
@@ -220,77 +225,70 @@ class TaskSpec(ABC):
     def can_follow(self) -> list[str]:
         """The tasks whose model a stage of this task can train (its family), then those it can put
         a head on (heads_on_lm)."""
-        own = [t.name for t in TASKS.values() if t.family == self.family]
-        heads = [t.name for t in TASKS.values() if self.heads_on_lm and t.family == LM_FAMILY and t.name not in own]
+        family = self.traits.family
+        own = [t.name for t in TASKS.values() if t.traits.family == family]
+        heads = [t.name for t in TASKS.values()
+                 if self.traits.heads_on_lm and t.traits.family == LM_FAMILY and t.name not in own]
         return own + heads
 
-    def uses_lm_tokenizer(self, parent: StageSetup | None, plan: Plan) -> bool:
+    def uses_lm_tokenizer(self, parent: StageSetup[Any] | None, plan: Plan) -> bool:
         """Whether the stage reads the plan's tokenizer (trains a causal LM or a head on one)."""
-        return self.family == LM_FAMILY
+        return self.traits.family == LM_FAMILY
 
     def table_format(self, cfg: DataConfig, where: str) -> str | None:
         """The reader's format for the stage's files (None: told by their extensions)."""
-        if cfg.format not in self.formats:
-            raise UserError(f"{where}.format", f"a {self.name} stage reads {self.reads}: format "
-                                               f"{' or '.join(self.formats)} (got '{cfg.format}')")
-        return {"auto": None, "json": "jsonl"}.get(cfg.format, cfg.format) if self.table_files else None
+        if cfg.format not in self.traits.formats:
+            raise UserError(f"{where}.format", f"a {self.name} stage reads {self.traits.reads}: format "
+                                               f"{' or '.join(self.traits.formats)} (got '{cfg.format}')")
+        return {"auto": None, "json": "jsonl"}.get(cfg.format, cfg.format) if self.traits.table_files else None
 
     # --- preparing and training ---------------------------------------------------------------------
 
     @abstractmethod
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[D, str]:
         """The stage's data and its fingerprint; bad files are one-line UserErrors."""
 
-    def n_train(self, data: Any) -> int:
+    def n_train(self, data: D) -> int:
         """What a pass over the prepared training data holds: tokens or examples."""
-        return len(data.train)
+        return len(data.train)  # type: ignore[attr-defined]
 
-    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+    def root_model(self, cfg: ModelConfig, data: D) -> nn.Module:
         """The plan's model for a first (or `from: init`) stage of this task."""
         raise UserError("model", f"a {self.name} stage cannot start from the plan's model")
 
-    def head_model(self, lm: nn.Module, data: Any, where: str) -> nn.Module:
+    def head_model(self, lm: nn.Module, data: D, where: str) -> nn.Module:
         """A new model of this task on a causal LM's backbone (heads_on_lm)."""
         raise NotImplementedError
 
-    def longest_example(self, data: Any) -> int | None:
+    def longest_example(self, data: D) -> int | None:
         """Tokens in the longest encoded example, for a task that feeds a causal LM's positions."""
         return None
 
-    def labels(self, data: Any) -> list[str] | None:
+    def labels(self, data: D) -> list[str] | None:
         """The classes (classify) or tags (tag) the model predicts, in id order."""
         return None
 
     @abstractmethod
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[D], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         """The training task over the stage's model and data."""
 
-    # --- exports -------------------------------------------------------------------------------------
 
-    @abstractmethod
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
-        """The stage's final model as a directory usable without the plan (tasks.export)."""
-
-    @abstractmethod
-    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
-        """What the exported model makes of `prompt`."""
-
-    @abstractmethod
-    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, float], int]:
-        """The task's validation metrics on a file like the stage's own, and how many
-        `counts` were scored."""
-
-
-def task_spec(name: str, where: str = "task") -> TaskSpec:
+def task_spec(name: str, where: str = "task") -> TaskSpec[Any]:
     """The registered task `name` (config.registry)."""
     if name not in TASKS:
         raise UserError(where, f"unknown task '{name}' (tasks: {', '.join(TASKS)})")
-    spec: TaskSpec = TASKS[name]
+    spec: TaskSpec[Any] = TASKS[name]
     return spec
 
 
-def register_task(spec: type[TaskSpec]) -> type[TaskSpec]:
+S = TypeVar("S", bound=type[TaskSpec[Any]])
+
+
+def register_task(spec: S) -> S:
     """Class decorator: add the task `spec` (an instance of it) to the registry under its `name`."""
-    TASKS[spec.name] = spec()
+    instance = spec()
+    if not isinstance(instance, TaskCore) or not isinstance(getattr(spec, "traits", None), TaskTraits):
+        raise TypeError(f"task {spec.__name__} needs a name, TaskTraits and prepare, root_model, bind (TaskCore)")
+    TASKS[spec.name] = instance
     return spec

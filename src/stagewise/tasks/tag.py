@@ -22,9 +22,8 @@ from torch.nn import functional as F
 from stagewise.config.data_config import DataConfig
 from stagewise.config.plan_config import ModelConfig
 from stagewise.config.stage_config import StageConfig
-from stagewise.models.bigru import BiGRUTagger
 from stagewise.tasks.base import Batch, ExampleTask, Task
-from stagewise.tasks.batches import split_records
+from stagewise.tasks.batches import ExampleFiles
 from stagewise.tasks.classify import logits_of
 from stagewise.tasks.encode import IGNORE, encode_tagging, targets
 from stagewise.tasks.export import TrainedStage, auto_tokenizer, load_transformers, save_builtin, save_transformers
@@ -33,6 +32,7 @@ from stagewise.tasks.metrics import span_f1
 from stagewise.tasks.models import check_arch, from_config, root_model
 from stagewise.tasks.readers import read_conll
 from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.traits import TaskTraits
 from stagewise.tasks.vocab import PAD_ID, word_vocab
 
 MAX_LEN = 128  # words per sentence when the data sets no max_len
@@ -60,13 +60,9 @@ class TagData:
     val: TagRows
 
 
-def prepare_tag(train_path: Path, *, val_path: Path | None = None, val_fraction: float = 0.1, seed: int = 0,
-                vocab_size: int | None = None, max_len: int = MAX_LEN) -> TagData:
-    records = read_conll(train_path)
-    if val_path is not None:
-        train, val = records, read_conll(val_path)
-    else:
-        train, val = split_records(records, val_fraction, seed)
+def prepare_tag(files: ExampleFiles, *, vocab_size: int | None = None) -> TagData:
+    train, val = files.split(read_conll)
+    max_len = files.max_len or MAX_LEN
     vocab = word_vocab((words for words, _ in train), vocab_size)
     tag_map = LabelMap.from_labels((tag for _, tags in train for tag in tags), kind="tag")
     encoded = [TagRows(*encode_tagging(part, vocab, tag_map, max_len, PAD_ID)) for part in (train, val)]
@@ -131,26 +127,20 @@ class TagTask(ExampleTask):
         return evaluate_tag(self.model, self.data, batch_size, self.device)
 
 
-class TagSpec(TaskSpec):
+class TagSpec(TaskSpec[TagData]):
     name = "tag"
-    builtin = {"bigru": BiGRUTagger}
-    family = "tag"
-    metrics = ("val_loss", "train_loss", "val_span_f1")
-    selectable = decoded = ("span_f1",)
-    data_keys = frozenset({"max_len"})
-    reads = "CoNLL files"
-    default_max_len = MAX_LEN
-    counts = "sentences"
-    label_kind = "tag"
+    traits = TaskTraits(family="tag", metrics=("val_loss", "train_loss", "val_span_f1"), data_keys=frozenset({"max_len"}),
+                        reads="CoNLL files", arch_kind="tag", selectable=("span_f1",), decoded=("span_f1",),
+                        default_max_len=MAX_LEN, counts="sentences", label_kind="tag")
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[TagData, str]:
         train, val = inp.files()
         digest = inp.digest(self.name, (train, val))
-        self.table_format(inp.config, inp.where)
-        data = prepare_tag(train, vocab_size=inp.word_vocab_size, **inp.split_args(val, self.max_len(inp.config)))
+        files = inp.example_files(train, val, self.max_len(inp.config), self.table_format(inp.config, inp.where))
+        data = prepare_tag(files, vocab_size=inp.word_vocab_size)
         return data, digest.hexdigest()
 
-    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+    def root_model(self, cfg: ModelConfig, data: TagData) -> nn.Module:
         def token_classifier(arch: str, keys: dict[str, Any]) -> nn.Module:
             """A transformers token classifier (e.g. bert): one position per word."""
             from transformers import AutoModelForTokenClassification
@@ -168,14 +158,14 @@ class TagSpec(TaskSpec):
     def sizes(data: TagData) -> dict[str, int]:
         return {"num_tags": len(data.tag_map), "vocab_size": data.vocab.get_vocab_size()}
 
-    def labels(self, data: Any) -> list[str]:
+    def labels(self, data: TagData) -> list[str]:
         return list(data.tag_map.labels)
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[TagData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return TagTask(setup.model, device, autocast, setup.data)
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+    def save(self, setup: StageSetup[TagData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         if not self.is_builtin(model_cfg):  # a token classifier from config (bert): its word vocabulary
             save_transformers(setup.model, setup.labels, auto_tokenizer(setup.data.vocab), out)
             return

@@ -40,14 +40,14 @@ from stagewise.data.split import held_out
 from stagewise.errors import UserError
 from stagewise.tasks.base import Batch, ExampleTask, Task
 from stagewise.tasks.export import WEIGHTS
-from stagewise.tasks.spec import GenerateOptions, StageInput, StageSetup, TaskSpec
+from stagewise.tasks.spec import StageInput, StageSetup, TaskSpec
+from stagewise.tasks.traits import TaskTraits
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from tokenizers import Tokenizer
 
-    from stagewise.tasks.export import TrainedStage
 
 Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 PLACEHOLDER = "python_object"  # the plan's model / data key when the objects come from Python
@@ -245,14 +245,12 @@ class UserTask(ExampleTask):
                      if not t.is_floating_point() else t for t in batch)
 
 
-class UserTaskSpec(TaskSpec):
+class UserTaskSpec(TaskSpec[UserData]):
     name = TASK
-    family = TASK
-    metrics = ("val_loss", "train_loss")
-    data_keys = frozenset()
-    reads = "the rows passed from Python"
+    traits = TaskTraits(family=TASK, metrics=("val_loss", "train_loss"), data_keys=frozenset(),
+                        reads="the rows passed from Python")
 
-    def prepare(self, inp: StageInput) -> tuple[Any, str]:
+    def prepare(self, inp: StageInput) -> tuple[UserData, str]:
         parts = inp.parts
         data = parts.data_for(inp.stage) if parts is not None else None
         if parts is None or data is None or parts.loss is None:
@@ -278,14 +276,14 @@ class UserTaskSpec(TaskSpec):
                                                  inp.plan.seed]).encode()).hexdigest()
         return UserData(train, val, parts.model, parts.loss), fingerprint
 
-    def root_model(self, cfg: ModelConfig, data: Any) -> nn.Module:
+    def root_model(self, cfg: ModelConfig, data: UserData) -> nn.Module:
         return data.model
 
-    def bind(self, setup: StageSetup, cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
+    def bind(self, setup: StageSetup[UserData], cfg: StageConfig, data_cfg: DataConfig, device: torch.device,
              autocast: Callable[[], AbstractContextManager[None]], compile: bool) -> Task:
         return UserTask(setup.model, device, autocast, setup.data)
 
-    def save(self, setup: StageSetup, lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
+    def save(self, setup: StageSetup[UserData], lm_tokenizer: Tokenizer | None, model_cfg: ModelConfig, out: Path) -> None:
         """A transformers model as save_pretrained writes it; any other as its state dict (safetensors)."""
         out.mkdir(parents=True, exist_ok=True)
         if callable(save := getattr(setup.model, "save_pretrained", None)):
@@ -295,11 +293,3 @@ class UserTaskSpec(TaskSpec):
             save(out)
         else:
             save_model(setup.model, str(out / WEIGHTS))
-
-    def generate(self, stage: TrainedStage, prompt: str, opts: GenerateOptions) -> str:
-        raise UserError("generate", f"stage '{stage.name}' trained a model passed from Python (task python): "
-                                    "use the model object")
-
-    def evaluate_file(self, stage: TrainedStage, path: Path, fmt: str | None, beam: int) -> tuple[dict[str, float], int]:
-        raise UserError("evaluate", f"stage '{stage.name}' trained a model passed from Python (task python): "
-                                    "evaluate it with your loss")

@@ -20,8 +20,9 @@ from stagewise.errors import UserError
 from stagewise.tasks.export import MARKER, TrainedStage
 from stagewise.tasks.labels import LabelMap
 from stagewise.tasks.spec import GenerateOptions, task_spec
+from stagewise.tasks.traits import EvaluatesFiles, Generates
 
-COUNTS = tuple(dict.fromkeys(spec.counts for spec in TASKS.values()))  # what `evaluate` counts, by task
+COUNTS = tuple(dict.fromkeys(spec.traits.counts for spec in TASKS.values()))  # what `evaluate` counts, by task
 
 
 def _plan(run: Path) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def open_stage(run: Path, stage: str | None) -> TrainedStage:
     spec = task_spec(marker["task"], str(directory / MARKER))
     labels = None
     if marker.get("labels") is not None:
-        labels = LabelMap.from_state_dict({"labels": marker["labels"], "kind": spec.label_kind}, str(directory / MARKER))
+        labels = LabelMap.from_state_dict({"labels": marker["labels"], "kind": spec.traits.label_kind}, str(directory / MARKER))
     return TrainedStage(directory, spec, labels, data, config["batch"]["size"], config["eval"]["beam"],
                         tuple(config["eval"].get("metrics") or ()))
 
@@ -77,8 +78,8 @@ def export(run: Path, stage: str | None, to: Path) -> tuple[str, Path]:
 
 
 def _check_beam(stage: TrainedStage, given: bool) -> None:
-    if given and not stage.spec.beam_search:
-        which = " and ".join(t.name for t in TASKS.values() if t.beam_search)
+    if given and not stage.spec.traits.beam_search:
+        which = " and ".join(t.name for t in TASKS.values() if t.traits.beam_search)
         raise UserError("--beam", f"only {which} stages decode with a beam ('{stage.name}' is {stage.task})")
 
 
@@ -87,12 +88,14 @@ def generate(stage: TrainedStage, prompt: str, opts: GenerateOptions = GenerateO
     predicted label and its probability (classify), a translation (seq2seq, greedy when beam is
     1) or word/TAG pairs (tag)."""
     _check_beam(stage, opts.beam != 1)
-    if not stage.spec.samples and (opts.messages is not None or opts.stop):
-        which = " and ".join(t.name for t in TASKS.values() if t.samples)
+    if not stage.spec.traits.samples and (opts.messages is not None or opts.stop):
+        which = " and ".join(t.name for t in TASKS.values() if t.traits.samples)
         raise UserError("--chat" if opts.messages is not None else "--stop",
                         f"only {which} stages continue text ('{stage.name}' is {stage.task})")
-    if not stage.spec.samples and not prompt.strip():
+    if not stage.spec.traits.samples and not prompt.strip():
         raise UserError("--prompt", f"a {stage.task} stage needs a text to work on")
+    if not isinstance(stage.spec, Generates):
+        raise UserError("generate", f"task {stage.task} generates nothing (stage '{stage.name}'): use its model")
     return stage.spec.generate(stage, prompt, opts)
 
 
@@ -102,10 +105,12 @@ def evaluate(stage: TrainedStage, data: Path, fmt: str | None = None, beam: int 
     tokens / examples / sentences were scored. `fmt`: csv, tsv or jsonl for table files (default:
     told by the extension, as training tells it); `beam`: seq2seq's decoding (default: the
     stage's eval.beam)."""
-    if fmt is not None and not stage.spec.table_files:
-        which = " and ".join(t.name for t in TASKS.values() if t.table_files)
+    if fmt is not None and not stage.spec.traits.table_files:
+        which = " and ".join(t.name for t in TASKS.values() if t.traits.table_files)
         raise UserError("--format", f"only for {which} files ({stage.task} files have one format)")
     _check_beam(stage, beam is not None)
+    if not isinstance(stage.spec, EvaluatesFiles):
+        raise UserError("evaluate", f"task {stage.task} evaluates no files (stage '{stage.name}'): use its model")
     metrics, count = stage.spec.evaluate_file(stage, data, fmt, beam or stage.beam)
     names = {"val_ppl": "perplexity"}
-    return {**{names.get(k, k.removeprefix("val_")): v for k, v in metrics.items()}, stage.spec.counts: count}
+    return {**{names.get(k, k.removeprefix("val_")): v for k, v in metrics.items()}, stage.spec.traits.counts: count}

@@ -27,7 +27,7 @@ def write_folds(plan: Plan, plan_path: Path, stage_name: str, k: int, out: Path)
     index = next(i for i, s in enumerate(plan.stages) if s.name == stage_name)
     stage = plan.stages[index]
     spec = task_spec(stage.task)
-    if "label" not in spec.data_keys or not spec.table_files:
+    if "label" not in spec.traits.data_keys or not spec.traits.table_files:
         raise UserError("--cv", f"stage '{stage_name}' ({stage.task}) has no labeled table to stratify folds by "
                                 "(cross-validation is for stages of labeled records, e.g. classify)")
     if k < 2:
