@@ -75,25 +75,3 @@ def test_a_split_that_leaves_no_training_records_is_one_line(tmp_path):
     with pytest.raises(UserError, match="one.tsv: .*leaves none for training"):
         prepare_classify(ExampleFiles(path, val_fraction=0.5), text_field=1, label_field=0)
 
-
-@pytest.mark.parametrize(("rows", "val"), [(40, 4), (300, 30)])
-def test_a_classifier_validating_on_few_examples_says_so(tmp_path, capsys, rows, val):
-    import yaml
-
-    from stagewise.cli import main
-    from stagewise.tasks.classify import MIN_VAL_EXAMPLES
-
-    data = tmp_path / "t.tsv"
-    data.write_text("".join(f"{'ab'[i % 2]}\tword{i} and more {i % 7}\n" for i in range(rows)), encoding="utf-8")
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({
-        "name": "cls", "precision": "fp32", "model": {"arch": "bigru", "embed_dim": 8, "hidden": 8, "dense": 8},
-        "tokenizer": {"kind": "word", "vocab_size": 300},
-        "data": {"train": str(data), "field": 1, "label": 0, "format": "tsv", "val_fraction": 0.1},
-        "stages": [{"name": "fit", "task": "classify", "optimizer": {"name": "adam", "lr": 1e-2},
-                    "batch": {"size": 4}, "steps": 2}]}), encoding="utf-8")
-    assert main(["check", str(plan), "--cache", str(tmp_path / "cache")]) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "validates on" in line]
-    assert MIN_VAL_EXAMPLES == 30
-    assert warned == ([f"warning: data: validates on {val} example(s), fewer than 30: its val_loss and "
-                       "scores are noise (a larger data.val file or val_fraction)"] if val < 30 else [])

@@ -10,7 +10,6 @@ backbone (models.heads.classifier_from_lm).
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -45,9 +44,6 @@ from stagewise.tasks.vocab import PAD_ID, word_tokenizer
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
 MAX_LEN = 128  # tokens per text when the data sets no max_len
 SCORES = ("accuracy", "macro_f1")
-# Below this many validation examples one example moves accuracy by more than 3 points: the
-# scores that rules, `until` and a search's objective act on are noise, so a stage says so.
-MIN_VAL_EXAMPLES = 30
 
 
 @dataclass(frozen=True)
@@ -180,9 +176,6 @@ class ClassifySpec(TaskSpec[ClassifyData]):
             warn_unknown(unknown, inp.where, f"the {len(data.train) + len(data.val)} texts")
         else:
             data = prepare_classify(files, text, label, vocab_size=inp.word_vocab_size)
-        if len(data.val) < MIN_VAL_EXAMPLES:
-            print(f"warning: {inp.where}: validates on {len(data.val)} example(s), fewer than {MIN_VAL_EXAMPLES}: its "
-                  "val_loss and scores are noise (a larger data.val file or val_fraction)", file=sys.stderr)
         return data, digest.hexdigest()
 
     def root_model(self, cfg: ModelConfig, data: ClassifyData) -> nn.Module:
