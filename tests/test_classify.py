@@ -74,4 +74,3 @@ def test_a_split_that_leaves_no_training_records_is_one_line(tmp_path):
     path.write_text("ham\thello\n", encoding="utf-8")
     with pytest.raises(UserError, match="one.tsv: .*leaves none for training"):
         prepare_classify(ExampleFiles(path, val_fraction=0.5), text_field=1, label_field=0)
-
