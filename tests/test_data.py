@@ -210,6 +210,20 @@ def test_non_utf8_names_the_byte_offset(tmp_path):
         f"data.train: {p}: not UTF-8: byte 0xe9 at offset 3 (invalid continuation byte)")
 
 
+@pytest.mark.parametrize("name, encoding, where", [
+    ("w.txt", "utf-16", "byte 0xff at offset 0 (invalid start byte)"),  # Windows' "Unicode": a byte-order mark
+    ("w.txt", "utf-16-be", "byte 0xe9 at offset 29 (invalid continuation byte)"),  # no mark, zero bytes
+    ("w.csv", "utf-16", "byte 0xff at offset 0 (invalid start byte)"),
+])
+def test_a_utf16_file_is_named_as_such(tmp_path, name, encoding, where):
+    p = tmp_path / name
+    p.write_bytes("text,label\nCaf\u00e9 au lait,a\nthe sea,b\n".encode(encoding))
+    line = "1" if name.endswith(".csv") else None
+    found = bad(tmp_path, train=name, **({"field": "text"} if line else {}))
+    assert found == f"data.train: {p}{':' + line if line else ''}: not UTF-8: {where}; it looks like UTF-16: " \
+                    "save it as UTF-8"
+
+
 @pytest.mark.parametrize("name", ["m.jsonl", "m.csv", "m.parquet"])
 def test_missing_column_names_the_columns_present(tmp_path, name):
     table = pa.table({"body": ["x", "y"], "label": ["a", "b"]})

@@ -128,6 +128,7 @@ def test_a_second_process_on_a_run_says_who_holds_it(tmp_path: Path, reference: 
         _one_line(err)
         assert f"error: --out {out}: is being trained by pid {holder.pid} on " in err and "(since 20" in err
         assert not (out / "events.jsonl").exists()
+        assert not (tmp_path / "c").exists()  # said before any preparation: no data read into a cache
     finally:
         holder.kill()
         holder.wait()

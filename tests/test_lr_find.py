@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_plan, write_plan
 from rich.console import Console
 
@@ -141,3 +143,75 @@ def test_the_sweep_leaves_weights_and_optimizer_state_as_they_were(tmp_path: Pat
     after = optimizer.optimizer.state_dict()["state"]
     assert after.keys() == moments.keys()
     assert all(torch.equal(t, moments[k][n]) for k, v in after.items() for n, t in v.items())
+
+
+def test_a_flat_curve_has_no_suggestion() -> None:
+    lrs = [10 ** (-9 + i / 10) for i in range(40)]
+    noise = [3.0 + 0.004 * ((i * 7) % 5 - 2) for i in range(40)]  # wobbles, never falls 0.5%
+    assert suggestions(lrs, noise) == (None, None)
+    falling = [3.0 - 0.001 * i for i in range(40)]  # falls 1%
+    assert suggestions(lrs, falling) != (None, None)
+
+
+def test_lr_find_says_when_the_sweep_finds_no_descent(tmp_path: Path, corpus: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_plan(tmp_path, tiny_plan(corpus, [{**STAGE, "name": "fit"}]))
+    written = tmp_path / "tuned.yaml"
+    # LRs far below where the stage learns: the loss does not move
+    assert main(["lr-find", str(path), "--stage", "fit", "--start", "1e-12", "--end", "1e-10", "--steps", "10",
+                 "--out", str(tmp_path / "lr"), "--cache", str(tmp_path / "cache"), "--write", str(written)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"no suggested LR: no usable descent: the smoothed loss fell 0\.[0-4]% before its minimum "
+                     r"\(a suggestion needs 0\.5%\)", printed)
+    assert "steepest" not in printed and "no plan written (no suggestion)" in printed
+    assert not written.exists()
+    assert json.loads((tmp_path / "lr/fit/lr_find.json").read_text())["steep"] is None
+    # `stagewise runs` shows the folder as what it is, not as an interrupted run of no stages
+    assert main(["runs", str(tmp_path / "lr")]) == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "lr-find stage 'fit': no suggestion (no usable descent)" in listed and "interrupted" not in listed
+
+
+PLAN_TEXT = """\
+# A plan as a person writes it: comments, flow mappings, a quoted path, its own indentation.
+name: tiny
+seed: 7
+precision: fp32
+model: {arch: gpt2, n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32}
+tokenizer: {kind: char}
+data:
+    train: "text/corpus.txt"   # relative to this file
+    val_fraction: 0.1
+defaults:
+    batch: {size: 8}
+    eval: {batches: 10}
+stages:
+    - name: fit    # the stage lr-find sweeps
+      optimizer: {name: adamw, lr: 1e-3}   # Adam's usual
+      steps: 60
+"""
+
+
+def test_write_keeps_the_plans_comments_and_layout(tmp_path: Path, corpus: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    plans = tmp_path / "plans"
+    (plans / "text").mkdir(parents=True)
+    (plans / "text" / "corpus.txt").write_bytes(corpus.read_bytes())
+    path = plans / "plan.yaml"
+    path.write_text(PLAN_TEXT, encoding="utf-8")
+    written = tmp_path / "tuned" / "tuned.yaml"
+    written.parent.mkdir()
+    found = lr_find(path, [], "fit", start=1e-4, end=10.0, steps=20, out=tmp_path / "lr", cache=tmp_path / "cache",
+                    write=written, console=_quiet(tmp_path))
+    assert found.minimum is not None
+    lr = yaml.safe_load(written.read_text())["stages"][0]["optimizer"]["lr"]
+    assert lr == found.minimum
+    # only the LR and the path (now relative to the written plan) changed; every comment stays (one
+    # space after a value that grew past its comment's column)
+    assert written.read_text(encoding="utf-8") == PLAN_TEXT.replace("lr: 1e-3}   #", f"lr: {lr}}} #").replace(
+        '"text/corpus.txt"   #', '"../plans/text/corpus.txt" #')
+    assert load_plan(written).data.train == "../plans/text/corpus.txt"
+    assert main(["check", str(written)]) == 0
+    assert main(["runs", str(tmp_path / "lr")]) == 0
+    assert f"lr-find stage 'fit': minimum / 10 {found.minimum:.2e}, steepest {found.steep:.2e}" in \
+        " ".join(capsys.readouterr().out.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -264,3 +265,21 @@ def test_report_and_runs_from_python_are_what_the_commands_show(run_dir: Path, t
     assert compared == root / "done" / "report.html" and "2 runs compared" in compared.read_text(encoding="utf-8")
     with pytest.raises(stagewise.UserError, match="no such directory"):
         stagewise.runs(tmp_path / "nowhere")
+
+
+def test_the_page_is_titled_by_the_plan_and_shows_regularization_and_short_decisions(tmp_path: Path,
+                                                                                     corpus: Path) -> None:
+    stages = [{**STAGES[0], "regularization": {"l2": 0.01, "dropout": 0.1}},
+              {**STAGES[1], "until": {"plateau": {"patience": 0, "min_delta": 100.0}}, "eval": {"every": 5}}]
+    path = write_plan(tmp_path, tiny_plan(corpus, stages, name="shakespeare"))
+    run = tmp_path / "runs" / "attempt-3"
+    train(prepare(load_plan(path), path, tmp_path / "cache"), run)
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<title>shakespeare</title>" in page and "<h1>shakespeare (attempt-3)</h1>" in page
+    assert "<td>l2=0.01 dropout=0.1</td>" in page  # the first stage's; the second sets none
+    assert page.count("<td>-</td>") >= 1
+    # the decisions table (the plateau's early stop) prints its floats to 4 significant digits
+    decisions = page.split("<h2>Decisions</h2>")[1].split("</table>")[0]
+    floats = re.findall(r"\d+\.\d+", decisions)
+    assert floats and all(len(f.replace(".", "").lstrip("0")) <= 4 for f in floats), decisions

@@ -26,8 +26,9 @@ from stagewise.engine.run_plan import train
 from stagewise.errors import RunStopped
 from stagewise.plan.load import load_plan
 from stagewise.tuning import study as study_module
-from stagewise.tuning.results import trial_rows
+from stagewise.tuning.results import edge_notes, trial_rows
 from stagewise.tuning.run_search import SearchOptions, prepare_search, search
+from stagewise.tuning.space import Param
 from stagewise.tuning.trial import Pruned, run_trial
 
 TWO_STAGES = [
@@ -288,6 +289,25 @@ def test_stratified_folds_keep_each_label_share() -> None:
     ({"stages.cooldown.optimizer.name": {"choice": ["sgd", "adamm"]}}, [],
      "error: SPACE: stages.cooldown.optimizer.name: 'adamm' makes PLAN invalid: stages[1].optimizer.name: input "
      "should be 'gd', 'sgd', 'sgd_l1', 'adam', 'adamw', 'muon', 'schedulefree_adamw' or 'schedulefree_sgd' (got 'adamm')"),
+    ({"stages.cooldown.optimizer.lr": {"float": [1e-4, 1e-2], "when": {1e-3: {"stages.cooldown.steps": {"int": [2, 4]}}}}},
+     [], "error: SPACE: stages.cooldown.optimizer.lr.when: only a choice has `when` (a distribution per value of "
+         "the choice)"),
+    ({"stages.cooldown.optimizer.name": {"choice": ["adamw", "sgd"], "when": {"adam": {"stages.cooldown.steps":
+                                                                                     {"int": [2, 4]}}}}}, [],
+     "error: SPACE: stages.cooldown.optimizer.name.when.adam: not one of the choices ['adamw', 'sgd']"),
+    ({"stages.cooldown.optimizer.name": {"choice": ["adamw", "sgd"], "when": {"sgd": {"stages.cooldown.optimizer.lr":
+                                                                                    {"float": [1.0, 0.1]}}}}}, [],
+     "error: SPACE: stages.cooldown.optimizer.name.when.sgd.stages.cooldown.optimizer.lr.float: empty range "
+     "[1.0, 0.1]: need lo < hi"),
+    ({"stages.cooldown.optimizer.name": {"choice": ["adamw", "sgd"], "when": {"sgd": {"stages.cooldown.steps":
+                                                                                    {"int": [0, 4]}}}}}, [],
+     "error: SPACE: stages.cooldown.steps|sgd: 0 makes PLAN invalid: stages[1].steps: input should be greater than "
+     "or equal to 1 (got 0)"),
+    ({"stages.cooldown.steps": {"int": [2, 4]},
+      "stages.cooldown.optimizer.name": {"choice": ["adamw", "sgd"], "when": {"sgd": {"stages.cooldown.steps":
+                                                                                    {"int": [5, 9]}}}}}, [],
+     "error: SPACE: stages.cooldown.steps: sampled twice in one trial (a key either has one distribution, or one "
+     "per value of a single choice)"),
     (SPACE, ["--metric", "cooldown.val_accuracy"],
      "error: --metric: stage 'cooldown' (causal_lm) never logs 'val_accuracy' (it logs val_loss, val_ppl, "
      "train_loss)"),
@@ -374,3 +394,54 @@ def test_best_yaml_checks_and_trains_where_it_is_written(tmp_path: Path, corpus:
     # the same files and values as the best trial: the same stage keys, so both stages are reused
     assert [e["stage"] for e in read_jsonl(Path("best-run/events.jsonl")) if e["event"] == "stage_reused"] \
         == ["stable", "cooldown"]
+
+
+LR_PER_OPTIMIZER = {"stages.cooldown.optimizer.name": {"choice": ["adamw", "sgd"], "when": {
+    "adamw": {"stages.cooldown.optimizer.lr": {"float": [1e-4, 3e-3], "log": True}},
+    "sgd": {"stages.cooldown.optimizer.lr": {"float": [0.03, 1.0], "log": True},
+            "stages.cooldown.optimizer.momentum": {"choice": [0.0, 0.9]}}}}}
+
+
+def test_a_choice_gives_each_value_its_own_ranges(tmp_path: Path, corpus: Path) -> None:
+    stages = [TWO_STAGES[0], {**TWO_STAGES[1], "optimizer": {"name": "adamw", "lr": 1e-3, "handoff": "reset"}}]
+    raw = tiny_plan(corpus, stages)
+    raw["defaults"]["eval"]["batches"] = 3
+    plan, out = write_plan(tmp_path, raw), tmp_path / "search"
+    console = tmp_path / "console.txt"
+    result = search(plan, SearchOptions(space=_space(tmp_path, LR_PER_OPTIMIZER), trials=6, out=out, sampler="random",
+                                        pruner="none"),
+                    Console(width=200, file=open(console, "w")))
+    assert [r.state for r in result.rows] == ["complete"] * 6
+    names = {r.params["stages.cooldown.optimizer.name"] for r in result.rows}
+    assert names == {"adamw", "sgd"}  # the seed draws both
+    for row in result.rows:
+        chosen = row.params["stages.cooldown.optimizer.name"]
+        lr = row.params[f"stages.cooldown.optimizer.lr|{chosen}"]  # each optimizer's range, by its own name
+        assert set(row.params) == {"stages.cooldown.optimizer.name", f"stages.cooldown.optimizer.lr|{chosen}"} | (
+            {"stages.cooldown.optimizer.momentum|sgd"} if chosen == "sgd" else set())
+        assert (1e-4 <= lr <= 3e-3) if chosen == "adamw" else (0.03 <= lr <= 1.0)
+        trained = yaml.safe_load((out / f"trials/{row.number:04d}/plan.yaml").read_text())["stages"][1]["optimizer"]
+        assert trained["name"] == chosen and trained["lr"] == pytest.approx(lr)
+    text = " ".join(console.read_text().split())
+    # the plain key in the best plan and in the command that reproduces it
+    best = min(result.rows, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+    chosen = best.params["stages.cooldown.optimizer.name"]
+    lr = best.params[f"stages.cooldown.optimizer.lr|{chosen}"]
+    assert load_plan(out / "best.yaml").stages[1].optimizer.lr == pytest.approx(lr)
+    assert f"stages.cooldown.optimizer.name={chosen} stages.cooldown.optimizer.lr={lr}" in text
+    # the running trial's progress in the terminal: each stage's start, its quarters, its evaluations
+    assert "trial 0: stage 'stable' starts (16 updates)" in text and "trial 0: stage 'stable' step 4/16, loss" in text
+    assert "trial 0: stage 'cooldown' step 3/6: val_loss" in text
+    # 6 trials are too few for importances to mean anything, and the notes say so
+    assert "parameter importances from 6 completed trials mean little (they need 10)" in " ".join(result.notes)
+
+
+def test_a_best_value_at_the_end_of_its_range_is_noted() -> None:
+    space = [Param("a", "float", 1e-4, 1e-2, log=True, name="a"), Param("b", "int", 8, 32, name="b")]
+    assert edge_notes({"a": 1.2e-4, "b": 20}, space) == [
+        "the best a = 0.00012 is at the low end of its range [0.0001, 0.01] (in its outer 5%, log scale): the best "
+        "value may lie beyond it; widen the range"]
+    assert edge_notes({"a": 1e-3, "b": 31}, space) == [
+        "the best b = 31 is at the high end of its range [8, 32] (in its outer 5%): the best value may lie beyond "
+        "it; widen the range"]
+    assert edge_notes({"a": 1e-3, "b": 20}, space) == []

@@ -320,10 +320,13 @@ def _lr_find(args: argparse.Namespace, console: Console) -> int:
                               out=args.out, cache=args.cache, write=args.write, suggestion=args.suggestion,
                               console=console)
     shown = {"steepest descent": found.steep, "minimum / 10": found.minimum}
-    console.print(f"lr-find of stage '{found.stage}': {len(found.lrs)} updates, {found.stopped}; suggested LR: "
-                  + ", ".join(f"{k} {'-' if v is None else f'{v:.2e}'}" for k, v in shown.items()),
+    suggested = f"no suggested LR: {found.flat}" if found.flat else "suggested LR: " + ", ".join(
+        f"{k} {'-' if v is None else f'{v:.2e}'}" for k, v in shown.items())
+    console.print(f"lr-find of stage '{found.stage}': {len(found.lrs)} updates, {found.stopped}; {suggested}",
                   markup=False, highlight=False)
-    console.print(f"plot written to {found.plot}" + (f"; plan written to {found.written}" if found.written else ""))
+    written = f"; plan written to {found.written}" if found.written else (
+        "; no plan written (no suggestion)" if args.write is not None else "")
+    console.print(f"plot written to {found.plot}{written}", markup=False, highlight=False)
     return 0
 
 

@@ -233,6 +233,18 @@ class Scan:
         return self.size == 0
 
 
+def not_utf8(data: bytes, base: int, e: UnicodeDecodeError) -> str:
+    """What a byte that is not UTF-8 says (`data` read from file offset `base`), and what the file
+    is instead when its start looks like UTF-16 (Windows' "Unicode": a byte-order mark, or ASCII
+    text with a zero byte after or before each character)."""
+    message = f"not UTF-8: byte 0x{data[e.start]:02x} at offset {base + e.start} ({e.reason})"
+    head = data[:64] if base == 0 else b""
+    halves = (head[0::2], head[1::2])
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 8 and any(h.count(0) >= 0.75 * len(h) for h in halves)):
+        message += "; it looks like UTF-16: save it as UTF-8"
+    return message
+
+
 def scan_text(path: Path, check: Callable[[bytes, int, UnicodeDecodeError], UserError] | None = None) -> Scan:
     """One pass over a file's bytes: their digest, and (with `check`) the characters it holds as
     UTF-8 text with universal newlines; a byte that is not UTF-8 raises `check(bytes, offset, error)`."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagewise.config.data_config import DataConfig
 from stagewise.data import tables
-from stagewise.data.documents import Documents, Part, Scan, TextFile, Texts, scan_text
+from stagewise.data.documents import Documents, Part, Scan, TextFile, Texts, not_utf8, scan_text
 from stagewise.data.split import held_out
 from stagewise.errors import UserError
 
@@ -259,13 +259,12 @@ def _table_documents(path: Path, text: str, fmt: str, field: str | int) -> list[
 def _checked_scan(path: Path, fmt: str) -> Scan:
     """A text or parquet file's digest (and a text file's length), after the checks `datasets`
     would report badly or not at all; a parquet file is held in memory: data.tables' limit."""
-    def not_utf8(data: bytes, base: int, e: UnicodeDecodeError) -> UserError:
-        return UserError(str(path), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {base + e.start} "
-                                    f"({e.reason})")
+    def refuse(data: bytes, base: int, e: UnicodeDecodeError) -> UserError:
+        return UserError(str(path), not_utf8(data, base, e))
 
     if fmt != "text":
         tables.check_size(path)
-    scan = scan_text(path, not_utf8 if fmt == "text" else None)
+    scan = scan_text(path, refuse if fmt == "text" else None)
     if scan.empty:
         raise UserError(str(path), "empty file")
     return scan

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stagewise.data.documents import not_utf8
 from stagewise.errors import UserError
 
 Field = str | int  # a column name (the file has a header row) or a 0-based column index (no header)
@@ -86,8 +87,7 @@ def read_text(path: Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}", f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} "
-                                          f"({e.reason})") from None
+        raise UserError(f"{path}:{line}", not_utf8(data, 0, e)) from None
     text = text.removeprefix("\ufeff")  # spreadsheet exports start with a byte-order mark
     if not text.strip():
         raise UserError(str(path), "empty file" if not text else "empty file (only whitespace)")

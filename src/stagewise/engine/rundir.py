@@ -57,8 +57,8 @@ def is_training(path: Path) -> bool:
 
 
 def check_run_directory(path: Path, fresh: bool) -> None:
-    """UserError unless `path` is a new or empty directory, or a run: `train` writes only into
-    those, and `--fresh` empties only a run."""
+    """UserError unless `path` is a new or empty directory, or a run no other process trains into
+    now: `train` writes only into those, and `--fresh` empties only a run."""
     where = f"--out {path}"
     try:
         is_dir, is_other = path.is_dir(), path.exists() and not path.is_dir()
@@ -71,6 +71,10 @@ def check_run_directory(path: Path, fresh: bool) -> None:
         what = "deletes only run directories" if fresh else "writes only into a new directory or a run"
         raise UserError(where, f"holds files but is not a stagewise run (no {MARKER}); train {what}: "
                                "nothing was touched, choose another --out")
+    if (path / LOCK).is_file():  # said before any preparation (data, models), not after it
+        lock = FileLock(str(path / LOCK), blocking=False)
+        _acquire(path, lock)
+        lock.release()
 
 
 def make_run_directory(path: Path) -> None:
@@ -88,17 +92,10 @@ def make_run_directory(path: Path) -> None:
 def run_directory(path: Path, fresh: bool) -> Iterator[bool]:
     """Create (or open) the run directory and hold its lock while the block trains into it;
     `fresh`: empty it first, if it is a run. Yields whether an earlier run is continued."""
-    where = f"--out {path}"
     check_run_directory(path, fresh)
     make_run_directory(path)
     lock = FileLock(str(path / LOCK), blocking=False)
-    try:
-        lock.acquire(timeout=LOOK_SECONDS, blocking=True)  # `stagewise runs` may be looking at the lock this instant
-    except Timeout:
-        raise UserError(where, f"is being trained by {_holder(path)}; wait for it to finish or choose "
-                               "another --out") from None
-    except OSError as e:
-        raise WriteFailed(path / LOCK, e) from None
+    _acquire(path, lock)
     try:
         if fresh:
             _empty(path)
@@ -111,6 +108,17 @@ def run_directory(path: Path, fresh: bool) -> Iterator[bool]:
     finally:
         (path / HOLDER).unlink(missing_ok=True)
         lock.release()
+
+
+def _acquire(path: Path, lock: FileLock) -> None:
+    """The run's lock, or one line saying who trains into the run."""
+    try:
+        lock.acquire(timeout=LOOK_SECONDS, blocking=True)  # `stagewise runs` may be looking at the lock this instant
+    except Timeout:
+        raise UserError(f"--out {path}", f"is being trained by {_holder(path)}; wait for it to finish or choose "
+                                         "another --out") from None
+    except OSError as e:
+        raise WriteFailed(path / LOCK, e) from None
 
 
 def _holder(path: Path) -> str:

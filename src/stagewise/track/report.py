@@ -46,7 +46,7 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
         images[name] = png(fig)
         (out / f"{name}.png").write_bytes(images[name])
     if single:
-        title, body = f"run {runs[0].name}", _run_body(runs[0], images)
+        title, body = _plan_name(runs[0]), _run_body(runs[0], images)
     else:
         title, body = f"{len(runs)} runs compared", _compare_body(runs, images["compare"])
     page = out / "report.html"
@@ -103,8 +103,15 @@ def run_figures(run: Run) -> dict[str, Figure]:
             "grad_norm": series_figure(run, "grad_norm", "gradient norm")}
 
 
+def _plan_name(run: Run) -> str:
+    """The plan's name (the run directory's only when no plan says it)."""
+    name = run.plan.get("name")
+    return str(name) if name else run.name
+
+
 def _run_body(run: Run, images: dict[str, bytes]) -> str:
-    parts = [f"<h1>{_e(run.name)}</h1>", _status(run)]
+    title = _plan_name(run) + ("" if _plan_name(run) == run.name else f" ({run.name})")
+    parts = [f"<h1>{_e(title)}</h1>", _status(run)]
     parts += [_img(data, name) for name, data in images.items()]
     parts += ["<h2>Stages</h2>", _stage_table(run.stage_rows())]
     summaries = run.summaries()
@@ -154,10 +161,12 @@ def _status(run: Run) -> str:
 
 def _stage_table(rows: list[StageRow]) -> str:
     return _table(
-        ["stage", "task", "optimizer", "schedule", "steps", "tokens", "time", "best val loss", "status"],
-        [[r.name, r.task or "-", r.optimizer or "-", r.schedule or "-", _num(r.steps, 0), _num(r.tokens, 0),
-          "-" if r.seconds is None else _duration(r.seconds), _num(r.best_val_loss), r.status] for r in rows],
-        numeric={4, 5, 6, 7})
+        ["stage", "task", "optimizer", "schedule", "regularization", "steps", "tokens", "time", "best val loss",
+         "status"],
+        [[r.name, r.task or "-", r.optimizer or "-", r.schedule or "-", r.regularization or "-", _num(r.steps, 0),
+          _num(r.tokens, 0), "-" if r.seconds is None else _duration(r.seconds), _num(r.best_val_loss), r.status]
+         for r in rows],
+        numeric={5, 6, 7, 8})
 
 
 def _sample_note(run: Run) -> str:
@@ -186,7 +195,18 @@ def _img(data: bytes, name: str) -> str:
 
 
 def _details(event: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "time", "stage", "step"))
+    """An event's fields, floats to 4 significant digits (a decision's numbers, not their noise)."""
+    return " ".join(f"{k}={_short(v)}" for k, v in event.items() if k not in ("event", "time", "stage", "step"))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _num(x: float | None, digits: int = 4) -> str:

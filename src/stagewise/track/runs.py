@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stagewise.config.data_config import MixSource
@@ -47,6 +48,7 @@ class StageRow:
     seconds: float | None
     best_val_loss: float | None
     status: str  # trained | reused | stopped at step N | not run
+    regularization: str | None = None  # the stage's L1, L2 and dropout, where set
 
 
 @dataclass
@@ -80,13 +82,24 @@ class Run:
     @cached_property
     def state(self) -> str:
         """running (a process holds the run's lock), complete, failed, or interrupted (also a run
-        killed too hard to log it); looked at once, like the logs the Run was loaded with."""
+        killed too hard to log it); lr-find for the folder of a finished LR range test (no
+        training run); looked at once, like the logs the Run was loaded with."""
         if is_training(self.path):
             return "running"
         names = {e.get("event") for e in self.events}
+        if "lr_find" in names and "plan_start" not in names:
+            return "lr-find"
         if "plan_end" in names:
             return "complete"
         return "failed" if "plan_failed" in names else "interrupted"
+
+    @property
+    def lr_found(self) -> str:
+        """What a finished LR range test suggested (its lr_find event)."""
+        found = self._named("lr_find")[-1]
+        shown = [f"{name} {found[key]:.2e}" for name, key in (("minimum / 10", "minimum"), ("steepest", "steep"))
+                 if _finite(found.get(key))]
+        return f"stage '{found.get('stage')}': " + (", ".join(shown) if shown else "no suggestion (no usable descent)")
 
     @property
     def error(self) -> str | None:
@@ -222,7 +235,8 @@ class Run:
                 tokens=end["tokens"] if end is not None and isinstance(end.get("tokens"), int) else
                 per_step * done if isinstance(per_step, int) and isinstance(done, int) else None,
                 seconds=end.get("seconds") if end else None,
-                best_val_loss=min(evals) if evals else None, status=status))
+                best_val_loss=min(evals) if evals else None, status=status,
+                regularization=_regularization(planned)))
         return rows
 
     def summaries(self) -> list[StageSummary]:
@@ -281,6 +295,13 @@ def _optimizer(planned: dict[str, Any], start: dict[str, Any], carried: bool) ->
     return name + (f" lr={lr:.2e}" if isinstance(lr, (int, float)) else "") + (" (carried)" if carried else "")
 
 
+def _regularization(planned: dict[str, Any]) -> str | None:
+    """The stage's penalties and dropout as its plan.yaml sets them (zero and unset left out)."""
+    given = planned.get("regularization") or {}
+    shown = [f"{k}={v:.4g}" for k in ("l1", "l2", "dropout") if isinstance(v := given.get(k), (int, float)) and v]
+    return " ".join(shown) or None
+
+
 def _schedule(planned: dict[str, Any], start: dict[str, Any]) -> str | None:
     given = planned.get("schedule") or {}
     name = start.get("schedule") or given.get("name")
@@ -319,7 +340,7 @@ def find_runs(directory: Path) -> list[Run]:
     return sorted(runs, key=lambda r: -r.last_time if r.last_time is not None else math.inf)
 
 
-_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow"}
+_STATE_STYLE = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow", "lr-find": "blue"}
 
 
 def print_runs(console: Console, directory: Path, runs: list[Run], metric: str | None = None) -> None:
@@ -341,10 +362,15 @@ def print_runs(console: Console, directory: Path, runs: list[Run], metric: str |
     for run in runs:
         where = run.path.relative_to(directory)
         bests = [run.best(m) for m in metrics]
-        table.add_row(str(where) if where.parts else run.name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
+        last = "-" if run.last_time is None else when(run.last_time, now)
+        name = str(where) if where.parts else run.name
+        if run.state == "lr-find":  # an LR range test trains no stages: what it suggested instead
+            table.add_row(name, f"[{_STATE_STYLE[run.state]}]lr-find[/] {escape(run.lr_found)}", "-",
+                          *("-" for _ in bests), last)
+            continue
+        table.add_row(name, f"[{_STATE_STYLE[run.state]}]{run.state}[/]",
                       f"{len(run.done_stages)}/{len(run.planned_stages)}",
-                      *("-" if b is None else f"{b:.4f}" for b in bests),
-                      "-" if run.last_time is None else when(run.last_time, now))
+                      *("-" if b is None else f"{b:.4f}" for b in bests), last)
     console.print(table)
 
 

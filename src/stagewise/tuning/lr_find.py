@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 
 from stagewise.engine.context import RunContext
@@ -34,6 +33,8 @@ from stagewise.engine.status import complete
 from stagewise.errors import UserError
 from stagewise.optim.regularizers import weight_penalty
 from stagewise.plan.load import apply_override, read_yaml, validate_plan
+from stagewise.plan.relocate import relocated
+from stagewise.plan.rewrite import rewritten
 from stagewise.plan.tree import StageNode, stage_tree
 from stagewise.tasks.base import Task
 from stagewise.tasks.user_task import UserParts
@@ -41,6 +42,11 @@ from stagewise.tuning.space import set_key
 
 BETA = 0.98  # fastai's smoothing of the loss
 DIVERGED = 4.0  # the sweep stops once the smoothed loss exceeds this many times its minimum
+# A sweep whose smoothed loss falls less than this share of its start before its minimum has no
+# descent to read an LR from (a range below where the stage learns, or a loss that does not move):
+# its "steepest" point would be noise. A sweep from an untrained model falls 5-40%; a stage
+# continuing a trained parent, ~1%; a range far below where the stage learns, ~0.2%.
+MIN_FALL = 0.005
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class LrFindResult:
     minimum: float | None  # the LR of the minimum, / 10
     plot: Path
     written: Path | None  # the plan with the suggestion (--write)
+    flat: str | None = None  # why there is no suggestion: the curve has no usable descent
 
 
 def lr_find(plan_path: Path, overrides: list[str], stage_name: str, *, start: float = 1e-7, end: float = 10.0,
@@ -125,6 +132,10 @@ def _lr_find(plan_path: Path, overrides: list[str], stage_name: str, start: floa
         optimizer.hand_off(held, run.logs)  # the optimizer state it starts with (carry, convert, reset)
         lrs, smooth, losses, stopped = restored_sweep(run, stage, task, optimizer, start, end, steps)
         steep, minimum = suggestions(lrs, smooth)
+        _, window = read_window(lrs, smooth)
+        flat = None if len(window) < 2 or fall(window) >= MIN_FALL else (
+            f"no usable descent: the smoothed loss fell {fall(window):.1%} before its minimum (a suggestion "
+            f"needs {MIN_FALL:.1%}); sweep a range that reaches where the stage learns (--start/--end)")
         run.logs.event("lr_find", stage=stage_name, start=start, end=end, steps=len(lrs), stopped=stopped,
                        steep=steep, minimum=minimum)
     finally:
@@ -135,15 +146,26 @@ def _lr_find(plan_path: Path, overrides: list[str], stage_name: str, start: floa
     written = None
     chosen = minimum if suggestion == "minimum" else steep
     if write is not None and chosen is not None:
-        planned = copy.deepcopy(raw)
-        set_key(planned, f"stages.{node.index}.optimizer.lr", chosen)
-        validate_plan(planned, where=str(write))
-        write.write_text(yaml.safe_dump(planned, sort_keys=False), encoding="utf-8")
+        _write_plan(raw, plan_path, node.index, chosen, write)
         written = write
-    found = LrFindResult(stage_name, lrs, smooth, losses, stopped, steep, minimum, plot, written)
+    found = LrFindResult(stage_name, lrs, smooth, losses, stopped, steep, minimum, plot, written, flat)
     (run_dir / "lr_find.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                       for k, v in asdict(found).items()}, indent=1))
     return found
+
+
+def _write_plan(raw: dict[str, Any], plan_path: Path, index: int, lr: float, write: Path) -> None:
+    """The plan with the stage's LR set, in the plan file's own layout and comments, its relative
+    paths naming the same files from where it is written."""
+    planned = copy.deepcopy(raw)
+    set_key(planned, f"stages.{index}.optimizer.lr", lr)
+    planned = relocated(planned, plan_path.parent, write.parent)
+    validate_plan(planned, where=str(write))
+    try:
+        text = plan_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # a plan built in Python: no layout to keep
+        text = ""
+    write.write_text(rewritten(text, planned), encoding="utf-8")
 
 
 def _ancestors(node: StageNode) -> list[StageNode]:
@@ -253,19 +275,29 @@ def sweep(run: RunContext, stage: Stage, task: Task, optimizer: StageOptimizer, 
 
 def suggestions(lrs: list[float], smooth: list[float]) -> tuple[float | None, float | None]:
     """fastai's: (the LR where the smoothed loss falls fastest against log LR, the LR of its
-    minimum / 10), over the sweep without its first tenth and last five points (the smoothing's
-    start and the divergence), or all of it when that leaves too few. The steepest descent is
-    looked for up to the minimum: past it the loss only rises."""
-    skip = len(lrs) // 10
-    lo, hi = (skip, len(lrs) - 5) if len(lrs) - 5 - skip >= 3 else (0, len(lrs))
-    lrs, smooth = lrs[lo:hi], smooth[lo:hi]
-    if len(lrs) < 2:
+    minimum / 10), over its read_window; none when the loss falls less than MIN_FALL there. The
+    steepest descent is looked for up to the minimum: past it the loss only rises."""
+    lrs, smooth = read_window(lrs, smooth)
+    if len(lrs) < 2 or fall(smooth) < MIN_FALL:  # no descent to read an LR from
         return None, None
     best = min(range(len(smooth)), key=smooth.__getitem__)
     slopes = [(smooth[i + 1] - smooth[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
               for i in range(max(best, 1))]
     steep = lrs[min(range(len(slopes)), key=slopes.__getitem__)]
     return steep, lrs[best] / 10
+
+
+def read_window(lrs: list[float], smooth: list[float]) -> tuple[list[float], list[float]]:
+    """The part of the sweep suggestions read: without its first tenth and last five points (the
+    smoothing's start and the divergence), or all of it when that leaves too few."""
+    skip = len(lrs) // 10
+    lo, hi = (skip, len(lrs) - 5) if len(lrs) - 5 - skip >= 3 else (0, len(lrs))
+    return lrs[lo:hi], smooth[lo:hi]
+
+
+def fall(smooth: list[float]) -> float:
+    """How far the smoothed loss falls from its start to its minimum, as a share of the start."""
+    return (smooth[0] - min(smooth)) / abs(smooth[0]) if smooth and smooth[0] else 0.0
 
 
 def _plot(lrs: list[float], smooth: list[float], losses: list[float], steep: float | None, minimum: float | None,

@@ -16,10 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from stagewise.plan.relocate import relocated
-from stagewise.tuning.space import with_params
+from stagewise.tuning.space import EDGE, Param, every_param, with_params
 
 SETTINGS = "search.json"  # in the search directory: what it searches and where its study is
 BEST = "best.yaml"
+# Optuna's importances (fANOVA) fit a forest to the completed trials: from fewer than this many
+# they rank the parameters by chance about as often as by effect.
+MIN_IMPORTANCE_TRIALS = 10
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,20 @@ def write_best(out: Path, raw: dict[str, Any], plan_path: Path, study: Any) -> P
     return path
 
 
+def edge_notes(params: dict[str, Any], space: list[Param]) -> list[str]:
+    """A note for each best value at an end of its range: the best may lie beyond it."""
+    notes = []
+    by_name = {p.name: p for p in every_param(space)}
+    for name, value in params.items():
+        param = by_name.get(name)
+        side = param.edge(value) if param is not None else None
+        if param is not None and side is not None:
+            notes.append(f"the best {name} = {_short(value)} is at the {side} end of its range [{_short(param.low)}, "
+                         f"{_short(param.high)}] (in its outer {EDGE:.0%}{', log scale' if param.log else ''}): "
+                         "the best value may lie beyond it; widen the range")
+    return notes
+
+
 def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
     """history.png and importance.png (Optuna's own plots) in `out`, and notes on what was
     skipped."""
@@ -117,6 +134,9 @@ def write_plots(study: Any, out: Path) -> tuple[dict[str, Path], list[str]]:
             notes.append("no history plot: no trial has completed")
         elif completed >= 2:
             figures["importance"] = plots.plot_param_importances
+            if completed < MIN_IMPORTANCE_TRIALS:
+                notes.append(f"parameter importances from {completed} completed trials mean little (they need "
+                             f"{MIN_IMPORTANCE_TRIALS}): read importance.png as a hint at most")
         else:
             notes.append(f"no parameter importance: it needs 2 completed trials (the study has {completed})")
         for name, draw in figures.items():

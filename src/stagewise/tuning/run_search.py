@@ -18,8 +18,8 @@ from stagewise.plan.load import read_yaml, validate_plan
 from stagewise.tasks.user_task import UserParts
 from stagewise.tuning.cv import write_folds
 from stagewise.tuning.objective import Direction, objective_of
-from stagewise.tuning.results import SETTINGS, TrialRow, print_trials, trial_rows, write_best, write_plots
-from stagewise.tuning.space import check_space, load_space, override
+from stagewise.tuning.results import SETTINGS, TrialRow, edge_notes, print_trials, trial_rows, write_best, write_plots
+from stagewise.tuning.space import check_space, every_param, key_of, load_space, override
 from stagewise.tuning.study import local_storage, open_study, remaining, retry_interrupted, run_workers
 from stagewise.tuning.trial import SearchSetup
 
@@ -97,8 +97,8 @@ def prepare_search(plan_path: Path, options: SearchOptions, raw: dict[str, Any] 
         raise UserError("--out", f"{out} is a file")
     study = options.study or plan.name
     storage = options.storage or local_storage(out)
-    settings = {"plan": str(plan_path.resolve()), "space": {p.key: [p.kind, p.low, p.high, p.log, list(p.choices)]
-                                                            for p in space},
+    settings = {"plan": str(plan_path.resolve()), "space": {p.name: [p.kind, p.low, p.high, p.log, list(p.choices)]
+                                                            for p in every_param(space)},
                 "metric": str(objective), "direction": objective.direction, "cv": options.cv, "study": study,
                 "storage": storage}
     _check_same_search(out, settings)
@@ -143,11 +143,12 @@ def summarize(setup: SearchSetup, console: Console) -> SearchResult:
                       markup=False, highlight=False)
     best = write_best(setup.out, setup.raw, setup.plan_path, study)
     plots, notes = write_plots(study, setup.out)
+    notes += edge_notes(study.best_trial.params, setup.space) if best is not None else []
     for note in notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if best is not None:
         b = study.best_trial
-        overrides = " ".join(override(k, v) for k, v in b.params.items())
+        overrides = " ".join(override(key_of(k), v) for k, v in b.params.items())
         console.print(f"best: trial {b.number}, {setup.objective.metric} {b.value:.4f}; plan written to {best} "
                       f"(= stagewise train {setup.plan_path} {overrides})", markup=False, highlight=False)
     return SearchResult(setup.out, rows, best, plots, notes)

@@ -11,12 +11,12 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 
-from stagewise.engine.callbacks import Callback
+from stagewise.engine.callbacks import Callback, StepState
 from stagewise.engine.prepare_run import prepare
 from stagewise.engine.reactions import EvalReporter
 from stagewise.engine.run_logs import read_jsonl
@@ -27,7 +27,10 @@ from stagewise.plan.load import validate_plan
 from stagewise.tasks.user_task import UserParts
 from stagewise.tuning.cv import FoldData, fold_plan
 from stagewise.tuning.objective import Objective
-from stagewise.tuning.space import Param, with_params
+from stagewise.tuning.space import Param, sample, with_params
+
+if TYPE_CHECKING:
+    from stagewise.engine.loop import StageTrainer
 
 
 @dataclass(frozen=True)
@@ -76,18 +79,18 @@ def run_trial(setup: SearchSetup, trial: Any, say: Callable[[str], None]) -> flo
     """Train the trial's plan (each fold's, with --cv) and return its objective value."""
     import optuna
 
-    params = {p.key: p.suggest(trial) for p in setup.space}
-    raw = with_params(setup.raw, params)
+    raw = with_params(setup.raw, sample(setup.space, trial))
     run_dir = setup.trial_dir(trial.number)
     trial.set_user_attr("run_dir", str(run_dir.relative_to(setup.out)))
     trial.set_user_attr("worker", worker_id())  # a search run again sees whether it is still running
     try:
         if setup.folds is None:
-            return _train(setup, raw, run_dir, trial.number, (EvalReporter(_reporter(setup.objective, trial)),))
+            return _train(setup, raw, run_dir, trial.number,
+                          (EvalReporter(_reporter(setup.objective, trial)), TrialProgress(f"trial {trial.number}", say)))
         values: list[float] = []
         for k, fold in enumerate(setup.folds):
             values.append(_train(setup, fold_plan(raw, setup.objective.stage, fold), run_dir / f"fold-{k}",
-                                 trial.number))
+                                 trial.number, (TrialProgress(f"trial {trial.number} fold {k}", say),)))
             trial.set_user_attr("cv_values", values)
             trial.report(statistics.fmean(values), k)  # the running mean after each fold
             if k + 1 < len(setup.folds) and trial.should_prune():
@@ -126,6 +129,33 @@ def _train(setup: SearchSetup, raw: dict[str, Any], run_dir: Path, number: int,
         raise UserError(f"trial {number}", f"stage '{summary.stage}' ended without a finite "
                                            f"{setup.objective.metric}")
     return value
+
+
+class TrialProgress(Callback):
+    """The running trial's progress in the search's terminal (its own console goes to its
+    console.log): a line as each stage starts, at each quarter of its updates, and at each evaluation."""
+
+    QUARTERS = 4
+
+    def __init__(self, trial: str, say: Callable[[str], None]) -> None:
+        self.trial, self.say = trial, say
+
+    def stage_start(self, trainer: StageTrainer) -> None:
+        step = trainer.progress.step
+        self.say(f"{self.trial}: stage '{trainer.stage.name}' {'resumes at step ' + str(step) if step else 'starts'} "
+                 f"({trainer.stage.steps} updates)")
+
+    def after_update(self, trainer: StageTrainer, update: StepState) -> None:
+        step, steps = trainer.progress.step, trainer.stage.steps
+        if step < steps and step * self.QUARTERS // steps != (step - 1) * self.QUARTERS // steps:
+            loss = "" if update.loss is None else f", loss {float(update.loss):.4f}"
+            self.say(f"{self.trial}: stage '{trainer.stage.name}' step {step}/{steps}{loss}")
+
+    def after_evaluation(self, trainer: StageTrainer, metrics: dict[str, float]) -> str | None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+        self.say(f"{self.trial}: stage '{trainer.stage.name}' step {trainer.progress.step}/{trainer.stage.steps}: "
+                 f"{shown}")
+        return None
 
 
 def _reporter(objective: Objective, trial: Any) -> Callable[[str, int, dict[str, float]], None]:
