@@ -4,6 +4,7 @@ train it, find a stage's learning rate, search over it, open a run."""
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def _prepare(plan: Plan, out: str | Path | None, cache: str | Path | None, parts
     """The plan prepared, and the run directory: `out`, else runs/<plan name>; the cache: `cache`,
     else .cache beside the run directory. `fresh` (train): the run directory checked first."""
     run_dir = _path(out) or Path("runs") / plan.name
-    if fresh is not None:
+    if fresh is not None and os.environ.get("RANK", "0") == "0":  # torchrun's other ranks would meet rank 0's lock
         check_run_directory(run_dir, fresh)
     try:
         return prepare(plan.config, plan.file, _path(cache) or run_dir.parent / ".cache", parts), run_dir
