@@ -73,3 +73,15 @@ def test_the_model_is_checked_against_the_device_memory(corpus: Path) -> None:
     check_model_keys(plan, (10**12, "this machine's"))  # ~1.8B parameters: 29 GB fits in 1 TB
     with pytest.raises(UserError, match=r"beyond the GPU's \(NVIDIA L4\) 24.0 GB"):
         check_model_keys(plan, (24 * 10**9, "the GPU's (NVIDIA L4)"))
+
+
+def test_the_summary_shows_the_figures_as_the_logs_keep_them() -> None:
+    from dataclasses import replace
+
+    from stagewise.engine.progress import StageSummary
+
+    # 0.027499 is 2.7% printed raw, 0.0275 (the logged value) 2.8%: the console and a table rebuilt
+    # from the logs (report, runs) must agree
+    raw = StageSummary(stage="a", optimizer="adamw", steps=1, tokens=10, seconds=1.0, train_loss=None, val_loss=None,
+                       per_second=1234.4999, mfu=0.027499, peak_memory_gb=0.594999)
+    assert summary_table([raw]) == summary_table([replace(raw, **raw.utilization())])

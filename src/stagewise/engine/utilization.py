@@ -97,6 +97,4 @@ def utilization(tokens: int, seconds: float, devices: int, flops_per_token: floa
     rate = tokens / max(seconds, 1e-9) / devices
     peak = peak_flops(device, dtype) if flops_per_token else None
     mfu = flops_per_token * rate / peak if peak and flops_per_token else None
-    # rounded as the stage_end event logs them, so the console's table and one rebuilt from the
-    # logs (report, runs) show the same cells: 0.02749 printed and 0.0275 logged were 2.7% and 2.8%
-    return Utilization(round(rate, 4), None if mfu is None else round(mfu, 4), round(peak_memory(device), 4))
+    return Utilization(rate, mfu, peak_memory(device))
